@@ -1,0 +1,10 @@
+"""mhc-compile: rewrite residual networks into n-stream manifold-constrained hyper-connections.
+
+Public API: ``MHCConfig``, ``convert``, ``find_residuals``, ``diagnostics``, ``materialize``,
+``load``. The ``torch.compile`` backend ``"mhc"`` is registered through an entry point.
+"""
+from .config import MHCConfig, MHCConfigError
+from . import reference, ops
+
+__all__ = ["MHCConfig", "MHCConfigError", "reference", "ops"]
+__version__ = "0.1.0"

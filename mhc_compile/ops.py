@@ -1,0 +1,299 @@
+"""torch.library custom ops under the ``mhc`` namespace: the only bridge between passes and kernels.
+
+Ops (``x`` is a stream tensor of shape (..., n, C); see ``reference`` for the math):
+
+    mhc::coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
+        -> (h_pre (..., n), h_post (..., n), h_res (..., n, n)), float32 (float64 for float64 x)
+    mhc::pre(x, h_pre, kernels) -> h_in (..., C), dtype of x
+    mhc::post_res(x, h_out, h_post, h_res, kernels) -> x' (..., n, C), dtype of x
+
+and one ``*_backward`` op each. Every op has a fake (meta) implementation, so it traces under
+``torch.compile`` / ``torch.export`` with dynamic shapes, and an autograd formula that saves
+only the op's *inputs*: the backward recomputes the normalised x, the logits and the Sinkhorn
+iterations instead of storing them (DESIGN.md, recomputation).
+
+Dispatch (the ``kernels`` argument, from ``MHCConfig.kernels``):
+    "reference" -> plain torch (``mhc_compile.reference``) on any device;
+    "auto"      -> Triton kernels for CUDA tensors, reference elsewhere;
+    "triton"    -> Triton kernels everywhere; on CPU that is the Triton interpreter, which
+                   needs ``TRITON_INTERPRET=1`` set before triton is imported.
+
+Static coefficients (``dynamic=False``) depend on biases only; :func:`coeffs` computes them in
+plain torch (a handful of n x n operations per site, no op needed).
+
+The kernel modules implement, on 3-d tensors (T, n, C) and 2-d/3-d coefficients:
+    kernels.coeffs.coeffs_forward / coeffs_backward
+    kernels.pre.pre_forward / pre_backward
+    kernels.post_res.post_res_forward / post_res_backward
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_KERNEL_CHOICES = ("auto", "triton", "reference")
+
+
+def use_triton(t: Tensor, kernels: str) -> bool:
+    """Whether an op on tensor ``t`` runs the Triton kernels under the ``kernels`` setting."""
+    if kernels not in _KERNEL_CHOICES:
+        raise ValueError(f"kernels={kernels!r}; expected one of {_KERNEL_CHOICES}")
+    if kernels == "reference":
+        return False
+    if kernels == "triton":
+        return True
+    return t.is_cuda
+
+
+def _flat3(x: Tensor) -> Tensor:
+    """(..., n, C) -> (T, n, C) contiguous."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
+
+
+def _flat_coeff(h: Tensor, tail: int) -> Tensor:
+    """Flatten the token dims of a coefficient tensor; static ones keep a single broadcast row."""
+    return h.reshape(-1, *h.shape[h.dim() - tail :]).contiguous()
+
+
+def _grads_by_autograd(fn, inputs: Sequence[Optional[Tensor]], grads: Sequence[Tensor]):
+    """Recompute ``fn(*inputs)`` with grad enabled and return d(outputs . grads)/d(inputs)."""
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        wanted = [t for t in leaves if t is not None]
+        got = torch.autograd.grad(outs, wanted, grads, allow_unused=True)
+    it = iter(got)
+    result = []
+    for leaf in leaves:
+        if leaf is None:
+            result.append(None)
+            continue
+        g = next(it)
+        result.append(torch.zeros_like(leaf) if g is None else g)
+    return result
+
+
+# ============================================================================ coeffs
+@torch.library.custom_op("mhc::coeffs", mutates_args=())
+def _coeffs(
+    x: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    iters: int,
+    eps: float,
+    variant: str,
+    kernels: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if use_triton(x, kernels):
+        from .kernels.coeffs import coeffs_forward
+
+        lead, n = x.shape[:-2], x.shape[-2]
+        hp, ho, hr = coeffs_forward(_flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+        return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)
+    outs = reference.coeffs(
+        x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True
+    )
+    return tuple(o.contiguous() for o in outs)
+
+
+@_coeffs.register_fake
+def _(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels):
+    cd = reference.compute_dtype(x.dtype)
+    lead, n = x.shape[:-2], x.shape[-2]
+    return (
+        x.new_empty((*lead, n), dtype=cd),
+        x.new_empty((*lead, n), dtype=cd),
+        x.new_empty((*lead, n, n), dtype=cd),
+    )
+
+
+@torch.library.custom_op("mhc::coeffs_backward", mutates_args=())
+def _coeffs_backward(
+    g_pre: Tensor,
+    g_post: Tensor,
+    g_res: Tensor,
+    x: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    iters: int,
+    eps: float,
+    variant: str,
+    kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(x, kernels):
+        from .kernels.coeffs import coeffs_backward
+
+        n = x.shape[-2]
+        gx, *rest = coeffs_backward(
+            _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+            _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+        )
+        return (gx.reshape(x.shape), *rest)
+
+    def fn(x_, phi_, alpha_, bp, bo, br):
+        return reference.coeffs(x_, phi_, alpha_, bp, bo, br, iters=iters, eps=eps, variant=variant, dynamic=True)
+
+    grads = _grads_by_autograd(fn, (x, phi, alpha, b_pre, b_post, b_res), (g_pre, g_post, g_res))
+    return tuple(g.contiguous() for g in grads)
+
+
+@_coeffs_backward.register_fake
+def _(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, phi, alpha, b_pre, b_post, b_res))
+
+
+def _coeffs_setup(ctx, inputs, output):
+    x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels = inputs
+    ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res)
+    ctx.args = (iters, eps, variant, kernels)
+
+
+def _coeffs_bwd(ctx, g_pre, g_post, g_res):
+    grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *ctx.saved_tensors, *ctx.args)
+    return (*grads, None, None, None, None)
+
+
+_coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
+
+
+# ============================================================================ pre
+@torch.library.custom_op("mhc::pre", mutates_args=())
+def _pre(x: Tensor, h_pre: Tensor, kernels: str) -> Tensor:
+    if use_triton(x, kernels):
+        from .kernels.pre import pre_forward
+
+        return pre_forward(_flat3(x), _flat_coeff(h_pre, 1)).reshape(*x.shape[:-2], x.shape[-1])
+    return reference.pre_mix(x, h_pre).contiguous()
+
+
+@_pre.register_fake
+def _(x, h_pre, kernels):
+    return x.new_empty((*x.shape[:-2], x.shape[-1]))
+
+
+@torch.library.custom_op("mhc::pre_backward", mutates_args=())
+def _pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
+    if use_triton(x, kernels):
+        from .kernels.pre import pre_backward
+
+        gx, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1))
+        return gx.reshape(x.shape), gh.reshape(h_pre.shape)
+    gx, gh = _grads_by_autograd(reference.pre_mix, (x, h_pre), (grad,))
+    return gx.contiguous(), gh.contiguous()
+
+
+@_pre_backward.register_fake
+def _(grad, x, h_pre, kernels):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(h_pre, memory_format=torch.contiguous_format)
+
+
+def _pre_setup(ctx, inputs, output):
+    x, h_pre, kernels = inputs
+    ctx.save_for_backward(x, h_pre)
+    ctx.kernels = kernels
+
+
+def _pre_bwd(ctx, grad):
+    gx, gh = torch.ops.mhc.pre_backward(grad, *ctx.saved_tensors, ctx.kernels)
+    return gx, gh, None
+
+
+_pre.register_autograd(_pre_bwd, setup_context=_pre_setup)
+
+
+# ============================================================================ post_res
+@torch.library.custom_op("mhc::post_res", mutates_args=())
+def _post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str) -> Tensor:
+    if use_triton(x, kernels):
+        from .kernels.post_res import post_res_forward
+
+        out = post_res_forward(
+            _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(), _flat_coeff(h_post, 1), _flat_coeff(h_res, 2)
+        )
+        return out.reshape(x.shape)
+    return reference.post_res_mix(x, h_out, h_post, h_res).contiguous()
+
+
+@_post_res.register_fake
+def _(x, h_out, h_post, h_res, kernels):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("mhc::post_res_backward", mutates_args=())
+def _post_res_backward(
+    grad: Tensor, x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(x, kernels):
+        from .kernels.post_res import post_res_backward
+
+        gx, gho, ghp, ghr = post_res_backward(
+            _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
+            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2),
+        )
+        return gx.reshape(x.shape), gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
+    grads = _grads_by_autograd(reference.post_res_mix, (x, h_out, h_post, h_res), (grad,))
+    return tuple(g.contiguous() for g in grads)
+
+
+@_post_res_backward.register_fake
+def _(grad, x, h_out, h_post, h_res, kernels):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, h_out, h_post, h_res))
+
+
+def _post_res_setup(ctx, inputs, output):
+    x, h_out, h_post, h_res, kernels = inputs
+    ctx.save_for_backward(x, h_out, h_post, h_res)
+    ctx.kernels = kernels
+
+
+def _post_res_bwd(ctx, grad):
+    grads = torch.ops.mhc.post_res_backward(grad, *ctx.saved_tensors, ctx.kernels)
+    return (*grads, None)
+
+
+_post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
+
+
+# ============================================================================ public wrappers
+def coeffs(
+    x: Tensor,
+    phi: Optional[Tensor],
+    alpha: Optional[Tensor],
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    iters: int = 20,
+    eps: float = 1e-6,
+    variant: str = "mhc",
+    dynamic: bool = True,
+    kernels: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """H_pre, H_post, H_res for streams ``x``; dynamic ones through ``mhc::coeffs``."""
+    if not dynamic:
+        return reference.coeffs(x, None, None, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=False)
+    return torch.ops.mhc.coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
+
+
+def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
+    """h_in = sum_i H_pre[i] X[i]."""
+    return torch.ops.mhc.pre(x, h_pre, kernels)
+
+
+def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str = "auto") -> Tensor:
+    """X' = H_res X + H_post h_out."""
+    return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
+
+
+expand = reference.expand
+collapse = reference.collapse

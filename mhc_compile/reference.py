@@ -1,0 +1,238 @@
+"""The mHC math of DESIGN.md section 1 in plain torch: the spec every kernel is tested against.
+
+Layout. A stream tensor ``X`` has shape ``(..., n, C)``: any leading token dims, then the
+``n`` streams, then the ``C`` features, so one token's ``vec(X)`` is the contiguous,
+stream-major ``n*C`` vector. Coefficients have shapes ``(..., n)`` and ``(..., n, n)``
+(per token); static coefficients (``dynamic=False``) have all leading dims of size 1 so they
+broadcast over tokens.
+
+Precision. ``X`` stays in the model dtype. RMS, the projection, every coefficient and the
+whole Sinkhorn loop run in float32 (float64 when the input is float64, for gradcheck).
+Mixing accumulates in that compute dtype and rounds once to the dtype of ``X``.
+
+Everything here is differentiable by plain autograd; ``mhc_compile.ops`` wraps it as
+custom ops whose backward recomputes instead of storing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SIGMOID_NEG3 = 1.0 / (1.0 + math.exp(3.0))  # sigma(-3), the off-home pre-gate at init
+_LOGIT_CLAMP = 20.0  # sigma(20) rounds to 1.0 in float32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def num_logits(n: int) -> int:
+    """Width of the projection phi: n pre + n post + n*n res logits."""
+    return 2 * n + n * n
+
+
+# ----------------------------------------------------------------------------- pieces
+def rms_project(x: Tensor, phi: Tensor, eps: float) -> Tensor:
+    """``h = (vec(X) . phi) / sqrt(mean(vec(X)^2) + eps)`` in the compute dtype; shape (..., 2n+n^2)."""
+    n, c = x.shape[-2], x.shape[-1]
+    cd = compute_dtype(x.dtype)
+    flat = x.to(cd).reshape(*x.shape[:-2], n * c)
+    r = torch.sqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
+    return (flat @ phi.to(cd)) / r
+
+
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp on ``exp(logits - max)``; each iteration normalises columns then rows.
+
+    Ending on the row normalisation makes every row sum to 1 to rounding, so ``H @ (x,...,x)``
+    returns the copies unchanged. Subtracting the per-matrix max keeps any logit finite.
+    """
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        m = m / m.sum(dim=-2, keepdim=True)
+        m = m / m.sum(dim=-1, keepdim=True)
+    return m
+
+
+def activate(
+    pre_logit: Tensor, post_logit: Tensor, res_logit: Tensor, *, iters: int, variant: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Map gate logits (already scaled by alpha and shifted by the biases) to H_pre, H_post, H_res."""
+    if variant == "mhc":
+        return torch.sigmoid(pre_logit), 2.0 * torch.sigmoid(post_logit), sinkhorn(res_logit, iters)
+    if variant == "hc":
+        return pre_logit, post_logit, res_logit
+    raise ValueError(f"unknown variant {variant!r}; expected 'mhc' or 'hc'")
+
+
+def coeffs(
+    x: Tensor,
+    phi: Optional[Tensor],
+    alpha: Optional[Tensor],
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    *,
+    iters: int = 20,
+    eps: float = 1e-6,
+    variant: str = "mhc",
+    dynamic: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """H_pre (..., n), H_post (..., n), H_res (..., n, n) for streams ``x`` of shape (..., n, C).
+
+    dynamic=True:  H~ = alpha * h + b with h from :func:`rms_project` (tanh(h) for ``hc``).
+    dynamic=False: H~ = b, one set for the site, shaped (1,...,1, n) / (1,...,1, n, n).
+    """
+    n = x.shape[-2]
+    cd = compute_dtype(x.dtype)
+    b_pre, b_post, b_res = b_pre.to(cd), b_post.to(cd), b_res.to(cd)
+    if dynamic:
+        if phi is None or alpha is None:
+            raise ValueError("dynamic coefficients need phi and alpha")
+        h = rms_project(x, phi, eps)
+        if variant == "hc":
+            h = torch.tanh(h)
+        a = alpha.to(cd)
+        pre = a[0] * h[..., :n] + b_pre
+        post = a[1] * h[..., n : 2 * n] + b_post
+        res = a[2] * h[..., 2 * n :].unflatten(-1, (n, n)) + b_res
+    else:
+        lead = (1,) * (x.dim() - 2)
+        pre, post, res = b_pre.reshape(*lead, n), b_post.reshape(*lead, n), b_res.reshape(*lead, n, n)
+    return activate(pre, post, res, iters=iters, variant=variant)
+
+
+def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
+    """``h_in = sum_i H_pre[i] X[i]``: (..., n, C) x (..., n) -> (..., C) in the dtype of x."""
+    cd = compute_dtype(x.dtype)
+    return (h_pre.to(cd).unsqueeze(-1) * x.to(cd)).sum(dim=-2).to(x.dtype)
+
+
+def post_res_mix(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """``X'[i] = sum_j H_res[i,j] X[j] + H_post[i] h_out``: returns (..., n, C) in the dtype of x."""
+    cd = compute_dtype(x.dtype)
+    mixed = torch.matmul(h_res.to(cd), x.to(cd))
+    return (mixed + h_post.to(cd).unsqueeze(-1) * h_out.to(cd).unsqueeze(-2)).to(x.dtype)
+
+
+def expand(x: Tensor, n: int) -> Tensor:
+    """Start of a stream: n copies of x, shape (..., n, C)."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
+
+
+def collapse(x: Tensor, mode: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
+    """End of a stream: (..., n, C) -> (..., C) by mean, sum, or ``sum_i sigmoid(w_i) X[i]``."""
+    if mode == "mean":
+        return x.mean(dim=-2)
+    if mode == "sum":
+        return x.sum(dim=-2)
+    if mode == "learned":
+        if weight is None:
+            raise ValueError("collapse='learned' needs a weight")
+        return pre_mix(x, torch.sigmoid(weight.to(compute_dtype(x.dtype))))
+    raise ValueError(f"unknown collapse {mode!r}; expected 'mean', 'sum' or 'learned'")
+
+
+def site(
+    x: Tensor,
+    f,
+    params: dict,
+    *,
+    iters: int = 20,
+    eps: float = 1e-6,
+    variant: str = "mhc",
+    dynamic: bool = True,
+) -> Tensor:
+    """One whole residual site on streams ``x``: coefficients, pre-mix, branch ``f``, post/res-mix."""
+    h_pre, h_post, h_res = coeffs(
+        x,
+        params.get("phi"),
+        params.get("alpha"),
+        params["b_pre"],
+        params["b_post"],
+        params["b_res"],
+        iters=iters,
+        eps=eps,
+        variant=variant,
+        dynamic=dynamic,
+    )
+    return post_res_mix(x, f(pre_mix(x, h_pre)), h_post, h_res)
+
+
+# ----------------------------------------------------------------------------- init
+def home_stream(site_index: int, n: int) -> int:
+    """The stream that site ``site_index`` mostly reads at init (symmetry breaking)."""
+    return site_index % n
+
+
+def _logit(p: float) -> float:
+    if p >= 1.0:
+        return _LOGIT_CLAMP
+    if p <= 0.0:
+        return -_LOGIT_CLAMP
+    return max(-_LOGIT_CLAMP, min(_LOGIT_CLAMP, math.log(p / (1.0 - p))))
+
+
+def init_biases(
+    n: int, site_index: int, *, variant: str = "mhc", init: str = "preserve", dtype=torch.float32
+) -> dict[str, Tensor]:
+    """b_pre (n,), b_post (n,), b_res (n, n) for site ``site_index``.
+
+    mhc/preserve: H_pre puts 1-(n-1)sigma(-3) on the home stream and sigma(-3) elsewhere (sums to 1,
+    asymmetric), H_post = 1, H_res ~ identity (b_res = 6I - 3). With copied streams the site
+    then computes exactly x + f(x).
+    mhc/paper: zero biases.
+    hc (either init): b_pre one-hot on the home stream, b_post = 1, b_res = I.
+    """
+    k = home_stream(site_index, n)
+    eye = torch.eye(n, dtype=dtype)
+    if variant == "hc":
+        b_pre = torch.zeros(n, dtype=dtype)
+        b_pre[k] = 1.0
+        return {"b_pre": b_pre, "b_post": torch.ones(n, dtype=dtype), "b_res": eye}
+    if variant != "mhc":
+        raise ValueError(f"unknown variant {variant!r}")
+    if init == "paper":
+        return {"b_pre": torch.zeros(n, dtype=dtype), "b_post": torch.zeros(n, dtype=dtype), "b_res": torch.zeros(n, n, dtype=dtype)}
+    if init != "preserve":
+        raise ValueError(f"unknown init {init!r}")
+    b_pre = torch.full((n,), -3.0, dtype=dtype)
+    b_pre[k] = _logit(1.0 - (n - 1) * SIGMOID_NEG3)
+    return {"b_pre": b_pre, "b_post": torch.zeros(n, dtype=dtype), "b_res": 6.0 * eye - 3.0}
+
+
+def init_site_params(
+    n: int,
+    channels: int,
+    site_index: int,
+    *,
+    variant: str = "mhc",
+    init: str = "preserve",
+    dynamic: bool = True,
+    alpha_init: float = 0.01,
+    generator: Optional[torch.Generator] = None,
+    dtype=torch.float32,
+) -> dict[str, Tensor]:
+    """All parameters of one site: biases, plus phi (nC, 2n+n^2) and alpha (3,) when dynamic.
+
+    ``init="preserve"`` sets phi = 0 (gradients still reach it through alpha); ``"paper"`` draws
+    phi xavier-uniform.
+    """
+    params = init_biases(n, site_index, variant=variant, init=init, dtype=dtype)
+    if dynamic:
+        phi = torch.zeros(n * channels, num_logits(n), dtype=dtype)
+        if init == "paper":
+            bound = math.sqrt(6.0 / (n * channels + num_logits(n)))
+            phi.uniform_(-bound, bound, generator=generator)
+        params["phi"] = phi
+        params["alpha"] = torch.full((3,), float(alpha_init), dtype=dtype)
+    return params
+
+
+def init_collapse_weight(n: int, dtype=torch.float32) -> Tensor:
+    """Learned collapse weights with sigmoid(w) = 1/n, so the learned collapse starts as the mean."""
+    return torch.full((n,), _logit(1.0 / n), dtype=dtype)
