@@ -37,6 +37,38 @@ from . import reference
 
 _KERNEL_CHOICES = ("auto", "triton", "reference")
 
+# Active coefficient recorders (see :func:`record_coeffs`); each is a list that receives
+# (h_pre, h_post, h_res) detached, in execution order, from every coeffs computation.
+_RECORDERS: list[list] = []
+
+
+class record_coeffs:
+    """Context manager: collect every site's (H_pre, H_post, H_res) computed while it is open.
+
+    Works for converted models and for compiled ones (custom-op implementations run at run
+    time even inside a compiled graph). Used by ``mhc_compile.diagnostics``.
+
+        with ops.record_coeffs() as rec:
+            model(x)
+        rec  # [(h_pre, h_post, h_res), ...] in execution order
+    """
+
+    def __enter__(self) -> list:
+        self.records: list = []
+        _RECORDERS.append(self.records)
+        return self.records
+
+    def __exit__(self, *exc) -> None:
+        _RECORDERS.remove(self.records)
+
+
+def _record(outs):
+    if _RECORDERS:
+        detached = tuple(o.detach() for o in outs)
+        for rec in _RECORDERS:
+            rec.append(detached)
+    return outs
+
 
 def use_triton(t: Tensor, kernels: str) -> bool:
     """Whether an op on tensor ``t`` runs the Triton kernels under the ``kernels`` setting."""
@@ -97,11 +129,11 @@ def _coeffs(
 
         lead, n = x.shape[:-2], x.shape[-2]
         hp, ho, hr = coeffs_forward(_flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
-        return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)
+        return _record((hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)))
     outs = reference.coeffs(
         x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True
     )
-    return tuple(o.contiguous() for o in outs)
+    return _record(tuple(o.contiguous() for o in outs))
 
 
 @_coeffs.register_fake
@@ -281,7 +313,10 @@ def coeffs(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """H_pre, H_post, H_res for streams ``x``; dynamic ones through ``mhc::coeffs``."""
     if not dynamic:
-        return reference.coeffs(x, None, None, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=False)
+        outs = reference.coeffs(x, None, None, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=False)
+        if _RECORDERS and not torch.compiler.is_compiling():
+            _record(outs)
+        return outs
     return torch.ops.mhc.coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
 
 
@@ -293,6 +328,34 @@ def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
 def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str = "auto") -> Tensor:
     """X' = H_res X + H_post h_out."""
     return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
+
+
+def boundary(
+    x: Tensor,
+    h_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Optional[Tensor],
+    alpha: Optional[Tensor],
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    iters: int = 20,
+    eps: float = 1e-6,
+    variant: str = "mhc",
+    dynamic: bool = True,
+    kernels: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The boundary between adjacent sites l and l+1: post_res of l, then coeffs and pre of l+1.
+
+    Takes site l's streams ``x``, branch output ``h_out`` and coefficients, plus site l+1's
+    parameters. Returns ``(x_next, h_pre, h_post, h_res, h_in)``: the streams after site l,
+    site l+1's coefficients, and site l+1's branch input. The fused Triton version reads
+    ``x`` and ``h_out`` once.
+    """
+    x_next = post_res(x, h_out, h_post, h_res, kernels)
+    hp, ho, hr = coeffs(x_next, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, dynamic, kernels)
+    return x_next, hp, ho, hr, pre(x_next, hp, kernels)
 
 
 expand = reference.expand
