@@ -23,6 +23,10 @@ from torch import Tensor
 
 SIGMOID_NEG3 = 1.0 / (1.0 + math.exp(3.0))  # sigma(-3), the off-home pre-gate at init
 _LOGIT_CLAMP = 20.0  # sigma(20) rounds to 1.0 in float32
+# Sinkhorn logits more than this far below the matrix max are clamped to max - SPREAD, so
+# exp() never underflows a whole row or column to zero (which would divide 0 by 0). exp(-50)
+# ~ 2e-22 is far above float32's smallest normal; spreads under 50 are unaffected.
+SINKHORN_LOGIT_SPREAD = 50.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,9 +53,11 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """Sinkhorn-Knopp on ``exp(logits - max)``; each iteration normalises columns then rows.
 
     Ending on the row normalisation makes every row sum to 1 to rounding, so ``H @ (x,...,x)``
-    returns the copies unchanged. Subtracting the per-matrix max keeps any logit finite.
+    returns the copies unchanged. Subtracting the per-matrix max keeps any logit finite, and
+    clamping the spread at ``SINKHORN_LOGIT_SPREAD`` keeps every row and column sum nonzero.
     """
-    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    shifted = logits - logits.amax(dim=(-2, -1), keepdim=True)
+    m = torch.exp(torch.clamp(shifted, min=-SINKHORN_LOGIT_SPREAD))
     for _ in range(iters):
         m = m / m.sum(dim=-2, keepdim=True)
         m = m / m.sum(dim=-1, keepdim=True)
