@@ -5,6 +5,7 @@ Public API: ``MHCConfig``, ``convert``, ``find_residuals``, ``diagnostics``, ``m
 """
 from .config import MHCConfig, MHCConfigError
 from . import reference, ops
+from . import diagnostics
 
-__all__ = ["MHCConfig", "MHCConfigError", "reference", "ops"]
+__all__ = ["MHCConfig", "MHCConfigError", "reference", "ops", "diagnostics"]
 __version__ = "0.1.0"
