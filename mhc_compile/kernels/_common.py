@@ -1,0 +1,78 @@
+"""Small helpers shared by the Triton kernel modules (pre, post_res, coeffs, boundary).
+
+Owns: power-of-two padding, the accumulation dtype rule, launch-size heuristics and input
+checks. Nothing here launches a kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def interpreting() -> bool:
+    """True when Triton runs in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def acc_dtype(*dtypes: torch.dtype):
+    """Triton accumulation dtype: float64 if any input is float64 (gradcheck), else float32."""
+    return tl.float64 if any(d == torch.float64 for d in dtypes) else tl.float32
+
+
+def torch_acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """torch twin of :func:`acc_dtype`."""
+    return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a fixed small number elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def coeff_rows(h: torch.Tensor, tokens: int, tail: int, name: str) -> bool:
+    """Check a (T or 1, *tail) coefficient tensor; return True when it is static (one row)."""
+    if h.dim() != 1 + tail:
+        raise ValueError(f"{name} must have {1 + tail} dims (tokens, ...), got shape {tuple(h.shape)}")
+    if h.shape[0] not in (1, tokens):
+        raise ValueError(f"{name} has {h.shape[0]} rows; expected 1 (static) or {tokens} (per token)")
+    return h.shape[0] == 1 and tokens != 1
+
+
+def mix_blocks(tokens: int, n: int, channels: int, device: torch.device, elem_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps) for the stream-mixing kernels.
+
+    Aim for ~16 KiB of streams per program (wide, coalesced loads along C, enough bytes in
+    flight) while keeping the (BLOCK_T, n_pad, BLOCK_C) fp32 tile within the register budget.
+    """
+    n_pad = next_power_of_2(n)
+    if interpreting() or device.type != "cuda":
+        # The interpreter's cost is per program and per op: few, moderately sized programs.
+        return min(next_power_of_2(tokens), 4), min(next_power_of_2(channels), 32), 1
+    block_c = min(next_power_of_2(channels), max(64, 2048 // n_pad), 1024)
+    # fp32 elements of one (BLOCK_T, n_pad, BLOCK_C) tile: keep <= 4096 (about 32 per thread at 4 warps)
+    block_t = max(1, min(next_power_of_2(tokens), 4096 // (n_pad * block_c)))
+    tile = block_t * n_pad * block_c
+    num_warps = 8 if tile >= 4096 else 4
+    return block_t, block_c, num_warps
+
+
+def c_splits(tokens: int, block_t: int, channels: int, block_c: int, device: torch.device) -> int:
+    """How many programs share one token block's C range in the backward kernels.
+
+    Each program loops over its C range and writes one partial of the coefficient gradients;
+    the partials are summed in fp32 afterwards. More splits -> more parallelism, more partials.
+    """
+    c_blocks = triton.cdiv(channels, block_c)
+    t_blocks = triton.cdiv(tokens, block_t)
+    want = 4 * num_sms(device)  # programs to fill the GPU a few waves deep
+    return max(1, min(c_blocks, triton.cdiv(want, t_blocks)))

@@ -1,0 +1,219 @@
+"""Fused Triton kernels for ``mhc::post_res``:
+``out[t, i, c] = sum_j h_res[t, i, j] * x[t, j, c] + h_post[t, i] * h_out[t, c]``.
+
+Owns the forward and backward kernels of the post/residual mix and their launch wrappers
+(:func:`post_res_forward`, :func:`post_res_backward`), called by ``mhc_compile.ops``.
+
+Layout: ``x`` (T, n, C) and ``h_out`` (T, C) contiguous; ``h_post`` (T or 1, n) and ``h_res``
+(T or 1, n, n) fp32, per token or static (token stride 0). Any n >= 1 (padded to a power of two
+with masks; the n x n mixes are broadcast-multiply-and-reduce in registers, no tl.dot), any C,
+any T >= 1, x in float32/float16/bfloat16 (float64 accumulates in float64). fp32 accumulate,
+one rounding to x's dtype (h_out's dtype for its gradient).
+
+Memory traffic per token (memory-bound):
+  forward   reads x (nC) + h_out (C), writes out (nC)                        = (2n+1)C elements
+  backward  reads g (nC) + x (nC) + h_out (C), writes gx (nC) + gh_out (C)    = (4n+2)C elements
+            plus the coefficient gradients gh_post (n) and gh_res (n*n), accumulated in fp32
+            over C in registers (and over tokens when static) and written as small
+            per-program partials; no T*n*n*C intermediate exists anywhere.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, c_splits, coeff_rows, mix_blocks, next_power_of_2
+
+
+# ============================================================================ kernels
+@triton.jit
+def _post_res_fwd_kernel(
+    x_ptr, ho_ptr, hp_ptr, hr_ptr, out_ptr,
+    T, C, stride_hp, stride_hr,
+    N: tl.constexpr, N_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    j = tl.arange(0, N_PAD)
+    tm = t < T
+    cm = c < C
+    jm = j < N
+    t64 = t.to(tl.int64)
+
+    x_offs = (t64[:, None, None] * N + j[None, :, None]) * C + c[None, None, :]
+    x_mask = tm[:, None, None] & jm[None, :, None] & cm[None, None, :]
+    x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)  # (BLOCK_T, N_PAD, BLOCK_C)
+    tc_offs = t64[:, None] * C + c[None, :]
+    tc_mask = tm[:, None] & cm[None, :]
+    ho = tl.load(ho_ptr + tc_offs, mask=tc_mask, other=0.0).to(ACC)  # (BLOCK_T, BLOCK_C)
+    tj_mask = tm[:, None] & jm[None, :]
+
+    for i in tl.static_range(N):
+        w = tl.load(hr_ptr + t64[:, None] * stride_hr + i * N + j[None, :], mask=tj_mask, other=0.0).to(ACC)
+        p = tl.load(hp_ptr + t64 * stride_hp + i, mask=tm, other=0.0).to(ACC)
+        o = tl.sum(w[:, :, None] * x, axis=1) + p[:, None] * ho
+        tl.store(out_ptr + (t64[:, None] * N + i) * C + c[None, :], o.to(out_ptr.dtype.element_ty), mask=tc_mask)
+
+
+@triton.jit
+def _post_res_bwd_kernel(
+    g_ptr, x_ptr, ho_ptr, hp_ptr, hr_ptr,
+    gx_ptr, gho_ptr, ghp_part_ptr, ghr_part_ptr,
+    T, C, C_CHUNK, stride_hp, stride_hr,
+    N: tl.constexpr, N_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    POST_STATIC: tl.constexpr, RES_STATIC: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    k = tl.arange(0, N_PAD)  # stream index, used as i (rows) or j (columns)
+    tm = t < T
+    km = k < N
+    t64 = t.to(tl.int64)
+    tk_mask = tm[:, None] & km[None, :]
+    hp = tl.load(hp_ptr + t64[:, None] * stride_hp + k[None, :], mask=tk_mask, other=0.0).to(ACC)
+
+    ghp = tl.zeros([BLOCK_T, N_PAD], dtype=ACC)
+    ghr = tl.zeros([BLOCK_T, N_PAD, N_PAD], dtype=ACC)  # [t, i, j]
+    c_lo = pid_s * C_CHUNK
+    for c0 in range(c_lo, c_lo + C_CHUNK, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        s_offs = (t64[:, None, None] * N + k[None, :, None]) * C + c[None, None, :]
+        s_mask = tm[:, None, None] & km[None, :, None] & cm[None, None, :]
+        g = tl.load(g_ptr + s_offs, mask=s_mask, other=0.0).to(ACC)  # (BLOCK_T, N_PAD, BLOCK_C) over i
+        x = tl.load(x_ptr + s_offs, mask=s_mask, other=0.0).to(ACC)  # (BLOCK_T, N_PAD, BLOCK_C) over j
+        tc_offs = t64[:, None] * C + c[None, :]
+        tc_mask = tm[:, None] & cm[None, :]
+        ho = tl.load(ho_ptr + tc_offs, mask=tc_mask, other=0.0).to(ACC)
+
+        # gh_out[t, c] = sum_i h_post[t, i] g[t, i, c]
+        gho = tl.sum(hp[:, :, None] * g, axis=1)
+        tl.store(gho_ptr + tc_offs, gho.to(gho_ptr.dtype.element_ty), mask=tc_mask)
+        # gh_post[t, i] += sum_c g[t, i, c] h_out[t, c]
+        ghp += tl.sum(g * ho[:, None, :], axis=2)
+        for s in tl.static_range(N):
+            # gx[t, s, c] = sum_i h_res[t, i, s] g[t, i, c]   (column s of h_res)
+            col = tl.load(hr_ptr + t64[:, None] * stride_hr + k[None, :] * N + s, mask=tk_mask, other=0.0).to(ACC)
+            gxs = tl.sum(col[:, :, None] * g, axis=1)
+            row_offs = (t64[:, None] * N + s) * C + c[None, :]
+            tl.store(gx_ptr + row_offs, gxs.to(gx_ptr.dtype.element_ty), mask=tc_mask)
+            # gh_res[t, s, j] += sum_c g[t, s, c] x[t, j, c]   (row s of the gradient)
+            gs = tl.load(g_ptr + row_offs, mask=tc_mask, other=0.0).to(ACC)
+            grow = tl.sum(gs[:, None, :] * x, axis=2)  # (BLOCK_T, N_PAD) over j
+            ghr += tl.where(k[None, :, None] == s, grow[:, None, :], 0.0)
+
+    prog = (pid_s * tl.num_programs(0) + pid_t).to(tl.int64)
+    if POST_STATIC:
+        tl.store(ghp_part_ptr + prog * N + k, tl.sum(ghp, axis=0), mask=km)
+    else:
+        base = pid_s.to(tl.int64) * T * N
+        tl.store(ghp_part_ptr + base + t64[:, None] * N + k[None, :], ghp, mask=tk_mask)
+    ij_offs = k[:, None] * N + k[None, :]
+    ij_mask = km[:, None] & km[None, :]
+    if RES_STATIC:
+        tl.store(ghr_part_ptr + prog * N * N + ij_offs, tl.sum(ghr, axis=0), mask=ij_mask)
+    else:
+        base = pid_s.to(tl.int64) * T * N * N
+        offs = base + t64[:, None, None] * (N * N) + ij_offs[None, :, :]
+        tl.store(ghr_part_ptr + offs, ghr, mask=tm[:, None, None] & ij_mask[None, :, :])
+
+
+# ============================================================================ launchers
+def _check(x, h_out, h_post, h_res) -> tuple[bool, bool]:
+    if x.dim() != 3:
+        raise ValueError(f"x must be (T, n, C), got shape {tuple(x.shape)}")
+    T, n, C = x.shape
+    if tuple(h_out.shape) != (T, C):
+        raise ValueError(f"h_out must be {(T, C)}, got {tuple(h_out.shape)}")
+    if h_post.shape[-1] != n or tuple(h_res.shape[-2:]) != (n, n):
+        raise ValueError(f"coefficient shapes {tuple(h_post.shape)}, {tuple(h_res.shape)} do not match n={n}")
+    return coeff_rows(h_post, T, 1, "h_post"), coeff_rows(h_res, T, 2, "h_res")
+
+
+def post_res_forward(
+    x: torch.Tensor,
+    h_out: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out (T, n, C) in x's dtype = h_res @ x + h_post (x) h_out, per token.
+
+    ``out``: optional preallocated contiguous output (tests poison it).
+    """
+    post_static, res_static = _check(x, h_out, h_post, h_res)
+    x, h_out, h_post, h_res = (t.contiguous() for t in (x, h_out, h_post, h_res))
+    T, n, C = x.shape
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if T == 0 or C == 0:
+        return out
+    block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size())
+    grid = (triton.cdiv(T, block_t), triton.cdiv(C, block_c))
+    _post_res_fwd_kernel[grid](
+        x, h_out, h_post, h_res, out, T, C, 0 if post_static else n, 0 if res_static else n * n,
+        N=n, N_PAD=next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c,
+        ACC=acc_dtype(x.dtype, h_out.dtype, h_post.dtype, h_res.dtype), num_warps=warps,
+    )
+    return out
+
+
+def post_res_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    h_out: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    gx: Optional[torch.Tensor] = None,
+    gh_out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gx like x, gh_out like h_out, gh_post like h_post, gh_res like h_res).
+
+    Coefficient gradients accumulate in fp32 over C (and over tokens for static, one-row
+    coefficients) and come back in the coefficients' dtype. ``gx``/``gh_out``: optional
+    preallocated outputs (tests poison them).
+    """
+    post_static, res_static = _check(x, h_out, h_post, h_res)
+    x, h_out, h_post, h_res = (t.contiguous() for t in (x, h_out, h_post, h_res))
+    T, n, C = x.shape
+    g = g.reshape(T, n, C).contiguous()
+    if gx is None:
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if gh_out is None:
+        gh_out = torch.empty_like(h_out, memory_format=torch.contiguous_format)
+    acc = acc_dtype(x.dtype, h_out.dtype, h_post.dtype, h_res.dtype)
+    acc_t = torch.float64 if acc == tl.float64 else torch.float32
+    if T == 0 or C == 0:
+        gx.zero_()
+        gh_out.zero_()
+        return gx, gh_out, torch.zeros_like(h_post), torch.zeros_like(h_res)
+    block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size())
+    t_blocks = triton.cdiv(T, block_t)
+    splits = c_splits(T, block_t, C, block_c, x.device)
+    chunk = triton.cdiv(triton.cdiv(C, block_c), splits) * block_c
+    splits = triton.cdiv(C, chunk)
+    ghp_part = torch.empty((splits, t_blocks if post_static else T, n), dtype=acc_t, device=x.device)
+    ghr_part = torch.empty((splits, t_blocks if res_static else T, n, n), dtype=acc_t, device=x.device)
+    _post_res_bwd_kernel[(t_blocks, splits)](
+        g, x, h_out, h_post, h_res, gx, gh_out, ghp_part, ghr_part,
+        T, C, chunk, 0 if post_static else n, 0 if res_static else n * n,
+        N=n, N_PAD=next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c,
+        POST_STATIC=post_static, RES_STATIC=res_static, ACC=acc, num_warps=warps,
+    )
+
+    def reduce(part, static, shape):
+        if static:
+            return part.sum(dim=(0, 1)).reshape(shape)
+        return part[0] if part.shape[0] == 1 else part.sum(dim=0)
+
+    gh_post = reduce(ghp_part, post_static, h_post.shape).to(h_post.dtype)
+    gh_res = reduce(ghr_part, res_static, h_res.shape).to(h_res.dtype)
+    return gx, gh_out, gh_post, gh_res
