@@ -1,0 +1,138 @@
+"""Canary tests for mhc_compile._torch_internals: every private torch API the backend relies on.
+
+Each test exercises one helper against the installed torch with a real Dynamo compile and
+fails loudly (with the name of the helper) when a torch upgrade moves or renames what it uses.
+"""
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+from mhc_compile import _torch_internals as ti
+
+
+class _Block(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class _Net(nn.Module):
+    def __init__(self, brk=False):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.brk = brk
+
+    def forward(self, x):
+        x = self.blocks[0](x)
+        if self.brk:
+            torch._dynamo.graph_break()
+        return self.blocks[1](x)
+
+
+def _capture(model, *inputs):
+    """Compile ``model`` with a backend that records what the internals report for each graph."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        scope = ti.current_frame_scope()
+        seen.append(dict(
+            gm=gm,
+            scope=scope,
+            sources=list(ti.graph_tensor_sources(gm, example_inputs)),
+            break_after=ti.graph_break_after(gm),
+            adds=[ti.node_module_path(n) for n in gm.graph.nodes if n.target is operator.add],
+        ))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(*inputs)
+    return seen
+
+
+def test_frame_scope_and_param_sources_resolve_the_root_module():
+    net = _Net()
+    (g,) = _capture(net, torch.randn(2, 8))
+    assert g["scope"] is not None, "InstructionTranslator.current_tx() no longer gives the frame being compiled"
+    f_locals, f_globals, code = g["scope"]
+    assert code == "forward"
+    params = {id(p) for p in net.parameters()}
+    found = [(t, s) for t, s in g["sources"] if id(t) in params]
+    assert len(found) == 4, "graph_tensor_sources must yield the user's real Parameter objects with their sources"
+    for tensor, source in found:
+        root = ti.resolve_root_module(source, f_locals, f_globals)
+        assert root is not None and root[0] is net, f"cannot resolve {ti.source_name(source)} to the root module"
+        assert ti.source_name(root[1]) == "L['self']"
+
+
+def test_graph_break_reason_and_resume_function_name():
+    net = _Net(brk=True)
+    first, second = _capture(net, torch.randn(2, 8))
+    assert first["break_after"] is not None and "graph_break" in first["break_after"]
+    assert "test_torch_internals.py" in first["break_after"], "user_stack of compile_subgraph_reason changed"
+    assert second["break_after"] is None
+    assert ti.resumed_after_break(second["scope"][2]) is not None, "resume functions no longer named torch_dynamo_resume_in_*"
+    assert ti.resumed_after_break(first["scope"][2]) is None
+
+
+def test_nn_module_stack_paths():
+    (g,) = _capture(_Net(), torch.randn(2, 8))
+    assert g["adds"] == ["blocks.0", "blocks.1"], g["adds"]
+    assert ti.module_path("L['self'].blocks.0.attn") == "blocks.0.attn"
+    assert ti.module_path("L['self']") == ""
+    assert ti.module_path("L['self']._modules['blocks']._modules['0']") == "blocks.0"
+    assert ti.module_path("blocks.0.attn.mhc") == "blocks.0.attn.mhc"
+
+
+def test_param_sources_are_accepted_by_aot_autograd():
+    """A parameter added to a Dynamo graph module needs an entry in _param_name_to_source."""
+    net = _Net()
+    extra = nn.Parameter(torch.full((8,), 2.0))
+
+    def backend(gm, example_inputs):
+        gm.register_parameter("mhc_extra", extra)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        (ret,) = out.args[0]
+        with gm.graph.inserting_before(out):
+            g = gm.graph.get_attr("mhc_extra")
+            m = gm.graph.call_function(operator.mul, (ret, g))
+        out.args = ((m,),)
+        gm.recompile()
+        missing = ti.graph_param_names_without_source(gm)
+        assert [n for n, _ in missing] == ["mhc_extra"]
+        f_locals, f_globals, _ = ti.current_frame_scope()
+        ti.register_param_sources(gm, {"mhc_extra": ti.attr_source(ti.synthetic_source("x"), "a.b")})
+        assert ti.graph_param_names_without_source(gm) == []
+        return ti.inner_compiler("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 8)
+    out = torch.compile(net, backend=backend)(x)
+    torch.testing.assert_close(out, net(x) * 2.0)
+    out.sum().backward()
+    assert extra.grad is not None and extra.grad.abs().sum() > 0, "AOTAutograd no longer lifts get_attr params"
+
+
+def test_inner_compilers_and_backend_registry():
+    for name in ("eager", "aot_eager", "inductor"):
+        assert callable(ti.inner_compiler(name))
+    assert "mhc" in ti.registered_backends(), "entry point torch_dynamo_backends:mhc not found (pip install -e .)"
+
+
+def test_ddp_helpers_and_unwrap():
+    assert ti.active_ddp_module() is None
+    old = torch._dynamo.config.optimize_ddp
+    try:
+        torch._dynamo.config.optimize_ddp = False
+        assert ti.ddp_optimizer_enabled() is False
+        torch._dynamo.config.optimize_ddp = True
+        assert ti.ddp_optimizer_enabled() is True
+    finally:
+        torch._dynamo.config.optimize_ddp = old
+    net = _Net()
+    inner, prefix = ti.unwrap_module(torch.compile(net, backend="eager"))
+    assert inner is net and prefix == "_orig_mod"
