@@ -6,6 +6,7 @@ Public API: ``MHCConfig``, ``convert``, ``find_residuals``, ``diagnostics``, ``m
 from .config import MHCConfig, MHCConfigError
 from . import reference, ops
 from . import diagnostics
+from .backend import materialize
 
-__all__ = ["MHCConfig", "MHCConfigError", "reference", "ops", "diagnostics"]
+__all__ = ["MHCConfig", "MHCConfigError", "reference", "ops", "diagnostics", "materialize"]
 __version__ = "0.1.0"
