@@ -5,8 +5,10 @@ Public API: ``MHCConfig``, ``convert``, ``find_residuals``, ``diagnostics``, ``m
 """
 from .config import MHCConfig, MHCConfigError
 from . import reference, ops
+from .convert import MHCCaptureError, convert, find_residuals
+from .report import ResidualReport
 from . import diagnostics
 from .backend import materialize
 
-__all__ = ["MHCConfig", "MHCConfigError", "reference", "ops", "diagnostics", "materialize"]
+__all__ = ["MHCConfig", "MHCConfigError", "convert", "find_residuals", "ResidualReport", "MHCCaptureError", "reference", "ops", "diagnostics", "materialize"]
 __version__ = "0.1.0"

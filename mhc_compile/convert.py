@@ -1,0 +1,133 @@
+"""``mhc_compile.convert`` and ``mhc_compile.find_residuals``: capture a model with ``torch.export``,
+run the residual passes on its graph, and return a trainable module (or just the report).
+
+Capture: ``torch.export.export(strict=False)`` on a deep copy of the model (the caller's model is
+never touched), in the mode the model is in (``model.training``). Dims are ``Dim.AUTO``: batch and
+sequence dims (dims 0 and 1 of rank 1-3 inputs) and the batch dim of rank-4+ (image) inputs, so
+other batch and sequence sizes work; when export cannot make them dynamic it falls back to static
+shapes with a warning.
+
+The converted module is the unlifted ``ExportedProgram.module()`` GraphModule: the original
+parameter and buffer names are kept, and the mHC parameters are ordinary ``nn.Parameter``s under
+``<module path>.mhc.*`` (see ``passes.rewrite``). It trains (the graph is a training-IR graph,
+autograd flows through the mHC custom ops), works with optimizers, ``.to()``, ``state_dict`` /
+``load_state_dict`` and ``torch.save``. Like every exported module its train/eval mode is the one
+it was captured in: ``.train()`` / ``.eval()`` raise; convert a model in eval mode for inference
+and in train mode for training with dropout (or use
+``torch.ao.quantization.move_exported_model_to_eval`` / ``..._to_train``).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from .config import MHCConfig
+from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph
+from .report import ResidualReport
+
+
+class MHCCaptureError(RuntimeError):
+    """The model could not be captured as a graph with ``torch.export``."""
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        raise TypeError("convert/find_residuals need example_inputs: a tuple of positional arguments for model(...)")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        return (example_inputs,)
+    return example_inputs
+
+
+def _dynamic_shapes(args: Sequence[Any]):
+    auto = torch.export.Dim.AUTO
+
+    def spec(a):
+        if isinstance(a, torch.Tensor):
+            if a.dim() == 0:
+                return None
+            dims = (0, 1) if a.dim() <= 3 else (0,)
+            return {d: auto for d in dims if d < a.dim()}
+        if isinstance(a, (list, tuple)):
+            return type(a)(spec(x) for x in a)
+        if isinstance(a, dict):
+            return {k: spec(v) for k, v in a.items()}
+        return None
+
+    return tuple(spec(a) for a in args)
+
+
+def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> fx.GraphModule:
+    """Export a deep copy of ``model`` (non-strict) and return the unlifted GraphModule."""
+    args = _as_tuple(example_inputs)
+    model = copy.deepcopy(model)
+    errors = []
+    attempts = [True, False] if dynamic else [False]
+    for dyn in attempts:
+        try:
+            ep = torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(args) if dyn else None, strict=False)
+        except Exception as exc:  # noqa: BLE001 - re-raised below with advice
+            errors.append((dyn, exc))
+            continue
+        if dyn is False and dynamic:
+            warnings.warn(
+                "mhc_compile: the model could not be exported with dynamic batch/sequence dims "
+                f"({type(errors[0][1]).__name__}: {str(errors[0][1]).splitlines()[0][:200]}); "
+                "captured with static shapes, so the converted model only accepts the example input shapes.",
+                stacklevel=3,
+            )
+        return ep.module()
+    dyn, exc = errors[-1]
+    first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    raise MHCCaptureError(
+        f"mhc_compile could not capture {type(model).__name__} with torch.export(strict=False): "
+        f"{type(exc).__name__}: {first}\n"
+        "What to try: make forward traceable (no data-dependent Python control flow such as "
+        "`if x.sum() > 0`, no .item()/.tolist() on activations; use torch.where / torch.cond), pass "
+        "example_inputs as a tuple of the exact positional arguments, or use the torch.compile "
+        "backend instead: torch.compile(model, backend='mhc'), which tolerates graph breaks."
+    ) from exc
+
+
+def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCConfig] = None) -> ResidualReport:
+    """Report the residual sites and chains of ``model`` without changing it."""
+    config = MHCConfig.from_options(config)
+    gm = capture(model, example_inputs)
+    detected, chains = analyze(gm.graph)
+    return build_report(detected, chains, config, rewritten=False)
+
+
+def convert(
+    model: nn.Module,
+    config: Optional[MHCConfig] = None,
+    example_inputs: Any = None,
+    *,
+    param_provider: Optional[ParamProvider] = None,
+) -> nn.Module:
+    """Return a trainable copy of ``model`` whose residual streams are n-stream mHC.
+
+    ``example_inputs`` is a tuple of positional arguments. The report is attached as
+    ``converted.mhc_report``. A model without residual sites is returned unchanged (the same
+    object) with a warning; a model that cannot be captured raises :class:`MHCCaptureError`.
+    """
+    config = MHCConfig.from_options(config)
+    gm = capture(model, example_inputs)
+    report = rewrite_graph(gm, config, param_provider or default_param_provider)
+    if not report.rewritten:
+        reasons = "; ".join(f"{t.node}: {t.reason}" for t in report.not_taken[:5])
+        warnings.warn(
+            f"mhc_compile.convert: no residual site found in {type(model).__name__}; returning the model unchanged"
+            + (f" (adds not taken: {reasons})" if reasons else " (it has no add of x + f(x))"),
+            stacklevel=2,
+        )
+        return model
+    gm.mhc_report = report
+    gm.mhc_config = config
+    return gm

@@ -1,0 +1,449 @@
+"""Residual-site detection on ``torch.fx`` graphs (torch-level Dynamo graphs and aten-level export graphs).
+
+A *site* is an add ``x + f(x)``:
+
+* the node is an add in any spelling: ``operator.add`` / ``operator.iadd``, ``torch.add``
+  (``alpha=`` scales the second operand), ``Tensor.add`` / ``add_`` / ``__add__`` / ``__iadd__``,
+  ``aten.add.Tensor`` / ``aten.add_.Tensor``; either operand order;
+* both operands are tensors of the same shape and dtype;
+* one operand ``x`` is an ancestor of the other ``y = f(x)`` in the *data-flow* graph (a networkx
+  DiGraph of the FX graph whose edges carry tensor values only: shape queries such as
+  ``sym_size`` / ``size`` and value-independent factories such as ``ones_like`` carry no edge);
+* ``f`` does real work: the region of f (descendants of x that are ancestors of y) contains a
+  parameter read or a heavy op (matmul / linear / conv / attention / embedding / a submodule
+  call). ``x + 0.04 * x**3`` inside a GELU is *not* a site ("branch does no work").
+
+Special forms:
+
+* parallel residual ``x + attn(ln(x)) + mlp(ln(x))`` is one site whose f is the sum of the
+  branches (the inner add's only user is the outer add, whose other operand depends on x but
+  not on the inner add);
+* layer scale ``x + gamma * f(x)`` is a site whose f includes the scale;
+* a site whose f contains another site's add (a residual around residuals) is not taken, and
+  of several sites reading the same skip operand only the first is taken.
+
+Feature axis (the axis the streams mix over): rank-4 and rank-5 activations are channel-first
+conv activations (N, C, H, W[, D]) and use dim 1; rank 1-3 tensors use the last dim. The rewrite
+moves the feature axis last around the mHC ops, so the stream tensor is (..., n, C).
+
+Every add with two tensor operands that is not taken is reported with a reason.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import networkx as nx
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+# ----------------------------------------------------------------------------- op tables
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_,
+              torch.Tensor.__add__, torch.Tensor.__iadd__, torch.Tensor.__radd__}
+_INPLACE_FUNCS = {operator.iadd, torch.Tensor.add_, torch.Tensor.__iadd__}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+_INPLACE_METHODS = {"add_", "__iadd__"}
+_ATEN_ADDS = {aten.add.Tensor, aten.add_.Tensor}
+_ATEN_INPLACE = {aten.add_.Tensor}
+
+# Ops whose outputs do not depend on the *values* of their tensor inputs (shape/dtype only).
+_SHAPE_ONLY_NAMES = {
+    "size", "dim", "sym_size", "sym_numel", "sym_stride", "numel", "stride", "zeros_like",
+    "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+    "new_zeros", "new_ones", "new_empty", "new_full", "_assert_tensor_metadata", "sym_storage_offset",
+    "_guards_fn", "is_floating_point", "is_contiguous", "get_device", "_local_scalar_dense",
+}
+# Heavy ops: a branch containing one of them does real work.
+_HEAVY_NAMES = {
+    "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "linear", "conv1d", "conv2d", "conv3d",
+    "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "einsum", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "embedding", "tensordot", "addmv", "mv",
+    "multi_head_attention_forward", "_native_multi_head_attention", "flex_attention",
+}
+
+
+def target_name(node: fx.Node) -> str:
+    """A short, flavour-independent name for a node's operation: 'add', 'linear', 'layer_norm', ..."""
+    t = node.target
+    if node.op == "call_method":
+        return str(t)
+    if node.op == "call_module":
+        return "call_module"
+    if node.op != "call_function":
+        return node.op
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.name.split("::")[-1]
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t._qualified_op_name.split("::")[-1]
+    return getattr(t, "__name__", str(t))
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCS or node.target in _ATEN_ADDS
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def is_inplace_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCS or node.target in _ATEN_INPLACE
+    return node.op == "call_method" and node.target in _INPLACE_METHODS
+
+
+def add_operands(node: fx.Node) -> tuple[Any, Any, Any]:
+    """(first, second, alpha) of an add; alpha scales the second operand."""
+    args = list(node.args)
+    first = args[0] if args else node.kwargs.get("input", node.kwargs.get("self"))
+    second = args[1] if len(args) > 1 else node.kwargs.get("other")
+    alpha = node.kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    if node.op == "call_method" and node.target == "__radd__" or node.target is torch.Tensor.__radd__:
+        first, second = second, first
+    return first, second, alpha
+
+
+# ----------------------------------------------------------------------------- meta helpers
+def node_val(node: Any) -> Any:
+    """The example/fake value recorded on a node (export: meta['val'], Dynamo: meta['example_value'])."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("val", "example_value"):
+        if key in node.meta:
+            return node.meta[key]
+    tm = node.meta.get("tensor_meta")
+    return tm
+
+
+def tensor_info(node: Any) -> Optional[tuple[tuple[str, ...], Any, int]]:
+    """(shape as strings, dtype, rank) when the node is known to hold one tensor, else None."""
+    v = node_val(node)
+    if v is None or isinstance(v, (list, tuple, dict)):
+        return None
+    shape = getattr(v, "shape", None)
+    dtype = getattr(v, "dtype", None)
+    if shape is None or dtype is None:
+        return None
+    return tuple(str(d) for d in shape), dtype, len(shape)
+
+
+def carries_tensor(node: fx.Node) -> bool:
+    """Whether a node's value carries tensor data (so it contributes data-flow edges)."""
+    if node.op == "output":
+        return False
+    v = node_val(node)
+    if v is None:
+        return target_name(node) not in _SHAPE_ONLY_NAMES and node.target != "shape"
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(isinstance(e, torch.Tensor) for e in v)
+    return False
+
+
+def feature_axis(rank: int) -> int:
+    """Channel-first conv activations (rank 4/5) mix over dim 1; rank 1-3 over the last dim."""
+    return 1 if rank >= 4 else rank - 1
+
+
+_DYN_PATH = [
+    (re.compile(r"^L\['self'\]\.?"), ""),
+    (re.compile(r"^L__self___?"), ""),
+    (re.compile(r"\[(\d+)\]"), r".\1"),
+    (re.compile(r"\['([^']+)'\]"), r".\1"),
+]
+
+
+def normalize_path(path: str) -> str:
+    """Module path from nn_module_stack, with Dynamo spellings (L['self'].blocks[0]) made dotted."""
+    p = str(path)
+    prev = None
+    while prev != p:  # getattr(getattr(L['self'].a, '0'), 'b') -> L['self'].a.0.b
+        prev = p
+        p = re.sub(r"getattr\(([^()]*), '([^']+)'\)", r"\1.\2", p)
+    for pat, rep in _DYN_PATH:
+        p = pat.sub(rep, p)
+    return p.strip(".")
+
+
+def module_stack(node: fx.Node) -> list[str]:
+    """Module paths enclosing ``node``, outermost first (empty when unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, (tuple, list)) else value
+        path = normalize_path(path)
+        if "nn_module_stack" in path:
+            continue
+        if path and path not in out:
+            out.append(path)
+    return out
+
+
+def module_path(node: fx.Node) -> str:
+    stack = module_stack(node)
+    return stack[-1] if stack else ""
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Site:
+    """One residual site ``add = x + sum_k scale_k * branch_k``."""
+
+    add: fx.Node                 # the node whose value is the site's output
+    x: fx.Node                   # the skip operand (the residual stream)
+    branches: list               # [(branch output node, scale)]; more than one for parallel blocks
+    region: set                  # nodes of f (between x and the branch outputs)
+    inner_adds: list             # adds absorbed into a parallel site
+    shape: tuple
+    dtype: Any
+    feature_axis: int
+    module_path: str             # module path of the add
+    branch_path: str             # module path of the branch (best single module), '' if none
+    kind: str = "residual"       # residual | parallel | layer_scale
+    inplace: bool = False
+    # filled by build_chains / the rewrite
+    chain: int = -1
+    index_in_chain: int = -1
+    name: str = ""               # parameter prefix, e.g. 'blocks.0.attn.mhc'
+
+    @property
+    def channels(self) -> int:
+        v = node_val(self.x)
+        return int(v.shape[self.feature_axis])
+
+
+@dataclass
+class NotTaken:
+    node: str
+    module_path: str
+    reason: str
+
+
+@dataclass
+class DetectResult:
+    sites: list
+    not_taken: list
+    dataflow: Any = field(repr=False, default=None)
+
+
+# ----------------------------------------------------------------------------- data-flow graph
+def normalize_inplace(graph: fx.Graph) -> None:
+    """Make in-place adds explicit: later readers of the mutated operand read the add's result.
+
+    ``y.add_(x)`` (or ``out += sc``) returns its mutated first operand, so a node after it that
+    reads ``y`` reads the same tensor as one that reads the add. Redirecting those reads keeps the
+    program's meaning and makes the data flow visible to reachability.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not (is_add(node) and is_inplace_add(node)):
+            continue
+        first, _, _ = add_operands(node)
+        if not isinstance(first, fx.Node):
+            continue
+        for user in list(first.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(first, node)
+
+
+def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
+    """networkx DiGraph of tensor data flow between FX nodes (shape-only edges dropped)."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        if target_name(node) in _SHAPE_ONLY_NAMES:
+            continue
+        for inp in node.all_input_nodes:
+            if carries_tensor(inp):
+                g.add_edge(inp, node)
+    return g
+
+
+def _is_param_node(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op == "placeholder":
+        name = node.name
+        return "_parameters_" in name or "_buffers_" in name or name.startswith("p_") or name.startswith("b_")
+    return False
+
+
+def _does_work(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if target_name(node) in _HEAVY_NAMES:
+        return True
+    return any(_is_param_node(a) for a in node.all_input_nodes)
+
+
+class _Reach:
+    """Cached ancestor / descendant sets on the data-flow graph."""
+
+    def __init__(self, g: nx.DiGraph):
+        self.g = g
+        self._anc: dict = {}
+        self._desc: dict = {}
+
+    def anc(self, n):
+        if n not in self._anc:
+            self._anc[n] = nx.ancestors(self.g, n)
+        return self._anc[n]
+
+    def desc(self, n):
+        if n not in self._desc:
+            self._desc[n] = nx.descendants(self.g, n)
+        return self._desc[n]
+
+
+def _branch_path(region: set, add_path: str, kind: str) -> str:
+    """Readable owner of a site's parameters.
+
+    The child module of the add's module that holds at least half of the branch's work
+    (``blocks.3.attn`` for ``x + attn(ln1(x))`` in block ``blocks.3``); otherwise the add's own
+    module (``layer1.0`` for a ResNet block whose branch is several convs); '' at top level.
+    """
+    heavy = [n for n in region if _does_work(n)]
+    if kind == "parallel" or not heavy:
+        return add_path
+    prefix = add_path + "." if add_path else ""
+    counts: dict = {}
+    for n in heavy:
+        for path in module_stack(n):
+            if path.startswith(prefix) and "." not in path[len(prefix):]:
+                counts[path] = counts.get(path, 0) + 1
+    if counts:
+        best = max(sorted(counts), key=lambda p: counts[p])
+        if 2 * counts[best] >= len(heavy):
+            return best
+    return add_path
+
+
+def detect_sites(graph: fx.Graph) -> DetectResult:
+    """Find the residual sites of ``graph`` (see the module docstring for the rules).
+
+    In-place adds are first made explicit with :func:`normalize_inplace` (semantics-preserving).
+    """
+    normalize_inplace(graph)
+    g = dataflow_graph(graph)
+    reach = _Reach(g)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    candidates: list[Site] = []
+    not_taken: list[NotTaken] = []
+
+    def reject(node, why):
+        not_taken.append(NotTaken(node.name, module_path(node), why))
+
+    for node in graph.nodes:
+        if not is_add(node):
+            continue
+        a, b, alpha = add_operands(node)
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue  # tensor + scalar: not a residual candidate, not reported
+        ia, ib = tensor_info(a), tensor_info(b)
+        if ia is None or ib is None:
+            if carries_tensor(a) and carries_tensor(b) and (ia is None) != (ib is None):
+                reject(node, "operand shapes unknown")
+            continue
+        if ia[0] != ib[0]:
+            reject(node, f"shapes differ: {_fmt(ia[0])} vs {_fmt(ib[0])}")
+            continue
+        if ia[1] != ib[1]:
+            reject(node, f"dtypes differ: {ia[1]} vs {ib[1]}")
+            continue
+        if ia[2] == 0:
+            reject(node, "scalar operands")
+            continue
+        if a is b:
+            reject(node, "branch does no work (x + x)")
+            continue
+        if a in reach.anc(b):
+            x, y, scale = a, b, alpha
+        elif b in reach.anc(a):
+            if alpha != 1:
+                reject(node, "alpha scales the skip operand")
+                continue
+            x, y, scale = b, a, 1
+        else:
+            reject(node, "no dependency between the operands (e.g. a projection shortcut)")
+            continue
+        region = (reach.desc(x) & reach.anc(y)) | {y}
+        if not any(_does_work(n) for n in region):
+            reject(node, "branch does no work")
+            continue
+        candidates.append(Site(
+            add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=ia[0],
+            dtype=ia[1], feature_axis=feature_axis(ia[2]), module_path=module_path(node),
+            branch_path="", inplace=is_inplace_add(node),
+        ))
+
+    # Parallel residual: merge ``(x + y1) + y2`` where y2 depends on x but not on the inner add.
+    for site in candidates:
+        while len(site.add.users) == 1:
+            outer = next(iter(site.add.users))
+            if not is_add(outer):
+                break
+            a, b, alpha = add_operands(outer)
+            other = b if a is site.add else a if b is site.add else None
+            if not isinstance(other, fx.Node) or (other is a and alpha != 1):
+                break
+            if tensor_info(other) is None or tensor_info(other)[:2] != (site.shape, site.dtype):
+                break
+            if site.x not in reach.anc(other) or site.add in reach.anc(other):
+                break
+            extra = (reach.desc(site.x) & reach.anc(other)) | {other}
+            if not any(_does_work(n) for n in extra):
+                break
+            site.inner_adds.append(site.add)
+            site.add = outer
+            site.branches.append((other, alpha if other is b else 1))
+            site.region |= extra
+            site.kind = "parallel"
+            site.inplace = is_inplace_add(outer)
+            site.module_path = module_path(outer)
+
+    # Nested residuals and shared skip operands.
+    adds = {s.add for s in candidates}
+    taken: list[Site] = []
+    seen_x: dict = {}
+    for site in sorted(candidates, key=lambda s: order[s.add]):
+        inner = [n for n in site.region if n in adds and n is not site.add]
+        if inner:
+            reject(site.add, f"branch contains other residual sites ({', '.join(n.name for n in inner[:3])}): nested residual")
+            continue
+        if site.x in seen_x:
+            reject(site.add, f"shares its skip input with site {seen_x[site.x].add.name}")
+            continue
+        seen_x[site.x] = site
+        taken.append(site)
+    for site in taken:
+        if site.kind == "residual" and _is_layer_scale(site.branches[0][0]):
+            site.kind = "layer_scale"
+        site.branch_path = _branch_path(site.region, site.module_path, site.kind)
+    absorbed = {a.name for s in taken for a in [s.add, *s.inner_adds]}
+    not_taken = [t for t in not_taken if t.node not in absorbed]
+    return DetectResult(sites=taken, not_taken=not_taken, dataflow=g)
+
+
+def _is_layer_scale(y: fx.Node) -> bool:
+    node = y
+    # look through a permute/transpose/view back to channel-first
+    for _ in range(3):
+        name = target_name(node)
+        if name in ("mul", "__mul__", "mul_"):
+            return any(_is_param_node(a) for a in node.all_input_nodes)
+        if name in ("permute", "transpose", "view", "reshape", "contiguous", "dropout") and node.all_input_nodes:
+            node = node.all_input_nodes[0]
+            continue
+        break
+    return False
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(shape) + ")"

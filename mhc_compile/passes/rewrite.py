@@ -1,0 +1,320 @@
+"""Rewrite a ``torch.fx.GraphModule``'s residual chains into n-stream mHC: emit the ops, rewire f, add parameters.
+
+For each chain (see ``streams``), with ``fa`` the feature axis (moved last around the mHC ops):
+
+    X = ops.expand(movedim(x, fa, -1), n)                      # chain start, (..., n, C)
+    per site:
+        h_pre, h_post, h_res = ops.coeffs(X, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, dynamic, kernels)
+        h_in = ops.pre(X, h_pre, kernels)                       # f's uses of x now read h_in
+        X = ops.post_res(X, h_out, h_post, h_res, kernels)      # replaces the add x + f(x)
+        stream-wise ops between sites are applied to X (per stream)
+    adjacent sites with config.fuse_boundaries: ops.boundary(...) = post_res of l + coeffs/pre of l+1
+    any use of a stream value outside the chain reads ops.collapse(X, mode, weight)
+
+Parameters per site live on the graph module under ``<branch module path>.mhc.<name>`` (e.g.
+``blocks.0.attn.mhc.phi``), or ``<add's module path>.mhc_site<k>.<name>`` when that name is not
+unique: ``phi`` and ``alpha`` (dynamic only), ``b_pre``, ``b_post``, ``b_res``. A learned collapse
+adds ``<last site's owner>.mhc_collapse.weight`` per chain. They come from a ``param_provider``:
+
+    param_provider(site_name: str, init: dict[str, Tensor]) -> dict[str, nn.Parameter]
+
+``site_name`` is the module path the parameters are registered under (``blocks.0.attn.mhc``);
+the default provider wraps ``init`` in fresh parameters, the torch.compile backend returns the
+ones it created on an earlier compile.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Callable, Optional
+
+import torch
+from torch import fx, nn
+
+from .. import ops, reference
+from ..config import MHCConfig
+from ..report import ChainReport, NotTakenReport, ResidualReport, SiteReport
+from .detect import DetectResult, Site, detect_sites, node_val
+from .streams import Chain, build_chains
+
+ParamProvider = Callable[[str, dict], dict]
+
+
+def default_param_provider(site_name: str, init: dict) -> dict:
+    """Fresh ``nn.Parameter``s initialised from ``init``."""
+    return {k: nn.Parameter(v.detach().clone()) for k, v in init.items()}
+
+
+# ----------------------------------------------------------------------------- naming
+def _sanitize(path: str) -> str:
+    parts = [re.sub(r"\W", "_", p) or "_" for p in path.split(".") if p]
+    return ".".join(parts)
+
+
+def assign_names(sites: list) -> None:
+    """Give each site a unique parameter prefix (``site.name``)."""
+    used: set = set()
+    for k, site in enumerate(sites):
+        base = _sanitize(site.branch_path)
+        name = f"{base}.mhc" if base else ""
+        if not name or name in used:
+            owner = _sanitize(site.module_path)
+            name = f"{owner}.mhc_site{k}" if owner else f"mhc_site{k}"
+        while name in used:
+            name += "_"
+        used.add(name)
+        site.name = name
+
+
+def _ensure_module(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split(".") if path else []:
+        if part in mod._modules and mod._modules[part] is not None:
+            mod = mod._modules[part]
+            continue
+        if hasattr(mod, part):
+            raise RuntimeError(f"cannot register mHC parameters under {path!r}: {part!r} is not a module")
+        child = nn.Module()
+        mod.add_module(part, child)
+        mod = child
+    return mod
+
+
+def _register(gm: nn.Module, site_name: str, params: dict) -> list:
+    mod = _ensure_module(gm, site_name)
+    names = []
+    for key, p in params.items():
+        if not isinstance(p, nn.Parameter):
+            p = nn.Parameter(p)
+        existing = mod._parameters.get(key)
+        if existing is not p:
+            if key in mod._parameters:
+                del mod._parameters[key]
+            mod.register_parameter(key, p)
+        names.append(f"{site_name}.{key}")
+    return names
+
+
+def _param_device(gm: nn.Module, site: Site) -> torch.device:
+    v = node_val(site.x)
+    dev = getattr(v, "device", None)
+    if dev is not None and dev.type != "meta":
+        return dev
+    for p in gm.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def site_param_count(n: int, channels: int, dynamic: bool) -> int:
+    count = 2 * n + n * n
+    if dynamic:
+        count += n * channels * reference.num_logits(n) + 3
+    return count
+
+
+# ----------------------------------------------------------------------------- emitter
+class _Emitter:
+    """Creates nodes one after another starting after ``cursor``."""
+
+    def __init__(self, graph: fx.Graph, cursor: fx.Node):
+        self.graph, self.cursor = graph, cursor
+
+    def node(self, op: str, target, args=(), kwargs=None, name: Optional[str] = None) -> fx.Node:
+        with self.graph.inserting_after(self.cursor):
+            n = self.graph.create_node(op, target, tuple(args), kwargs or {}, name=name)
+        self.cursor = n
+        return n
+
+    def call(self, fn, *args, **kwargs) -> fx.Node:
+        return self.node("call_function", fn, args, kwargs)
+
+    def method(self, name, *args) -> fx.Node:
+        return self.node("call_method", name, args)
+
+    def attr(self, target: str) -> fx.Node:
+        return self.node("get_attr", target)
+
+    def getitems(self, tup: fx.Node, k: int) -> list:
+        return [self.call(operator.getitem, tup, i) for i in range(k)]
+
+
+def _to_last(e: _Emitter, v: fx.Node, fa: int, rank: int) -> fx.Node:
+    return v if fa == rank - 1 else e.call(torch.movedim, v, fa, -1)
+
+
+def _from_last(e: _Emitter, v: fx.Node, fa: int, rank: int) -> fx.Node:
+    if fa == rank - 1:
+        return v
+    return e.method("contiguous", e.call(torch.movedim, v, -1, fa))
+
+
+def _cursor_for(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """Insert after ``node``; after the last placeholder when ``node`` is a placeholder."""
+    if node.op != "placeholder":
+        return node
+    last = node
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            last = n
+    return last
+
+
+# ----------------------------------------------------------------------------- rewrite
+def _site_params(gm, site: Site, config: MHCConfig, provider: ParamProvider, e: _Emitter, names: list) -> dict:
+    init = reference.init_site_params(
+        config.streams, site.channels, site.index_in_chain, variant=config.variant, init=config.init,
+        dynamic=config.dynamic, alpha_init=config.alpha_init,
+    )
+    dev = _param_device(gm, site)
+    init = {k: v.to(dev) for k, v in init.items()}
+    params = provider(site.name, init)
+    names += _register(gm, site.name, params)
+    return {k: e.attr(f"{site.name}.{k}") for k in params}
+
+
+def _coeff_args(p: dict, config: MHCConfig):
+    return (p.get("phi"), p.get("alpha"), p["b_pre"], p["b_post"], p["b_res"], config.sinkhorn_iters,
+            config.eps, config.variant, config.dynamic, config.kernels)
+
+
+def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider: ParamProvider, names: list) -> None:
+    graph = gm.graph
+    n = config.streams
+    first = chain.sites[0]
+    rank = len(first.shape)
+    fa = first.feature_axis
+    internal: list = []          # original nodes that the streams replace (deleted at the end)
+    stream_of: dict = {}         # original stream value -> stream node (..., n, C)
+
+    e = _Emitter(graph, _cursor_for(graph, first.x))
+    X = e.call(ops.expand, _to_last(e, first.x, fa, rank), n)
+    head: Optional[tuple] = None  # (h_pre, h_post, h_res, h_in) of the current site, from a boundary
+    for k, site in enumerate(chain.sites):
+        p = _site_params(gm, site, config, provider, e, names) if head is None else site_p
+        if head is None:
+            hp, ho, hr = e.getitems(e.call(ops.coeffs, X, *_coeff_args(p, config)), 3)
+            h_in = e.call(ops.pre, X, hp, config.kernels)
+        else:
+            hp, ho, hr, h_in = head
+        h_in = _from_last(e, h_in, fa, rank)
+        for user in list(site.x.users):
+            if user in site.region:
+                user.replace_input_with(site.x, h_in)
+        # tail: right before the add
+        e = _Emitter(graph, site.add.prev)
+        terms = []
+        for y, scale in site.branches:
+            t = y if scale == 1 else e.call(operator.mul, y, scale)
+            terms.append(t)
+        h_out = terms[0]
+        for t in terms[1:]:
+            h_out = e.call(operator.add, h_out, t)
+        h_out = _to_last(e, h_out, fa, rank)
+        nxt = chain.sites[k + 1] if k + 1 < len(chain.sites) else None
+        gap = chain.between[k] if nxt is not None else []
+        if nxt is not None and not gap and config.fuse_boundaries:
+            site_p = _site_params(gm, nxt, config, provider, e, names)
+            outs = e.getitems(e.call(ops.boundary, X, h_out, ho, hr, *_coeff_args(site_p, config)), 5)
+            X = outs[0]
+            head = tuple(outs[1:])
+        else:
+            X = e.call(ops.post_res, X, h_out, ho, hr, config.kernels)
+            head = None
+        stream_of[site.add] = X
+        internal += [*site.inner_adds, site.add]
+        for op_node in gap:  # stream-wise ops, applied to the streams
+            args = tuple(X if a is _stream_arg(op_node) else a for a in op_node.args)
+            X = e.node(op_node.op, op_node.target, args, dict(op_node.kwargs))
+            stream_of[op_node] = X
+            internal.append(op_node)
+
+    # collapse for every use outside the chain
+    weight = None
+    if config.collapse == "learned":
+        last = chain.sites[-1]
+        cname = last.name.rsplit(".", 1)[0] + ".mhc_collapse" if "." in last.name else f"mhc_collapse{chain.index}"
+        dev = _param_device(gm, last)
+        params = provider(cname, {"weight": reference.init_collapse_weight(n).to(dev)})
+        names += _register(gm, cname, params)
+        weight_target = f"{cname}.weight"
+    internal_set = set(internal)
+    for v, Xv in stream_of.items():
+        outside = [u for u in v.users if u not in internal_set]
+        if not outside:
+            continue
+        e = _Emitter(graph, Xv)
+        if config.collapse == "learned":
+            weight = e.attr(weight_target)
+        c = e.call(ops.collapse, Xv, config.collapse, weight)
+        c = _from_last(e, c, fa, rank)
+        for u in outside:
+            u.replace_input_with(v, c)
+    for node in reversed(internal):
+        if node.users:
+            raise RuntimeError(f"mhc rewrite: {node.name} still has users {list(node.users)}")
+        graph.erase_node(node)
+
+
+def _stream_arg(node: fx.Node):
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node.args[1]
+
+
+def build_report(detected: DetectResult, chains: list, config: MHCConfig, rewritten: bool, names=()) -> ResidualReport:
+    n = config.streams
+    sites = [s for c in chains for s in c.sites]
+    order = {id(s): i for i, s in enumerate(detected.sites)}
+    sites.sort(key=lambda s: order[id(s)])
+    index = {id(s): i for i, s in enumerate(sites)}
+    rep = ResidualReport(streams=n, rewritten=rewritten, param_names=list(names))
+    for i, s in enumerate(sites):
+        try:
+            ch = s.channels
+        except Exception:
+            ch = None
+        rep.sites.append(SiteReport(
+            index=i, name=s.name, module_path=s.branch_path or s.module_path, add=s.add.name, kind=s.kind,
+            shape=list(s.shape), dtype=str(s.dtype).replace("torch.", ""), feature_axis=s.feature_axis,
+            channels=ch, chain=s.chain, index_in_chain=s.index_in_chain,
+            home_stream=reference.home_stream(s.index_in_chain, n),
+        ))
+        if ch is not None:
+            rep.params_added += site_param_count(n, ch, config.dynamic)
+    for c in chains:
+        rep.chains.append(ChainReport(
+            index=c.index, sites=[index[id(s)] for s in c.sites], start=c.start.name, end=c.sites[-1].add.name,
+            stream_wise_ops=[p.name for gap in c.between for p in gap],
+        ))
+        if config.collapse == "learned":
+            rep.params_added += n
+    rep.not_taken = [NotTakenReport(t.node, t.module_path, t.reason) for t in detected.not_taken]
+    return rep
+
+
+def analyze(graph: fx.Graph) -> tuple:
+    """Detect sites and build chains; returns (DetectResult, chains) with names assigned."""
+    detected = detect_sites(graph)
+    chains = build_chains(graph, detected)
+    ordered = sorted((s for c in chains for s in c.sites), key=lambda s: detected.sites.index(s))
+    assign_names(ordered)
+    return detected, chains
+
+
+def rewrite_graph(gm: fx.GraphModule, config: Optional[MHCConfig] = None,
+                  param_provider: Optional[ParamProvider] = None) -> ResidualReport:
+    """Rewrite every residual chain of ``gm`` in place into n-stream mHC and recompile it.
+
+    Works on aten-level (``torch.export``) and torch-level (Dynamo) graphs. Returns the report;
+    ``report.rewritten`` is False (and ``gm`` untouched apart from making in-place adds
+    explicit) when no site was found.
+    """
+    config = MHCConfig.from_options(config)
+    provider = param_provider or default_param_provider
+    detected, chains = analyze(gm.graph)
+    names: list = []
+    if not chains:
+        return build_report(detected, chains, config, rewritten=False)
+    for chain in chains:
+        _rewrite_chain(gm, chain, config, provider, names)
+    gm.graph.lint()
+    gm.recompile()
+    return build_report(detected, chains, config, rewritten=True, names=names)

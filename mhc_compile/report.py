@@ -1,0 +1,101 @@
+"""ResidualReport: what residual detection found (sites, chains, adds not taken) and what the rewrite adds.
+
+Returned by ``mhc_compile.find_residuals`` and ``passes.rewrite.rewrite_graph``; printable as a
+table (``str(report)`` / ``report.to_table()``) and as JSON (``report.to_json()``,
+``report.to_dict()``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class SiteReport:
+    index: int               # global site index, execution order
+    name: str                # parameter prefix, e.g. 'blocks.0.attn.mhc' ('' when not rewritten)
+    module_path: str         # module owning the branch (or the add)
+    add: str                 # FX node name of the add
+    kind: str                # residual | parallel | layer_scale
+    shape: list
+    dtype: str
+    feature_axis: int
+    channels: Optional[int]
+    chain: int
+    index_in_chain: int
+    home_stream: int
+
+
+@dataclass
+class ChainReport:
+    index: int
+    sites: list              # global site indices
+    start: str               # FX node name of the stream's start value
+    end: str                 # FX node name of the last site's add
+    stream_wise_ops: list    # FX node names of stream-wise ops applied between sites
+
+
+@dataclass
+class NotTakenReport:
+    node: str
+    module_path: str
+    reason: str
+
+
+@dataclass
+class ResidualReport:
+    streams: int
+    sites: list = field(default_factory=list)
+    chains: list = field(default_factory=list)
+    not_taken: list = field(default_factory=list)
+    params_added: int = 0
+    param_names: list = field(default_factory=list)
+    rewritten: bool = False
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.sites)
+
+    @property
+    def num_chains(self) -> int:
+        return len(self.chains)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "streams": self.streams,
+            "num_sites": self.num_sites,
+            "num_chains": self.num_chains,
+            "params_added": self.params_added,
+            "rewritten": self.rewritten,
+            "sites": [asdict(s) for s in self.sites],
+            "chains": [asdict(c) for c in self.chains],
+            "not_taken": [asdict(t) for t in self.not_taken],
+            "param_names": list(self.param_names),
+        }
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_table(self) -> str:
+        head = ["#", "site", "kind", "shape", "chain", "pos", "home"]
+        rows = [[str(s.index), s.name or s.module_path or s.add, s.kind,
+                 "(" + ", ".join(map(str, s.shape)) + ")", str(s.chain), str(s.index_in_chain),
+                 str(s.home_stream)] for s in self.sites]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [f"mHC residual report: {self.num_sites} site(s) in {self.num_chains} chain(s), "
+               f"n={self.streams} streams, {self.params_added} parameter(s) added"]
+        if rows:
+            out += [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        for c in self.chains:
+            out.append(f"chain {c.index}: sites {c.sites} (stream starts at {c.start}, ends after {c.end})")
+        if self.not_taken:
+            out.append(f"adds not taken ({len(self.not_taken)}):")
+            for t in self.not_taken:
+                where = f" in {t.module_path}" if t.module_path else ""
+                out.append(f"  {t.node}{where}: {t.reason}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.to_table()
