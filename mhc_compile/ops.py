@@ -28,7 +28,7 @@ The kernel modules implement, on 3-d tensors (T, n, C) and 2-d/3-d coefficients:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -89,25 +89,6 @@ def _flat3(x: Tensor) -> Tensor:
 def _flat_coeff(h: Tensor, tail: int) -> Tensor:
     """Flatten the token dims of a coefficient tensor; static ones keep a single broadcast row."""
     return h.reshape(-1, *h.shape[h.dim() - tail :]).contiguous()
-
-
-def _grads_by_autograd(fn, inputs: Sequence[Optional[Tensor]], grads: Sequence[Tensor]):
-    """Recompute ``fn(*inputs)`` with grad enabled and return d(outputs . grads)/d(inputs)."""
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
-        outs = fn(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        wanted = [t for t in leaves if t is not None]
-        got = torch.autograd.grad(outs, wanted, grads, allow_unused=True)
-    it = iter(got)
-    result = []
-    for leaf in leaves:
-        if leaf is None:
-            result.append(None)
-            continue
-        g = next(it)
-        result.append(torch.zeros_like(leaf) if g is None else g)
-    return result
 
 
 # ============================================================================ coeffs
@@ -173,10 +154,9 @@ def _coeffs_backward(
         )
         return (gx.reshape(x.shape), *rest)
 
-    def fn(x_, phi_, alpha_, bp, bo, br):
-        return reference.coeffs(x_, phi_, alpha_, bp, bo, br, iters=iters, eps=eps, variant=variant, dynamic=True)
-
-    grads = _grads_by_autograd(fn, (x, phi, alpha, b_pre, b_post, b_res), (g_pre, g_post, g_res))
+    grads = reference.coeffs_backward(
+        g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant
+    )
     return tuple(g.contiguous() for g in grads)
 
 
@@ -221,7 +201,7 @@ def _pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor, kernels: str) -> tuple
 
         gx, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1))
         return gx.reshape(x.shape), gh.reshape(h_pre.shape)
-    gx, gh = _grads_by_autograd(reference.pre_mix, (x, h_pre), (grad,))
+    gx, gh = reference.pre_mix_backward(grad, x, h_pre)
     return gx.contiguous(), gh.contiguous()
 
 
@@ -274,7 +254,7 @@ def _post_res_backward(
             _flat_coeff(h_post, 1), _flat_coeff(h_res, 2),
         )
         return gx.reshape(x.shape), gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
-    grads = _grads_by_autograd(reference.post_res_mix, (x, h_out, h_post, h_res), (grad,))
+    grads = reference.post_res_mix_backward(grad, x, h_out, h_post, h_res)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -295,6 +275,153 @@ def _post_res_bwd(ctx, grad):
 
 
 _post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
+
+
+# ============================================================================ boundary
+# mhc::boundary fuses post_res of site l with coeffs and pre of site l+1 (dynamic site l+1
+# only; static coefficients need no fusion). Reference path = the composition of the
+# reference functions; Triton path = kernels.boundary (one read of X and h_out).
+def _boundary_reference(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
+    """post_res_mix -> coeffs -> pre_mix in plain torch: (x_next, h_pre, h_post, h_res, h_in)."""
+    xn = reference.post_res_mix(x, h_out, h_post, h_res)
+    hp, ho, hr = reference.coeffs(xn, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True)
+    return xn, hp, ho, hr, reference.pre_mix(xn, hp)
+
+
+def _boundary_reference_backward(
+    g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
+):
+    """Hand-chained reference backwards of :func:`_boundary_reference` (recomputes x_next, h_pre).
+
+    Returns gradients for (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res). The three
+    contributions to d x_next are summed in the compute dtype and rounded once.
+    """
+    cd = reference.compute_dtype(x.dtype)
+    xn = reference.post_res_mix(x, h_out, h_post, h_res)
+    hp, _, _ = reference.coeffs(xn, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True)
+    gxn_pre, ghp_pre = reference.pre_mix_backward(g_hin, xn, hp)
+    gxn_c, *gparams = reference.coeffs_backward(
+        g_hp.to(cd) + ghp_pre.to(cd), g_ho, g_hr, xn, phi, alpha, b_pre, b_post, b_res,
+        iters=iters, eps=eps, variant=variant,
+    )
+    gxn = (g_xn.to(cd) + gxn_pre.to(cd) + gxn_c.to(cd)).to(x.dtype)
+    return (*reference.post_res_mix_backward(gxn, x, h_out, h_post, h_res), *gparams)
+
+
+@torch.library.custom_op("mhc::boundary", mutates_args=())
+def _boundary(
+    x: Tensor,
+    h_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    iters: int,
+    eps: float,
+    variant: str,
+    kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(x, kernels):
+        from .kernels.boundary import boundary_forward
+
+        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+        xn, hp, ho, hr, hin = boundary_forward(
+            _flat3(x), h_out.reshape(-1, c).contiguous(), _flat_coeff(h_post, 1), _flat_coeff(h_res, 2),
+            phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+        )
+        outs = (xn.reshape(x.shape), hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n), hin.reshape(*lead, c))
+    else:
+        outs = tuple(
+            o.contiguous()
+            for o in _boundary_reference(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+        )
+    _record(outs[1:4])
+    return outs
+
+
+@_boundary.register_fake
+def _(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels):
+    cd = reference.compute_dtype(x.dtype)
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((*lead, n), dtype=cd),
+        x.new_empty((*lead, n), dtype=cd),
+        x.new_empty((*lead, n, n), dtype=cd),
+        x.new_empty((*lead, c)),
+    )
+
+
+@torch.library.custom_op("mhc::boundary_backward", mutates_args=())
+def _boundary_backward(
+    g_x_next: Tensor,
+    g_pre: Tensor,
+    g_post: Tensor,
+    g_res: Tensor,
+    g_h_in: Tensor,
+    x: Tensor,
+    h_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    iters: int,
+    eps: float,
+    variant: str,
+    kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(x, kernels):
+        from .kernels.boundary import boundary_backward
+
+        n, c = x.shape[-2], x.shape[-1]
+        grads = boundary_backward(
+            _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+            g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
+            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+        )
+        like = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
+        return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
+    grads = _boundary_reference_backward(
+        g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
+    )
+    return tuple(g.contiguous() for g in grads)
+
+
+@_boundary_backward.register_fake
+def _(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels):
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
+    )
+
+
+def _boundary_setup(ctx, inputs, output):
+    *tensors, iters, eps, variant, kernels = inputs
+    ctx.save_for_backward(*tensors)  # inputs only: x_next and the coefficients are recomputed
+    ctx.args = (iters, eps, variant, kernels)
+
+
+def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
+    saved = ctx.saved_tensors
+    x, h_out = saved[0], saved[1]
+    cd = reference.compute_dtype(x.dtype)
+    lead, n = x.shape[:-2], x.shape[-2]
+    g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
+    g_pre = x.new_zeros((*lead, n), dtype=cd) if g_pre is None else g_pre
+    g_post = x.new_zeros((*lead, n), dtype=cd) if g_post is None else g_post
+    g_res = x.new_zeros((*lead, n, n), dtype=cd) if g_res is None else g_res
+    g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
+    grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
+    return (*grads, None, None, None, None)
+
+
+_boundary.register_autograd(_boundary_bwd, setup_context=_boundary_setup)
 
 
 # ============================================================================ public wrappers
@@ -353,6 +480,11 @@ def boundary(
     site l+1's coefficients, and site l+1's branch input. The fused Triton version reads
     ``x`` and ``h_out`` once.
     """
+    if dynamic:
+        if phi is None or alpha is None:
+            raise ValueError("dynamic coefficients need phi and alpha")
+        return torch.ops.mhc.boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
+    # static site l+1: its coefficients do not depend on x, so the three ops compose directly
     x_next = post_res(x, h_out, h_post, h_res, kernels)
     hp, ho, hr = coeffs(x_next, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, dynamic, kernels)
     return x_next, hp, ho, hr, pre(x_next, hp, kernels)

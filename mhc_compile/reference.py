@@ -169,6 +169,116 @@ def site(
     return post_res_mix(x, f(pre_mix(x, h_pre)), h_post, h_res)
 
 
+# ----------------------------------------------------------------------------- backward
+# Hand-written backward passes: the spec for the kernels' backward, and what the ops run on
+# the reference path (custom-op implementations run below autograd, so they cannot call it).
+# Each recomputes what the forward computed (normalised x, logits, every Sinkhorn iterate)
+# from the op inputs. Tests check them against autograd of the forward functions.
+def _sum_to(t: Tensor, shape) -> Tensor:
+    """Reduce a broadcast gradient to the coefficient's own (possibly size-1) shape."""
+    return t.sum_to_size(shape) if t.shape != shape else t
+
+
+def sinkhorn_backward(grad: Tensor, logits: Tensor, iters: int) -> Tensor:
+    """d loss / d logits of ``sinkhorn(logits, iters)``, replaying the iterations."""
+    shifted = logits - logits.amax(dim=(-2, -1), keepdim=True)
+    m0 = torch.exp(torch.clamp(shifted, min=-SINKHORN_LOGIT_SPREAD))
+    m, steps = m0, []
+    for _ in range(iters):
+        c = m.sum(dim=-2, keepdim=True)
+        a = m / c
+        r = a.sum(dim=-1, keepdim=True)
+        m = a / r
+        steps.append((c, a, r, m))
+    g = grad
+    for c, a, r, m in reversed(steps):
+        g = (g - (g * m).sum(dim=-1, keepdim=True)) / r  # M = A / rowsum(A)
+        g = (g - (g * a).sum(dim=-2, keepdim=True)) / c  # A = M_prev / colsum(M_prev)
+    dz = torch.where(shifted >= -SINKHORN_LOGIT_SPREAD, g * m0, torch.zeros_like(g))
+    # max subtraction: autograd routes -sum(dz) to the argmax (shared among ties)
+    is_max = (logits == logits.amax(dim=(-2, -1), keepdim=True)).to(dz.dtype)
+    is_max = is_max / is_max.sum(dim=(-2, -1), keepdim=True)
+    return dz - is_max * dz.sum(dim=(-2, -1), keepdim=True)
+
+
+def coeffs_backward(
+    g_pre: Tensor,
+    g_post: Tensor,
+    g_res: Tensor,
+    x: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    *,
+    iters: int = 20,
+    eps: float = 1e-6,
+    variant: str = "mhc",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, phi, alpha, b_pre, b_post, b_res) of dynamic :func:`coeffs`."""
+    n, c = x.shape[-2], x.shape[-1]
+    cd = compute_dtype(x.dtype)
+    flat = x.to(cd).reshape(*x.shape[:-2], n * c)
+    r = torch.sqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
+    h_raw = (flat @ phi.to(cd)) / r
+    h = torch.tanh(h_raw) if variant == "hc" else h_raw
+    a = alpha.to(cd)
+    hp, ho, hr = h[..., :n], h[..., n : 2 * n], h[..., 2 * n :].unflatten(-1, (n, n))
+    z_pre, z_post, z_res = a[0] * hp + b_pre.to(cd), a[1] * ho + b_post.to(cd), a[2] * hr + b_res.to(cd)
+    g_pre, g_post, g_res = g_pre.to(cd), g_post.to(cd), g_res.to(cd)
+    if variant == "mhc":
+        s_pre, s_post = torch.sigmoid(z_pre), torch.sigmoid(z_post)
+        d_pre = g_pre * s_pre * (1 - s_pre)
+        d_post = 2.0 * g_post * s_post * (1 - s_post)
+        d_res = sinkhorn_backward(g_res, z_res, iters)
+    elif variant == "hc":
+        d_pre, d_post, d_res = g_pre, g_post, g_res
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    lead = tuple(range(d_pre.dim() - 1))
+    g_b_pre, g_b_post = d_pre.sum(lead), d_post.sum(lead)
+    g_b_res = d_res.sum(lead)
+    g_alpha = torch.stack([(d_pre * hp).sum(), (d_post * ho).sum(), (d_res * hr).sum()])
+    dh = torch.cat([a[0] * d_pre, a[1] * d_post, a[2] * d_res.flatten(-2)], dim=-1)
+    if variant == "hc":
+        dh = dh * (1 - h * h)
+    g_phi = (flat / r).reshape(-1, n * c).T @ dh.reshape(-1, dh.shape[-1])
+    g_flat = (dh @ phi.to(cd).T) / r - (dh * h_raw).sum(-1, keepdim=True) * flat / (n * c * r * r)
+    return (
+        g_flat.reshape(x.shape).to(x.dtype),
+        g_phi.to(phi.dtype),
+        g_alpha.to(alpha.dtype),
+        g_b_pre.to(b_pre.dtype),
+        g_b_post.to(b_post.dtype),
+        g_b_res.to(b_res.dtype),
+    )
+
+
+def pre_mix_backward(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients (x, h_pre) of :func:`pre_mix`; a broadcast h_pre gets its gradient summed."""
+    cd = compute_dtype(x.dtype)
+    g = grad.to(cd).unsqueeze(-2)
+    g_x = (h_pre.to(cd).unsqueeze(-1) * g).to(x.dtype)
+    g_h = _sum_to((g * x.to(cd)).sum(-1), h_pre.shape).to(h_pre.dtype)
+    return g_x, g_h
+
+
+def post_res_mix_backward(
+    grad: Tensor, x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, h_out, h_post, h_res) of :func:`post_res_mix`."""
+    cd = compute_dtype(x.dtype)
+    g = grad.to(cd)
+    hp, hr = h_post.to(cd), h_res.to(cd)
+    g_x = torch.matmul(hr.transpose(-1, -2), g).to(x.dtype)
+    g_out = (hp.unsqueeze(-1) * g).sum(-2)
+    g_out = _sum_to(g_out, h_out.shape).to(h_out.dtype)
+    g_post = _sum_to((g * h_out.to(cd).unsqueeze(-2)).sum(-1), h_post.shape).to(h_post.dtype)
+    g_res = _sum_to(torch.matmul(g, x.to(cd).transpose(-1, -2)), h_res.shape).to(h_res.dtype)
+    return g_x, g_out, g_post, g_res
+
+
 # ----------------------------------------------------------------------------- init
 def home_stream(site_index: int, n: int) -> int:
     """The stream that site ``site_index`` mostly reads at init (symmetry breaking)."""
