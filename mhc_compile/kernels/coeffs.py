@@ -37,7 +37,7 @@ x twice (2 n*C*e), writes gx (n*C*e), plus ~(2W + 1)*4 of dp scratch. phi is re-
 block from L2.
 
 float64 inputs are not run by these kernels: the wrappers fall back to the reference (with
-autograd for the backward), so gradcheck still works through ``kernels="triton"``.
+``reference.coeffs_backward``), so gradcheck still works through ``kernels="triton"``.
 """
 from __future__ import annotations
 
@@ -466,18 +466,20 @@ def coeffs_backward(
     """(gx (T, n, C) in x's dtype, gphi, galpha, gb_pre, gb_post, gb_res) shaped like the params.
 
     Recomputes everything from the inputs (nothing saved from the forward). ``gx``: optional
-    preallocated contiguous output. float64 inputs go to the reference through autograd.
+    preallocated contiguous output. float64 inputs go to ``reference.coeffs_backward``.
     """
     _check(x, phi, alpha, b_pre, b_post, b_res)
     hc = _variant_flag(variant)
     T, n, C = x.shape
     params = (phi, alpha, b_pre, b_post, b_res)
     if not _use_kernel(x, *params):
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in (x, *params)]
-            outs = _reference(*leaves, iters, eps, variant)
-            grads = torch.autograd.grad(outs, leaves, (g_pre.reshape(T, n), g_post.reshape(T, n), g_res.reshape(T, n, n)), allow_unused=True)
-        return tuple(torch.zeros_like(l) if gr is None else gr.contiguous() for l, gr in zip(leaves, grads))
+        from .. import reference
+
+        grads = reference.coeffs_backward(
+            g_pre.reshape(T, n), g_post.reshape(T, n), g_res.reshape(T, n, n), x, *params,
+            iters=iters, eps=eps, variant=variant,
+        )
+        return tuple(g.contiguous() for g in grads)
     x = x.contiguous()
     p32 = _f32(*params)
     gp, go, gr = (g.reshape(T, *s).contiguous() for g, s in ((g_pre, (n,)), (g_post, (n,)), (g_res, (n, n))))
@@ -516,4 +518,5 @@ def coeffs_backward(
     gb_post = gb4[1, 1, :n]
     galpha = tot[w:]
     outs = (gphi, galpha, gb_pre, gb_post, gb_res)
-    return (gx, *(o.reshape(p.shape).to(p.dtype).contiguous() for o, p in zip(outs, params)))
+    # clone: the small gradients are views of one buffer and custom-op outputs may not alias
+    return (gx, *(o.reshape(p.shape).to(p.dtype).clone() for o, p in zip(outs, params)))

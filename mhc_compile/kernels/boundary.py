@@ -1,0 +1,246 @@
+"""Fused Triton kernel for ``mhc::boundary``: post_res of site l + coeffs and pre of site l+1.
+
+Owns the boundary forward kernel and the launch wrappers :func:`boundary_forward` and
+:func:`boundary_backward` called by ``mhc_compile.ops``. The math is exactly the composition
+of the reference functions (``reference.post_res_mix`` -> ``reference.coeffs`` ->
+``reference.pre_mix``), including the rounding of X' to x's dtype before site l+1 reads it.
+
+Per token block (grid (cdiv(T, BLOCK_T),)), in two passes over C:
+  pass 1, per BLOCK_C chunk: load X[:, j, chunk] for each stream j and h_out[chunk] once,
+          X' = H_res X + H_post h_out (fp32, site l's n x n matrix in registers, static
+          coefficients broadcast with token stride 0), round to x's dtype and store X';
+          from the rounded X' accumulate the sum of squares and the projection
+          (BLOCK_T, n_pad*BLOCK_C) x (n_pad*BLOCK_C, W) in fp32 (``tl.dot``).
+  epilogue: site l+1's logits, sigmoid / 2 sigmoid / Sinkhorn in registers (shared with
+          ``kernels.coeffs``); store H_pre, H_post, H_res.
+  pass 2: h_in = sum_i H_pre[i] X'[i] needs H_pre, which needs all of X', so X' is read back
+          (just written by this program, mostly from L2) and h_in stored.
+Bytes per token (element size e): reads X (nC e) + h_out (C e) once, writes X' (nC e),
+reads X' back (nC e), writes h_in (C e) and the coefficients ((2n + n^2) * 4). The unfused
+chain (post_res, coeffs, pre) moves (2n+1)C e + nC e + (n+1)C e.
+
+Backward (:func:`boundary_backward`): recomputes X' and H_pre with the fused forward, then
+chains the Triton backwards of pre, coeffs (on-chip Sinkhorn replay) and post_res, summing
+the three contributions to dX' in fp32 and rounding once. float64 inputs fall back to the
+reference composition (forward and backward), so gradcheck runs through the same entry points.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import coeff_rows, interpreting
+from .coeffs import (
+    SPREAD,
+    _activate,
+    _colmap,
+    _logits,
+    _store_coeffs,
+    _use_kernel,
+    _variant_flag,
+    logit_layout,
+)
+
+
+# ============================================================================ kernel
+@triton.jit
+def _boundary_fwd_kernel(
+    x_ptr, hout_ptr, hpost_ptr, hres_ptr,
+    phi_ptr, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr,
+    xn_ptr, hp_ptr, ho_ptr, hr_ptr, hin_ptr,
+    T, C, J, stride_post, stride_res, eps, iters,
+    N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, HC: tl.constexpr, SPREAD_: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = pid * BT + tl.arange(0, BT)
+    tm = t < T
+    t64 = t.to(tl.int64)
+    i = tl.arange(0, NP)
+    vec = i < N
+    K = N * C
+
+    # site l's coefficients (fp32, token stride 0 when static)
+    hpost = tl.load(hpost_ptr + t64[:, None] * stride_post + i[None, :],
+                    mask=tm[:, None] & vec[None, :], other=0.0).to(tl.float32)
+    hres = tl.load(hres_ptr + t64[:, None, None] * stride_res + i[None, :, None] * N + i[None, None, :],
+                   mask=tm[:, None, None] & vec[None, :, None] & vec[None, None, :], other=0.0).to(tl.float32)
+    jcol, jvalid = _colmap(N, NP, W)
+    acc = tl.zeros((BT, W), dtype=tl.float32)
+    sumsq = tl.zeros((BT,), dtype=tl.float32)
+
+    # ---- pass 1: X' = H_res X + H_post h_out; projection and sum of squares of rounded X'
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < C
+        m2 = tm[:, None] & cm[None, :]
+        mixed = tl.zeros((BT, NP, BC), dtype=tl.float32)
+        for jj in tl.static_range(N):
+            xj = tl.load(x_ptr + (t64[:, None] * N + jj) * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            hcol = tl.sum(tl.where(i[None, None, :] == jj, hres, 0.0), axis=2)  # H_res[:, :, jj]
+            mixed += hcol[:, :, None] * xj[:, None, :]
+        hout = tl.load(hout_ptr + t64[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        xn = mixed + hpost[:, :, None] * hout[:, None, :]
+        xq = xn.to(xn_ptr.dtype.element_ty)
+        m3 = tm[:, None, None] & vec[None, :, None] & cm[None, None, :]
+        offs3 = (t64[:, None, None] * N + i[None, :, None]) * C + c[None, None, :]
+        tl.store(xn_ptr + offs3, xq, mask=m3)
+        xf = tl.where(m3, xq.to(tl.float32), 0.0)
+        sumsq += tl.sum(tl.sum(xf * xf, axis=2), axis=1)
+        krow = (i[:, None] * C + c[None, :]).to(tl.int64)  # flat index of (stream, channel)
+        kmask = vec[:, None] & cm[None, :]
+        ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
+                     mask=kmask[:, :, None] & jvalid[None, None, :], other=0.0)
+        acc += tl.dot(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), input_precision="ieee")
+
+    # ---- site l+1's coefficients, in registers
+    r, h, u, ures, upre, upost, lpre, lpost, lres = _logits(
+        acc, sumsq, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, K, eps, N, NP, G, BT, HC)
+    hp, ho, hr = _activate(lpre, lpost, lres, iters, N, NP, HC, SPREAD_)
+    _store_coeffs(hp_ptr, ho_ptr, hr_ptr, t, tm, hp, ho, hr, N, NP)
+
+    # ---- pass 2: h_in = sum_i H_pre[i] X'[i] from the X' this program just wrote
+    tl.debug_barrier()
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < C
+        m3 = tm[:, None, None] & vec[None, :, None] & cm[None, None, :]
+        offs3 = (t64[:, None, None] * N + i[None, :, None]) * C + c[None, None, :]
+        xf = tl.load(xn_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
+        hin = tl.sum(hp[:, :, None] * xf, axis=1)
+        tl.store(hin_ptr + t64[:, None] * C + c[None, :], hin.to(hin_ptr.dtype.element_ty),
+                 mask=tm[:, None] & cm[None, :])
+
+
+# ============================================================================ wrappers
+def _blocks(n: int, C: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps). The phi tile is n_pad*BLOCK_C x W fp32: keep it <= 64 KiB."""
+    np_, _, w = logit_layout(n)
+    if interpreting() or device.type != "cuda":
+        return 16, 16, 1
+    bc = max(16, min(128, triton.next_power_of_2(C), 16384 // (np_ * w)))
+    return 16 if np_ >= 8 else 32, bc, 4 if np_ <= 4 else 8
+
+
+def _check(x, h_out, h_post, h_res, phi):
+    if x.dim() != 3:
+        raise ValueError(f"x must be (T, n, C), got shape {tuple(x.shape)}")
+    T, n, C = x.shape
+    if tuple(h_out.shape) != (T, C):
+        raise ValueError(f"h_out must be {(T, C)}, got {tuple(h_out.shape)}")
+    if h_post.shape[-1] != n or tuple(h_res.shape[-2:]) != (n, n):
+        raise ValueError(f"coefficient shapes {tuple(h_post.shape)}, {tuple(h_res.shape)} do not match n={n}")
+    if tuple(phi.shape) != (n * C, 2 * n + n * n):
+        raise ValueError(f"phi must be ({n * C}, {2 * n + n * n}), got {tuple(phi.shape)}")
+    if not 1 <= n <= 8:
+        raise ValueError(f"the Triton boundary kernel supports 1 <= n <= 8 streams, got {n}")
+    return coeff_rows(h_post, T, 1, "h_post"), coeff_rows(h_res, T, 2, "h_res")
+
+
+def reference_boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
+    """The composition of the reference functions (the spec of the fused kernel)."""
+    from ..ops import _boundary_reference
+
+    return _boundary_reference(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+
+
+def boundary_forward(
+    x: torch.Tensor,
+    h_out: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    iters: int,
+    eps: float,
+    variant: str,
+    out: Optional[tuple[torch.Tensor, ...]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_next (T, n, C), h_pre (T, n), h_post (T, n), h_res (T, n, n), h_in (T, C)).
+
+    x (T, n, C) and h_out (T, C) in the model dtype; site l's h_post (T or 1, n) and h_res
+    (T or 1, n, n); site l+1's phi, alpha, biases. ``out``: optional preallocated outputs in
+    that order (tests poison them). float64 goes to the reference composition.
+    """
+    post_static, res_static = _check(x, h_out, h_post, h_res, phi)
+    hc = _variant_flag(variant)
+    if not _use_kernel(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res) or h_out.dtype != x.dtype:
+        outs = reference_boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+        return tuple(o.contiguous() for o in outs)
+    T, n, C = x.shape
+    x, h_out = x.contiguous(), h_out.contiguous()
+    h_post, h_res, phi, alpha, b_pre, b_post, b_res = (
+        t.detach().to(torch.float32).contiguous() for t in (h_post, h_res, phi, alpha, b_pre, b_post, b_res)
+    )
+    dev = x.device
+    if out is None:
+        out = (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty((T, n), dtype=torch.float32, device=dev),
+            torch.empty((T, n), dtype=torch.float32, device=dev),
+            torch.empty((T, n, n), dtype=torch.float32, device=dev),
+            torch.empty((T, C), dtype=x.dtype, device=dev),
+        )
+    if T == 0:
+        return out
+    np_, g, w = logit_layout(n)
+    bt, bc, warps = _blocks(n, C, dev)
+    _boundary_fwd_kernel[(triton.cdiv(T, bt),)](
+        x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *out,
+        T, C, 2 * n + n * n, 0 if post_static else n, 0 if res_static else n * n, float(eps), int(iters),
+        N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=hc, SPREAD_=SPREAD, num_warps=warps,
+    )
+    return out
+
+
+def boundary_backward(
+    g_xn: torch.Tensor,
+    g_hp: torch.Tensor,
+    g_ho: torch.Tensor,
+    g_hr: torch.Tensor,
+    g_hin: torch.Tensor,
+    x: torch.Tensor,
+    h_out: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    iters: int,
+    eps: float,
+    variant: str,
+) -> tuple[torch.Tensor, ...]:
+    """(gx, gh_out, gh_post, gh_res, gphi, galpha, gb_pre, gb_post, gb_res), each shaped like its input.
+
+    Recomputes X' and H_pre (fused forward), then chains the pre, coeffs and post_res backward
+    kernels. float64 inputs: the hand-chained reference backwards.
+    """
+    _check(x, h_out, h_post, h_res, phi)
+    T, n, C = x.shape
+    inputs = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
+    grads = (g_xn.reshape(T, n, C), g_hp.reshape(T, n), g_ho.reshape(T, n), g_hr.reshape(T, n, n), g_hin.reshape(T, C))
+    if not _use_kernel(*inputs) or h_out.dtype != x.dtype:
+        from ..ops import _boundary_reference_backward
+
+        got = _boundary_reference_backward(*grads, *inputs, iters, eps, variant)
+        return tuple(g.contiguous() for g in got)
+    from .coeffs import coeffs_backward
+    from .post_res import post_res_backward
+    from .pre import pre_backward
+
+    xn, hp, _, _, _ = boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    gxn_pre, ghp_pre = pre_backward(grads[4].contiguous(), xn, hp)
+    gxn_c, gphi, galpha, gbp, gbo, gbr = coeffs_backward(
+        grads[1].float() + ghp_pre, grads[2], grads[3], xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
+    )
+    gxn = (grads[0].float() + gxn_pre.float() + gxn_c.float()).to(x.dtype)
+    gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res)
+    return gx, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
