@@ -18,9 +18,10 @@ The backend is registered through the ``torch_dynamo_backends`` entry point, so 
    The new parameters are ``get_attr`` nodes of the graph module, which AOTAutograd lifts into
    graph inputs, so they receive gradients like the user's own parameters.
 
-Where the parameters live: a site named ``blocks.3.attn`` gets an ``MHCSiteParams`` child
-``mhc`` on the nearest real (non-container) module of that path: ``blocks.3.attn.mhc.phi``.
-Names that are not module paths go under the root: ``mhc.<name>.phi``.
+Where the parameters live: the passes name each site by its parameter prefix, e.g.
+``blocks.3.attn.mhc``; the backend adds an ``MHCSiteParams`` module at exactly that path of the
+user's module, so the parameters are ``blocks.3.attn.mhc.phi`` etc., the same names as on the
+``convert`` path (checkpoints move between the two).
 
 All private torch API use is in ``mhc_compile._torch_internals``.
 """
@@ -308,45 +309,45 @@ def _safe(key: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", str(key)) or "_"
 
 
-_CONTAINER_TYPES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+_NOT_CALLED = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
 def _container_for(root: nn.Module, path: str) -> tuple[MHCSiteParams, str]:
-    """The MHCSiteParams of site ``path`` (created empty if absent) and its dotted name in root.
+    """The MHCSiteParams at ``path`` in ``root`` (created empty if absent) and its dotted name.
 
-    It goes on the deepest real module along ``path`` (never on a Sequential/ModuleList/ModuleDict,
-    whose iteration it would join); the rest of the path becomes nested containers.
+    The site name from the passes is the parameter prefix (``blocks.0.attn.mhc``,
+    ``layer1.0.mhc_site3``), so parameters get the same names as on the ``convert`` path and
+    checkpoints move between the two. Missing intermediate modules are created as empty
+    containers. A container is never added to a ModuleList/ModuleDict (user code iterates them);
+    such paths are flattened under the nearest other module. Added to an ``nn.Sequential`` it
+    is harmless: its forward is the identity.
     """
-    parts = [p for p in path.split(".") if p] if path else []
-    if parts and parts[-1] == CONTAINER_ATTR:  # the passes may name a site by its prefix 'blocks.0.attn.mhc'
-        parts = parts[:-1]
-    owner, owner_name, depth = root, "", 0
-    mod = root
-    for i, part in enumerate(parts):
-        child = mod._modules.get(part) if isinstance(mod, nn.Module) else None
-        if child is None or isinstance(child, MHCSiteParams):
-            break
-        mod = child
-        if not isinstance(child, _CONTAINER_TYPES):
-            owner, owner_name, depth = child, ".".join(parts[: i + 1]), i + 1
-    rest = [_safe(p) for p in parts[depth:]]
-    attr = CONTAINER_ATTR
-    current = getattr(owner, attr, None) if attr in owner._modules or hasattr(owner, attr) else None
-    if current is not None and not isinstance(current, MHCSiteParams):
-        attr = "_" + CONTAINER_ATTR + "_sites"
-        current = owner._modules.get(attr)
-    if current is None:
-        current = MHCSiteParams()
-        owner.add_module(attr, current)
-    name = f"{owner_name}.{attr}" if owner_name else attr
+    parts = [_safe(p) for p in path.split(".") if p] if path else []
+    if not parts:
+        parts = [CONTAINER_ATTR]
+    mod, i = root, 0
+    while i < len(parts) - 1 and isinstance(mod._modules.get(parts[i]), nn.Module):
+        mod = mod._modules[parts[i]]
+        i += 1
+    rest = parts[i:]
+    prefix = parts[:i]
+    if isinstance(mod, _NOT_CALLED):  # step back to the nearest module user code does not iterate
+        while prefix and isinstance(mod, _NOT_CALLED):
+            rest = [prefix.pop() + "_" + rest[0]] + rest[1:]
+            mod = root.get_submodule(".".join(prefix)) if prefix else root
     for part in rest:
-        nxt = current._modules.get(part)
-        if nxt is None:
-            nxt = MHCSiteParams()
-            current.add_module(part, nxt)
-        current = nxt
-        name = f"{name}.{part}"
-    return current, name
+        child = mod._modules.get(part)
+        if child is None:
+            if hasattr(mod, part):
+                raise MHCBackendError(f"mhc: cannot attach parameters at {path!r}: {part!r} is an attribute of "
+                                      f"{type(mod).__name__} that is not a module")
+            child = MHCSiteParams()
+            mod.add_module(part, child)
+        mod = child
+        prefix.append(part)
+    if not isinstance(mod, MHCSiteParams):
+        raise MHCBackendError(f"mhc: cannot attach parameters at {path!r}: it is a {type(mod).__name__}")
+    return mod, ".".join(prefix)
 
 
 def _module_device(root: nn.Module, path: str) -> Optional[torch.device]:
