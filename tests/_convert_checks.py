@@ -1,0 +1,94 @@
+"""Shared checks for converted models (used by test_convert.py and test_hf_models.py)."""
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import fx
+
+from mhc_compile import ops
+
+
+def rel_err(out, ref) -> float:
+    out, ref = _first_tensor(out), _first_tensor(ref)
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12)).item()
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, dict):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (list, tuple)):
+        return _first_tensor(out[0])
+    raise TypeError(type(out))
+
+
+def mhc_params(model) -> dict:
+    return {k: p for k, p in model.named_parameters() if ".mhc" in k or k.startswith("mhc")}
+
+
+class StreamGrabber(fx.Interpreter):
+    """Runs a converted GraphModule and keeps every stream tensor (..., n, C) after each site."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.streams = []
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target is ops.post_res:
+            self.streams.append(out.detach())
+        elif n.op == "call_function" and n.target is ops.boundary:
+            self.streams.append(out[0].detach())
+        return out
+
+
+def stream_spread(gm, inputs) -> float:
+    """max over sites of max|X_i - mean_i X| / max|X|: 0 when the n streams are identical."""
+    grab = StreamGrabber(gm)
+    with torch.no_grad():
+        grab.run(*inputs)
+    assert grab.streams, "no stream tensors found in the converted graph"
+    return max(((x - x.mean(-2, keepdim=True)).abs().max() / x.abs().max()).item() for x in grab.streams)
+
+
+def loss_of(out) -> torch.Tensor:
+    t = _first_tensor(out)
+    return (t.float() - 0.5).pow(2).mean()
+
+
+def train_steps(gm, inputs, steps=10, lr=1e-2):
+    """Adam steps on a fixed batch; returns (losses, names of mHC params with nonzero grad in the first 3 steps)."""
+    params = mhc_params(gm)
+    opt = torch.optim.Adam(gm.parameters(), lr=lr)
+    got_grad = set()
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = loss_of(gm(*inputs))
+        loss.backward()
+        losses.append(loss.item())
+        if step < 3:
+            for k, p in params.items():
+                if p.grad is not None and p.grad.abs().max().item() > 0:
+                    got_grad.add(k)
+        opt.step()
+    return losses, got_grad
+
+
+def state_dict_roundtrip(src, fresh, inputs) -> float:
+    """Save src's state_dict (torch.save, weights_only load) into ``fresh``; return max abs output diff."""
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    missing, unexpected = fresh.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected
+    with torch.no_grad():
+        a, b = _first_tensor(src(*inputs)), _first_tensor(fresh(*inputs))
+    return (a - b).abs().max().item()
