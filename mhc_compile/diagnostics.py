@@ -14,7 +14,7 @@ unconstrained hyper-connections (``variant="hc"``) can drift far from 1 when tra
 
 Coefficients are collected with :func:`mhc_compile.ops.record_coeffs`, which works for converted
 models and inside compiled graphs. Stream tensors are recorded (eager models only) by
-:class:`record_streams`, a ``TorchDispatchMode`` that watches ``mhc::pre`` calls: it reports the
+:class:`record_streams`, a ``TorchDispatchMode`` that watches ``mhc::pre`` / ``mhc::boundary``: it reports the
 RMS of each of the n streams at each site and how far the streams are from each other
 ("divergence", 0 when all n streams are identical copies, i.e. collapsed to one stream).
 
@@ -119,10 +119,11 @@ def _stream_stats(x: Tensor) -> StreamStats:
 
 
 class record_streams:
-    """Context manager recording a :class:`StreamStats` for the streams entering every ``mhc::pre``.
+    """Context manager recording a :class:`StreamStats` for the streams entering every site.
 
     Eager (and converted, non-compiled) models only: it is a ``TorchDispatchMode``, so it sees
-    each ``mhc::pre`` call, which every site makes exactly once, in execution order::
+    each ``mhc::pre`` call and each fused ``mhc::boundary`` call (whose stream output enters the
+    next site); together they occur exactly once per site, in execution order::
 
         with diagnostics.record_streams() as streams:
             model(x)
@@ -133,13 +134,17 @@ class record_streams:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         records: list = []
-        target = torch.ops.mhc.pre.default
+        pre = torch.ops.mhc.pre.default
+        boundary = getattr(getattr(torch.ops.mhc, "boundary", None), "default", None)
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is target:
+                if func is pre:  # the streams entering a site
                     records.append(_stream_stats(args[0]))
-                return func(*args, **(kwargs or {}))
+                out = func(*args, **(kwargs or {}))
+                if boundary is not None and func is boundary:  # fused: its first output enters site l+1
+                    records.append(_stream_stats(out[0]))
+                return out
 
         self.records = records
         self._mode = _Mode()
@@ -339,8 +344,9 @@ def _get(obj, key, default=None):
 def chains_from_report(report: Any, num_records: int) -> tuple[Optional[list[list[int]]], Optional[list[str]]]:
     """Site chains (as lists of execution-order indices) and site names from a rewrite report.
 
-    Understands a report with ``chains`` (each a list of sites, or an object with ``sites``), where
-    a site is an int index or an object with ``index``/``name``. Returns (None, None) when the
+    Understands :class:`mhc_compile.report.ResidualReport` (``chains[k].sites`` are global site
+    indices, ``sites[i].name`` the parameter prefix) and plain dicts/lists of the same shape,
+    where a site is an int index or an object with ``index``/``name``. Returns (None, None) when the
     report does not describe exactly ``num_records`` sites.
     """
     if report is None:
@@ -372,8 +378,20 @@ def chains_from_report(report: Any, num_records: int) -> tuple[Optional[list[lis
     flat = sorted(i for c in chains for i in c)
     if flat != list(range(num_records)):
         return None, None
+    for s in _get(report, "sites") or []:  # ResidualReport.sites: objects with index and name
+        i, nm = _get(s, "index"), _get(s, "name") or _get(s, "module_path")
+        if isinstance(i, int) and nm and i not in names:
+            names[i] = str(nm)
     name_list = [names.get(i, f"site{i}") for i in range(num_records)]
     return chains, name_list
+
+
+def _set_mode(model: torch.nn.Module, training: bool) -> None:
+    """model.train(training), tolerating modules that refuse it (torch.export's unlifted modules)."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
 
 
 def _is_compiled(model) -> bool:
@@ -398,7 +416,7 @@ def amax_gains(
     """
     was_training = model.training
     want_streams = (not _is_compiled(model)) if streams == "auto" else bool(streams)
-    model.eval()
+    _set_mode(model, False)
     try:
         with torch.no_grad(), ops.record_coeffs() as records:
             if want_streams:
@@ -408,7 +426,7 @@ def amax_gains(
                 stream_recs = None
                 model(*inputs, **kwargs)
     finally:
-        model.train(was_training)
+        _set_mode(model, was_training)
     if chains is None:
         chains, rep_names = chains_from_report(_report_of(model), len(records))
         if names is None:
