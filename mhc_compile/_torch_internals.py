@@ -294,6 +294,19 @@ def ddp_optimizer_enabled() -> bool:
     return mode == "ddp_optimizer"
 
 
+def is_ddp_optimizer_piece(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` is one of the pieces DDPOptimizer split a Dynamo graph into.
+
+    DDPOptimizer compiles each piece separately and marks it with a ``compile_subgraph_reason``
+    whose user stack is a single frame named ``DDPOptimizer``.
+    """
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    stack = getattr(reason, "user_stack", None) or []
+    return any(getattr(f, "name", "") == "DDPOptimizer" for f in stack) or "DDPOptimizer" in str(
+        getattr(reason, "reason", "")
+    )
+
+
 def unwrap_module(module: nn.Module) -> tuple[nn.Module, str]:
     """Strip DDP / torch.compile wrappers: (inner module, attribute path prefix that was stripped)."""
     prefix = []

@@ -158,13 +158,21 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
     scope = _ti.current_frame_scope()
     code = scope[2] if scope else ""
     ddp = _ti.active_ddp_module()
+    if ddp is not None and _ti.is_ddp_optimizer_piece(gm):
+        raise MHCBackendError(
+            "mhc: DDPOptimizer (torch._dynamo.config.optimize_ddp, on by default) split this DDP model's graph "
+            "at gradient-bucket boundaries before the mhc backend saw it. A residual stream cannot cross a "
+            "split, so the rewritten model would depend on bucket_cap_mb and some mHC parameters would go "
+            "unused. Set torch._dynamo.config.optimize_ddp = False before the first call (DDP then all-reduces "
+            "after the whole backward instead of overlapping buckets with it)."
+        )
     if ddp is not None and _ti.ddp_optimizer_enabled():
         _warn_once(
             ("ddp", id(ddp)),
-            "mhc: torch._dynamo.config.optimize_ddp is on, so DDPOptimizer splits this DDP model's graph "
-            "at gradient-bucket boundaries before the mhc backend sees it; a residual stream cannot cross "
-            "a split, so each piece gets its own chains (a different model from the unsplit one, depending "
-            "on bucket_cap_mb). Set torch._dynamo.config.optimize_ddp = False before the first call.",
+            "mhc: torch._dynamo.config.optimize_ddp is on. This graph fit in one DDP gradient bucket and was "
+            "not split, but a larger model (or smaller bucket_cap_mb) would be split by DDPOptimizer, which "
+            "the mhc backend refuses because streams cannot cross a split. Set "
+            "torch._dynamo.config.optimize_ddp = False before the first call.",
             MHCDDPWarning,
         )
     provider = _ParamProvider(gm, example_inputs, scope, ddp)

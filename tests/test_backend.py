@@ -358,24 +358,25 @@ def gloo():
 def test_ddp_one_process_gloo(gloo):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    x = torch.randn(3, 5, 16)
     opts = {"inner": "aot_eager"}
+    c = 256  # 4 blocks of 256x256 fp32 weights: more than DDP's 1 MB first bucket, so DDPOptimizer splits
+    x = torch.randn(3, 5, c)
 
     # 1. parameters created after DDP wrapped the model would never be all-reduced: refused
     _fresh()
-    late = _TwoStage()
+    torch._dynamo.config.optimize_ddp = False
+    late = _TwoStage(c=16)
     with pytest.raises(Exception, match="DistributedDataParallel"):
-        torch.compile(DDP(late), backend="mhc", options=opts)(x)
+        torch.compile(DDP(late), backend="mhc", options=opts)(torch.randn(3, 5, 16))
     assert B.mhc_parameters(late) == {}
 
-    # 2. the documented recipe: materialize, then DDP, optimize_ddp off (no split, no warning)
+    # 2. the documented recipe: materialize, then DDP, optimize_ddp off: whole graph, no warning
     _fresh()
-    model = _TwoStage()
+    model = _TwoStage(c=c)
     with torch.no_grad():
         ref = model(x)
     new = mhc_compile.materialize(torch.compile(model, backend="mhc", options=opts), x)
     assert new
-    torch._dynamo.config.optimize_ddp = False
     ddp = DDP(model)
     assert {id(p) for p in new.values()} <= {id(p) for p in ddp.parameters()}
     _fresh()
@@ -383,19 +384,30 @@ def test_ddp_one_process_gloo(gloo):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = compiled(x)
-    assert not [w for w in caught if issubclass(w.category, B.MHCDDPWarning)]
+    assert not [w for w in caught if issubclass(w.category, (B.MHCDDPWarning, B.MHCGraphBreakWarning))]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert B.records() and all(r.ddp and r.new_parameters == [] for r in B.records())
+    assert B.records()[0].num_sites == 4
     out.sum().backward()
     assert all(p.grad is not None for p in new.values())
 
-    # 3. with DDPOptimizer on (torch's default), the backend warns that chains may be cut
+    # 3. DDPOptimizer on (torch's default) splits this graph at bucket boundaries: refused
     _fresh()
     torch._dynamo.config.optimize_ddp = True
-    compiled = torch.compile(DDP(model), backend="mhc", options=opts)
+    with pytest.raises(Exception, match="optimize_ddp = False"):
+        torch.compile(DDP(model), backend="mhc", options=opts)(x)
+
+    # 4. DDPOptimizer on, graph small enough for one bucket: not split, works, with a warning
+    _fresh()
+    small = _TwoStage(c=16)
+    xs = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref_small = small(xs)
+    mhc_compile.materialize(torch.compile(small, backend="mhc", options=opts), xs)
+    _fresh()
     with pytest.warns(B.MHCDDPWarning, match="optimize_ddp = False"):
-        out = compiled(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        out = torch.compile(DDP(small), backend="mhc", options=opts)(xs)
+    torch.testing.assert_close(out, ref_small, rtol=1e-4, atol=1e-5)
     assert all(r.new_parameters == [] for r in B.records())
 
 
