@@ -272,3 +272,74 @@ def test_ops_auto_dispatch_cuda_bf16():
     a = ops.pre(x, h, kernels="auto")
     b = ops.pre(x, h, kernels="reference")
     torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-2)
+
+
+# ============================================================================ sm_90 compile (no GPU needed)
+_AOT_SCRIPT = r'''
+import json, os, re, subprocess, sys, tempfile
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mhc_compile.kernels import pre, post_res
+from mhc_compile.kernels._common import mix_blocks, next_power_of_2
+
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = {}
+for n in (3, 8):
+    C, np_ = 1024, next_power_of_2(n)
+    bf = {"x_ptr", "g_ptr", "ho_ptr", "out_ptr", "gx_ptr", "gho_ptr"}
+    for fn, bwd in ((pre._pre_fwd_kernel, False), (pre._pre_bwd_kernel, True),
+                    (post_res._post_res_fwd_kernel, False), (post_res._post_res_bwd_kernel, True)):
+        bt, bc, warps = mix_blocks(16384, n, C, torch.device("cuda"), 2, backward=bwd)
+        consts = dict(N=n, N_PAD=np_, BLOCK_T=bt, BLOCK_C=bc, ACC=tl.float32)
+        for flag in ("H_STATIC", "POST_STATIC", "RES_STATIC"):
+            if flag in fn.arg_names:
+                consts[flag] = False
+        sig, attrs = {}, {}
+        for i, a in enumerate(fn.arg_names):
+            if a in consts:
+                sig[a] = "constexpr"
+            elif a.endswith("_ptr"):
+                sig[a] = "*bf16" if a in bf else "*fp32"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                sig[a] = "i32"
+                if a in ("C", "C_CHUNK"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+        out[f"{fn.__name__}/n={n}"] = {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(4)),
+                                       "vector16": "sizePerThread = [1, 1, 8]" in k.asm["ttgir"]}
+print("AOT" + json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Compile the four kernels ahead of time for an H100 (sm_90, bf16, C=1024, n=3 and 8) with
+    the launch blocks the wrappers use on CUDA: no register spills (stack 0), and the stream
+    tiles get 16-byte vector accesses along C (sizePerThread 8 bf16) -- checks that need no GPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("triton's bundled CUDA tools are not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("AOT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    usage = json.loads(lines[-1][3:])
+    assert len(usage) == 8
+    for name, u in usage.items():
+        assert u["stack"] == 0 and u["local"] == 0, (name, u)
+        assert u["regs"] <= 255, (name, u)
+        assert u["vector16"], (name, "stream tile not vectorised to 16 bytes")

@@ -48,22 +48,30 @@ def coeff_rows(h: torch.Tensor, tokens: int, tail: int, name: str) -> bool:
     return h.shape[0] == 1 and tokens != 1
 
 
-def mix_blocks(tokens: int, n: int, channels: int, device: torch.device, elem_bytes: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps) for the stream-mixing kernels.
+def mix_blocks(
+    tokens: int, n: int, channels: int, device: torch.device, elem_bytes: int, backward: bool = False
+) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps) for the stream-mixing kernels (pre, post_res).
 
-    Aim for ~16 KiB of streams per program (wide, coalesced loads along C, enough bytes in
-    flight) while keeping the (BLOCK_T, n_pad, BLOCK_C) fp32 tile within the register budget.
+    Their tiles are stream-major (n_pad, BLOCK_T, BLOCK_C). Triton's default layout hands out
+    threads along C, then T, then the stream axis, so keeping BLOCK_T * BLOCK_C >= 32 * warps
+    * (16 bytes / element) puts every thread on distinct (t, c) with 16-byte vector loads and
+    all n_pad streams of a column in one thread: the n-way mixes reduce in registers with no
+    shuffles or shared memory. The fp32 tile n_pad * BLOCK_T * BLOCK_C is capped at 8192
+    elements forward (~64 registers per thread at 4 warps) and 4096 backward, which holds two
+    such tiles (g and x) plus an accumulator.
     """
     n_pad = next_power_of_2(n)
     if interpreting() or device.type != "cuda":
         # The interpreter's cost is per program and per op: few, moderately sized programs.
         return min(next_power_of_2(tokens), 4), min(next_power_of_2(channels), 32), 1
-    block_c = min(next_power_of_2(channels), max(64, 2048 // n_pad), 1024)
-    # fp32 elements of one (BLOCK_T, n_pad, BLOCK_C) tile: keep <= 4096 (about 32 per thread at 4 warps)
-    block_t = max(1, min(next_power_of_2(tokens), 4096 // (n_pad * block_c)))
-    tile = block_t * n_pad * block_c
-    num_warps = 8 if tile >= 4096 else 4
-    return block_t, block_c, num_warps
+    warps = 4
+    budget = 4096 if backward else 8192
+    vec = max(1, 16 // max(1, elem_bytes))
+    tc = max(32 * warps * (vec if not backward else max(1, vec // 2)), budget // n_pad)
+    block_c = min(next_power_of_2(channels), 1024, tc)
+    block_t = max(1, min(next_power_of_2(tokens), tc // block_c))
+    return block_t, block_c, warps
 
 
 def c_splits(tokens: int, block_t: int, channels: int, block_c: int, device: torch.device) -> int:

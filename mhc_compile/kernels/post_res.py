@@ -36,6 +36,8 @@ def _post_res_fwd_kernel(
     N: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
+    # Stream-major tiles (N_PAD, BLOCK_T, BLOCK_C): threads spread over C then T, so the
+    # reductions over the stream axis j stay inside a thread.
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -46,18 +48,19 @@ def _post_res_fwd_kernel(
     jm = j < N
     t64 = t.to(tl.int64)
 
-    x_offs = (t64[:, None, None] * N + j[None, :, None]) * C + c[None, None, :]
-    x_mask = tm[:, None, None] & jm[None, :, None] & cm[None, None, :]
-    x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)  # (BLOCK_T, N_PAD, BLOCK_C)
+    x_offs = (t64[None, :, None] * N + j[:, None, None]) * C + c[None, None, :]
+    x_mask = jm[:, None, None] & tm[None, :, None] & cm[None, None, :]
+    x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)  # (N_PAD, BLOCK_T, BLOCK_C)
     tc_offs = t64[:, None] * C + c[None, :]
     tc_mask = tm[:, None] & cm[None, :]
     ho = tl.load(ho_ptr + tc_offs, mask=tc_mask, other=0.0).to(ACC)  # (BLOCK_T, BLOCK_C)
-    tj_mask = tm[:, None] & jm[None, :]
+    jt_mask = jm[:, None] & tm[None, :]
 
     for i in tl.static_range(N):
-        w = tl.load(hr_ptr + t64[:, None] * stride_hr + i * N + j[None, :], mask=tj_mask, other=0.0).to(ACC)
+        # row i of h_res as (N_PAD over j, BLOCK_T); stride 0 broadcasts a static matrix
+        w = tl.load(hr_ptr + t64[None, :] * stride_hr + i * N + j[:, None], mask=jt_mask, other=0.0).to(ACC)
         p = tl.load(hp_ptr + t64 * stride_hp + i, mask=tm, other=0.0).to(ACC)
-        o = tl.sum(w[:, :, None] * x, axis=1) + p[:, None] * ho
+        o = tl.sum(w[:, :, None] * x, axis=0) + p[:, None] * ho
         tl.store(out_ptr + (t64[:, None] * N + i) * C + c[None, :], o.to(out_ptr.dtype.element_ty), mask=tc_mask)
 
 
@@ -77,53 +80,53 @@ def _post_res_bwd_kernel(
     tm = t < T
     km = k < N
     t64 = t.to(tl.int64)
-    tk_mask = tm[:, None] & km[None, :]
-    hp = tl.load(hp_ptr + t64[:, None] * stride_hp + k[None, :], mask=tk_mask, other=0.0).to(ACC)
+    kt_mask = km[:, None] & tm[None, :]
+    hp = tl.load(hp_ptr + t64[None, :] * stride_hp + k[:, None], mask=kt_mask, other=0.0).to(ACC)  # (N_PAD, BLOCK_T)
 
-    ghp = tl.zeros([BLOCK_T, N_PAD], dtype=ACC)
-    ghr = tl.zeros([BLOCK_T, N_PAD, N_PAD], dtype=ACC)  # [t, i, j]
+    ghp = tl.zeros([N_PAD, BLOCK_T], dtype=ACC)
+    ghr = tl.zeros([N_PAD, N_PAD, BLOCK_T], dtype=ACC)  # [i, j, t]
     c_lo = pid_s * C_CHUNK
     for c0 in range(c_lo, c_lo + C_CHUNK, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        s_offs = (t64[:, None, None] * N + k[None, :, None]) * C + c[None, None, :]
-        s_mask = tm[:, None, None] & km[None, :, None] & cm[None, None, :]
-        g = tl.load(g_ptr + s_offs, mask=s_mask, other=0.0).to(ACC)  # (BLOCK_T, N_PAD, BLOCK_C) over i
-        x = tl.load(x_ptr + s_offs, mask=s_mask, other=0.0).to(ACC)  # (BLOCK_T, N_PAD, BLOCK_C) over j
+        s_offs = (t64[None, :, None] * N + k[:, None, None]) * C + c[None, None, :]
+        s_mask = km[:, None, None] & tm[None, :, None] & cm[None, None, :]
+        g = tl.load(g_ptr + s_offs, mask=s_mask, other=0.0).to(ACC)  # (N_PAD over i, BLOCK_T, BLOCK_C)
+        x = tl.load(x_ptr + s_offs, mask=s_mask, other=0.0).to(ACC)  # (N_PAD over j, BLOCK_T, BLOCK_C)
         tc_offs = t64[:, None] * C + c[None, :]
         tc_mask = tm[:, None] & cm[None, :]
         ho = tl.load(ho_ptr + tc_offs, mask=tc_mask, other=0.0).to(ACC)
 
         # gh_out[t, c] = sum_i h_post[t, i] g[t, i, c]
-        gho = tl.sum(hp[:, :, None] * g, axis=1)
+        gho = tl.sum(hp[:, :, None] * g, axis=0)
         tl.store(gho_ptr + tc_offs, gho.to(gho_ptr.dtype.element_ty), mask=tc_mask)
         # gh_post[t, i] += sum_c g[t, i, c] h_out[t, c]
-        ghp += tl.sum(g * ho[:, None, :], axis=2)
+        ghp += tl.sum(g * ho[None, :, :], axis=2)
         for s in tl.static_range(N):
             # gx[t, s, c] = sum_i h_res[t, i, s] g[t, i, c]   (column s of h_res)
-            col = tl.load(hr_ptr + t64[:, None] * stride_hr + k[None, :] * N + s, mask=tk_mask, other=0.0).to(ACC)
-            gxs = tl.sum(col[:, :, None] * g, axis=1)
+            col = tl.load(hr_ptr + t64[None, :] * stride_hr + k[:, None] * N + s, mask=kt_mask, other=0.0).to(ACC)
+            gxs = tl.sum(col[:, :, None] * g, axis=0)
             row_offs = (t64[:, None] * N + s) * C + c[None, :]
             tl.store(gx_ptr + row_offs, gxs.to(gx_ptr.dtype.element_ty), mask=tc_mask)
             # gh_res[t, s, j] += sum_c g[t, s, c] x[t, j, c]   (row s of the gradient)
             gs = tl.load(g_ptr + row_offs, mask=tc_mask, other=0.0).to(ACC)
-            grow = tl.sum(gs[:, None, :] * x, axis=2)  # (BLOCK_T, N_PAD) over j
-            ghr += tl.where(k[None, :, None] == s, grow[:, None, :], 0.0)
+            grow = tl.sum(gs[None, :, :] * x, axis=2)  # (N_PAD over j, BLOCK_T)
+            ghr += tl.where(k[:, None, None] == s, grow[None, :, :], 0.0)
 
     prog = (pid_s * tl.num_programs(0) + pid_t).to(tl.int64)
     if POST_STATIC:
-        tl.store(ghp_part_ptr + prog * N + k, tl.sum(ghp, axis=0), mask=km)
+        tl.store(ghp_part_ptr + prog * N + k, tl.sum(ghp, axis=1), mask=km)
     else:
         base = pid_s.to(tl.int64) * T * N
-        tl.store(ghp_part_ptr + base + t64[:, None] * N + k[None, :], ghp, mask=tk_mask)
+        tl.store(ghp_part_ptr + base + t64[None, :] * N + k[:, None], ghp, mask=kt_mask)
     ij_offs = k[:, None] * N + k[None, :]
     ij_mask = km[:, None] & km[None, :]
     if RES_STATIC:
-        tl.store(ghr_part_ptr + prog * N * N + ij_offs, tl.sum(ghr, axis=0), mask=ij_mask)
+        tl.store(ghr_part_ptr + prog * N * N + ij_offs, tl.sum(ghr, axis=2), mask=ij_mask)
     else:
         base = pid_s.to(tl.int64) * T * N * N
-        offs = base + t64[:, None, None] * (N * N) + ij_offs[None, :, :]
-        tl.store(ghr_part_ptr + offs, ghr, mask=tm[:, None, None] & ij_mask[None, :, :])
+        offs = base + t64[None, None, :] * (N * N) + ij_offs[:, :, None]
+        tl.store(ghr_part_ptr + offs, ghr, mask=ij_mask[:, :, None] & tm[None, None, :])
 
 
 # ============================================================================ launchers
@@ -195,7 +198,7 @@ def post_res_backward(
         gx.zero_()
         gh_out.zero_()
         return gx, gh_out, torch.zeros_like(h_post), torch.zeros_like(h_res)
-    block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size())
+    block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size(), backward=True)
     t_blocks = triton.cdiv(T, block_t)
     splits = c_splits(T, block_t, C, block_c, x.device)
     chunk = triton.cdiv(triton.cdiv(C, block_c), splits) * block_c

@@ -35,6 +35,8 @@ def _pre_fwd_kernel(
     N: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
+    # Tiles are stream-major (N_PAD, BLOCK_T, BLOCK_C): the default layout spreads threads over
+    # C then T, so every reduction over the stream axis stays inside a thread.
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -45,12 +47,12 @@ def _pre_fwd_kernel(
     im = i < N
     t64 = t.to(tl.int64)
 
-    # (BLOCK_T, N_PAD) coefficients; stride_h == 0 broadcasts a static row
-    h = tl.load(h_ptr + t64[:, None] * stride_h + i[None, :], mask=tm[:, None] & im[None, :], other=0.0).to(ACC)
-    x_offs = (t64[:, None, None] * N + i[None, :, None]) * C + c[None, None, :]
-    x_mask = tm[:, None, None] & im[None, :, None] & cm[None, None, :]
+    # (N_PAD, BLOCK_T) coefficients; stride_h == 0 broadcasts a static row
+    h = tl.load(h_ptr + t64[None, :] * stride_h + i[:, None], mask=im[:, None] & tm[None, :], other=0.0).to(ACC)
+    x_offs = (t64[None, :, None] * N + i[:, None, None]) * C + c[None, None, :]
+    x_mask = im[:, None, None] & tm[None, :, None] & cm[None, None, :]
     x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)
-    acc = tl.sum(h[:, :, None] * x, axis=1)
+    acc = tl.sum(h[:, :, None] * x, axis=0)  # (BLOCK_T, BLOCK_C)
     out_offs = t64[:, None] * C + c[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=tm[:, None] & cm[None, :])
 
@@ -70,30 +72,32 @@ def _pre_bwd_kernel(
     tm = t < T
     im = i < N
     t64 = t.to(tl.int64)
-    h = tl.load(h_ptr + t64[:, None] * stride_h + i[None, :], mask=tm[:, None] & im[None, :], other=0.0).to(ACC)
+    h = tl.load(h_ptr + t64[None, :] * stride_h + i[:, None], mask=im[:, None] & tm[None, :], other=0.0).to(ACC)
 
-    gh = tl.zeros([BLOCK_T, N_PAD], dtype=ACC)
+    # elementwise fp32 accumulator of x * g over this program's C range, reduced over C once
+    gh3 = tl.zeros([N_PAD, BLOCK_T, BLOCK_C], dtype=ACC)
     c_lo = pid_s * C_CHUNK
     for c0 in range(c_lo, c_lo + C_CHUNK, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         g = tl.load(g_ptr + t64[:, None] * C + c[None, :], mask=tm[:, None] & cm[None, :], other=0.0).to(ACC)
-        x_offs = (t64[:, None, None] * N + i[None, :, None]) * C + c[None, None, :]
-        x_mask = tm[:, None, None] & im[None, :, None] & cm[None, None, :]
+        x_offs = (t64[None, :, None] * N + i[:, None, None]) * C + c[None, None, :]
+        x_mask = im[:, None, None] & tm[None, :, None] & cm[None, None, :]
         x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)
-        gx = h[:, :, None] * g[:, None, :]
+        gx = h[:, :, None] * g[None, :, :]
         tl.store(gx_ptr + x_offs, gx.to(gx_ptr.dtype.element_ty), mask=x_mask)
-        gh += tl.sum(x * g[:, None, :], axis=2)
+        gh3 += x * g[None, :, :]
+    gh = tl.sum(gh3, axis=2)  # (N_PAD, BLOCK_T)
 
     if H_STATIC:
         # partial over this program's tokens and C range: gh_part[pid_s, pid_t, i]
-        tot = tl.sum(gh, axis=0)
+        tot = tl.sum(gh, axis=1)
         base = (pid_s * tl.num_programs(0) + pid_t).to(tl.int64) * N
         tl.store(gh_part_ptr + base + i, tot, mask=im)
     else:
         # partial over this program's C range: gh_part[pid_s, t, i]
         base = pid_s.to(tl.int64) * T * N
-        tl.store(gh_part_ptr + base + t64[:, None] * N + i[None, :], gh, mask=tm[:, None] & im[None, :])
+        tl.store(gh_part_ptr + base + t64[None, :] * N + i[:, None], gh, mask=im[:, None] & tm[None, :])
 
 
 # ============================================================================ launchers
@@ -147,7 +151,7 @@ def pre_backward(
     if T == 0 or C == 0:
         gx.zero_()
         return gx, torch.zeros_like(h_pre)
-    block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size())
+    block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size(), backward=True)
     t_blocks = triton.cdiv(T, block_t)
     splits = c_splits(T, block_t, C, block_c, x.device)
     chunk = triton.cdiv(triton.cdiv(C, block_c), splits) * block_c
