@@ -181,7 +181,10 @@ def test_gpt_recompile_for_new_batch_size_creates_no_parameters(gpt_run):
 
 
 def test_gpt_compiled_and_convert_paths_give_the_same_losses(gpt_run):
-    """Same init (preserve) and same data: the converted model trains the same way (rtol 1e-3)."""
+    """Same init (preserve) and same data: the converted model trains the same way.
+
+    Tolerance rtol 1e-3 on each of the 30 losses (inductor reorders fp32 reductions; measured
+    max relative difference is printed, about 1e-6 on CPU)."""
     if not hasattr(mhc_compile, "convert"):
         pytest.skip("mhc_compile.convert not available yet")
     torch.manual_seed(0)
@@ -195,7 +198,14 @@ def test_gpt_compiled_and_convert_paths_give_the_same_losses(gpt_run):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    torch.testing.assert_close(torch.tensor(gpt_run["losses"]), torch.tensor(losses), rtol=1e-3, atol=1e-4)
+    ours, theirs = torch.tensor(gpt_run["losses"]), torch.tensor(losses)
+    print(f"compiled (inductor) vs convert (eager): max relative loss difference {((ours - theirs).abs() / theirs).max():.2e}")
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+    # same parameter names on both paths: checkpoints move between them
+    assert set(converted.state_dict()) == set(gpt_run["model"].state_dict())
+    converted.load_state_dict(gpt_run["model"].state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(converted(idx), gpt_run["final_out"], rtol=1e-4, atol=1e-4)
 
 
 def test_gpt_state_dict_round_trip(gpt_run):
