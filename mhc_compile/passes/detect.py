@@ -122,7 +122,7 @@ def node_val(node: Any) -> Any:
 def tensor_info(node: Any) -> Optional[tuple[tuple[str, ...], Any, int]]:
     """(shape as strings, dtype, rank) when the node is known to hold one tensor, else None."""
     v = node_val(node)
-    if v is None or isinstance(v, (list, tuple, dict)):
+    if v is None or (isinstance(v, (list, tuple, dict)) and not hasattr(v, "dtype")):
         return None
     shape = getattr(v, "shape", None)
     dtype = getattr(v, "dtype", None)
@@ -138,10 +138,10 @@ def carries_tensor(node: fx.Node) -> bool:
     v = node_val(node)
     if v is None:
         return target_name(node) not in _SHAPE_ONLY_NAMES and node.target != "shape"
-    if isinstance(v, torch.Tensor):
-        return True
+    if isinstance(v, torch.Tensor) or (hasattr(v, "dtype") and hasattr(v, "shape")):
+        return True  # a tensor, or ShapeProp's TensorMetadata
     if isinstance(v, (list, tuple)):
-        return any(isinstance(e, torch.Tensor) for e in v)
+        return any(isinstance(e, torch.Tensor) or hasattr(e, "dtype") for e in v)
     return False
 
 
@@ -303,11 +303,10 @@ class _Reach:
 
 
 def _branch_path(region: set, add_path: str, kind: str) -> str:
-    """Readable owner of a site's parameters.
-
-    The child module of the add's module that holds at least half of the branch's work
-    (``blocks.3.attn`` for ``x + attn(ln1(x))`` in block ``blocks.3``); otherwise the add's own
-    module (``layer1.0`` for a ResNet block whose branch is several convs); '' at top level.
+    """Readable owner of a site's parameters: the deepest module, at or below the add's module,
+    that encloses at least half of the branch's work (``blocks.3.attn`` for ``x + attn(ln1(x))``
+    in block ``blocks.3``; ``layer1.0`` for a ResNet block whose branch is several convs).
+    Parallel blocks use the add's module; '' at top level with no enclosing module.
     """
     heavy = [n for n in region if _does_work(n)]
     if kind == "parallel" or not heavy:
@@ -316,13 +315,12 @@ def _branch_path(region: set, add_path: str, kind: str) -> str:
     counts: dict = {}
     for n in heavy:
         for path in module_stack(n):
-            if path.startswith(prefix) and "." not in path[len(prefix):]:
+            if path == add_path or path.startswith(prefix):
                 counts[path] = counts.get(path, 0) + 1
-    if counts:
-        best = max(sorted(counts), key=lambda p: counts[p])
-        if 2 * counts[best] >= len(heavy):
-            return best
-    return add_path
+    good = [p for p, c in counts.items() if 2 * c >= len(heavy)]
+    if not good:
+        return add_path
+    return max(good, key=lambda p: (p.count("."), counts[p], p))
 
 
 def detect_sites(graph: fx.Graph) -> DetectResult:

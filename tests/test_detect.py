@@ -1,0 +1,207 @@
+"""Residual detection and rewrite on FX graphs of both flavours: aten-level (torch.export), torch-level
+(Dynamo, torch.fx.symbolic_trace). Every add spelling, either operand order, alpha, parallel
+blocks, layer scale, adds not taken (with reasons), nested residuals, outside consumers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import mhc_compile
+from mhc_compile import MHCConfig
+from mhc_compile.passes import build_chains, detect_sites, rewrite_graph
+from mhc_compile.passes.detect import feature_axis, normalize_path
+from tests._convert_checks import rel_err
+from tests.models.zoo import tiny_gpt, token_inputs
+
+CFG = MHCConfig(streams=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Spellings(nn.Module):
+    """Seven residual sites, one per add spelling, on one stream."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.f = nn.ModuleList(nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.Tanh()) for _ in range(7))
+
+    def forward(self, x):
+        f = self.f
+        x = x + f[0](x)
+        x = f[1](x) + x
+        x = torch.add(x, f[2](x))
+        x = torch.add(x, f[3](x), alpha=0.5)
+        x = x.add(f[4](x))
+        h = f[5](x)
+        x += h
+        x = x.add_(f[6](x))
+        return x * 2
+
+
+def _export_gm(model, args):
+    return torch.export.export(model, args, strict=False).module()
+
+
+def _dynamo_graphs(model, args, cfg=None):
+    """torch.compile with a backend that records (and optionally rewrites) each Dynamo graph."""
+    import torch._dynamo
+
+    graphs, reports = [], []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        if cfg is not None:
+            reports.append(rewrite_graph(gm, cfg))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out = compiled(*args)
+    return graphs, reports, out
+
+
+def _symbolic_gm(model, args):
+    gm = fx.symbolic_trace(model)
+    fx.passes.shape_prop.ShapeProp(gm).propagate(*args)
+    return gm
+
+
+@pytest.mark.parametrize("flavour", ["export", "symbolic_trace"])
+def test_all_add_spellings_are_sites(flavour):
+    model, x = Spellings().eval(), (torch.randn(2, 5, 16),)
+    gm = _export_gm(model, x) if flavour == "export" else _symbolic_gm(model, x)
+    det = detect_sites(gm.graph)
+    assert len(det.sites) == 7, [t.reason for t in det.not_taken]
+    chains = build_chains(gm.graph, det)
+    assert len(chains) == 1 and len(chains[0].sites) == 7
+    scales = [s.branches[0][1] for s in det.sites]
+    assert scales[3] == 0.5 and all(v == 1 for i, v in enumerate(scales) if i != 3)
+    rep = rewrite_graph(gm, CFG)
+    assert rep.num_sites == 7
+    with torch.no_grad():
+        assert rel_err(gm(*x), model(*x)) <= 1e-5
+
+
+def test_all_add_spellings_dynamo():
+    model, x = Spellings().eval(), (torch.randn(2, 5, 16),)
+    graphs, reports, out = _dynamo_graphs(model, x, cfg=CFG)
+    assert len(graphs) == 1
+    assert (reports[0].num_sites, reports[0].num_chains) == (7, 1), str(reports[0])
+    with torch.no_grad():
+        assert rel_err(out, model(*x)) <= 1e-5
+
+
+def test_dynamo_backend_rewrite_preserves_function():
+    model, x = tiny_gpt(), token_inputs(2, 6)
+    graphs, reports, out = _dynamo_graphs(model, x, cfg=CFG)
+    assert len(graphs) == 1
+    assert (reports[0].num_sites, reports[0].num_chains) == (4, 1)
+    names = {k for k, _ in graphs[0].named_parameters()}
+    assert any(k.endswith("attn.mhc.phi") for k in names), names
+    with torch.no_grad():
+        assert rel_err(out, model(*x)) <= 1e-5
+
+
+class NotSites(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.lin, self.lin2 = nn.Linear(c, c), nn.Linear(c, c)
+        self.bias = nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        a = x + x                                       # branch does no work
+        b = a + 0.044715 * a.pow(3)                     # GELU-tanh style: elementwise only
+        c = self.lin(b) + self.bias                     # shapes differ (bias broadcast)
+        d = self.lin(c) + self.lin2(c)                  # no dependency (two branches of c)
+        e = d + d.double().float()                      # dtype cast only: no work
+        return e
+
+
+def test_adds_not_taken_have_reasons():
+    model, x = NotSites().eval(), (torch.randn(2, 4, 16),)
+    rep = mhc_compile.find_residuals(model, x, CFG)
+    assert rep.num_sites == 0
+    reasons = " | ".join(t.reason for t in rep.not_taken)
+    assert "branch does no work" in reasons
+    assert "shapes differ" in reasons
+    assert "no dependency" in reasons
+    assert len(rep.not_taken) >= 4
+
+
+class Nested(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.a, self.b = nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, x):
+        h = x + self.a(x)
+        h = h + self.b(h)
+        return x + h  # a residual around two residuals
+
+
+def test_nested_residual_outer_not_taken():
+    rep = mhc_compile.find_residuals(Nested().eval(), (torch.randn(2, 3, 16),), CFG)
+    assert rep.num_sites == 2 and rep.num_chains == 1
+    assert any("nested" in t.reason for t in rep.not_taken)
+
+
+class OutsideUse(nn.Module):
+    """Returns a mid-chain hidden state: that use reads the collapsed streams; the chain goes on."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.f = nn.ModuleList(nn.Linear(c, c) for _ in range(3))
+
+    def forward(self, x):
+        h1 = x + self.f[0](x)
+        h2 = F.relu(h1 + self.f[1](h1))  # post-activation: relu is stream-wise
+        h3 = h2 + self.f[2](h2)
+        return h3, h1 * 3, h2.sum(-1)
+
+
+def test_outside_consumers_read_collapsed_value():
+    model, x = OutsideUse().eval(), (torch.randn(2, 3, 16),)
+    cm = mhc_compile.convert(model, CFG, x)
+    rep = cm.mhc_report
+    assert (rep.num_sites, rep.num_chains) == (3, 1)
+    assert rep.chains[0].stream_wise_ops  # the relu
+    with torch.no_grad():
+        for a, b in zip(cm(*x), model(*x)):
+            assert rel_err(a, b) <= 1e-5
+
+
+class PostNormChannelsFirst(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(2))
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.relu(x + conv(x))
+        return x
+
+
+def test_channel_first_mixes_over_channels():
+    model, x = PostNormChannelsFirst().eval(), (torch.randn(2, 8, 5, 5),)
+    cm = mhc_compile.convert(model, CFG, x)
+    rep = cm.mhc_report
+    assert rep.num_chains == 1 and all(s.feature_axis == 1 and s.channels == 8 for s in rep.sites)
+    assert cm.get_parameter("convs.0.mhc.phi").shape == (3 * 8, 3 * 2 + 9)
+    with torch.no_grad():
+        assert rel_err(cm(*x), model(*x)) <= 1e-5
+        x2 = (torch.randn(3, 8, 5, 5),)
+        assert rel_err(cm(*x2), model(*x2)) <= 1e-5
+
+
+def test_feature_axis_rule():
+    assert [feature_axis(r) for r in (1, 2, 3, 4, 5)] == [0, 1, 2, 1, 1]
+    assert normalize_path("L['self'].blocks[3].attn") == "blocks.3.attn"
+    assert normalize_path("getattr(L['self'].layers, '0').mlp") == "layers.0.mlp"
