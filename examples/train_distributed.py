@@ -1,0 +1,146 @@
+"""Data-parallel training of an mHC-converted GPT with DDP or FSDP2, launched by torchrun.
+
+    torchrun --nproc_per_node=2 examples/train_distributed.py --strategy ddp  --steps 50
+    torchrun --nproc_per_node=8 examples/train_distributed.py --strategy fsdp --device cuda --dim 1024 --layers 12
+
+Each rank builds the same plain GPT (same seed), converts it with ``mhc_compile.convert`` (the
+mHC parameters are ordinary ``nn.Parameter``s, so DDP and FSDP2 treat them like any other
+weight), wraps it, and trains on its slice of every global batch. ``--strategy fsdp`` uses
+FSDP2 (``torch.distributed.fsdp.fully_shard``) on the root module: the converted model is a
+flat ``torch.fx.GraphModule`` that reads its parameters with ``get_attr``, so per-block sharding
+units (whose forward is never called as a module) do not apply; the root unit all-gathers all
+parameters before forward and reduce-scatters gradients after backward.
+
+:func:`train` is also used by ``tests/test_distributed.py`` (gloo, 2 ranks on CPU) to check that
+DDP / FSDP2 give the same losses and parameters as a single process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tinygpt import GPT, get_batch, load_corpus, make_variant, param_groups, split  # noqa: E402
+
+
+def build(args) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    gpt = GPT(c=args.dim, layers=args.layers, heads=args.heads, seq=args.seq)
+    example = torch.zeros(2, args.seq, dtype=torch.long)
+    return make_variant(gpt, args.variant, args.streams, example, builder=args.builder, kernels=args.kernels)
+
+
+def global_batches(args, data: torch.Tensor):
+    """The same sequence of global batches on every rank (and in a single process)."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for _ in range(args.steps):
+        yield get_batch(data, args.batch, args.seq, gen)
+
+
+def train(args, rank: int = 0, world: int = 1, strategy: str = "none", data: Optional[torch.Tensor] = None) -> dict:
+    """Train ``args.steps`` steps; returns {"losses": [global mean loss per step], "params": {name: full
+    tensor}, "local_numel": parameter elements held by this rank, "total_numel": all of them}.
+
+    ``strategy``: "none" (one process, whole batch), "ddp" or "fsdp" (FSDP2). The global batch
+    ``args.batch`` is split evenly across ranks; gradients are averaged, so every strategy
+    optimises the same global mean loss.
+    """
+    if args.batch % world:
+        raise ValueError(f"--batch {args.batch} must be divisible by the world size {world}")
+    device = torch.device(args.device if args.device != "cuda" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
+    if data is None:
+        data = split(load_corpus(args.corpus_bytes))[0]
+    model = build(args).to(device)
+    names = [n for n, _ in model.named_parameters()]
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        fully_shard(model, mesh=mesh)
+        wrapped = model
+    elif strategy == "none":
+        wrapped = model
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    per = args.batch // world
+    losses = []
+    for x, y in global_batches(args, data):
+        x, y = x[rank * per : (rank + 1) * per].to(device), y[rank * per : (rank + 1) * per].to(device)
+        loss = F.cross_entropy(wrapped(x).float().flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        logged = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(logged, op=dist.ReduceOp.SUM)
+            logged /= world
+        losses.append(float(logged))
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    params = {}
+    for name, p in zip(names, model.parameters()):
+        t = p.detach()
+        if hasattr(t, "full_tensor"):  # FSDP2 DTensor shard -> full parameter (a collective)
+            t = t.full_tensor()
+        params[name] = t.cpu().clone()
+    total = sum(t.numel() for t in params.values())
+    return {"losses": losses, "params": params, "local_numel": local, "total_numel": total}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp", "none"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variant", default="mhc", choices=("plain", "hc", "mhc"))
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--builder", default="auto", choices=("auto", "convert", "hand"))
+    ap.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=16, help="global batch (split across ranks)")
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    distributed = "RANK" in os.environ and args.strategy != "none"
+    if distributed:
+        backend = "nccl" if args.device == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    else:
+        rank, world = 0, 1
+    try:
+        out = train(args, rank, world, args.strategy if distributed else "none")
+        if rank == 0:
+            for i, loss in enumerate(out["losses"]):
+                if i % 10 == 0 or i == len(out["losses"]) - 1:
+                    print(f"step {i:5d}  loss {loss:.4f}")
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
