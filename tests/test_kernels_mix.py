@@ -285,7 +285,7 @@ from mhc_compile.kernels._common import mix_blocks, next_power_of_2
 
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = {}
-for n in (3, 8):
+for n in (1, 3, 8):
     C, np_ = 1024, next_power_of_2(n)
     bf = {"x_ptr", "g_ptr", "ho_ptr", "out_ptr", "gx_ptr", "gho_ptr"}
     for fn, bwd in ((pre._pre_fwd_kernel, False), (pre._pre_bwd_kernel, True),
@@ -312,16 +312,21 @@ for n in (3, 8):
             f.write(k.asm["cubin"])
         res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+        # the (n_pad, BLOCK_T, BLOCK_C) stream tile's layout: 8 bf16 (16 bytes) per thread along C,
+        # and no threads or warps along the stream axis (n-way reductions stay in a thread)
+        lay = re.search(r"sizePerThread = \[1, 1, 8\], threadsPerWarp = \[(\d+), \d+, \d+\], warpsPerCTA = \[(\d+),", k.asm["ttgir"])
         out[f"{fn.__name__}/n={n}"] = {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(4)),
-                                       "vector16": "sizePerThread = [1, 1, 8]" in k.asm["ttgir"]}
+                                       "vector16": lay is not None,
+                                       "stream_in_thread": lay is not None and lay.group(1) == "1" and lay.group(2) == "1"}
 print("AOT" + json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_sm90_without_spills():
-    """Compile the four kernels ahead of time for an H100 (sm_90, bf16, C=1024, n=3 and 8) with
-    the launch blocks the wrappers use on CUDA: no register spills (stack 0), and the stream
-    tiles get 16-byte vector accesses along C (sizePerThread 8 bf16) -- checks that need no GPU."""
+    """Compile the four kernels ahead of time for an H100 (sm_90, bf16, C=1024, n = 1, 3, 8) with
+    the launch blocks the wrappers use on CUDA: no register spills (stack 0), the stream tiles
+    get 16-byte vector accesses along C (8 bf16 per thread), and the stream axis lives inside
+    each thread (no cross-warp reductions for the n-way mixes) -- checks that need no GPU."""
     import json
     import os
     import subprocess
@@ -338,8 +343,9 @@ def test_kernels_compile_for_sm90_without_spills():
     lines = [l for l in proc.stdout.splitlines() if l.startswith("AOT")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     usage = json.loads(lines[-1][3:])
-    assert len(usage) == 8
+    assert len(usage) == 12
     for name, u in usage.items():
         assert u["stack"] == 0 and u["local"] == 0, (name, u)
         assert u["regs"] <= 255, (name, u)
         assert u["vector16"], (name, "stream tile not vectorised to 16 bytes")
+        assert u["stream_in_thread"], (name, "stream axis split across threads or warps")

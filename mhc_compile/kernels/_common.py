@@ -57,9 +57,11 @@ def mix_blocks(
     threads along C, then T, then the stream axis, so keeping BLOCK_T * BLOCK_C >= 32 * warps
     * (16 bytes / element) puts every thread on distinct (t, c) with 16-byte vector loads and
     all n_pad streams of a column in one thread: the n-way mixes reduce in registers with no
-    shuffles or shared memory. The fp32 tile n_pad * BLOCK_T * BLOCK_C is capped at 8192
-    elements forward (~64 registers per thread at 4 warps) and 4096 backward, which holds two
-    such tiles (g and x) plus an accumulator.
+    shuffles or shared memory (if fewer (t, c) pairs than threads * vector, Triton puts the
+    spare warps on the stream axis and those reductions go through shared memory). Beyond that
+    floor, the fp32 tile n_pad * BLOCK_T * BLOCK_C grows to 8192 elements forward and 4096
+    backward (which holds two tiles, g and x). Checked without a GPU by compiling for sm_90:
+    tests/test_kernels_mix.py::test_kernels_compile_for_sm90_without_spills.
     """
     n_pad = next_power_of_2(n)
     if interpreting() or device.type != "cuda":
@@ -68,7 +70,7 @@ def mix_blocks(
     warps = 4
     budget = 4096 if backward else 8192
     vec = max(1, 16 // max(1, elem_bytes))
-    tc = max(32 * warps * (vec if not backward else max(1, vec // 2)), budget // n_pad)
+    tc = max(32 * warps * vec, budget // n_pad)
     block_c = min(next_power_of_2(channels), 1024, tc)
     block_t = max(1, min(next_power_of_2(tokens), tc // block_c))
     return block_t, block_c, warps
