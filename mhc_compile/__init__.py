@@ -9,6 +9,7 @@ from .convert import MHCCaptureError, convert, find_residuals
 from .report import ResidualReport
 from . import diagnostics
 from .backend import materialize
+from .io import load
 
-__all__ = ["MHCConfig", "MHCConfigError", "convert", "find_residuals", "ResidualReport", "MHCCaptureError", "reference", "ops", "diagnostics", "materialize"]
+__all__ = ["MHCConfig", "MHCConfigError", "convert", "find_residuals", "ResidualReport", "MHCCaptureError", "reference", "ops", "diagnostics", "materialize", "load"]
 __version__ = "0.1.0"

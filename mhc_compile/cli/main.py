@@ -1,0 +1,367 @@
+"""The ``mhc`` command line (click): ``mhc convert``, ``mhc inspect``, ``mhc demo``.
+
+This module owns argument parsing, the progress bar, error reporting and exit codes:
+0 success, 2 usage errors (bad options, a missing input file), 1 failures (a file that cannot
+be read, a model without residual adds, an output that cannot be written). Errors are one line,
+``mhc: error: <file>: <what was wrong>``; ``--debug`` (before or after the command name) shows
+the traceback instead. See docs/cli.md.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from .. import __version__
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class NoResidualsError(RuntimeError):
+    """The model has no residual add to rewrite."""
+
+
+# --------------------------------------------------------------------------------- plumbing
+def _debug_enabled(ctx: click.Context) -> bool:
+    while ctx is not None:
+        if (ctx.obj or {}).get("debug") or ctx.params.get("debug"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+def _handle_errors(fn):
+    """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        from ..config import MHCConfigError
+        from ..io import MHCIOError, MHCUsageError
+
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if _debug_enabled(ctx):
+                raise
+            usage = isinstance(exc, (MHCUsageError, MHCConfigError))
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            if not isinstance(exc, (MHCIOError, MHCConfigError, NoResidualsError)):
+                msg = f"{type(exc).__name__}: {msg}"
+            if len(msg) > 600:
+                msg = msg[:600] + " ..."
+            hint = "" if isinstance(exc, (MHCIOError, MHCConfigError, NoResidualsError)) else " (run with --debug for the traceback)"
+            click.echo(f"mhc: error: {msg}{hint}", err=True)
+            ctx.exit(EXIT_USAGE if usage else EXIT_FAILURE)
+
+    return wrapper
+
+
+def _debug_option(fn):
+    return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(fn)
+
+
+class _Progress:
+    """A tqdm bar over named stages on stderr (hidden when stderr is not a terminal unless forced)."""
+
+    def __init__(self, stages: list[str], enabled: Optional[bool]):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(stages), file=sys.stderr, disable=(None if enabled is None else not enabled),
+                        bar_format="{desc:<10} {bar} {n_fmt}/{total_fmt} [{elapsed}]", leave=False)
+
+    @contextmanager
+    def stage(self, name: str):
+        self.bar.set_description_str(name)
+        yield
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def _parse_config(streams: Optional[int], options: tuple[str, ...], base: Optional[dict] = None):
+    from ..config import MHCConfig
+    from ..io import MHCUsageError
+
+    opts: dict[str, Any] = dict(base or {})
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MHCUsageError(f"--config-option {item!r}: write it as key=value (e.g. sinkhorn_iters=10)")
+        opts[key.strip()] = value
+    if streams is not None:
+        opts["streams"] = streams
+    return MHCConfig.from_options(opts)
+
+
+def _source_options(fn):
+    """Options shared by convert and inspect for reading a source."""
+    decorators = [
+        click.option("--state-dict", "state_dict", type=click.Path(dir_okay=False), default=None,
+                     help="Weights for a factory (or pickled module): a torch.save'd state_dict (read with "
+                          "weights_only=True) or a .safetensors file."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
+                     help="Shape of an example input, like 2x16; repeat for each positional input "
+                          "(factory and pickled sources)."),
+        click.option("--input-dtype", "input_dtypes", multiple=True, metavar="DTYPE",
+                     help="dtype of the example inputs (float32, long, ...): once for all, or once per "
+                          "--input-shape. Default float32. Floats are N(0,1); integers uniform in "
+                          "[0, smallest nn.Embedding size) (or [0, 2) without embeddings)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow reading a whole pickled nn.Module (.pt). Unpickling runs code from the "
+                          "file: use only for files you trust."),
+        click.option("--batch-size", default=2, show_default=True, help="Batch of the example inputs of Hugging Face models."),
+        click.option("--seq-len", default=16, show_default=True, help="Sequence length of the example inputs of Hugging Face text models."),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+def _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len):
+    from ..io import read_source
+
+    return read_source(src, state_dict=state_dict, input_shapes=input_shapes, input_dtypes=input_dtypes,
+                       trust_pickle=trust_pickle, batch_size=batch_size, seq_len=seq_len)
+
+
+def _find(source, config=None):
+    from ..io import find_source_residuals
+
+    return find_source_residuals(source, config)
+
+
+def _num_sites(report) -> int:
+    sites = getattr(report, "sites", None)
+    if sites is None and isinstance(report, dict):
+        sites = report.get("sites")
+    return len(sites or [])
+
+
+def _report_dict(report) -> Any:
+    if report is None or isinstance(report, dict):
+        return report
+    for attr in ("to_dict",):
+        if hasattr(report, attr):
+            return getattr(report, attr)()
+    return None
+
+
+# ----------------------------------------------------------------------------------- the app
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mhc")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """mhc-compile: rewrite residual networks into n-stream manifold-constrained hyper-connections.
+
+    \b
+    mhc demo                          convert and train a tiny built-in GPT (no files needed)
+    mhc convert SRC -o DST            convert a saved model
+    mhc inspect SRC [--format html]   show the residual sites, chains, cost and graphs
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+CONVERT_HELP = """Convert the model SRC to mHC and write it to DST.
+
+\b
+SRC is one of:
+  DIR                      a Hugging Face model directory (config.json + safetensors, as
+                           save_pretrained writes it); example inputs come from the config:
+                           input_ids (batch x seq-len) for text models, pixel_values
+                           (batch x num_channels x image_size^2) for vision models
+  FILE.pt2                 a torch.export program (torch.export.save); its example inputs
+  package.module:function  a factory returning an nn.Module; weights with --state-dict;
+                           example inputs from --input-shape/--input-dtype, else from an
+                           example_inputs() function in the same module (returning a tensor,
+                           a tuple of tensors, or (args, kwargs))
+  FILE.pt                  a whole pickled nn.Module: needs --trust-pickle (unpickling runs
+                           code), plus --input-shape/--input-dtype
+
+\b
+DST is a directory (config.json / mhc.json / model.safetensors / example_inputs.safetensors;
+read it back with mhc_compile.load(DST)), or, when it ends in .pt2, a re-exported torch.export
+program with the new parameters. DST is written atomically: to a temporary path next to it,
+then renamed.
+
+\b
+Examples:
+  mhc convert ./gpt2-small -o ./gpt2-mhc --streams 4
+  mhc convert model.pt2 -o model-mhc.pt2 -c sinkhorn_iters=10
+  mhc convert mypkg.models:tiny --state-dict w.pt --input-shape 2x16 --input-dtype long -o out
+"""
+
+
+@cli.command(help=CONVERT_HELP)
+@click.argument("src")
+@click.option("-o", "--output", "dst", required=True, type=click.Path(), help="Where to write the converted model.")
+@click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4).")
+@click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE",
+              help="Any MHCConfig field, e.g. -c sinkhorn_iters=10 -c init=paper (repeatable).")
+@_source_options
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
+@_debug_option
+@_handle_errors
+def convert(src, dst, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
+            batch_size, seq_len, progress, debug):
+    from ..io import convert_source, save_converted
+
+    config = _parse_config(streams, config_options)
+    bar = _Progress(["load", "capture", "rewrite", "save"], progress)
+    try:
+        with bar.stage("load"):
+            source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
+        if source.kind == "converted":
+            from ..io import MHCUsageError
+
+            raise MHCUsageError(f"{src}: is already an mhc output; convert the original model instead")
+        with bar.stage("capture"):
+            report = _find(source, config)
+        if _num_sites(report) == 0:
+            raise NoResidualsError(f"{src}: no residual add x + f(x) found, nothing to convert ({_why_none(report)})")
+        with bar.stage("rewrite"):
+            converted = convert_source(source, config)
+        with bar.stage("save"):
+            out = save_converted(converted, dst, source, config, report=_report_dict(report))
+    finally:
+        bar.close()
+    click.echo(f"converted {src} ({source.kind}): {_num_sites(report)} residual sites, n={config.streams} streams -> {out}")
+
+
+def _why_none(report) -> str:
+    rej = getattr(report, "not_taken", None)
+    if rej is None and isinstance(report, dict):
+        rej = report.get("not_taken")
+    if rej:
+        return f"{len(rej)} adds seen, none is a residual"
+    return "the graph has no add of same-shaped tensors"
+
+
+FORMATS = ("text", "json", "dot", "svg", "html")
+
+
+@cli.command()
+@click.argument("src")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="text: tables; json: the same as data; dot/svg: the graph before and after the rewrite "
+                   "(svg needs Graphviz); html: a self-contained report with the SVG embedded when Graphviz is installed.")
+@click.option("-o", "--output", "out", type=click.Path(), default=None, help="Write to FILE (atomically) instead of stdout.")
+@click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4; ignored for converted models).")
+@click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE", help="Any MHCConfig field.")
+@_source_options
+@_debug_option
+@_handle_errors
+def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
+            batch_size, seq_len, debug):
+    """Show the residual sites of SRC (any source of `mhc convert`, or its output), the chains,
+    the adds not taken and why, the parameters added, the estimated cost, and the graphs.
+
+    \b
+    Cost per site and token (n streams, C features, b bytes per element of the model dtype):
+      coeffs reads nC, 2*nC*(2n+n^2) FLOPs (projection); pre reads nC writes C;
+      post_res reads (n+1)C writes nC  ->  b*C*(4n+2) bytes, b*C*(4n-1) more than the plain add.
+    """
+    from . import render as rp
+    from ..io import convert_source
+
+    if fmt == "svg" and not rp.svg_available():  # fail before the (slow) capture
+        from ..io import MHCIOError
+
+        raise MHCIOError(f"{src}: cannot write --format svg: {rp.GRAPHVIZ_HELP}")
+    source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
+    if source.kind == "converted":
+        config = _parse_config(None, (), source.mhc.get("mhc_config"))
+        converted = source.converted
+        if str(source.path).endswith(".pt2"):  # the original graph is not in the file: stored report
+            report, original = source.mhc.get("report"), None
+        else:  # rebuilt original: capture it again
+            report, original = _find(source, config), source.model
+        view = rp.build_view(report, config, original, converted)
+    else:
+        config = _parse_config(streams, config_options)
+        report = _find(source, config)
+        original = source.model
+        converted = convert_source(source, config) if _num_sites(report) else None
+        view = rp.build_view(report, config, original, converted)
+    view["source"] = f"{src} ({source.kind})"
+
+    if fmt == "text":
+        text = rp.to_text(view) + "\n"
+    elif fmt == "json":
+        text = rp.to_json(view) + "\n"
+    else:
+        graphs = []
+        if original is not None:
+            graphs.append(("before", _graph_of(original, source)))
+        if converted is not None:
+            graphs.append(("after (mHC)", _graph_of(converted, source)))
+        dot_text = rp.graph_to_dot(graphs, view)
+        if fmt == "dot":
+            text = dot_text
+        else:
+            svg = rp.render_svg(dot_text)
+            if fmt == "svg":
+                if svg is None:
+                    from ..io import MHCIOError
+
+                    raise MHCIOError(f"{src}: cannot write --format svg: {rp.GRAPHVIZ_HELP}")
+                text = svg
+            else:
+                text = rp.to_html(view, svg=svg, dot_text=dot_text)
+    if out:
+        _write_text_atomic(out, text)
+        click.echo(f"wrote {fmt} report of {src} to {out}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _graph_of(module, source):
+    """The FX graph of ``module``: its own graph for a GraphModule, else the capture convert uses
+    (so node names match the report's)."""
+    import torch
+
+    from ..convert import capture
+    from ..io import positional_inputs
+
+    if isinstance(module, torch.fx.GraphModule):
+        return module.graph
+    return capture(module, positional_inputs(module, source.args, source.kwargs)).graph
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    from ..io import _atomic_path
+
+    with _atomic_path(Path(path), is_dir=False) as tmp:
+        tmp.write_text(text)
+
+
+@cli.command()
+@click.option("--steps", default=30, show_default=True, help="AdamW steps.")
+@click.option("--streams", "-n", default=4, show_default=True, help="Residual streams n.")
+@click.option("--seed", default=0, show_default=True)
+@_debug_option
+@_handle_errors
+def demo(steps, streams, seed, debug):
+    """Convert a tiny built-in GPT (C=64, L=4), show its residual sites, train it a few steps on
+    CPU and print the loss and the stability gains (Amax gain of the composite H_res)."""
+    from .demo import run_demo
+
+    run_demo(steps=steps, streams=streams, seed=seed, echo=click.echo)
+
+
+def main() -> None:  # pragma: no cover - python -m mhc_compile.cli.main
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,382 @@
+"""Tests of the ``mhc`` command line (mhc_compile/cli): convert for every source kind, load round
+trips, inspect in every format, demo, and the error cases with their exit codes."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import mhc_compile
+from mhc_compile.cli.main import cli
+from mhc_compile.cli.render import site_cost
+from mhc_compile.io import MHCIOError
+
+transformers = pytest.importorskip("transformers")
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _main_output(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        if getattr(out, key, None) is not None:
+            return getattr(out, key)
+    return out[0]
+
+
+# ------------------------------------------------------------------------------- HF models
+HF_MODELS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                bos_token_id=0, eos_token_id=0)),
+    "bert": lambda: transformers.BertModel(
+        transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=100, max_position_embeddings=64)),
+    "vit": lambda: transformers.ViTModel(
+        transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               image_size=16, patch_size=8, num_channels=3)),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, make in HF_MODELS.items():
+        torch.manual_seed(1)
+        make().save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _hf_reference(path: Path):
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    cls = getattr(transformers, cfg.architectures[0])
+    return cls.from_pretrained(path, use_cache=False).eval() if hasattr(cfg, "use_cache") else cls.from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit"])
+def test_convert_hf_roundtrip(hf_dirs, tmp_path, name):
+    dst = tmp_path / "out"
+    res = run("convert", hf_dirs[name], "-o", dst, "--streams", "2", "--no-progress")
+    assert "residual sites" in res.output
+    assert {p.name for p in dst.iterdir()} >= {"config.json", "mhc.json", "model.safetensors", "example_inputs.safetensors"}
+    meta = json.loads((dst / "mhc.json").read_text())
+    assert meta["source"] == "hf" and meta["mhc_config"]["streams"] == 2
+    assert meta["rebuild"]["architecture"] == {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "vit": "ViTModel"}[name]
+    expected_shape = [2, 3, 16, 16] if name == "vit" else [2, 16]
+    assert meta["example_inputs"][0]["shape"] == expected_shape
+    n_sites = len(meta["report"]["sites"])
+    assert n_sites == 4  # 2 layers x (attention, MLP)
+    weights = load_file(str(dst / "model.safetensors"))
+    phis = [k for k in weights if k.endswith(".mhc.phi")]
+    assert len(phis) == n_sites
+
+    loaded = mhc_compile.load(dst)
+    ref = _hf_reference(hf_dirs[name])
+    ex = load_file(str(dst / "example_inputs.safetensors"))["arg.0"]
+    for x in (ex, ex.flip(0)):
+        with torch.no_grad():
+            got, want = _main_output(loaded(x)), _main_output(ref(x))
+        assert got.shape == want.shape
+        assert _rel_err(got, want) < 1e-5  # init="preserve": the original function
+    # it is trainable: the mHC parameters get gradients
+    params = dict(loaded.named_parameters())
+    _main_output(loaded(ex)).float().pow(2).mean().backward()
+    assert params[phis[0]].grad is not None and params[phis[0]].grad.abs().sum() > 0
+
+
+def test_inspect_hf_formats(hf_dirs, tmp_path):
+    src = hf_dirs["gpt2"]
+    text = run("inspect", src, "--streams", "4").output
+    assert "residual sites (4)" in text
+    assert "transformer.h.1.mlp" in text
+    assert "parameters added" in text and "% of" in text
+
+    view = json.loads(run("inspect", src, "--format", "json").output)
+    assert len(view["sites"]) == 4 and len(view["chains"]) == 1
+    assert view["params"]["added"] > 0 and 0 < view["params"]["percent"] < 100
+    n, C = 4, 32
+    assert view["sites"][0]["features"] == C
+    assert view["sites"][0]["cost"] == site_cost(n, C, 4)
+    assert view["cost_per_token"]["bytes"] == 4 * 4 * C * (4 * n + 2)
+    assert view["cost_per_token"]["projection_flops"] == 4 * 2 * n * C * (2 * n + n * n)
+    assert sorted(s["home_stream"] for s in view["sites"]) == [0, 1, 2, 3]
+
+    dot = run("inspect", src, "--format", "dot").output
+    assert dot.startswith("digraph") and "cluster_0" in dot and "cluster_1" in dot
+    assert "mhc.coeffs" in dot or "mhc.boundary" in dot  # mHC ops in the "after" graph
+    assert "#ffd8a8" in dot  # residual adds highlighted in the "before" graph
+
+    out = tmp_path / "report.html"
+    run("inspect", src, "--format", "html", "-o", out)
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "chain 0" in page
+    assert page.count("<tr>") >= 5  # header + 4 sites
+
+    res = run("inspect", src, "--format", "svg", ok=False)
+    from mhc_compile.cli.render import render_svg
+
+    if render_svg("digraph { a -> b }") is None:
+        assert res.exit_code == 1 and "Graphviz" in res.output and "Traceback" not in res.output
+    else:
+        assert res.exit_code == 0 and "<svg" in res.output
+
+
+def test_inspect_converted_directory(hf_dirs, tmp_path):
+    dst = tmp_path / "bert-mhc"
+    run("convert", hf_dirs["bert"], "-o", dst, "-c", "sinkhorn_iters=5", "--no-progress")
+    view = json.loads(run("inspect", dst, "--format", "json").output)
+    assert view["config"]["sinkhorn_iters"] == 5
+    assert len(view["sites"]) == 4
+    assert "(converted)" in view["source"]
+
+
+# ------------------------------------------------------------------------------ other sources
+MODULE_SRC = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.a = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU())
+            self.b = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16))
+            self.head = nn.Linear(16, 7)
+
+        def forward(self, idx):
+            x = self.emb(idx)
+            x = x + self.a(x)
+            x = x + self.b(x)
+            return self.head(x)
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.f(x)
+
+    def res():
+        return Res()
+
+    def plain():
+        return Plain()
+
+    def example_inputs():
+        return (torch.randint(0, 50, (3, 8)),)
+    """
+)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user package on sys.path: ``clitestmods.res`` / ``.plain`` / ``.example_inputs``."""
+    import importlib
+    import sys
+
+    (tmp_path / "clitestmods.py").write_text(MODULE_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("clitestmods", None)
+    mod = importlib.import_module("clitestmods")
+    yield mod
+    sys.modules.pop("clitestmods", None)
+
+
+def test_convert_factory_with_state_dict(user_module, tmp_path):
+    torch.manual_seed(3)
+    model = user_module.res().eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    dst = tmp_path / "fac"
+    run("convert", "clitestmods:res", "--state-dict", tmp_path / "w.pt", "--input-shape", "2x8",
+        "--input-dtype", "long", "-o", dst, "--no-progress")
+    meta = json.loads((dst / "mhc.json").read_text())
+    assert meta["source"] == "factory" and meta["rebuild"]["factory"] == "clitestmods:res"
+    assert meta["example_inputs"] == [{"name": "arg0", "shape": [2, 8], "dtype": "int64"}]
+    loaded = mhc_compile.load(dst)
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        assert _rel_err(loaded(x), model(x)) < 1e-5  # the state_dict's weights, not the factory's init
+        assert _rel_err(user_module.res()(x), model(x)) > 1e-2
+
+
+def test_convert_factory_example_inputs_and_safetensors(user_module, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    model = user_module.res().eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    dst = tmp_path / "fac2"
+    run("convert", "clitestmods:res", "--state-dict", tmp_path / "w.safetensors", "-o", dst, "-n", "3", "--no-progress")
+    meta = json.loads((dst / "mhc.json").read_text())
+    assert meta["example_inputs"][0]["shape"] == [3, 8]  # from clitestmods.example_inputs()
+    loaded = mhc_compile.load(dst)
+    x = user_module.example_inputs()[0]
+    with torch.no_grad():
+        assert _rel_err(loaded(x), model(x)) < 1e-5
+
+
+def test_convert_export_program(user_module, tmp_path):
+    torch.manual_seed(5)
+    model = user_module.res().eval()
+    x = user_module.example_inputs()[0]
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "m.pt2"))
+    dst = tmp_path / "m-mhc.pt2"
+    run("convert", tmp_path / "m.pt2", "-o", dst, "-c", "sinkhorn_iters=7", "--no-progress")
+    loaded = mhc_compile.load(dst)
+    with torch.no_grad():
+        assert _rel_err(loaded(x), model(x)) < 1e-5
+    names = [k for k, _ in loaded.named_parameters()]
+    assert sum(k.endswith(".mhc.phi") for k in names) == 2
+    # inspect reads the mhc.json carried inside the converted program
+    view = json.loads(run("inspect", dst, "--format", "json").output)
+    assert len(view["sites"]) == 2 and view["config"]["sinkhorn_iters"] == 7
+    # and a directory output of the same program round-trips too
+    run("convert", tmp_path / "m.pt2", "-o", tmp_path / "m-dir", "--no-progress")
+    with torch.no_grad():
+        assert _rel_err(mhc_compile.load(tmp_path / "m-dir")(x), model(x)) < 1e-5
+
+
+def test_convert_pickled_module_needs_trust(user_module, tmp_path):
+    torch.manual_seed(6)
+    model = user_module.res().eval()
+    torch.save(model, tmp_path / "whole.pt")
+    dst = tmp_path / "pk"
+    res = run("convert", tmp_path / "whole.pt", "-o", dst, "--input-shape", "2x8", "--input-dtype", "long", ok=False)
+    assert res.exit_code == 1 and "--trust-pickle" in res.output and "runs" in res.output
+    assert not dst.exists()
+    run("convert", tmp_path / "whole.pt", "-o", dst, "--input-shape", "2x8", "--input-dtype", "long",
+        "--trust-pickle", "--no-progress")
+    with pytest.raises(MHCIOError, match="trust_pickle"):
+        mhc_compile.load(dst)
+    loaded = mhc_compile.load(dst, trust_pickle=True)
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        assert _rel_err(loaded(x), model(x)) < 1e-5
+
+
+# -------------------------------------------------------------------------------------- errors
+def _error(res, code, *words):
+    assert res.exit_code == code, (res.exit_code, res.output)
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("mhc: error") or ln.startswith("Error")]
+    assert lines, res.output
+    for w in words:
+        assert w in res.output, (w, res.output)
+
+
+def test_error_missing_file(tmp_path):
+    missing = tmp_path / "nope.pt2"
+    _error(run("convert", missing, "-o", tmp_path / "o", ok=False), 2, str(missing), "no such file")
+    _error(run("inspect", missing, ok=False), 2, str(missing))
+
+
+def test_error_corrupt_files(tmp_path):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"this is not a zip archive")
+    _error(run("convert", bad, "-o", tmp_path / "o.pt2", ok=False), 1, str(bad), "torch.export")
+    bad_pt = tmp_path / "bad.pt"
+    bad_pt.write_bytes(b"\x00garbage" * 10)
+    _error(run("convert", bad_pt, "-o", tmp_path / "o", "--input-shape", "2x4", ok=False), 1, str(bad_pt))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{not json")
+    _error(run("convert", hf, "-o", tmp_path / "o", ok=False), 1, "config.json")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.pt2").exists()
+
+
+def test_error_directory_without_config(tmp_path):
+    d = tmp_path / "empty_model"
+    d.mkdir()
+    (d / "weights.bin").write_bytes(b"x")
+    _error(run("convert", d, "-o", tmp_path / "o", ok=False), 1, str(d), "config.json")
+
+
+def test_error_no_residuals(user_module, tmp_path):
+    dst = tmp_path / "o"
+    _error(run("convert", "clitestmods:plain", "--input-shape", "2x8", "-o", dst, ok=False), 1,
+           "clitestmods:plain", "no residual")
+    assert not dst.exists()
+    text = run("inspect", "clitestmods:plain", "--input-shape", "2x8").output  # inspect still reports
+    assert "none found" in text
+
+
+def test_error_unwritable_output(user_module, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    dst = blocker / "out"  # parent is a file: cannot be created, even as root
+    _error(run("convert", "clitestmods:res", "-o", dst, "--no-progress", ok=False), 1, str(dst), "cannot write")
+    # a non-empty directory that is not an mhc output is never replaced
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    _error(run("convert", "clitestmods:res", "-o", other, "--no-progress", ok=False), 1, "refusing")
+    assert (other / "keep.txt").read_text() == "keep"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_error_usage(user_module, tmp_path):
+    _error(run("convert", "clitestmods:res", "-o", tmp_path / "o", "-c", "streams=99", ok=False), 2, "streams")
+    _error(run("convert", "clitestmods:res", "-o", tmp_path / "o", "-c", "bogus=1", ok=False), 2, "bogus")
+    _error(run("convert", "clitestmods:res", "-o", tmp_path / "o", "-c", "novalue", ok=False), 2, "key=value")
+    _error(run("convert", "clitestmods:res", "-o", tmp_path / "o", "--input-shape", "2xq", ok=False), 2, "2xq")
+    assert run("convert", "clitestmods:res", ok=False).exit_code == 2  # -o missing (click usage error)
+    assert run("inspect", "clitestmods:res", "--format", "pdf", ok=False).exit_code == 2
+
+
+def test_debug_shows_traceback(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    res = run("--debug", "convert", d, "-o", tmp_path / "o", ok=False)
+    assert isinstance(res.exception, MHCIOError)
+    res = run("convert", d, "-o", tmp_path / "o", "--debug", ok=False)
+    assert isinstance(res.exception, MHCIOError)
+
+
+def test_overwrite_previous_output(user_module, tmp_path):
+    dst = tmp_path / "o"
+    run("convert", "clitestmods:res", "-o", dst, "-n", "2", "--no-progress")
+    run("convert", "clitestmods:res", "-o", dst, "-n", "3", "--no-progress")
+    assert json.loads((dst / "mhc.json").read_text())["mhc_config"]["streams"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------- demo
+def test_demo_runs_and_reports_gains():
+    res = run("demo", "--steps", "4")
+    out = res.output
+    assert "residual sites (8)" in out
+    err = float(out.split("max relative error ")[1].split()[0])
+    assert err < 1e-5
+    losses = [float(line.split("loss")[1]) for line in out.splitlines() if line.strip().startswith("step")]
+    assert len(losses) >= 2 and all(l == l for l in losses)
+    gains = [line for line in out.splitlines() if "forward gain" in line]
+    assert len(gains) == 1
+    fwd = float(gains[0].split("forward gain ")[1].split(",")[0])
+    bwd = float(gains[0].split("backward gain ")[1])
+    assert abs(fwd - 1) < 1e-3 and abs(bwd - 1) < 0.1  # doubly stochastic H_res: no amplification
+
+
+def test_help_documents_sources():
+    text = run("convert", "--help").output
+    for word in ("save_pretrained", ".pt2", "package.module:function", "--trust-pickle", "example_inputs()", "--input-shape"):
+        assert word in text
