@@ -47,6 +47,7 @@ __all__ = [
     "MHCBackendError",
     "MHCGraphBreakWarning",
     "MHCDDPWarning",
+    "MHCNoResidualWarning",
     "MHCSiteParams",
     "GraphRecord",
     "records",
@@ -62,6 +63,10 @@ class MHCBackendError(RuntimeError):
 
 class MHCGraphBreakWarning(UserWarning):
     """A graph break cuts a residual stream: the graphs on either side get separate chains."""
+
+
+class MHCNoResidualWarning(UserWarning):
+    """A graph has no residual site: it is compiled unchanged."""
 
 
 class MHCDDPWarning(UserWarning):
@@ -195,6 +200,15 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
             "model differs from the one a single graph would give. Remove the break (find it with "
             "torch.compile(..., fullgraph=True), which makes any graph break an error).",
             MHCGraphBreakWarning,
+        )
+    elif not num_sites and not (break_after or break_before) and not _ti.is_ddp_optimizer_piece(gm):
+        reasons = "; ".join(f"{t.node}: {t.reason}" for t in (getattr(report, "not_taken", None) or [])[:3])
+        _warn_once(
+            ("none", code, id(type(report))),
+            f"mhc: no residual site found in the graph of {code or 'this function'}"
+            + (f" (adds not taken: {reasons})" if reasons else " (it has no add of x + f(x))")
+            + f"; it is compiled unchanged by {config.inner!r}.",
+            MHCNoResidualWarning,
         )
     _RECORDS.append(GraphRecord(code, config, report, num_sites, provider.created, provider.reused,
                                 break_before, break_after, ddp is not None))

@@ -333,6 +333,18 @@ def test_graph_break_with_fullgraph_is_an_error():
     assert B.mhc_parameters(model) == {}
 
 
+def test_model_without_residual_is_compiled_unchanged_with_a_warning():
+    _fresh()
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(B.MHCNoResidualWarning, match="no residual site"):
+        out = torch.compile(model, backend="mhc", options={"inner": "aot_eager"})(x)
+    torch.testing.assert_close(out, ref)
+    assert B.mhc_parameters(model) == {} and B.records()[0].num_sites == 0
+
+
 def test_function_over_two_models_needs_one_owner():
     _fresh()
     a, b = _TwoStage(), _TwoStage()
