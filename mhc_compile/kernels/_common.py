@@ -5,6 +5,7 @@ checks. Nothing here launches a kernel.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,10 +33,15 @@ def torch_acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a fixed small number elsewhere)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
