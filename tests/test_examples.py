@@ -50,3 +50,15 @@ def test_train_gpt_plain_and_own_text(tmp_path):
     ])
     r = result["runs"][0]
     assert r["final_val_loss"] < r["initial_val_loss"] - 2.0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_finetune_hf_preserves_function_then_trains(arch):
+    pytest.importorskip("transformers")
+    finetune_hf = _import("finetune_hf")
+    result = finetune_hf.main(["--arch", arch, "--steps", "8", "--batch", "4", "--seq", "16", "--dim", "16"])
+    assert result["rel_error"] <= 1e-5
+    assert result["report"].num_sites == 4  # 2 layers x (attention, MLP)
+    losses = result["mhc_losses"]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert result["gains"].max_forward == pytest.approx(1.0, abs=1e-3)
