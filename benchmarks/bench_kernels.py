@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Callable
 
 OPS = ("coeffs", "pre", "post_res", "boundary", "site")
 IMPLS = ("triton", "eager", "inductor", "liger")
