@@ -1,0 +1,224 @@
+"""Tests of mhc_compile.io: save_converted / load round trips with trained (non-initial) mHC
+parameters, tied weights, atomic writes, example inputs, and load's errors."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import mhc_compile
+from mhc_compile import MHCConfig
+from mhc_compile.io import (
+    MHCIOError,
+    Source,
+    _atomic_path,
+    _dedup_state_dict,
+    convert_source,
+    hf_example_inputs,
+    positional_inputs,
+    read_source,
+    save_converted,
+)
+
+MODULE_SRC = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(40, 16)
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(3))
+            self.head = nn.Linear(16, 40, bias=False)
+            self.head.weight = self.emb.weight  # tied, like GPT-2's lm_head
+
+        def forward(self, idx):
+            x = self.emb(idx)
+            for b in self.blocks:
+                x = x + b(x)
+            return self.head(x)
+
+    def net():
+        torch.manual_seed(11)
+        return Net()
+
+    def example_inputs():
+        return (torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0)),)
+    """
+)
+
+
+@pytest.fixture
+def iomod(tmp_path, monkeypatch):
+    (tmp_path / "iotestmods.py").write_text(MODULE_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("iotestmods", None)
+    yield importlib.import_module("iotestmods")
+    sys.modules.pop("iotestmods", None)
+
+
+def _perturb_mhc(model: nn.Module) -> int:
+    """Move every mHC parameter away from its initial value (as training would)."""
+    g = torch.Generator().manual_seed(123)
+    count = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mhc" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize("suffix", ["", ".pt2"])
+def test_roundtrip_trained_mhc_parameters(iomod, tmp_path, suffix):
+    source = read_source("iotestmods:net")
+    assert source.kind == "factory" and source.args[0].shape == (2, 12)
+    config = MHCConfig(streams=3, sinkhorn_iters=8)
+    converted = convert_source(source, config)
+    assert _perturb_mhc(converted) == 3 * 5  # phi, alpha, b_pre, b_post, b_res per site
+    x = iomod.example_inputs()[0]
+    with torch.no_grad():
+        want = converted(x)
+        original = source.model(x)
+    assert (want - original).abs().max() > 1e-3  # the perturbation changes the function
+
+    dst = tmp_path / f"out{suffix}"
+    save_converted(converted, str(dst), source, config, report=converted.mhc_report.to_dict())
+    loaded = mhc_compile.load(dst)
+    with torch.no_grad():
+        got = loaded(x)
+    assert (got - want).abs().max() <= 1e-6
+    sd_l, sd_c = loaded.state_dict(), converted.state_dict()
+    assert set(sd_l) == set(sd_c)
+    for k in sd_c:
+        assert torch.equal(sd_l[k], sd_c[k]), k
+    if not suffix:
+        meta = json.loads((dst / "mhc.json").read_text())
+        assert meta["mhc_config"] == config.to_dict()
+        assert meta["tied"] == {"head.weight": "emb.weight"}
+        assert meta["report"]["num_sites"] == 3
+        # tied weights are still one tensor after loading, so training keeps them tied
+        assert loaded.get_parameter("head.weight") is loaded.get_parameter("emb.weight")
+
+
+def test_loaded_model_trains(iomod, tmp_path):
+    source = read_source("iotestmods:net")
+    config = MHCConfig(streams=2)
+    save_converted(convert_source(source, config), str(tmp_path / "o"), source, config)
+    model = mhc_compile.load(tmp_path / "o")
+    x = iomod.example_inputs()[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 40), x.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    phi = dict(model.named_parameters())["blocks.0.mhc.phi"]
+    assert phi.abs().max() > 0  # phi starts at 0 and has been trained
+
+
+def test_dedup_state_dict_ties():
+    a = nn.Linear(4, 4)
+    b = nn.Linear(4, 4)
+    b.weight = a.weight
+    sd = {"a.weight": a.weight, "a.bias": a.bias, "b.weight": b.weight, "b.bias": b.bias,
+          "view": a.weight[1:]}
+    out, tied = _dedup_state_dict(sd)
+    assert tied == {"b.weight": "a.weight"}
+    assert set(out) == {"a.weight", "a.bias", "b.bias", "view"}
+    assert out["view"].data_ptr() != out["a.weight"].data_ptr()  # safetensors needs separate memory
+    assert torch.equal(out["view"], a.weight[1:])
+
+
+def test_atomic_path_failure_leaves_nothing(tmp_path):
+    dst = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with _atomic_path(dst, is_dir=True) as tmp:
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    # an existing output survives a failed overwrite untouched
+    dst.mkdir()
+    (dst / "mhc.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with _atomic_path(dst, is_dir=True) as tmp:
+            raise RuntimeError("boom")
+    assert (dst / "mhc.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    f = tmp_path / "x.pt2"
+    with _atomic_path(f, is_dir=False) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".pt2"
+        tmp.write_text("done")
+    assert f.read_text() == "done"
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(MHCIOError, match="no such file"):
+        mhc_compile.load(tmp_path / "missing")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(MHCIOError, match="mhc.json"):
+        mhc_compile.load(tmp_path / "d")
+    (tmp_path / "w.bin").write_bytes(b"1")
+    with pytest.raises(MHCIOError, match="not an mhc output"):
+        mhc_compile.load(tmp_path / "w.bin")
+    (tmp_path / "d" / "mhc.json").write_text('{"hello": 1}')
+    with pytest.raises(MHCIOError, match="missing 'source'"):
+        mhc_compile.load(tmp_path / "d")
+
+
+def test_positional_inputs():
+    class M(nn.Module):
+        def forward(self, a, b=None, c=None, d=None):
+            return a
+
+    t = torch.zeros(1)
+    assert positional_inputs(M(), (t,), {}) == (t,)
+    out = positional_inputs(M(), (t,), {"c": t})
+    assert out[1] is None and out[2] is t and len(out) == 3
+    with pytest.raises(MHCIOError, match="not a positional"):
+        positional_inputs(M(), (t,), {"zzz": t})
+
+
+def test_hf_example_inputs():
+    from types import SimpleNamespace as NS
+
+    (px,), kw = hf_example_inputs(NS(image_size=24, num_channels=1), batch_size=3)
+    assert px.shape == (3, 1, 24, 24) and px.dtype == torch.float32 and not kw
+    (ids,), kw = hf_example_inputs(NS(vocab_size=7, max_position_embeddings=10), seq_len=16)
+    assert ids.shape == (2, 10) and ids.max() < 7 and ids.dtype == torch.long
+    (ids,), kw = hf_example_inputs(NS(vocab_size=7, is_encoder_decoder=True))
+    assert kw["decoder_input_ids"].shape == (2, 16)
+    with pytest.raises(MHCIOError, match="neither vocab_size"):
+        hf_example_inputs(NS(model_type="weird"))
+
+
+def test_encoder_decoder_roundtrip(tmp_path):
+    """T5: decoder_input_ids is passed positionally with None for attention_mask in between."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16,
+                                vocab_size=50, decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    source = read_source(str(tmp_path / "t5"))
+    assert source.args[1] is None and source.args[2].shape == (2, 16)
+    config = MHCConfig(streams=2)
+    converted = convert_source(source, config)
+    _perturb_mhc(converted)
+    save_converted(converted, str(tmp_path / "o"), source, config)
+    loaded = mhc_compile.load(tmp_path / "o")
+    with torch.no_grad():
+        want = converted(*source.args).logits
+        got = loaded(*source.args).logits
+        ref = source.model(*source.args).logits
+    assert (got - want).abs().max() <= 1e-6
+    assert (want - ref).abs().max() > 1e-4
