@@ -302,22 +302,31 @@ class _Reach:
         return self._desc[n]
 
 
+def _work_weight(node: fx.Node) -> int:
+    """1 plus the number of parameter elements the node reads."""
+    w = 1
+    for a in node.all_input_nodes:
+        if _is_param_node(a):
+            v = node_val(a)
+            w += int(v.numel()) if hasattr(v, "numel") else 0
+    return w
+
+
 def _branch_path(region: set, add_path: str, kind: str) -> str:
-    """Readable owner of a site's parameters: the deepest module, at or below the add's module,
-    that encloses at least half of the branch's work (``blocks.3.attn`` for ``x + attn(ln1(x))``
-    in block ``blocks.3``; ``layer1.0`` for a ResNet block whose branch is several convs).
-    Parallel blocks use the add's module; '' at top level with no enclosing module.
+    """Readable owner of a site's parameters: the deepest module that encloses at least 90% of the
+    branch's work, weighted by parameter size (``blocks.3.attn`` for ``x + attn(ln1(x))``;
+    ``layer1.0`` for a ResNet block whose branch is several convs). Parallel blocks use the add's
+    module; '' when no module qualifies.
     """
-    heavy = [n for n in region if _does_work(n)]
+    heavy = [(n, _work_weight(n)) for n in region if _does_work(n)]
     if kind == "parallel" or not heavy:
         return add_path
-    prefix = add_path + "." if add_path else ""
+    total = sum(w for _, w in heavy)
     counts: dict = {}
-    for n in heavy:
+    for n, w in heavy:
         for path in module_stack(n):
-            if path == add_path or path.startswith(prefix):
-                counts[path] = counts.get(path, 0) + 1
-    good = [p for p, c in counts.items() if 2 * c >= len(heavy)]
+            counts[path] = counts.get(path, 0) + w
+    good = [p for p, c in counts.items() if c >= 0.9 * total]
     if not good:
         return add_path
     return max(good, key=lambda p: (p.count("."), counts[p], p))

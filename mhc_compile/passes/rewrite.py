@@ -238,6 +238,10 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         names += _register(gm, cname, params)
         weight_target = f"{cname}.weight"
     internal_set = set(internal)
+    for v in internal:  # metadata asserts on replaced values are dropped with them
+        for u in list(v.users):
+            if u.op == "call_function" and "assert_tensor_metadata" in str(u.target) and not u.users:
+                graph.erase_node(u)
     for v, Xv in stream_of.items():
         outside = [u for u in v.users if u not in internal_set]
         if not outside:

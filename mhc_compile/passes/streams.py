@@ -35,6 +35,7 @@ _ELEMENTWISE = {
     "relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "elu", "leaky_relu", "hardtanh", "relu6",
     "mish", "hardswish", "hardsigmoid", "softplus", "dropout", "dropout_", "feature_dropout",
     "alpha_dropout", "clone", "contiguous", "alias", "neg", "identity", "native_dropout",
+    "to", "_to_copy", "float", "type",  # same-dtype casts (the dtype is checked to be unchanged)
 }
 _SCALAR_ARITH = {"mul", "add", "sub", "div", "truediv", "__mul__", "__add__", "__sub__", "__truediv__",
                  "__rmul__", "__radd__", "mul_", "add_", "div_", "pow"}
