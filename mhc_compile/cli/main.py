@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -45,7 +46,11 @@ def _handle_errors(fn):
         from ..io import MHCIOError, MHCUsageError
 
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not _debug_enabled(ctx):  # library deprecation noise is not the user's business
+                    warnings.simplefilter("ignore", FutureWarning)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                return fn(*args, **kwargs)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
