@@ -103,6 +103,7 @@ PRE_CASES = [
     (8, 4, 33, False),
     (2, 2, 5, True),
     (1, 8, 3, True),  # T = 1 with a one-row coefficient
+    (3, 6, 21, False),
 ]
 
 
@@ -128,6 +129,7 @@ POST_CASES = [
     (4, 4, 33, True, False),
     (6, 2, 9, False, True),
     (1, 3, 17, True, True),
+    (2, 5, 19, False, False),
 ]
 
 
@@ -224,6 +226,31 @@ def test_ops_autograd_with_triton_kernels(static):
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
     for got, ref, leaf in zip(grads, grads64, leaves):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_compiled_graph_with_triton_kernels():
+    """torch.compile (aot_eager: fake-tensor tracing, then the real kernels) of pre -> f -> post_res
+    forward and backward, fullgraph: the fake impls' shapes/strides agree with what the kernels return."""
+    T, n, C = 4, 3, 24
+    x = torch.randn(2, T, n, C)
+    hpre, hp, hr = torch.rand(2, T, n), 2 * torch.rand(2, T, n), torch.rand(1, 1, n, n)
+
+    def site(x_, a, b, c):
+        h_in = torch.ops.mhc.pre(x_, a, "triton")
+        return torch.ops.mhc.post_res(x_, torch.sin(h_in), b, c, "triton")
+
+    compiled = torch.compile(site, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, hpre, hp, hr)]
+    y = compiled(*leaves)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    leaves64 = [t.double().requires_grad_() for t in (x, hpre, hp, hr)]
+    y64 = reference.post_res_mix(leaves64[0], torch.sin(reference.pre_mix(leaves64[0], leaves64[1])), *leaves64[2:])
+    grads64 = torch.autograd.grad(y64, leaves64, g.double())
+    assert y.is_contiguous() and y.shape == x.shape
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, grads64):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5)
 
 
