@@ -205,3 +205,42 @@ def test_feature_axis_rule():
     assert [feature_axis(r) for r in (1, 2, 3, 4, 5)] == [0, 1, 2, 1, 1]
     assert normalize_path("L['self'].blocks[3].attn") == "blocks.3.attn"
     assert normalize_path("getattr(L['self'].layers, '0').mlp") == "layers.0.mlp"
+
+
+def test_core_aten_graph_after_decompositions():
+    """Inference-IR graphs (native_layer_norm + getitem between post-LN sites) chain the same way."""
+    from tests.models.zoo import tiny_bert
+
+    model, x = tiny_bert(), token_inputs(2, 6)
+    gm = torch.export.export(model, x, strict=False).run_decompositions().module()
+    rep = rewrite_graph(gm, CFG)
+    assert (rep.num_sites, rep.num_chains) == (4, 1)
+    with torch.no_grad():
+        assert rel_err(gm(*x), model(*x)) <= 1e-5
+
+
+def test_train_mode_capture_batchnorm_and_dropout():
+    """A model converted in train mode keeps batch-stat BatchNorm (running stats update) and dropout."""
+    from tests.models.zoo import tiny_bert, tiny_resnet_basic
+
+    model = tiny_resnet_basic().train()
+    x = (torch.randn(4, 3, 8, 8),)
+    ref_model = __import__("copy").deepcopy(model)
+    cm = mhc_compile.convert(model, CFG, x)
+    before = cm.get_buffer("layer1.0.bn1.running_mean").clone()
+    out = cm(*x)
+    assert rel_err(out, ref_model(*x)) <= 1e-5
+    assert not torch.equal(before, cm.get_buffer("layer1.0.bn1.running_mean"))
+    out.square().mean().backward()
+    assert cm.get_parameter("layer1.0.mhc.b_pre").grad.abs().max() > 0
+
+    bert = tiny_bert()
+    for m in bert.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.5
+    bert.train()
+    cb = mhc_compile.convert(bert, CFG, token_inputs(2, 6))
+    t = token_inputs(2, 6)
+    assert not torch.equal(cb(*t), cb(*t))  # dropout active
+    cb(*t).square().mean().backward()
+    assert cb.get_parameter("layers.0.attn.mhc.b_post").grad.abs().max() > 0

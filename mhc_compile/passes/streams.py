@@ -21,6 +21,7 @@ that point; the chain itself continues. The stream starts at the first site's sk
 """
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -40,6 +41,7 @@ _ELEMENTWISE = {
 _SCALAR_ARITH = {"mul", "add", "sub", "div", "truediv", "__mul__", "__add__", "__sub__", "__truediv__",
                  "__rmul__", "__radd__", "mul_", "add_", "div_", "pow"}
 _NORMS = {"layer_norm", "rms_norm"}
+_TUPLE_OPS = {"native_layer_norm", "native_dropout"}
 _MODULE_STREAMWISE = (nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.LeakyReLU)
 
 
@@ -76,6 +78,19 @@ def is_stream_wise(node: fx.Node, stream: fx.Node, site: Site) -> bool:
         return ok and len(node.all_input_nodes) == 1 and node.args[0] is stream
     if node.op not in ("call_function", "call_method"):
         return False
+    name = target_name(node)
+    if name in _TUPLE_OPS:  # native_layer_norm / native_dropout: (out, stats...), then getitem 0
+        v = node_val(node)
+        if not (isinstance(v, (list, tuple)) and v and hasattr(v[0], "shape")):
+            return False
+        if tuple(str(d) for d in v[0].shape) != site.shape or v[0].dtype != site.dtype or node.args[0] is not stream:
+            return False
+        if name == "native_layer_norm":
+            return (site.feature_axis == len(site.shape) - 1 and len(node.args[1]) == 1
+                    and all(_is_param_node(a) for a in node.all_input_nodes if a is not stream))
+        return len(node.all_input_nodes) == 1
+    if node.target is operator.getitem and target_name(stream) in _TUPLE_OPS:
+        return node.args[0] is stream and node.args[1] == 0
     info = tensor_info(node)
     if info is None or info[0] != site.shape or info[1] != site.dtype:
         return False
@@ -83,7 +98,6 @@ def is_stream_wise(node: fx.Node, stream: fx.Node, site: Site) -> bool:
         if not (len(node.args) > 1 and node.args[1] is stream and target_name(node) in _SCALAR_ARITH):
             return False
     others = [a for a in node.all_input_nodes if a is not stream]
-    name = target_name(node)
     if name in _ELEMENTWISE:
         return not others
     if name in _SCALAR_ARITH:
