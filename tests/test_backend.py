@@ -242,6 +242,27 @@ def test_resnet_equals_eager_original_at_init():
     assert [type(m).__name__ for m in model.layer1] == ["BasicBlock", "BasicBlock"]
 
 
+# ----------------------------------------------------------------------------- HF transformers
+def test_hf_gpt2_root_found_through_decorated_forward():
+    """HF forwards are wrapped by decorators; the owner is still the user's model."""
+    transformers = pytest.importorskip("transformers")
+    _fresh()
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    idx = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        ref = model(idx).logits
+    compiled = torch.compile(model, backend="mhc", options={"inner": "aot_eager"})
+    new = mhc_compile.materialize(compiled, idx)
+    assert sorted({k.rsplit(".", 1)[0] for k in new}) == [
+        f"transformer.h.{i}.{b}.mhc" for i in range(2) for b in ("attn", "mlp")]
+    out = compiled(idx).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for p in new.values())
+
+
 # ----------------------------------------------------------------------------- rules for users
 class _Block(nn.Module):
     def __init__(self, c=16):
