@@ -41,6 +41,7 @@ from .coeffs import (
     _store_coeffs,
     _use_kernel,
     _variant_flag,
+    dot_precision,
     logit_layout,
 )
 
@@ -54,6 +55,7 @@ def _boundary_fwd_kernel(
     T, C, J, stride_post, stride_res, eps, iters,
     N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, HC: tl.constexpr, SPREAD_: tl.constexpr,
+    DOT_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
@@ -94,7 +96,7 @@ def _boundary_fwd_kernel(
         kmask = vec[:, None] & cm[None, :]
         ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
                      mask=kmask[:, :, None] & jvalid[None, None, :], other=0.0)
-        acc += tl.dot(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), input_precision="ieee")
+        acc += tl.dot(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), input_precision=DOT_P)
 
     # ---- site l+1's coefficients, in registers
     r, h, u, ures, upre, upost, lpre, lpost, lres = _logits(
@@ -116,13 +118,21 @@ def _boundary_fwd_kernel(
 
 
 # ============================================================================ wrappers
+def _blocks_cuda(n: int, C: int) -> tuple[int, int, int]:
+    """GPU (BLOCK_T, BLOCK_C, num_warps): a K chunk of n_pad*BLOCK_C = 128 keeps the fp32 dot
+    operands (BLOCK_T x 128 and 128 x W) small; with 8 warps and 2 pipeline stages the sm_90
+    AOT compile shows <= 80 KiB shared memory and at most a few hundred bytes of spills
+    (n = 8). Untuned on hardware."""
+    np_, _, _ = logit_layout(n)
+    bc = max(8, min(128 // np_, triton.next_power_of_2(C)))
+    return 16, bc, 8
+
+
 def _blocks(n: int, C: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps). The phi tile is n_pad*BLOCK_C x W fp32: keep it <= 64 KiB."""
-    np_, _, w = logit_layout(n)
+    """(BLOCK_T, BLOCK_C, num_warps); small blocks in the interpreter (its cost is per op)."""
     if interpreting() or device.type != "cuda":
         return 16, 16, 1
-    bc = max(16, min(128, triton.next_power_of_2(C), 16384 // (np_ * w)))
-    return 16 if np_ >= 8 else 32, bc, 4 if np_ <= 4 else 8
+    return _blocks_cuda(n, C)
 
 
 def _check(x, h_out, h_post, h_res, phi):
@@ -194,7 +204,8 @@ def boundary_forward(
     _boundary_fwd_kernel[(triton.cdiv(T, bt),)](
         x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *out,
         T, C, 2 * n + n * n, 0 if post_static else n, 0 if res_static else n * n, float(eps), int(iters),
-        N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=hc, SPREAD_=SPREAD, num_warps=warps,
+        N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=hc, SPREAD_=SPREAD, DOT_P=dot_precision(dev),
+        num_warps=warps, num_stages=2,
     )
     return out
 

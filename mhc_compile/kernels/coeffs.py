@@ -41,6 +41,7 @@ float64 inputs are not run by these kernels: the wrappers fall back to the refer
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -225,7 +226,8 @@ def _store_coeffs(hp_ptr, ho_ptr, hr_ptr, t, tm, hp, ho, hr, N: tl.constexpr, NP
 
 @triton.jit
 def _project(x_ptr, phi_ptr, t, tm, K, J,
-             N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+             N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+             DOT_P: tl.constexpr):
     """One pass over the flat (BT, K) rows of x: fp32 projection tile (BT, W) and sum of squares."""
     jcol, jvalid = _colmap(N, NP, W)
     acc = tl.zeros((BT, W), dtype=tl.float32)
@@ -239,7 +241,7 @@ def _project(x_ptr, phi_ptr, t, tm, K, J,
         ph = tl.load(phi_ptr + k.to(tl.int64)[:, None] * J + jcol[None, :],
                      mask=km[:, None] & jvalid[None, :], other=0.0)
         sumsq += tl.sum(xt * xt, axis=1)
-        acc += tl.dot(xt, ph, input_precision="ieee")
+        acc += tl.dot(xt, ph, input_precision=DOT_P)
     return acc, sumsq
 
 
@@ -251,11 +253,12 @@ def _coeffs_fwd_kernel(
     T, K, J, eps, iters,
     N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, SPREAD_: tl.constexpr,
+    DOT_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     tm = t < T
-    acc, sumsq = _project(x_ptr, phi_ptr, t, tm, K, J, N, NP, W, BT, BK)
+    acc, sumsq = _project(x_ptr, phi_ptr, t, tm, K, J, N, NP, W, BT, BK, DOT_P)
     r, h, u, ures, upre, upost, lpre, lpost, lres = _logits(
         acc, sumsq, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, K, eps, N, NP, G, BT, HC)
     hp, ho, hr = _activate(lpre, lpost, lres, iters, N, NP, HC, SPREAD_)
@@ -270,6 +273,7 @@ def _coeffs_bwd_dh_kernel(
     T, K, J, eps, iters,
     N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, SPREAD_: tl.constexpr,
+    DOT_P: tl.constexpr,
 ):
     """Recompute the logits, backprop the activations (Sinkhorn replayed on chip) to dh.
 
@@ -280,7 +284,7 @@ def _coeffs_bwd_dh_kernel(
     t = pid * BT + tl.arange(0, BT)
     tm = t < T
     t64 = t.to(tl.int64)
-    acc, sumsq = _project(x_ptr, phi_ptr, t, tm, K, J, N, NP, W, BT, BK)
+    acc, sumsq = _project(x_ptr, phi_ptr, t, tm, K, J, N, NP, W, BT, BK, DOT_P)
     r, h, u, ures, upre, upost, lpre, lpost, lres = _logits(
         acc, sumsq, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, K, eps, N, NP, G, BT, HC)
     vec, vrow, vcol, valid = _masks(N, NP)
@@ -331,6 +335,7 @@ def _coeffs_bwd_x_kernel(
     x_ptr, phi_ptr, dp_ptr, s_ptr, gx_ptr, gphi_part_ptr,
     T, K, J, tblocks, splits,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    DOT_P: tl.constexpr,
 ):
     """gx = dp . phi^T + s * x for one BK chunk of the flat axis, and its gphi partial."""
     pid_k = tl.program_id(0)
@@ -351,9 +356,9 @@ def _coeffs_bwd_x_kernel(
         xt = xr.to(tl.float32)
         dp = tl.load(dp_ptr + t64[:, None] * W + col[None, :], mask=tm[:, None], other=0.0)
         s = tl.load(s_ptr + t, mask=tm, other=0.0)
-        gx = tl.dot(dp, phT, input_precision="ieee") + s[:, None] * xt
+        gx = tl.dot(dp, phT, input_precision=DOT_P) + s[:, None] * xt
         tl.store(gx_ptr + t64[:, None] * K + k64[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mx)
-        gphi += tl.dot(tl.trans(xt), dp, input_precision="ieee")
+        gphi += tl.dot(tl.trans(xt), dp, input_precision=DOT_P)
     base = gphi_part_ptr + pid_s.to(tl.int64) * K * J
     tl.store(base + k64[:, None] * J + jcol[None, :], gphi, mask=km[:, None] & jvalid[None, :])
 
@@ -389,13 +394,28 @@ def _f32(*ts):
     return tuple(t.detach().to(torch.float32).contiguous() for t in ts)
 
 
+def dot_precision(device: torch.device) -> str:
+    """``tl.dot`` input precision. "ieee" (exact fp32 FMA) in the interpreter; "tf32x3" on CUDA:
+    fp32-level accuracy on tensor cores (AOT-compiled for sm_90, the ieee FMA path spills
+    registers heavily in the backward). Override with MHC_DOT_PRECISION=ieee|tf32x3|tf32."""
+    env = os.environ.get("MHC_DOT_PRECISION")
+    if env:
+        return env
+    return "ieee" if interpreting() or device.type != "cuda" else "tf32x3"
+
+
+def fwd_blocks_cuda(n: int) -> tuple[int, int, int]:
+    """GPU (BLOCK_T, BLOCK_K, num_warps), checked by AOT-compiling for sm_90 (no spills, shared
+    memory well under the limit); untuned on hardware."""
+    np_, _, _ = logit_layout(n)
+    return (64, 64, 4) if np_ <= 4 else (32, 32, 8)
+
+
 def fwd_blocks(n: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_K, num_warps) for the forward / first backward kernel."""
-    np_, _, w = logit_layout(n)
+    """(BLOCK_T, BLOCK_K, num_warps) for the forward and both backward kernels."""
     if interpreting() or device.type != "cuda":
         return 16, 32, 1
-    bt = 64 if np_ <= 4 else 32
-    return bt, 64, 4 if np_ <= 4 else 8
+    return fwd_blocks_cuda(n)
 
 
 def _reference(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
@@ -443,7 +463,7 @@ def coeffs_forward(
     _coeffs_fwd_kernel[(triton.cdiv(T, bt),)](
         x, phi, alpha, b_pre, b_post, b_res, *out,
         T, n * C, 2 * n + n * n, float(eps), int(iters),
-        N=n, NP=np_, G=g, W=w, BT=bt, BK=bk, HC=hc, SPREAD_=SPREAD, num_warps=warps,
+        N=n, NP=np_, G=g, W=w, BT=bt, BK=bk, HC=hc, SPREAD_=SPREAD, DOT_P=dot_precision(dev), num_warps=warps,
     )
     return out
 
@@ -498,7 +518,7 @@ def coeffs_backward(
     _coeffs_bwd_dh_kernel[(tblocks,)](
         gp, go, gr, x, *p32, dp, s, part,
         T, K, J, float(eps), int(iters),
-        N=n, NP=np_, G=g, W=w, BT=bt, BK=bk, HC=hc, SPREAD_=SPREAD, num_warps=warps,
+        N=n, NP=np_, G=g, W=w, BT=bt, BK=bk, HC=hc, SPREAD_=SPREAD, DOT_P=dot_precision(dev), num_warps=warps,
     )
     kblocks = triton.cdiv(K, bk)
     if interpreting() or dev.type != "cuda":
@@ -508,7 +528,7 @@ def coeffs_backward(
     gphi_part = torch.empty((splits, K, J), dtype=torch.float32, device=dev)
     _coeffs_bwd_x_kernel[(kblocks, splits)](
         x, p32[0], dp, s, gx, gphi_part, T, K, J, tblocks, splits,
-        N=n, NP=np_, W=w, BT=bt, BK=bk, num_warps=warps,
+        N=n, NP=np_, W=w, BT=bt, BK=bk, DOT_P=dot_precision(dev), num_warps=warps,
     )
     gphi = gphi_part[0] if splits == 1 else gphi_part.sum(0)
     tot = part.sum(0)
