@@ -494,4 +494,12 @@ def materialize(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         model(*example_inputs, **example_kwargs)
     finally:
         _EXPLICIT_ROOT.reset(token)
-    return {n: p for n, p in root.named_parameters() if id(p) not in before}
+    new = {n: p for n, p in root.named_parameters() if id(p) not in before}
+    if not new and not mhc_parameters(root) and not hasattr(root, "mhc_report"):
+        warnings.warn(
+            f"mhc_compile.materialize: {type(root).__name__} has no mHC parameters after a forward; was it "
+            "compiled with torch.compile(model, backend='mhc') (pass the compiled model), and does it have "
+            "residual adds? (mhc_compile.backend.records() lists what the backend saw.)",
+            stacklevel=2,
+        )
+    return new

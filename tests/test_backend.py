@@ -305,6 +305,8 @@ def test_no_grad_materialize_then_training_graph_reuses_parameters():
     assert _new_params_in_records(start) == []
     assert all(p.grad is not None for p in new.values())
     assert mhc_compile.materialize(compiled, x) == {}
+    with pytest.warns(UserWarning, match="no mHC parameters"):
+        assert mhc_compile.materialize(_TwoStage(), x) == {}  # not compiled: nothing to create
 
 
 def test_optimizer_built_before_first_call_is_refused():
