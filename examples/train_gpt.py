@@ -209,8 +209,12 @@ def write_outputs(runs: list[dict], args, out: Path) -> list[Path]:
                 s = rep.sites[i]
                 layer_rows.append({"variant": run["variant"], "lr": run["lr"], "chain": ch.index, "site": i, "name": s.name,
                                    "site_fwd": s.forward, "site_bwd": s.backward,
-                                   "cum_fwd": ch.cumulative_forward[k], "cum_bwd": ch.cumulative_backward[k]})
-    write_csv(out / "layers.csv", ["variant", "lr", "chain", "site", "name", "site_fwd", "site_bwd", "cum_fwd", "cum_bwd"], layer_rows)
+                                   "cum_fwd": ch.cumulative_forward[k], "cum_bwd": ch.cumulative_backward[k],
+                                   "max_h_pre": s.pre_max, "h_post_mean": s.post_mean,
+                                   "stream_divergence": s.stream_divergence,
+                                   "stream_rms": None if s.stream_rms is None else " ".join(f"{v:.4g}" for v in s.stream_rms)})
+    write_csv(out / "layers.csv", ["variant", "lr", "chain", "site", "name", "site_fwd", "site_bwd", "cum_fwd", "cum_bwd",
+                                   "max_h_pre", "h_post_mean", "stream_divergence", "stream_rms"], layer_rows)
     written += [out / "metrics.csv", out / "layers.csv"]
     summary = {
         "settings": {k: v for k, v in vars(args).items()},
@@ -226,6 +230,7 @@ def write_outputs(runs: list[dict], args, out: Path) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return written
@@ -240,7 +245,8 @@ def write_outputs(runs: list[dict], args, out: Path) -> list[Path]:
     for run in runs:
         h = [r for r in run["history"] if math.isfinite(r["val_loss"])]
         ax.plot([r["step"] for r in h], [r["val_loss"] for r in h], styles[lrs.index(run["lr"]) % 4],
-                color=colors[run["variant"]], label=label(run))
+                color=colors[run["variant"]], label=label(run), lw=3.5 if run["variant"] == "plain" else 1.5,
+                alpha=0.6 if run["variant"] == "plain" else 1.0)
     ax.set_xlabel("step"); ax.set_ylabel("validation loss (nats/byte)"); ax.set_title("Byte-level GPT on stdlib text")
     ax.legend(); ax.grid(alpha=0.3)
     save_fig(fig, out / "loss.png"); plt.close(fig); written.append(out / "loss.png")
@@ -271,6 +277,9 @@ def write_outputs(runs: list[dict], args, out: Path) -> list[Path]:
         axes[0].set_title("single site H_res^(l)"); axes[1].set_title("composite H_res^(l)...H_res^(1)")
         for a in axes:
             a.set_xlabel("residual site l"); a.set_ylabel("Amax gain"); a.set_yscale("log"); a.grid(alpha=0.3, which="both")
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+            a.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+            a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}")); a.yaxis.set_minor_formatter(NullFormatter())
         axes[1].legend(fontsize=7)
         save_fig(fig, out / "gains_per_layer.png"); plt.close(fig); written.append(out / "gains_per_layer.png")
 
