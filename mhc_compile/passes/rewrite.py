@@ -38,6 +38,7 @@ from .detect import DetectResult, Site, detect_sites, node_val
 from .streams import Chain, build_chains
 
 ParamProvider = Callable[[str, dict], dict]
+_COEFF_NAMES = ("mhc_h_pre", "mhc_h_post", "mhc_h_res")
 
 
 def default_param_provider(site_name: str, init: dict) -> dict:
@@ -128,14 +129,17 @@ class _Emitter:
     def call(self, fn, *args, **kwargs) -> fx.Node:
         return self.node("call_function", fn, args, kwargs)
 
+    def named(self, name: str, fn, *args) -> fx.Node:
+        return self.node("call_function", fn, args, name=name)
+
     def method(self, name, *args) -> fx.Node:
         return self.node("call_method", name, args)
 
     def attr(self, target: str) -> fx.Node:
         return self.node("get_attr", target)
 
-    def getitems(self, tup: fx.Node, k: int) -> list:
-        return [self.call(operator.getitem, tup, i) for i in range(k)]
+    def getitems(self, tup: fx.Node, names) -> list:
+        return [self.named(nm, operator.getitem, tup, i) for i, nm in enumerate(names)]
 
 
 def _to_last(e: _Emitter, v: fx.Node, fa: int, rank: int) -> fx.Node:
@@ -187,13 +191,13 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
     stream_of: dict = {}         # original stream value -> stream node (..., n, C)
 
     e = _Emitter(graph, _cursor_for(graph, first.x))
-    X = e.call(ops.expand, _to_last(e, first.x, fa, rank), n)
+    X = e.named("mhc_x", ops.expand, _to_last(e, first.x, fa, rank), n)
     head: Optional[tuple] = None  # (h_pre, h_post, h_res, h_in) of the current site, from a boundary
     for k, site in enumerate(chain.sites):
         p = _site_params(gm, site, config, provider, e, names) if head is None else site_p
         if head is None:
-            hp, ho, hr = e.getitems(e.call(ops.coeffs, X, *_coeff_args(p, config)), 3)
-            h_in = e.call(ops.pre, X, hp, config.kernels)
+            hp, ho, hr = e.getitems(e.named("mhc_coeffs", ops.coeffs, X, *_coeff_args(p, config)), _COEFF_NAMES)
+            h_in = e.named("mhc_h_in", ops.pre, X, hp, config.kernels)
         else:
             hp, ho, hr, h_in = head
         h_in = _from_last(e, h_in, fa, rank)
@@ -214,11 +218,12 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         gap = chain.between[k] if nxt is not None else []
         if nxt is not None and not gap and config.fuse_boundaries:
             site_p = _site_params(gm, nxt, config, provider, e, names)
-            outs = e.getitems(e.call(ops.boundary, X, h_out, ho, hr, *_coeff_args(site_p, config)), 5)
+            outs = e.getitems(e.named("mhc_boundary", ops.boundary, X, h_out, ho, hr, *_coeff_args(site_p, config)),
+                              ("mhc_x",) + _COEFF_NAMES + ("mhc_h_in",))
             X = outs[0]
             head = tuple(outs[1:])
         else:
-            X = e.call(ops.post_res, X, h_out, ho, hr, config.kernels)
+            X = e.named("mhc_x", ops.post_res, X, h_out, ho, hr, config.kernels)
             head = None
         stream_of[site.add] = X
         internal += [*site.inner_adds, site.add]
@@ -249,7 +254,7 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         e = _Emitter(graph, Xv)
         if config.collapse == "learned":
             weight = e.attr(weight_target)
-        c = e.call(ops.collapse, Xv, config.collapse, weight)
+        c = e.named("mhc_collapse", ops.collapse, Xv, config.collapse, weight)
         c = _from_last(e, c, fa, rank)
         for u in outside:
             u.replace_input_with(v, c)
