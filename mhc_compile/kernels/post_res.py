@@ -108,8 +108,9 @@ def _post_res_bwd_kernel(
             gxs = tl.sum(col[:, :, None] * g, axis=0)
             row_offs = (t64[:, None] * N + s) * C + c[None, :]
             tl.store(gx_ptr + row_offs, gxs.to(gx_ptr.dtype.element_ty), mask=tc_mask)
-            # gh_res[t, s, j] += sum_c g[t, s, c] x[t, j, c]   (row s of the gradient)
-            gs = tl.load(g_ptr + row_offs, mask=tc_mask, other=0.0).to(ACC)
+            # gh_res[t, s, j] += sum_c g[t, s, c] x[t, j, c]   (row s of the gradient); stream s of
+            # the g tile is picked in registers (the stream axis lives inside each thread)
+            gs = tl.sum(tl.where(k[:, None, None] == s, g, 0.0), axis=0)
             grow = tl.sum(gs[None, :, :] * x, axis=2)  # (N_PAD over j, BLOCK_T)
             ghr += tl.where(k[:, None, None] == s, grow[None, :, :], 0.0)
 
