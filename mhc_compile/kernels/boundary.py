@@ -255,3 +255,18 @@ def boundary_backward(
     gxn = (grads[0].float() + gxn_pre.float() + gxn_c.float()).to(x.dtype)
     gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res)
     return gx, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
+
+
+def aot_compile(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int = 90, C: int = 4096) -> dict:
+    """AOT-compile the boundary kernel for CUDA ``sm_<arch>`` with its launch configuration
+    (no GPU needed); returns {kernel name: shared memory bytes}."""
+    from .coeffs import aot_compile_kernel
+
+    np_, g, w = logit_layout(n)
+    bt, bc, warps = _blocks_cuda(n, C)
+    xt = "*" + dtype
+    consts = dict(N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=_variant_flag(variant), SPREAD_=SPREAD,
+                  DOT_P=dot_precision(torch.device("cuda")))
+    ptrs = {"x_ptr": xt, "hout_ptr": xt, "xn_ptr": xt, "hin_ptr": xt}
+    k = aot_compile_kernel(_boundary_fwd_kernel, ptrs, {"eps": "fp32"}, consts, warps, 2, arch)
+    return {_boundary_fwd_kernel.__name__: k.metadata.shared}

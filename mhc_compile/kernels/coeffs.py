@@ -540,3 +540,50 @@ def coeffs_backward(
     outs = (gphi, galpha, gb_pre, gb_post, gb_res)
     # clone: the small gradients are views of one buffer and custom-op outputs may not alias
     return (gx, *(o.reshape(p.shape).to(p.dtype).clone() for o, p in zip(outs, params)))
+
+
+# ============================================================================ AOT check
+def aot_compile_kernel(fn, ptr_types: dict, scalars: dict, consts: dict, num_warps: int, num_stages: int = 3, arch: int = 90):
+    """Compile a ``@triton.jit`` kernel for CUDA ``sm_<arch>`` without a GPU (Triton's bundled
+    ptxas); returns the compiled kernel (``.metadata.shared``, ``.asm["cubin"]``).
+
+    ``ptr_types``: Triton pointer type per pointer argument (default ``*fp32``); ``scalars``:
+    type per scalar argument (default ``i32``). Needs TRITON_INTERPRET unset (a jitted, not an
+    interpreted, function). Used by the tests to prove the GPU launch configurations compile.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = ptr_types.get(p.name, "*fp32")
+        else:
+            sig[p.name] = scalars.get(p.name, "i32")
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def aot_compile(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int = 90) -> dict:
+    """AOT-compile the three coeffs kernels with the CUDA launch configuration for ``n`` streams.
+
+    Returns {kernel name: shared memory bytes}.
+    """
+    np_, g, w = logit_layout(n)
+    bt, bk, warps = fwd_blocks_cuda(n)
+    dp = dot_precision(torch.device("cuda"))
+    hc = _variant_flag(variant)
+    xt = "*" + dtype
+    c1 = dict(N=n, NP=np_, G=g, W=w, BT=bt, BK=bk, HC=hc, SPREAD_=SPREAD, DOT_P=dp)
+    c2 = dict(N=n, NP=np_, W=w, BT=bt, BK=bk, DOT_P=dp)
+    out = {}
+    for fn, consts, ptrs in (
+        (_coeffs_fwd_kernel, c1, {"x_ptr": xt}),
+        (_coeffs_bwd_dh_kernel, c1, {"x_ptr": xt}),
+        (_coeffs_bwd_x_kernel, c2, {"x_ptr": xt, "gx_ptr": xt}),
+    ):
+        k = aot_compile_kernel(fn, ptrs, {"eps": "fp32"}, consts, warps, 3, arch)
+        out[fn.__name__] = k.metadata.shared
+    return out
