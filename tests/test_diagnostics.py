@@ -182,3 +182,45 @@ def test_amax_gains_under_torch_compile():
     assert len(rep.sites) == 2
     assert rep.sites[0].stream_rms is None  # streams are not recorded inside compiled graphs
     assert rep.max_forward == pytest.approx(1.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- on converted models
+def _converted(variant="mhc"):
+    import mhc_compile
+    from mhc_compile import MHCConfig
+    from tests.models.zoo import tiny_gpt, token_inputs
+
+    model = tiny_gpt()
+    return mhc_compile.convert(model, MHCConfig(streams=4, variant=variant), token_inputs(2, 8))
+
+
+def test_amax_gains_on_converted_model_uses_rewrite_report():
+    conv = _converted()
+    from tests.models.zoo import token_inputs
+
+    x = token_inputs(2, 8)[0]
+    rep = D.amax_gains(conv, x)
+    report = conv.mhc_report
+    assert len(rep.sites) == report.num_sites == 4
+    assert [c.sites for c in rep.chains] == [list(c.sites) for c in report.chains]
+    assert [s.name for s in rep.sites] == [s.name for s in report.sites]
+    assert rep.max_forward == pytest.approx(1.0, abs=1e-5)
+    assert all(s.stream_rms is not None and len(s.stream_rms) == 4 for s in rep.sites)
+    # compiled converted model: same coefficients recorded inside the compiled graph
+    compiled = torch.compile(conv, backend="aot_eager")
+    rep_c = D.amax_gains(compiled, x)
+    assert [s.forward for s in rep_c.sites] == pytest.approx([s.forward for s in rep.sites], abs=1e-6)
+    assert rep_c.max_forward == pytest.approx(1.0, abs=1e-5)
+
+
+def test_amax_gains_converted_hc_after_perturbation():
+    conv = _converted("hc")
+    from tests.models.zoo import token_inputs
+
+    with torch.no_grad():
+        for name, p in conv.named_parameters():
+            if name.endswith("b_res"):
+                p.add_(0.25)  # rows sum to 1 + 4 * 0.25 = 2
+    rep = D.amax_gains(conv, token_inputs(2, 8)[0])
+    assert rep.max_site_forward == pytest.approx(2.0, rel=1e-5)
+    assert rep.max_forward == pytest.approx(2.0 ** len(rep.chains[0].sites), rel=1e-4)
