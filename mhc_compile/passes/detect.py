@@ -378,7 +378,8 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
                 continue
             x, y, scale = b, a, 1
         else:
-            reject(node, "no dependency between the operands (e.g. a projection shortcut)")
+            reject(node, "no dependency between the operands: neither is computed from the other "
+                         "(e.g. a projection shortcut, or a sum of parallel branches)")
             continue
         region = (reach.desc(x) & reach.anc(y)) | {y}
         if not any(_does_work(n) for n in region):
@@ -435,6 +436,10 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
         site.branch_path = _branch_path(site.region, site.module_path, site.kind)
     absorbed = {a.name for s in taken for a in [s.add, *s.inner_adds]}
     not_taken = [t for t in not_taken if t.node not in absorbed]
+    owner = {n.name: s for s in taken for n in s.region}
+    for t in not_taken:
+        if t.node in owner:
+            t.reason += f" [inside the branch of site {owner[t.node].add.name}]"
     return DetectResult(sites=taken, not_taken=not_taken, dataflow=g)
 
 

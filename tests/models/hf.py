@@ -1,5 +1,5 @@
 """Tiny Hugging Face ``transformers`` models built from configs (no download): GPT-2, Llama, BERT,
-ViT, ResNet, ConvNeXt, T5. ``HF_FAMILIES`` maps a name to
+ViT, ResNet, ConvNeXt, T5, GPT-NeoX (parallel residual). ``HF_FAMILIES`` maps a name to
 ``(builder, example_inputs(), other_inputs(), expected sites, expected chains)``; builders return
 eval-mode models in float32 with dropout 0 and no KV cache. Needs ``transformers``."""
 from __future__ import annotations
@@ -70,6 +70,16 @@ def hf_t5():
     return _eval(T5Model(cfg))
 
 
+def hf_gpt_neox():
+    """Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)), one site per layer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, use_parallel_residual=True,
+                        use_cache=False, hidden_dropout=0.0, attention_dropout=0.0)
+    return _eval(GPTNeoXForCausalLM(cfg))
+
+
 def tokens(b, t):
     return (torch.randint(0, VOCAB, (b, t)),)
 
@@ -89,5 +99,6 @@ HF_FAMILIES = {
     "vit": (hf_vit, lambda: images(2, 16), lambda: images(3, 16), 4, 1),
     "resnet": (hf_resnet, lambda: images(2, 32), lambda: images(3, 32), 3, 2),
     "convnext": (hf_convnext, lambda: images(2, 32), lambda: images(3, 32), 4, 2),
+    "gpt_neox": (hf_gpt_neox, lambda: tokens(2, 8), lambda: tokens(3, 5), 2, 1),
     "t5": (hf_t5, lambda: t5_inputs(2, 8, 6), lambda: t5_inputs(3, 5, 7), 10, 2),
 }
