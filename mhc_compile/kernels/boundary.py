@@ -55,7 +55,7 @@ def _boundary_fwd_kernel(
     T, C, J, stride_post, stride_res, eps, iters,
     N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, HC: tl.constexpr, SPREAD_: tl.constexpr,
-    DOT_P: tl.constexpr,
+    DOT_P: tl.constexpr, WRITE_HIN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
@@ -105,7 +105,13 @@ def _boundary_fwd_kernel(
     _store_coeffs(hp_ptr, ho_ptr, hr_ptr, t, tm, hp, ho, hr, N, NP)
 
     # ---- pass 2: h_in = sum_i H_pre[i] X'[i] from the X' this program just wrote
-    tl.debug_barrier()
+    if WRITE_HIN:  # False when the backward only recomputes X' and the coefficients
+        tl.debug_barrier()
+        _hin_pass(xn_ptr, hin_ptr, hp, t64, tm, i, vec, C, N, BC)
+
+
+@triton.jit
+def _hin_pass(xn_ptr, hin_ptr, hp, t64, tm, i, vec, C, N: tl.constexpr, BC: tl.constexpr):
     for c0 in range(0, C, BC):
         c = c0 + tl.arange(0, BC)
         cm = c < C
@@ -171,12 +177,15 @@ def boundary_forward(
     eps: float,
     variant: str,
     out: Optional[tuple[torch.Tensor, ...]] = None,
+    write_h_in: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_next (T, n, C), h_pre (T, n), h_post (T, n), h_res (T, n, n), h_in (T, C)).
 
     x (T, n, C) and h_out (T, C) in the model dtype; site l's h_post (T or 1, n) and h_res
     (T or 1, n, n); site l+1's phi, alpha, biases. ``out``: optional preallocated outputs in
-    that order (tests poison them). float64 goes to the reference composition.
+    that order (tests poison them). ``write_h_in=False`` skips the second pass (h_in is then
+    left unwritten; the backward uses it to recompute X' and H_pre only). float64 goes to the
+    reference composition.
     """
     post_static, res_static = _check(x, h_out, h_post, h_res, phi)
     hc = _variant_flag(variant)
@@ -205,7 +214,7 @@ def boundary_forward(
         x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *out,
         T, C, 2 * n + n * n, 0 if post_static else n, 0 if res_static else n * n, float(eps), int(iters),
         N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=hc, SPREAD_=SPREAD, DOT_P=dot_precision(dev),
-        num_warps=warps, num_stages=2,
+        WRITE_HIN=bool(write_h_in), num_warps=warps, num_stages=2,
     )
     return out
 
@@ -247,7 +256,9 @@ def boundary_backward(
     from .post_res import post_res_backward
     from .pre import pre_backward
 
-    xn, hp, _, _, _ = boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    xn, hp, _, _, _ = boundary_forward(
+        x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, write_h_in=False
+    )
     gxn_pre, ghp_pre = pre_backward(grads[4].contiguous(), xn, hp)
     gxn_c, gphi, galpha, gbp, gbo, gbr = coeffs_backward(
         grads[1].float() + ghp_pre, grads[2], grads[3], xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
@@ -266,7 +277,7 @@ def aot_compile(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int = 9
     bt, bc, warps = _blocks_cuda(n, C)
     xt = "*" + dtype
     consts = dict(N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=_variant_flag(variant), SPREAD_=SPREAD,
-                  DOT_P=dot_precision(torch.device("cuda")))
+                  DOT_P=dot_precision(torch.device("cuda")), WRITE_HIN=True)
     ptrs = {"x_ptr": xt, "hout_ptr": xt, "xn_ptr": xt, "hin_ptr": xt}
     k = aot_compile_kernel(_boundary_fwd_kernel, ptrs, {"eps": "fp32"}, consts, warps, 2, arch)
     return {_boundary_fwd_kernel.__name__: k.metadata.shared}
