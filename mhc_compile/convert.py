@@ -12,9 +12,11 @@ parameter and buffer names are kept, and the mHC parameters are ordinary ``nn.Pa
 ``<module path>.mhc.*`` (see ``passes.rewrite``). It trains (the graph is a training-IR graph,
 autograd flows through the mHC custom ops), works with optimizers, ``.to()``, ``state_dict`` /
 ``load_state_dict`` and ``torch.save``. Like every exported module its train/eval mode is the one
-it was captured in: ``.train()`` / ``.eval()`` raise; convert a model in eval mode for inference
-and in train mode for training with dropout (or use
-``torch.ao.quantization.move_exported_model_to_eval`` / ``..._to_train``).
+it was captured in, except that ``convert`` re-routes dropout and batch norm through two tiny mode
+modules (``mhc_mode_dropout``, ``mhc_mode_batch_norm``, no state) so that ``.train()`` / ``.eval()``
+work as on the original model for those two ops (a BatchNorm captured in eval mode does not
+count ``num_batches_tracked`` after ``.train()``; other mode-dependent Python branches stay as
+captured).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import warnings
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .config import MHCConfig
@@ -96,6 +99,57 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> fx.G
     ) from exc
 
 
+class _ModeDropout(nn.Module):
+    """aten.dropout with the train flag read from this module's mode."""
+
+    def forward(self, x, p):
+        return F.dropout(x, p, self.training)
+
+
+class _ModeBatchNorm(nn.Module):
+    """aten.batch_norm with the training flag read from this module's mode."""
+
+    def forward(self, x, weight, bias, running_mean, running_var, momentum, eps):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, self.training, momentum, eps)
+
+
+def make_mode_switchable(gm: fx.GraphModule, training: bool) -> None:
+    """Let ``gm.train()`` / ``gm.eval()`` switch dropout and batch norm of a captured graph.
+
+    ``ExportedProgram.module()`` bakes the train flag of ``aten.dropout`` / ``aten.batch_norm``
+    into the graph and makes ``train()`` / ``eval()`` raise. This routes those ops through two
+    stateless modules whose ``training`` flag follows the usual ``nn.Module`` mode.
+    """
+    graph = gm.graph
+    drop = bn = None
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.dropout.default and len(node.args) >= 2 and not node.kwargs:
+            if drop is None:
+                gm.add_module("mhc_mode_dropout", _ModeDropout())
+                drop = "mhc_mode_dropout"
+            with graph.inserting_before(node):
+                new = graph.call_module(drop, (node.args[0], node.args[1]))
+        elif node.target is torch.ops.aten.batch_norm.default and len(node.args) >= 8 and not node.kwargs:
+            if bn is None:
+                gm.add_module("mhc_mode_batch_norm", _ModeBatchNorm())
+                bn = "mhc_mode_batch_norm"
+            x, w, b, rm, rv, _, momentum, eps = node.args[:8]
+            with graph.inserting_before(node):
+                new = graph.call_module(bn, (x, w, b, rm, rv, momentum, eps))
+        else:
+            continue
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    # ExportedProgram.module() binds raising train()/eval() on the instance; restore nn.Module's.
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
+    gm.recompile()
+    nn.Module.train(gm, training)
+
+
 def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCConfig] = None) -> ResidualReport:
     """Report the residual sites and chains of ``model`` without changing it."""
     config = MHCConfig.from_options(config)
@@ -128,6 +182,7 @@ def convert(
             stacklevel=2,
         )
         return model
+    make_mode_switchable(gm, model.training)
     gm.mhc_report = report
     gm.mhc_config = config
     return gm

@@ -220,7 +220,8 @@ def test_core_aten_graph_after_decompositions():
 
 
 def test_train_mode_capture_batchnorm_and_dropout():
-    """A model converted in train mode keeps batch-stat BatchNorm (running stats update) and dropout."""
+    """A model converted in train mode keeps batch-stat BatchNorm (running stats update) and dropout,
+    and .eval() switches both off as on the original model."""
     from tests.models.zoo import tiny_bert, tiny_resnet_basic
 
     model = tiny_resnet_basic().train()
@@ -244,3 +245,13 @@ def test_train_mode_capture_batchnorm_and_dropout():
     assert not torch.equal(cb(*t), cb(*t))  # dropout active
     cb(*t).square().mean().backward()
     assert cb.get_parameter("layers.0.attn.mhc.b_post").grad.abs().max() > 0
+    # train()/eval() switch dropout and batch norm like on the original model
+    cb.eval()
+    with torch.no_grad():
+        assert torch.equal(cb(*t), cb(*t))
+        assert rel_err(cb(*t), bert.eval()(*t)) <= 1e-5
+    cm.eval()
+    before = cm.get_buffer("layer1.0.bn1.running_mean").clone()
+    with torch.no_grad():
+        assert rel_err(cm(*x), ref_model.eval()(*x)) <= 1e-5
+    assert torch.equal(before, cm.get_buffer("layer1.0.bn1.running_mean"))
