@@ -637,6 +637,12 @@ def _dedup_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return out, tied
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_path(dst: Path, is_dir: bool):
     """Yield a temporary path next to ``dst``; on success move it onto ``dst`` (os.replace)."""
@@ -658,8 +664,12 @@ def _atomic_path(dst: Path, is_dir: bool):
     except OSError as exc:
         raise MHCIOError(f"{dst}: cannot write: {exc.strerror or _first_line(exc)}") from None
     try:
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())  # mkstemp/mkdtemp make them private
         yield tmp
         if is_dir:
+            for f in tmp.iterdir():  # some writers (safetensors) create private files
+                if f.is_file():
+                    os.chmod(f, 0o666 & ~_umask())
             if dst.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=parent))
                 os.replace(dst, old / "x")

@@ -3,6 +3,7 @@ trips, inspect in every format, demo, and the error cases with their exit codes.
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -136,6 +137,28 @@ def test_inspect_hf_formats(hf_dirs, tmp_path):
         assert res.exit_code == 1 and "Graphviz" in res.output and "Traceback" not in res.output
     else:
         assert res.exit_code == 0 and "<svg" in res.output
+
+
+def test_inspect_without_graphviz(user_module, monkeypatch, tmp_path):
+    import mhc_compile.cli.render as render
+
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "graphviz", None)  # the python package is absent too
+    res = run("inspect", "clitestmods:res", "--format", "svg", "-o", tmp_path / "g.svg", ok=False)
+    _error(res, 1, "clitestmods:res", "Graphviz", "apt install graphviz")
+    assert not (tmp_path / "g.svg").exists()
+    run("inspect", "clitestmods:res", "--format", "html", "-o", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "DOT source" in page and "digraph mhc" in page and "Graphviz" in page
+    assert oct((tmp_path / "r.html").stat().st_mode & 0o777) != oct(0o600)  # not a private temp file
+
+
+def test_progress_bar_stages(user_module, tmp_path):
+    res = CliRunner().invoke(cli, ["convert", "clitestmods:res", "-o", str(tmp_path / "o"), "--progress"])
+    assert res.exit_code == 0, res.output
+    err = res.stderr if hasattr(res, "stderr") else res.output
+    for stage in ("load", "capture", "rewrite", "save"):
+        assert stage in err
 
 
 def test_inspect_converted_directory(hf_dirs, tmp_path):
