@@ -229,6 +229,11 @@ def detect_kind(src: str) -> str:
             return "export"
         if p.suffix in (".json",):
             raise MHCIOError(f"{src}: pass the model directory, not the json file inside it")
+        if p.suffix == ".safetensors":
+            raise MHCIOError(
+                f"{src}: holds weights only; pass the model directory it belongs to, or a factory with it: "
+                f"mhc convert package.module:function --state-dict {src}"
+            )
         return "pickle"
     if ":" in src and not os.sep in src.split(":", 1)[0]:
         return "factory"

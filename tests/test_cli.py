@@ -375,6 +375,17 @@ def test_debug_shows_traceback(tmp_path):
     assert isinstance(res.exception, MHCIOError)
 
 
+def test_error_wrong_kind_of_file(user_module, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    _error(run("convert", tmp_path / "w.safetensors", "-o", tmp_path / "o", ok=False), 1, "--state-dict")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "sd.pt")
+    _error(run("convert", tmp_path / "sd.pt", "-o", tmp_path / "o", ok=False), 1, "state_dict")
+    run("convert", "clitestmods:res", "-o", tmp_path / "done", "--no-progress")
+    _error(run("convert", tmp_path / "done", "-o", tmp_path / "again", ok=False), 2, "already an mhc output")
+
+
 def test_overwrite_previous_output(user_module, tmp_path):
     dst = tmp_path / "o"
     run("convert", "clitestmods:res", "-o", dst, "-n", "2", "--no-progress")

@@ -221,15 +221,15 @@ def convert(src, dst, streams, config_options, state_dict, input_shapes, input_d
             batch_size, seq_len, progress, debug):
     from ..io import convert_source, save_converted
 
+    from ..io import MHCUsageError, detect_kind
+
     config = _parse_config(streams, config_options)
+    if detect_kind(src) == "converted":
+        raise MHCUsageError(f"{src}: is already an mhc output; convert the original model instead")
     bar = _Progress(["load", "capture", "rewrite", "save"], progress)
     try:
         with bar.stage("load"):
             source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
-        if source.kind == "converted":
-            from ..io import MHCUsageError
-
-            raise MHCUsageError(f"{src}: is already an mhc output; convert the original model instead")
         with bar.stage("capture"):
             report = _find(source, config)
         if _num_sites(report) == 0:
