@@ -165,3 +165,15 @@ def test_find_residuals_report():
     assert "layer1.0.mhc" in table and "not taken" in table
     assert [s.home_stream for s in rep.sites] == [0, 1, 0]
     assert rep.sites[0].feature_axis == 1
+
+
+def test_options_dict_and_single_tensor_input():
+    model = tiny_gpt()
+    idx = token_inputs(2, 5)[0]
+    cm = mhc_compile.convert(model, {"streams": 2, "sinkhorn_iters": 5}, idx)
+    assert cm.mhc_config.streams == 2
+    assert cm.get_parameter("blocks.0.attn.mhc.b_res").shape == (2, 2)
+    with torch.no_grad():
+        assert rel_err(cm(idx), model(idx)) <= 1e-5
+    with pytest.raises(TypeError, match="example_inputs"):
+        mhc_compile.convert(model, CFG)

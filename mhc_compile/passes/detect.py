@@ -77,10 +77,9 @@ def target_name(node: fx.Node) -> str:
         return "call_module"
     if node.op != "call_function":
         return node.op
-    if isinstance(t, torch._ops.OpOverload):
-        return t._schema.name.split("::")[-1]
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t._qualified_op_name.split("::")[-1]
+    packet = getattr(t, "overloadpacket", None)  # torch.ops.<ns>.<op>.<overload>
+    if packet is not None:
+        return packet.__name__
     return getattr(t, "__name__", str(t))
 
 
