@@ -255,3 +255,23 @@ def test_train_mode_capture_batchnorm_and_dropout():
     with torch.no_grad():
         assert rel_err(cm(*x), ref_model.eval()(*x)) <= 1e-5
     assert torch.equal(before, cm.get_buffer("layer1.0.bn1.running_mean"))
+
+
+class InplaceIntoView(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        buf = x.clone()
+        v = buf[:, :2]
+        v += self.lin(v)  # mutates buf through the view: rewriting it would drop the mutation
+        return buf
+
+
+def test_inplace_add_into_view_not_taken():
+    model, x = InplaceIntoView().eval(), (torch.randn(2, 4, 16),)
+    gm = _export_gm(model, x)
+    det = detect_sites(gm.graph)
+    assert not det.sites
+    assert any("view" in t.reason for t in det.not_taken)

@@ -57,6 +57,12 @@ _SHAPE_ONLY_NAMES = {
     "new_zeros", "new_ones", "new_empty", "new_full", "_assert_tensor_metadata", "sym_storage_offset",
     "_guards_fn", "is_floating_point", "is_contiguous", "get_device", "_local_scalar_dense",
 }
+# View ops: an in-place add into their output mutates their base.
+_VIEW_NAMES = {
+    "getitem", "__getitem__", "slice", "select", "view", "transpose", "permute", "narrow", "as_strided",
+    "expand", "unsqueeze", "squeeze", "unflatten", "split", "chunk", "unbind", "diagonal", "t", "alias",
+    "view_as", "movedim", "swapaxes", "_unsafe_view",
+}
 # Heavy ops: a branch containing one of them does real work.
 _HEAVY_NAMES = {
     "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "linear", "conv1d", "conv2d", "conv3d",
@@ -368,6 +374,9 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
             continue
         if a is b:
             reject(node, "branch does no work (x + x)")
+            continue
+        if is_inplace_add(node) and target_name(a) in _VIEW_NAMES:
+            reject(node, "in-place add into a view (it mutates another tensor)")
             continue
         if a in reach.anc(b):
             x, y, scale = a, b, alpha
