@@ -83,7 +83,8 @@ def test_kernel_matches_float64_reference(T, n, C, dtype, variant, static, devic
     kg = boundary_backward(*grads, *inputs, 20, 1e-6, variant)
     for name, a, b, c, p in zip(NAMES_IN, kg, g64, gnat, inputs):
         assert a.shape == p.shape and a.dtype == p.dtype, name
-        assert_close("grad " + name, a, b, c, LOWP_TOL[dtype] if name in ("x", "h_out") else TOL)
+        # every gradient flows through dX', which is rounded to x's dtype (like the unfused ops)
+        assert_close("grad " + name, a, b, c, LOWP_TOL[dtype])
 
 
 def test_op_triton_autograd_matches_reference():

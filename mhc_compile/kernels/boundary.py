@@ -19,9 +19,15 @@ Bytes per token (element size e): reads X (nC e) + h_out (C e) once, writes X' (
 reads X' back (nC e), writes h_in (C e) and the coefficients ((2n + n^2) * 4). The unfused
 chain (post_res, coeffs, pre) moves (2n+1)C e + nC e + (n+1)C e.
 
-Backward (:func:`boundary_backward`): recomputes X' and H_pre with the fused forward, then
-chains the Triton backwards of pre, coeffs (on-chip Sinkhorn replay) and post_res, summing
-the three contributions to dX' in fp32 and rounding once. float64 inputs fall back to the
+Backward (:func:`boundary_backward`), three launches plus post_res's backward:
+  1. this kernel again with WRITE_HIN=False, GHP=True: recompute X' (stored) and H_pre, and
+     accumulate the pre-mix's gradient of H_pre, sum_c g_h_in X', from the same chunks;
+  2. coeffs backward kernel 1 on X' (dh, on-chip Sinkhorn replay);
+  3. coeffs backward kernel 2 on X' with EXTRA: dX' = g_x_next + H_pre g_h_in + dp phi^T + s X'
+     summed in fp32 and written once in x's dtype, plus the gphi partials;
+  4. ``post_res_backward(dX', x, h_out, H_post, H_res)`` (kernels/post_res.py).
+  About 9 nC element moves per token instead of ~16 for the three unfused backwards.
+float64 inputs fall back to the
 reference composition (forward and backward), so gradcheck runs through the same entry points.
 """
 from __future__ import annotations
@@ -52,11 +58,14 @@ def _boundary_fwd_kernel(
     x_ptr, hout_ptr, hpost_ptr, hres_ptr,
     phi_ptr, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr,
     xn_ptr, hp_ptr, ho_ptr, hr_ptr, hin_ptr,
+    ghin_ptr, ghp_ptr,
     T, C, J, stride_post, stride_res, eps, iters,
     N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, HC: tl.constexpr, SPREAD_: tl.constexpr,
-    DOT_P: tl.constexpr, WRITE_HIN: tl.constexpr,
+    DOT_P: tl.constexpr, WRITE_HIN: tl.constexpr, GHP: tl.constexpr,
 ):
+    # GHP (backward recompute): also ghp[t, i] = sum_c g_hin[t, c] X'[t, i, c], the pre-mix's
+    # gradient of H_pre, accumulated from the same X' chunks.
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     tm = t < T
@@ -73,6 +82,7 @@ def _boundary_fwd_kernel(
     jcol, jvalid = _colmap(N, NP, W)
     acc = tl.zeros((BT, W), dtype=tl.float32)
     sumsq = tl.zeros((BT,), dtype=tl.float32)
+    ghp = tl.zeros((BT, NP), dtype=tl.float32)
 
     # ---- pass 1: X' = H_res X + H_post h_out; projection and sum of squares of rounded X'
     for c0 in range(0, C, BC):
@@ -92,6 +102,9 @@ def _boundary_fwd_kernel(
         tl.store(xn_ptr + offs3, xq, mask=m3)
         xf = tl.where(m3, xq.to(tl.float32), 0.0)
         sumsq += tl.sum(tl.sum(xf * xf, axis=2), axis=1)
+        if GHP:
+            gh = tl.load(ghin_ptr + t64[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            ghp += tl.sum(xf * gh[:, None, :], axis=2)
         krow = (i[:, None] * C + c[None, :]).to(tl.int64)  # flat index of (stream, channel)
         kmask = vec[:, None] & cm[None, :]
         ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
@@ -103,6 +116,8 @@ def _boundary_fwd_kernel(
         acc, sumsq, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, K, eps, N, NP, G, BT, HC)
     hp, ho, hr = _activate(lpre, lpost, lres, iters, N, NP, HC, SPREAD_)
     _store_coeffs(hp_ptr, ho_ptr, hr_ptr, t, tm, hp, ho, hr, N, NP)
+    if GHP:
+        tl.store(ghp_ptr + t64[:, None] * N + i[None, :], ghp, mask=tm[:, None] & vec[None, :])
 
     # ---- pass 2: h_in = sum_i H_pre[i] X'[i] from the X' this program just wrote
     if WRITE_HIN:  # False when the backward only recomputes X' and the coefficients
@@ -178,14 +193,16 @@ def boundary_forward(
     variant: str,
     out: Optional[tuple[torch.Tensor, ...]] = None,
     write_h_in: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g_h_in: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, ...]:
     """(x_next (T, n, C), h_pre (T, n), h_post (T, n), h_res (T, n, n), h_in (T, C)).
 
     x (T, n, C) and h_out (T, C) in the model dtype; site l's h_post (T or 1, n) and h_res
     (T or 1, n, n); site l+1's phi, alpha, biases. ``out``: optional preallocated outputs in
     that order (tests poison them). ``write_h_in=False`` skips the second pass (h_in is then
-    left unwritten; the backward uses it to recompute X' and H_pre only). float64 goes to the
-    reference composition.
+    left unwritten; the backward uses it to recompute X' and H_pre only). ``g_h_in`` (T, C):
+    also return a sixth output, ``sum_c g_h_in * X'`` (T, n) fp32 (the pre-mix's gradient of
+    H_pre, for the backward). float64 goes to the reference composition (without ``g_h_in``).
     """
     post_static, res_static = _check(x, h_out, h_post, h_res, phi)
     hc = _variant_flag(variant)
@@ -206,17 +223,20 @@ def boundary_forward(
             torch.empty((T, n, n), dtype=torch.float32, device=dev),
             torch.empty((T, C), dtype=x.dtype, device=dev),
         )
+    ghp = None if g_h_in is None else torch.empty((T, n), dtype=torch.float32, device=dev)
     if T == 0:
-        return out
+        return out if ghp is None else (*out, ghp)
     np_, g, w = logit_layout(n)
     bt, bc, warps = _blocks(n, C, dev)
+    ghin = out[4] if g_h_in is None else g_h_in.reshape(T, C).contiguous()
     _boundary_fwd_kernel[(triton.cdiv(T, bt),)](
         x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *out,
+        ghin, out[1] if ghp is None else ghp,
         T, C, 2 * n + n * n, 0 if post_static else n, 0 if res_static else n * n, float(eps), int(iters),
         N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=hc, SPREAD_=SPREAD, DOT_P=dot_precision(dev),
-        WRITE_HIN=bool(write_h_in), num_warps=warps, num_stages=2,
+        WRITE_HIN=bool(write_h_in), GHP=ghp is not None, num_warps=warps, num_stages=2,
     )
-    return out
+    return out if ghp is None else (*out, ghp)
 
 
 def boundary_backward(
@@ -254,16 +274,18 @@ def boundary_backward(
         return tuple(g.contiguous() for g in got)
     from .coeffs import coeffs_backward
     from .post_res import post_res_backward
-    from .pre import pre_backward
 
-    xn, hp, _, _, _ = boundary_forward(
-        x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, write_h_in=False
+    # recompute X' and H_pre (no h_in pass), and the pre-mix's gradient of H_pre on the way
+    xn, hp, _, _, _, ghp_pre = boundary_forward(
+        x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+        write_h_in=False, g_h_in=grads[4],
     )
-    gxn_pre, ghp_pre = pre_backward(grads[4].contiguous(), xn, hp)
-    gxn_c, gphi, galpha, gbp, gbo, gbr = coeffs_backward(
-        grads[1].float() + ghp_pre, grads[2], grads[3], xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
+    # coeffs backward on X'; its gx kernel also adds dL/dX' and the pre-mix's h_pre * g_h_in,
+    # so the total dX' is summed in fp32 and written once, in x's dtype
+    gxn, gphi, galpha, gbp, gbo, gbr = coeffs_backward(
+        grads[1].float() + ghp_pre, grads[2], grads[3], xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+        extra=(grads[0], grads[4], hp),
     )
-    gxn = (grads[0].float() + gxn_pre.float() + gxn_c.float()).to(x.dtype)
     gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res)
     return gx, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
 
@@ -277,7 +299,7 @@ def aot_compile(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int = 9
     bt, bc, warps = _blocks_cuda(n, C)
     xt = "*" + dtype
     consts = dict(N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=_variant_flag(variant), SPREAD_=SPREAD,
-                  DOT_P=dot_precision(torch.device("cuda")), WRITE_HIN=True)
-    ptrs = {"x_ptr": xt, "hout_ptr": xt, "xn_ptr": xt, "hin_ptr": xt}
+                  DOT_P=dot_precision(torch.device("cuda")), WRITE_HIN=True, GHP=True)
+    ptrs = {"x_ptr": xt, "hout_ptr": xt, "xn_ptr": xt, "hin_ptr": xt, "ghin_ptr": xt}
     k = aot_compile_kernel(_boundary_fwd_kernel, ptrs, {"eps": "fp32"}, consts, warps, 2, arch)
     return {_boundary_fwd_kernel.__name__: k.metadata.shared}

@@ -333,11 +333,16 @@ def _coeffs_bwd_dh_kernel(
 @triton.jit
 def _coeffs_bwd_x_kernel(
     x_ptr, phi_ptr, dp_ptr, s_ptr, gx_ptr, gphi_part_ptr,
-    T, K, J, tblocks, splits,
+    gadd_ptr, ghin_ptr, hp_ptr,
+    T, K, J, C, tblocks, splits,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    DOT_P: tl.constexpr,
+    DOT_P: tl.constexpr, EXTRA: tl.constexpr,
 ):
-    """gx = dp . phi^T + s * x for one BK chunk of the flat axis, and its gphi partial."""
+    """gx = dp . phi^T + s * x for one BK chunk of the flat axis, and its gphi partial.
+
+    EXTRA (the boundary's backward): also add gadd[t, k] + hp[t, k // C] * ghin[t, k % C], the
+    incoming gradient of X' and the pre-mix's gradient, so dX' is summed in fp32 and written once.
+    """
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     k = pid_k * BK + tl.arange(0, BK)
@@ -357,6 +362,11 @@ def _coeffs_bwd_x_kernel(
         dp = tl.load(dp_ptr + t64[:, None] * W + col[None, :], mask=tm[:, None], other=0.0)
         s = tl.load(s_ptr + t, mask=tm, other=0.0)
         gx = tl.dot(dp, phT, input_precision=DOT_P) + s[:, None] * xt
+        if EXTRA:
+            ga = tl.load(gadd_ptr + t64[:, None] * K + k64[None, :], mask=mx, other=0.0).to(tl.float32)
+            gh = tl.load(ghin_ptr + t64[:, None] * C + (k % C)[None, :], mask=mx, other=0.0).to(tl.float32)
+            hp = tl.load(hp_ptr + t64[:, None] * N + (k // C)[None, :], mask=mx, other=0.0)
+            gx += ga + hp * gh
         tl.store(gx_ptr + t64[:, None] * K + k64[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mx)
         gphi += tl.dot(tl.trans(xt), dp, input_precision=DOT_P)
     base = gphi_part_ptr + pid_s.to(tl.int64) * K * J
@@ -482,11 +492,15 @@ def coeffs_backward(
     eps: float,
     variant: str,
     gx: Optional[torch.Tensor] = None,
+    extra: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, ...]:
     """(gx (T, n, C) in x's dtype, gphi, galpha, gb_pre, gb_post, gb_res) shaped like the params.
 
     Recomputes everything from the inputs (nothing saved from the forward). ``gx``: optional
     preallocated contiguous output. float64 inputs go to ``reference.coeffs_backward``.
+
+    ``extra = (g_add (T, n, C), g_hin (T, C), h_pre (T, n))`` (used by the boundary backward):
+    gx then also includes ``g_add + h_pre[i] * g_hin``, summed in fp32 and rounded once.
     """
     _check(x, phi, alpha, b_pre, b_post, b_res)
     hc = _variant_flag(variant)
@@ -499,6 +513,11 @@ def coeffs_backward(
             g_pre.reshape(T, n), g_post.reshape(T, n), g_res.reshape(T, n, n), x, *params,
             iters=iters, eps=eps, variant=variant,
         )
+        if extra is not None:
+            g_add, g_hin, h_pre = extra
+            cd = grads[0].dtype if grads[0].dtype == torch.float64 else torch.float32
+            gx0 = grads[0].to(cd) + g_add.to(cd) + h_pre.to(cd).reshape(T, n, 1) * g_hin.to(cd).reshape(T, 1, C)
+            grads = (gx0.to(x.dtype), *grads[1:])
         return tuple(g.contiguous() for g in grads)
     x = x.contiguous()
     p32 = _f32(*params)
@@ -526,9 +545,16 @@ def coeffs_backward(
     else:
         splits = max(1, min(tblocks, triton.cdiv(4 * num_sms(dev), kblocks), 32))
     gphi_part = torch.empty((splits, K, J), dtype=torch.float32, device=dev)
+    if extra is not None:
+        g_add, g_hin, h_pre = extra
+        g_add = g_add.reshape(T, n, C).contiguous()
+        g_hin = g_hin.reshape(T, C).contiguous()
+        h_pre = h_pre.reshape(T, n).to(torch.float32).contiguous()
+    else:
+        g_add = g_hin = h_pre = s  # unused dummies
     _coeffs_bwd_x_kernel[(kblocks, splits)](
-        x, p32[0], dp, s, gx, gphi_part, T, K, J, tblocks, splits,
-        N=n, NP=np_, W=w, BT=bt, BK=bk, DOT_P=dot_precision(dev), num_warps=warps,
+        x, p32[0], dp, s, gx, gphi_part, g_add, g_hin, h_pre, T, K, J, C, tblocks, splits,
+        N=n, NP=np_, W=w, BT=bt, BK=bk, DOT_P=dot_precision(dev), EXTRA=extra is not None, num_warps=warps,
     )
     gphi = gphi_part[0] if splits == 1 else gphi_part.sum(0)
     tot = part.sum(0)
@@ -577,12 +603,12 @@ def aot_compile(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int = 9
     hc = _variant_flag(variant)
     xt = "*" + dtype
     c1 = dict(N=n, NP=np_, G=g, W=w, BT=bt, BK=bk, HC=hc, SPREAD_=SPREAD, DOT_P=dp)
-    c2 = dict(N=n, NP=np_, W=w, BT=bt, BK=bk, DOT_P=dp)
+    c2 = dict(N=n, NP=np_, W=w, BT=bt, BK=bk, DOT_P=dp, EXTRA=True)
     out = {}
     for fn, consts, ptrs in (
         (_coeffs_fwd_kernel, c1, {"x_ptr": xt}),
         (_coeffs_bwd_dh_kernel, c1, {"x_ptr": xt}),
-        (_coeffs_bwd_x_kernel, c2, {"x_ptr": xt, "gx_ptr": xt}),
+        (_coeffs_bwd_x_kernel, c2, {"x_ptr": xt, "gx_ptr": xt, "gadd_ptr": xt, "ghin_ptr": xt}),
     ):
         k = aot_compile_kernel(fn, ptrs, {"eps": "fp32"}, consts, warps, 3, arch)
         out[fn.__name__] = k.metadata.shared
