@@ -20,6 +20,16 @@ from mhc_compile.io import MHCIOError
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one torch thread is ~10x faster than two on a busy 2-core CI machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+
 def run(*args, ok=True):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     if ok:

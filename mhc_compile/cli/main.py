@@ -354,14 +354,16 @@ def _write_text_atomic(path: str, text: str) -> None:
 @click.option("--steps", default=30, show_default=True, help="AdamW steps.")
 @click.option("--streams", "-n", default=4, show_default=True, help="Residual streams n.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=1, show_default=True,
+              help="torch threads while the demo runs (tiny tensors: one thread is fastest; 0 = leave as is).")
 @_debug_option
 @_handle_errors
-def demo(steps, streams, seed, debug):
+def demo(steps, streams, seed, threads, debug):
     """Convert a tiny built-in GPT (C=64, L=4), show its residual sites, train it a few steps on
     CPU and print the loss and the stability gains (Amax gain of the composite H_res)."""
     from .demo import run_demo
 
-    run_demo(steps=steps, streams=streams, seed=seed, echo=click.echo)
+    run_demo(steps=steps, streams=streams, seed=seed, echo=click.echo, threads=threads or None)
 
 
 def main() -> None:  # pragma: no cover - python -m mhc_compile.cli.main
