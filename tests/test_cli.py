@@ -283,6 +283,9 @@ def test_convert_export_program(user_module, tmp_path):
     # inspect reads the mhc.json carried inside the converted program
     view = json.loads(run("inspect", dst, "--format", "json").output)
     assert len(view["sites"]) == 2 and view["config"]["sinkhorn_iters"] == 7
+    n_orig = sum(p.numel() for p in model.parameters())
+    assert view["params"]["original"] == n_orig
+    assert view["params"]["added"] == sum(p.numel() for p in loaded.parameters()) - n_orig > 0
     # and a directory output of the same program round-trips too
     run("convert", tmp_path / "m.pt2", "-o", tmp_path / "m-dir", "--no-progress")
     with torch.no_grad():

@@ -157,6 +157,8 @@ def build_view(report: Any, config: Any, model: Optional[nn.Module] = None, conv
     if not added and converted is not None and model is not None and converted is not model:
         added = _count_params(converted) - orig
     added = int(added or 0)
+    if orig is None and converted is not None:  # only the converted model is at hand (.pt2 output)
+        orig = _count_params(converted) - added
 
     costs = [site_cost(n, s["features"], b) for s in sites]
     total = {k: sum(c[k] for c in costs) for k in ("bytes", "extra_bytes", "projection_flops", "mix_flops", "flops")}
