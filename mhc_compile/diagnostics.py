@@ -324,7 +324,10 @@ def gains_from_records(
 
 
 # ----------------------------------------------------------------------------- from a model
-def _report_of(model) -> Any:
+def _report_of(model, num_records: int) -> Any:
+    """The rewrite report of ``model``: ``model.mhc_report`` (convert), else, for a model compiled
+    with the ``"mhc"`` backend, the newest backend record whose sites are exactly this model's
+    mHC parameter prefixes and number ``num_records`` (one graph, no graph break)."""
     for obj in (model, getattr(model, "_orig_mod", None)):
         if obj is None:
             continue
@@ -332,6 +335,16 @@ def _report_of(model) -> Any:
             rep = getattr(obj, attr, None)
             if rep is not None:
                 return rep
+    try:
+        from . import backend
+
+        prefixes = {name.rsplit(".", 1)[0] for name in backend.mhc_parameters(model)}
+        for rec in reversed(backend.records()):
+            names = [getattr(s, "name", None) for s in (getattr(rec.report, "sites", None) or [])]
+            if len(names) == num_records and names and set(names) == prefixes:
+                return rec.report
+    except Exception:  # noqa: BLE001 - the backend is optional here; fall back to one chain
+        return None
     return None
 
 
@@ -411,7 +424,8 @@ def amax_gains(
     Works on converted models and on compiled ones (coefficients are recorded by
     :func:`mhc_compile.ops.record_coeffs`). The model is put in eval mode for the run and its
     mode restored afterwards. Sites are grouped into chains from ``chains``, else from the rewrite
-    report attached to the model (``model.mhc_report``), else one chain of all recorded sites.
+    report attached to the model (``model.mhc_report``) or, for ``torch.compile(model,
+    backend="mhc")``, the backend's record of the graph, else one chain of all recorded sites.
     ``streams``: "auto" records per-stream RMS on eager models, True forces it, False skips it.
     """
     was_training = model.training
@@ -428,7 +442,7 @@ def amax_gains(
     finally:
         _set_mode(model, was_training)
     if chains is None:
-        chains, rep_names = chains_from_report(_report_of(model), len(records))
+        chains, rep_names = chains_from_report(_report_of(model, len(records)), len(records))
         if names is None:
             names = rep_names
     return gains_from_records(records, chains=chains, names=names, streams=stream_recs)

@@ -224,3 +224,20 @@ def test_amax_gains_converted_hc_after_perturbation():
     rep = D.amax_gains(conv, token_inputs(2, 8)[0])
     assert rep.max_site_forward == pytest.approx(2.0, rel=1e-5)
     assert rep.max_forward == pytest.approx(2.0 ** len(rep.chains[0].sites), rel=1e-4)
+
+
+def test_amax_gains_on_mhc_backend_compiled_model():
+    import warnings
+
+    from tests.models.zoo import tiny_gpt, token_inputs
+
+    model = tiny_gpt()
+    compiled = torch.compile(model, backend="mhc", options={"streams": 4, "inner": "aot_eager"})
+    x = token_inputs(2, 8)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+        rep = D.amax_gains(compiled, x)
+    assert len(rep.sites) == 4
+    assert [s.name for s in rep.sites] == ["blocks.0.attn.mhc", "blocks.0.mlp.mhc", "blocks.1.attn.mhc", "blocks.1.mlp.mhc"]
+    assert rep.max_forward == pytest.approx(1.0, abs=1e-5)
