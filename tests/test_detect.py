@@ -275,3 +275,25 @@ def test_inplace_add_into_view_not_taken():
     det = detect_sites(gm.graph)
     assert not det.sites
     assert any("view" in t.reason for t in det.not_taken)
+
+
+class GRNBlock(nn.Module):
+    """ConvNeXt-V2 style: the GRN inside the branch has its own parameter-only 'residual'."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.gamma, self.beta = nn.Parameter(torch.full((2 * c,), 0.1)), nn.Parameter(torch.zeros(2 * c))
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x))
+        n = h.norm(dim=1, keepdim=True) / (h.norm(dim=1, keepdim=True).mean(-1, keepdim=True) + 1e-6)
+        h = self.gamma * (h * n) + self.beta + h  # GRN: elementwise with parameters only
+        return x + self.fc2(h)
+
+
+def test_parameter_only_branch_is_not_a_site():
+    model = nn.Sequential(GRNBlock(), GRNBlock()).eval()
+    rep = mhc_compile.find_residuals(model, (torch.randn(2, 5, 16),), CFG)
+    assert (rep.num_sites, rep.num_chains) == (2, 1), str(rep)
+    assert any("no work" in t.reason and "inside the branch" in t.reason for t in rep.not_taken)

@@ -10,8 +10,9 @@ A *site* is an add ``x + f(x)``:
   DiGraph of the FX graph whose edges carry tensor values only: shape queries such as
   ``sym_size`` / ``size`` and value-independent factories such as ``ones_like`` carry no edge);
 * ``f`` does real work: the region of f (descendants of x that are ancestors of y) contains a
-  parameter read or a heavy op (matmul / linear / conv / attention / embedding / a submodule
-  call). ``x + 0.04 * x**3`` inside a GELU is *not* a site ("branch does no work").
+  heavy op (matmul / linear / conv / attention / embedding / a submodule call). ``x + 0.04 * x**3``
+  inside a GELU, or ConvNeXt-V2's GRN ``gamma * (x * N(x)) + beta + x`` (elementwise with
+  parameters), are *not* sites ("branch does no work").
 
 Special forms:
 
@@ -278,7 +279,15 @@ def _is_param_node(node: fx.Node) -> bool:
     return False
 
 
+def _is_heavy(node: fx.Node) -> bool:
+    """A matmul / linear / conv / attention / embedding, or a submodule call: real work for a branch."""
+    if node.op == "call_module":
+        return True
+    return node.op in ("call_function", "call_method") and target_name(node) in _HEAVY_NAMES
+
+
 def _does_work(node: fx.Node) -> bool:
+    """Heavy, or reads a parameter (used to weigh where a branch's work lives, for naming)."""
     if node.op == "call_module":
         return True
     if node.op not in ("call_function", "call_method"):
@@ -390,8 +399,8 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
                          "(e.g. a projection shortcut, or a sum of parallel branches)")
             continue
         region = (reach.desc(x) & reach.anc(y)) | {y}
-        if not any(_does_work(n) for n in region):
-            reject(node, "branch does no work")
+        if not any(_is_heavy(n) for n in region):
+            reject(node, "branch does no work (no matmul, linear, conv, attention or embedding)")
             continue
         candidates.append(Site(
             add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=ia[0],
@@ -414,7 +423,7 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
             if site.x not in reach.anc(other) or site.add in reach.anc(other):
                 break
             extra = (reach.desc(site.x) & reach.anc(other)) | {other}
-            if not any(_does_work(n) for n in extra):
+            if not any(_is_heavy(n) for n in extra):
                 break
             site.inner_adds.append(site.add)
             site.add = outer
