@@ -21,6 +21,7 @@ captured).
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -49,7 +50,7 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return example_inputs
 
 
-def _dynamic_shapes(args: Sequence[Any]):
+def _dynamic_shapes(model: nn.Module, args: Sequence[Any], kwargs: Optional[dict] = None):
     auto = torch.export.Dim.AUTO
 
     def spec(a):
@@ -64,18 +65,24 @@ def _dynamic_shapes(args: Sequence[Any]):
             return {k: spec(v) for k, v in a.items()}
         return None
 
-    return tuple(spec(a) for a in args)
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
-def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> fx.GraphModule:
+def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
+            example_kwargs: Optional[dict] = None) -> fx.GraphModule:
     """Export a deep copy of ``model`` (non-strict) and return the unlifted GraphModule."""
     args = _as_tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
     model = copy.deepcopy(model)
     errors = []
     attempts = [True, False] if dynamic else [False]
     for dyn in attempts:
         try:
-            ep = torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(args) if dyn else None, strict=False)
+            shapes = _dynamic_shapes(model, args, kwargs) if dyn else None
+            ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised below with advice
             errors.append((dyn, exc))
             continue
@@ -150,10 +157,11 @@ def make_mode_switchable(gm: fx.GraphModule, training: bool) -> None:
     nn.Module.train(gm, training)
 
 
-def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCConfig] = None) -> ResidualReport:
+def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCConfig] = None, *,
+                   example_kwargs: Optional[dict] = None) -> ResidualReport:
     """Report the residual sites and chains of ``model`` without changing it."""
     config = MHCConfig.from_options(config)
-    gm = capture(model, example_inputs)
+    gm = capture(model, example_inputs, example_kwargs=example_kwargs)
     detected, chains = analyze(gm.graph)
     return build_report(detected, chains, config, rewritten=False)
 
@@ -163,16 +171,19 @@ def convert(
     config: Optional[MHCConfig] = None,
     example_inputs: Any = None,
     *,
+    example_kwargs: Optional[dict] = None,
     param_provider: Optional[ParamProvider] = None,
 ) -> nn.Module:
     """Return a trainable copy of ``model`` whose residual streams are n-stream mHC.
 
-    ``example_inputs`` is a tuple of positional arguments. The report is attached as
+    ``example_inputs`` is a tuple of positional arguments (``example_kwargs`` optional keyword
+    arguments, e.g. ``{"attention_mask": mask}``; the converted module is then called with the
+    same keywords). The report is attached as
     ``converted.mhc_report``. A model without residual sites is returned unchanged (the same
     object) with a warning; a model that cannot be captured raises :class:`MHCCaptureError`.
     """
     config = MHCConfig.from_options(config)
-    gm = capture(model, example_inputs)
+    gm = capture(model, example_inputs, example_kwargs=example_kwargs)
     report = rewrite_graph(gm, config, param_provider or default_param_provider)
     if not report.rewritten:
         reasons = "; ".join(f"{t.node}: {t.reason}" for t in report.not_taken[:5])

@@ -54,3 +54,19 @@ def test_hf_family(name):
     torch.manual_seed(1)
     fresh = mhc_compile.convert(build(), CFG, ex_in)
     assert state_dict_roundtrip(trained, fresh, other_in) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_hf_keyword_inputs_attention_mask():
+    from tests.models.hf import hf_gpt2
+
+    model = hf_gpt2()
+    ids, mask = torch.randint(0, 64, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    cm = mhc_compile.convert(model, CFG, (ids,), example_kwargs={"attention_mask": mask})
+    assert cm.mhc_report.num_sites == 4
+    ids2, mask2 = torch.randint(0, 64, (3, 5)), torch.ones(3, 5, dtype=torch.long)
+    mask2[2, 3:] = 0
+    with torch.no_grad():
+        for i, m in ((ids, mask), (ids2, mask2)):
+            assert rel_err(cm(i, attention_mask=m), model(i, attention_mask=m)) <= 1e-5
