@@ -349,9 +349,39 @@ def _read_hf(path: str, batch_size: int, seq_len: int) -> Source:
 
 
 # ---- torch.export
+def _peek_mhc_json(path: str) -> Optional[dict]:
+    """The mhc.json carried by a converted .pt2 (read from the zip, before deserialising)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if name.endswith("extra/" + MHC_JSON):
+                    return json.loads(zf.read(name))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return None
+
+
+def _register_output_types(meta: Optional[dict]) -> None:
+    """Import the transformers model class a converted program came from: its ModelOutput
+    classes register their pytree serialisation names on import, which deserialising needs.
+    Only a class of the installed ``transformers`` package, by name, is imported."""
+    if not meta or meta.get("source") != "hf":
+        return
+    arch = (meta.get("rebuild") or {}).get("architecture")
+    try:
+        import transformers
+        import transformers.modeling_outputs  # noqa: F401
+
+        if isinstance(arch, str) and arch.isidentifier():
+            getattr(transformers, arch, None)
+    except Exception:  # best effort; the load below reports what is missing
+        pass
+
+
 def _load_pt2(path: str, extra: Optional[dict] = None):
     from . import ops  # noqa: F401  (registers the mhc:: ops a converted program refers to)
 
+    _register_output_types(_peek_mhc_json(path))
     try:
         return torch.export.load(path, extra_files=extra)
     except Exception as exc:
@@ -754,7 +784,27 @@ def _save_pt2(converted: nn.Module, dst: Path, source: Source, meta: dict) -> st
             torch.export.save(ep, str(tmp), extra_files={MHC_JSON: json.dumps(meta, indent=2)})
         except OSError as exc:
             raise MHCIOError(f"{dst}: cannot write: {exc.strerror or _first_line(exc)}") from None
+        _check_pt2_loads(tmp, dst)
     return str(dst)
+
+
+def _check_pt2_loads(tmp: Path, dst: Path) -> None:
+    """Load a just-written program back before it replaces ``dst``: some outputs (for example
+    pytree classes registered without a serialized name) save fine but cannot be loaded."""
+    import logging
+
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # torch logs the whole deserialization traceback as a warning
+    try:
+        torch.export.load(str(tmp))
+    except Exception as exc:
+        raise MHCIOError(
+            f"{dst}: the re-exported program cannot be loaded back ({type(exc).__name__}: {_first_line(exc)}); "
+            "write a directory output instead"
+        ) from None
+    finally:
+        logger.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -112,6 +112,34 @@ def test_convert_hf_roundtrip(hf_dirs, tmp_path, name):
     assert params[phis[0]].grad is not None and params[phis[0]].grad.abs().sum() > 0
 
 
+def test_hf_to_pt2_loads_in_a_fresh_process(hf_dirs, tmp_path):
+    """ModelOutput classes must be registered before deserialising: load() imports them."""
+    import subprocess
+
+    dst = tmp_path / "g.pt2"
+    run("convert", hf_dirs["gpt2"], "-o", dst, "--no-progress")
+    ref = _hf_reference(hf_dirs["gpt2"])
+    x = torch.randint(0, 100, (2, 16))
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import torch, mhc_compile; m = mhc_compile.load(%r); x = torch.load(%r); "
+        "torch.save(m(x).logits.detach(), %r)" % (str(dst), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"))
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with torch.no_grad():
+        assert _rel_err(torch.load(tmp_path / "y.pt"), ref(x).logits) < 1e-5
+
+
+def test_model_output_dataclass_roundtrip(user_module, tmp_path):
+    x = user_module.example_inputs()[0]
+    for dst in (tmp_path / "d", tmp_path / "m.pt2"):
+        run("convert", "clitestmods:res_modeloutput", "-o", dst, "--no-progress")
+        with torch.no_grad():
+            out = mhc_compile.load(dst)(x)
+        assert out.last_hidden_state.shape == (3, 8, 7)
+
+
 def test_inspect_hf_formats(hf_dirs, tmp_path):
     src = hf_dirs["gpt2"]
     text = run("inspect", src, "--streams", "4").output
@@ -210,6 +238,15 @@ MODULE_SRC = textwrap.dedent(
 
     def res():
         return Res()
+
+    class ResOut(Res):
+        def forward(self, idx):
+            from transformers.modeling_outputs import BaseModelOutput
+
+            return BaseModelOutput(last_hidden_state=super().forward(idx))
+
+    def res_modeloutput():
+        return ResOut()
 
     def plain():
         return Plain()

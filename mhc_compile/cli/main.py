@@ -224,8 +224,10 @@ def convert(src, dst, streams, config_options, state_dict, input_shapes, input_d
     from ..io import MHCUsageError, detect_kind
 
     config = _parse_config(streams, config_options)
-    if detect_kind(src) == "converted":
+    kind = detect_kind(src)
+    if kind == "converted":
         raise MHCUsageError(f"{src}: is already an mhc output; convert the original model instead")
+
     bar = _Progress(["load", "capture", "rewrite", "save"], progress)
     try:
         with bar.stage("load"):
