@@ -108,6 +108,9 @@ def test_param_names_and_config_variants():
     with torch.no_grad():
         assert rel_err(cm(*x), model(*x)) <= 1e-5
     assert cm.mhc_report.params_added == sum(p.numel() for p in mhc_params(cm).values())
+    cm(*x).square().mean().backward()
+    assert cm.get_parameter("blocks.1.mlp.mhc_collapse.weight").grad.abs().max() > 0
+    assert cm.get_parameter("blocks.0.attn.mhc.b_pre").grad.abs().max() > 0
 
 
 def test_no_fusion_matches_fusion():
@@ -165,6 +168,10 @@ def test_find_residuals_report():
     assert "layer1.0.mhc" in table and "not taken" in table
     assert [s.home_stream for s in rep.sites] == [0, 1, 0]
     assert rep.sites[0].feature_axis == 1
+    par = mhc_compile.find_residuals(FAMILIES["parallel"][0](), FAMILIES["parallel"][1](), CFG)
+    assert [s.kind for s in par.sites] == ["parallel", "parallel"]
+    cnx = mhc_compile.find_residuals(FAMILIES["convnext"][0](), FAMILIES["convnext"][1](), CFG)
+    assert [s.kind for s in cnx.sites] == ["layer_scale", "layer_scale"]
 
 
 def test_options_dict_and_single_tensor_input():
