@@ -76,6 +76,12 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
     """Export a deep copy of ``model`` (non-strict) and return the unlifted GraphModule."""
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
+    if dynamic and any(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 for a in (*args, *kwargs.values())):
+        warnings.warn(
+            "mhc_compile: an example input has batch size 1; torch.export specialises size-1 dims, so the "
+            "converted model will only accept batch size 1. Use example inputs with batch size >= 2.",
+            stacklevel=3,
+        )
     model = copy.deepcopy(model)
     errors = []
     attempts = [True, False] if dynamic else [False]
