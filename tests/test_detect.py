@@ -297,3 +297,16 @@ def test_parameter_only_branch_is_not_a_site():
     rep = mhc_compile.find_residuals(model, (torch.randn(2, 5, 16),), CFG)
     assert (rep.num_sites, rep.num_chains) == (2, 1), str(rep)
     assert any("no work" in t.reason and "inside the branch" in t.reason for t in rep.not_taken)
+
+
+@pytest.mark.parametrize("name", ["bert", "resnet_bottleneck", "convnext", "parallel", "encdec", "llama"])
+def test_zoo_on_dynamo_graphs(name):
+    """The torch-level Dynamo graph of each family gives the same sites and chains as export."""
+    from tests.models.zoo import FAMILIES
+
+    build, ex, _, n_sites, n_chains = FAMILIES[name]
+    model, x = build(), ex()
+    _, reports, out = _dynamo_graphs(model, x, cfg=CFG)
+    assert (reports[0].num_sites, reports[0].num_chains) == (n_sites, n_chains), str(reports[0])
+    with torch.no_grad():
+        assert rel_err(out, model(*x)) <= 1e-5
