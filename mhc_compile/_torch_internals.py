@@ -19,6 +19,7 @@ Supported: torch 2.11 to 2.13.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -323,3 +324,43 @@ def unwrap_module(module: nn.Module) -> tuple[nn.Module, str]:
                 prefix.append("module")
                 continue
         return module, ".".join(prefix)
+
+
+# ----------------------------------------------------------------------------- joint-graph hook
+# (added for mhc_compile.passes.recompute; canary: tests/test_recompute.py::test_joint_graph_hook_canary)
+@contextlib.contextmanager
+def joint_graph_hook(fn: Callable[[torch.fx.Graph], None], uuid: str) -> Iterator[None]:
+    """Run ``fn(graph)`` on every AOTAutograd joint graph traced while open, right before partitioning.
+
+    Two private hooks, both set (``fn`` must be idempotent; it sees the same graph twice under
+    inductor): ``torch._functorch.config.joint_custom_pass`` (every AOTAutograd backend:
+    aot_eager, inductor, custom ``aot_autograd``) and inductor's ``joint_custom_pre_pass`` as a
+    ``CustomGraphPass`` whose ``uuid`` puts ``uuid`` into inductor's FX-graph and AOTAutograd
+    cache keys (the functorch hook is not part of any cache key). Passes the user already set
+    keep running, after ours.
+    """
+    import torch._functorch.config as fconfig
+    import torch._inductor.config as iconfig
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _Pass(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            fn(graph)
+
+        def uuid(self) -> Any:
+            return uuid
+
+    previous = fconfig.joint_custom_pass
+
+    def functorch_pass(gm: torch.fx.GraphModule, joint_inputs: Any) -> torch.fx.GraphModule:
+        fn(gm.graph)
+        gm.recompile()
+        return previous(gm, joint_inputs) if callable(previous) else gm
+
+    existing = iconfig.joint_custom_pre_pass
+    if existing is None:
+        inductor_passes: Any = _Pass()
+    else:
+        inductor_passes = [_Pass(), *(existing if isinstance(existing, (list, tuple)) else [existing])]
+    with fconfig.patch(joint_custom_pass=functorch_pass), iconfig.patch(joint_custom_pre_pass=inductor_passes):
+        yield

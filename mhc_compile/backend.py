@@ -14,7 +14,9 @@ The backend is registered through the ``torch_dynamo_backends`` entry point, so 
    hands the same objects back on every recompile (new batch size, dynamic shapes, grad mode);
 3. warns when a graph break cuts the residual stream (each graph then gets its own chains),
    and handles DistributedDataParallel (see ``docs/backend.md``);
-4. passes the rewritten graph to the inner backend (``config.inner``: inductor, aot_eager, eager).
+4. passes the rewritten graph to the inner backend (``config.inner``: inductor, aot_eager, eager)
+   inside ``passes.recompute.recompute_context``, which tags the joint graph so the partitioner
+   keeps X only at the start of each block of L_r sites (``config.recompute``).
    The new parameters are ``get_attr`` nodes of the graph module, which AOTAutograd lifts into
    graph inputs, so they receive gradients like the user's own parameters.
 
@@ -213,7 +215,10 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
     _RECORDS.append(GraphRecord(code, config, report, num_sites, provider.created, provider.reused,
                                 break_before, break_after, ddp is not None))
     del _RECORDS[:-_MAX_RECORDS]
-    return _ti.inner_compiler(config.inner, mode)(gm, example_inputs)
+    from .passes.recompute import recompute_context  # tags the joint graph for block recomputation
+
+    with recompute_context(config, report):
+        return _ti.inner_compiler(config.inner, mode)(gm, example_inputs)
 
 
 def _count_sites(report: Any) -> int:

@@ -1,0 +1,352 @@
+"""Recomputation scheduling (mhc_compile.passes.recompute) and what the eager ops save.
+
+Compiled path: a hand-written chain of L mHC sites (mhc_compile.ops, branch f = Linear) compiled
+with AOTAutograd + the min-cut partitioner (aot_eager-style, nop compilers), with and without
+``recompute_context``; saved activations are measured with ``saved_tensors_hooks``. Then the
+same through the ``"mhc"`` backend on a tiny GPT, and once with inductor.
+
+Saved-bytes formula (what the scheme provably drops). Blocks of L_r sites; a chain of L sites
+keeps X at ceil(L/L_r) block starts. Each of the other L - ceil(L/L_r) sites no longer saves
+    its streams X            T*n*C*e
+    its branch input h_in    T*C*e      (replayed by the mHC op that produced it)
+    its coefficients         T*k*4      k = n + n^2 (fused boundary: H_post, H_res)
+                                        k = 2n + n^2 (separate coeffs/pre/post_res ops)
+so  saved(off) - saved(on) = (L - ceil(L/L_r)) * T * (n*C*e + C*e + 4*k)   exactly.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import operator
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from mhc_compile import ops
+from mhc_compile import reference as R
+from mhc_compile.config import MHCConfig
+from mhc_compile.passes import recompute as RC
+from mhc_compile.passes.recompute import recompute_block_size, recompute_context
+
+
+# ----------------------------------------------------------------------------- L_r
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 12, 24, 48])
+def test_block_size_follows_formula(n, L):
+    want = max(1, min(L, math.floor(math.sqrt(n * L / (n + 2)) + 0.5)))
+    assert recompute_block_size(n, L) == want
+
+
+def test_block_size_known_values_and_override():
+    assert recompute_block_size(4, 24) == 4          # sqrt(96/6) = 4 (the C=1024 GPT: 24 sites)
+    assert recompute_block_size(4, 48) == 6          # sqrt(32) = 5.66
+    assert recompute_block_size(4, 12) == 3          # sqrt(8) = 2.83
+    assert recompute_block_size(1, 1) == 1           # sqrt(1/3) rounds to 1, never 0
+    assert recompute_block_size(4, 24, 5) == 5       # MHCConfig.recompute_block overrides
+    assert recompute_block_size(4, 3, 10) == 3       # but a block never exceeds the chain
+    assert recompute_block_size(4, 0) == 1
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError):
+            recompute_block_size(4, 8, bad)
+
+
+# ----------------------------------------------------------------------------- harness
+class Chain(nn.Module):
+    """L mHC sites in one chain built from mhc_compile.ops; f = Linear; optional glue between sites."""
+
+    def __init__(self, L=6, n=3, c=8, fused=True, glue=None):
+        super().__init__()
+        self.n, self.L, self.fused, self.glue = n, L, fused, glue
+        self.f = nn.ModuleList(nn.Linear(c, c) for _ in range(L))
+        self.sites = nn.ModuleList()
+        for l in range(L):
+            p = R.init_site_params(n, c, l, init="paper", generator=torch.Generator().manual_seed(l))
+            site = nn.Module()
+            for k, v in p.items():
+                site.register_parameter(k, nn.Parameter(v + 0.1 * torch.randn(v.shape)))
+            self.sites.append(site)
+
+    def _p(self, l):
+        s = self.sites[l]
+        return s.phi, s.alpha, s.b_pre, s.b_post, s.b_res
+
+    def forward(self, x):
+        X = ops.expand(x, self.n)
+        hp, ho, hr = ops.coeffs(X, *self._p(0), kernels="reference")
+        h_in = ops.pre(X, hp, "reference")
+        for l in range(self.L):
+            h_out = self.f[l](h_in)
+            if self.fused and l + 1 < self.L:
+                X, hp, ho, hr, h_in = ops.boundary(X, h_out, ho, hr, *self._p(l + 1), kernels="reference")
+                continue
+            X = ops.post_res(X, h_out, ho, hr, "reference")
+            if self.glue == "relu":
+                X = torch.relu(X)
+            elif self.glue == "dropout":
+                X = torch.nn.functional.dropout(X, 0.1, training=True)
+            if l + 1 < self.L:
+                hp, ho, hr = ops.coeffs(X, *self._p(l + 1), kernels="reference")
+                h_in = ops.pre(X, hp, "reference")
+        return ops.collapse(X)
+
+
+def _saved_bytes(saved):
+    """Activation bytes: saved tensors that are not parameters, each storage counted once."""
+    seen, total = set(), 0
+    for t in saved:
+        if isinstance(t, nn.Parameter):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _run(model, x, config=None, backend="aot_min_cut"):
+    """Compile (optionally inside recompute_context), then one measured fwd+bwd. Returns a dict."""
+    graphs = {}
+
+    def fw(gm, ex):
+        graphs["fw"] = gm
+        return gm
+
+    def bw(gm, ex):
+        graphs["bw"] = gm
+        return gm
+
+    torch._dynamo.reset()
+    if backend == "aot_min_cut":
+        from functorch.compile import make_boxed_func
+
+        backend = aot_autograd(fw_compiler=lambda g, e: make_boxed_func(fw(g, e).forward),
+                               bw_compiler=lambda g, e: make_boxed_func(bw(g, e).forward),
+                               partition_fn=min_cut_rematerialization_partition)
+    compiled = torch.compile(model, backend=backend)
+    ctx = recompute_context(config) if config is not None else contextlib.nullcontext()
+    with ctx as record:
+        compiled(x)  # compile outside the hooks
+    saved = []
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = compiled(x)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return dict(out=out.detach(), grads=grads, bytes=_saved_bytes(saved), record=record, **graphs)
+
+
+def _bw_targets(gm):
+    return collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+# ----------------------------------------------------------------------------- compiled path
+@pytest.mark.parametrize("fused,glue,L,block", [
+    (True, None, 6, None),     # n=3, L=6: L_r = round(sqrt(18/5)) = 2, starts 0, 2, 4
+    (True, None, 7, 3),        # override: starts 0, 3, 6
+    (False, None, 6, None),
+    (False, "relu", 5, 2),     # stream-wise glue (post-activation ResNet) is replayed too
+])
+def test_recompute_drops_predicted_bytes_and_keeps_gradients(fused, glue, L, block):
+    n, c, T = 3, 8, 10
+    torch.manual_seed(0)
+    model = Chain(L=L, n=n, c=c, fused=fused, glue=glue)
+    x = torch.randn(2, 5, c, requires_grad=True)
+    off = _run(model, x)
+    on = _run(model, x, MHCConfig(streams=n, recompute_block=block))
+
+    (plan,) = on["record"].chains
+    lr = recompute_block_size(n, L, block)
+    assert plan.length == L and plan.block == lr
+    assert plan.starts == list(range(0, L, lr))
+    kept = math.ceil(L / lr)
+    k = n + n * n if fused else 2 * n + n * n
+    e = 4
+    predicted = (L - kept) * T * (n * c * e + c * e + 4 * k)
+    assert off["bytes"] - on["bytes"] == predicted, (off["bytes"], on["bytes"], predicted)
+    assert plan.stream_bytes == T * n * c * e
+
+    # fp32, same ops replayed: bit-identical results
+    assert torch.equal(on["out"], off["out"])
+    assert on["grads"].keys() == off["grads"].keys()
+    for name, g in off["grads"].items():
+        assert torch.equal(on["grads"][name], g), name
+
+
+def test_recompute_replays_only_mhc_ops_never_f():
+    """The backward of recompute-on differs from recompute-off only by replayed mHC ops, getitem, the
+    relu glue and views (f's reshape of the replayed h_in: metadata only, no compute)."""
+    torch.manual_seed(0)
+    model = Chain(L=6, fused=False, glue="relu")
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    off = _run(model, x)
+    on = _run(model, x, MHCConfig(streams=3))
+    extra = _bw_targets(on["bw"]) - _bw_targets(off["bw"])
+    assert extra, "nothing was recomputed"
+    allowed = {"mhc.coeffs.default", "mhc.pre.default", "mhc.post_res.default", "mhc.boundary.default",
+               str(operator.getitem), "aten.relu.default", "aten.view.default"}
+    assert set(extra) <= allowed, extra
+    # the branch f (a Linear: addmm forward) is never replayed
+    assert _bw_targets(on["bw"])["aten.addmm.default"] == 0
+    # 6 sites, blocks of 2: sites 1, 3, 5 are replayed (post_res of 0, 2, 4 and coeffs/pre of 1, 3, 5)
+    assert extra["mhc.post_res.default"] == 3 and extra["mhc.coeffs.default"] == 3
+
+
+def test_recompute_off_leaves_partition_unchanged():
+    torch.manual_seed(0)
+    model = Chain(L=4, fused=True)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    base = _run(model, x)
+    off = _run(model, x, MHCConfig(streams=3, recompute=False))
+    assert off["record"] is None
+    assert off["fw"].code == base["fw"].code and off["bw"].code == base["bw"].code
+    assert off["bytes"] == base["bytes"]
+    assert not any("recompute" in n.meta for n in off["fw"].graph.nodes)
+
+
+def test_unreplayable_glue_starts_a_new_block():
+    """Dropout between sites cannot be replayed: the site after it becomes a block start."""
+    torch.manual_seed(0)
+    model = Chain(L=4, fused=False, glue="dropout")
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    on = _run(model, x, MHCConfig(streams=3, recompute_block=4))
+    (plan,) = on["record"].chains
+    assert plan.starts == [0, 1, 2, 3] and not plan.recomputed_nodes
+
+
+def test_block_of_one_recomputes_nothing_across_sites():
+    torch.manual_seed(0)
+    model = Chain(L=4, fused=True)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    off = _run(model, x)
+    on = _run(model, x, MHCConfig(streams=3, recompute_block=1))
+    (plan,) = on["record"].chains
+    assert plan.starts == [0, 1, 2, 3] and plan.dropped == 0
+    assert on["bytes"] == off["bytes"]
+
+
+def test_recompute_with_inductor():
+    """Inductor: the hook runs as joint_custom_pre_pass (cache-keyed); same bytes drop, same grads."""
+    n, c, L, T = 3, 8, 6, 10
+    torch.manual_seed(0)
+    model = Chain(L=L, n=n, c=c, fused=True)
+    x = torch.randn(2, 5, c, requires_grad=True)
+    off = _run(model, x, backend="inductor")
+    on = _run(model, x, MHCConfig(streams=n), backend="inductor")
+    (plan,) = on["record"].chains
+    assert plan.starts == [0, 2, 4]
+    assert off["bytes"] - on["bytes"] == (L - 3) * T * (n * c * 4 + c * 4 + 4 * (n + n * n))
+    for name, g in off["grads"].items():
+        torch.testing.assert_close(on["grads"][name], g, rtol=1e-6, atol=1e-6)
+
+
+def test_mhc_backend_tiny_gpt_recompute_on_vs_off():
+    """Through backend "mhc" (inner aot_eager): fewer saved bytes, identical gradients."""
+    import mhc_compile
+    from mhc_compile import backend as B
+    from tests.models.zoo import tiny_gpt, token_inputs
+
+    def run(recompute):
+        torch._dynamo.reset()
+        B.clear_records()
+        torch.manual_seed(0)
+        model = tiny_gpt(c=16, layers=2).train()
+        (idx,) = token_inputs(2, 8)
+        compiled = torch.compile(model, backend="mhc",
+                                 options={"streams": 4, "inner": "aot_eager", "recompute": recompute})
+        mhc_compile.materialize(compiled, idx)
+        n_records = len(RC.last_records())
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = compiled(idx)
+        out.float().square().mean().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        return _saved_bytes(saved), grads, RC.last_records()[-1] if recompute and n_records else None
+
+    b_off, g_off, _ = run(False)
+    b_on, g_on, rec = run(True)
+    (plan,) = rec.chains
+    assert plan.length == 4 and plan.n == 4 and plan.block == 2          # round(sqrt(16/6)) = 2
+    assert rec.expected_chains == [4]
+    T, C, n = 16, 16, 4
+    # two of the four X (T*n*C*4 bytes each) are dropped, plus h_in / coefficients of those sites
+    assert b_off - b_on >= 2 * T * n * C * 4, (b_off, b_on)
+    assert g_on.keys() == g_off.keys() and any("mhc" in k for k in g_on)
+    for k, g in g_off.items():
+        torch.testing.assert_close(g_on[k], g, rtol=1e-6, atol=1e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------- eager ops
+def test_eager_ops_save_only_their_inputs():
+    """Eager chain of fused sites: every saved tensor is an op input (X, h_out, coefficients,
+    parameters, the Linear's input); no Sinkhorn iterate, no normalised x. One X per site."""
+    n, c, L = 4, 16, 5
+    torch.manual_seed(0)
+    model = Chain(L=L, n=n, c=c, fused=True)
+    x = torch.randn(3, 7, c, requires_grad=True)
+    inputs = {}
+
+    def remember(*ts):
+        for t in ts:
+            if isinstance(t, torch.Tensor):
+                inputs[t.untyped_storage().data_ptr()] = t  # views of an input share its storage
+
+    real = {k: getattr(ops, k) for k in ("coeffs", "pre", "post_res", "boundary")}
+
+    def wrap(name):
+        def f(*args, **kw):
+            remember(*args)
+            return real[name](*args, **kw)
+        return f
+
+    saved = []
+    try:
+        for k in real:
+            setattr(ops, k, wrap(k))
+        for lin in model.f:
+            lin.register_forward_pre_hook(lambda m, a: remember(*a))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = model(x)
+    finally:
+        for k, fn in real.items():
+            setattr(ops, k, fn)
+    remember(*model.parameters())
+    keys = [t.untyped_storage().data_ptr() for t in saved]
+    strangers = [tuple(t.shape) for t, k in zip(saved, keys) if k not in inputs]
+    assert not strangers, f"saved tensors that are no op input: {strangers}"
+    streams = {k for t, k in zip(saved, keys) if tuple(t.shape) == (3, 7, n, c)}
+    assert len(streams) == L  # X_0 .. X_{L-1}, each saved once however many ops read it
+    out.sum().backward()  # and the backward works from that state
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- canary
+def test_joint_graph_hook_canary():
+    """_torch_internals.joint_graph_hook: fn sees a joint graph (with tangents) before partitioning,
+    both private configs are set while open (inductor's as a CustomGraphPass carrying the uuid)
+    and restored after."""
+    import torch._functorch.config as fconfig
+    import torch._inductor.config as iconfig
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from mhc_compile import _torch_internals as ti
+
+    seen = []
+
+    def fn(graph):
+        assert isinstance(graph, torch.fx.Graph)
+        seen.append([n.target for n in graph.nodes if n.op == "placeholder"])
+
+    before = (fconfig.joint_custom_pass, iconfig.joint_custom_pre_pass)
+    with ti.joint_graph_hook(fn, "canary-uuid"):
+        assert callable(fconfig.joint_custom_pass)
+        p = iconfig.joint_custom_pre_pass
+        assert isinstance(p, CustomGraphPass) and p.uuid() == "canary-uuid"
+        torch._dynamo.reset()
+        f = torch.compile(lambda a: (a.sin() * 2).cos().sum(), backend="aot_eager")
+        f(torch.randn(4, requires_grad=True)).backward()
+    assert (fconfig.joint_custom_pass, iconfig.joint_custom_pre_pass) == before
+    assert seen and any("tangents" in str(t) for t in seen[0]), seen
