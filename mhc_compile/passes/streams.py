@@ -85,6 +85,8 @@ def is_stream_wise(node: fx.Node, stream: fx.Node, site: Site) -> bool:
             return False
         if tuple(str(d) for d in v[0].shape) != site.shape or v[0].dtype != site.dtype or node.args[0] is not stream:
             return False
+        if not all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
+            return False  # the statistics (mean, rstd, mask) are used elsewhere
         if name == "native_layer_norm":
             return (site.feature_axis == len(site.shape) - 1 and len(node.args[1]) == 1
                     and all(_is_param_node(a) for a in node.all_input_nodes if a is not stream))
