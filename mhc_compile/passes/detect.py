@@ -381,6 +381,9 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
         if ia[2] == 0:
             reject(node, "scalar operands")
             continue
+        if not getattr(ia[1], "is_floating_point", False):
+            reject(node, f"not floating point ({ia[1]})")
+            continue
         if a is b:
             reject(node, "branch does no work (x + x)")
             continue
