@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import types
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -159,6 +160,8 @@ def make_mode_switchable(gm: fx.GraphModule, training: bool) -> None:
     # ExportedProgram.module() binds raising train()/eval() on the instance; restore nn.Module's.
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
+        if getattr(getattr(gm, name), "__func__", None) is not getattr(nn.Module, name):
+            setattr(gm, name, types.MethodType(getattr(nn.Module, name), gm))
     gm.recompile()
     nn.Module.train(gm, training)
 
