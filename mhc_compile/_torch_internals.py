@@ -10,7 +10,10 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
 * the module path of a node: ``node.meta["nn_module_stack"]`` (keys and path format vary);
 * the inner backends: ``torch._inductor.compile_fx.compile_fx``, ``lookup_backend``;
 * whether DistributedDataParallel is running and whether Dynamo splits its graphs
-  (``DistributedDataParallel._get_active_ddp_module()``, ``torch._dynamo.config.optimize_ddp``).
+  (``DistributedDataParallel._get_active_ddp_module()``, ``torch._dynamo.config.optimize_ddp``);
+* a pass over the AOTAutograd joint graph before partitioning, for ``passes.recompute``
+  (``torch._functorch.config.joint_custom_pass``, inductor's ``joint_custom_pre_pass``):
+  :func:`joint_graph_hook`, canary in ``tests/test_recompute.py``.
 
 Each helper degrades to ``None`` / ``False`` instead of raising when an attribute disappears, so
 the backend can fall back (or fail with a clear message). ``tests/test_torch_internals.py``
