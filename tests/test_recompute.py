@@ -195,6 +195,31 @@ def test_recompute_replays_only_mhc_ops_never_f():
     assert extra["mhc.post_res.default"] == 3 and extra["mhc.coeffs.default"] == 3
 
 
+def test_user_checkpoint_inside_f_coexists():
+    """f wrapped in torch.utils.checkpoint (its own MUST/PREFER_RECOMPUTE tags, small ac_graph_ids):
+    mHC blocks are still dropped and gradients stay identical."""
+    import torch.utils.checkpoint as cp
+
+    class Ck(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, h):
+            return cp.checkpoint(lambda t: torch.tanh(self.lin(t)) * 2, h, use_reentrant=False)
+
+    torch.manual_seed(0)
+    model = Chain(L=6, fused=True)
+    model.f = nn.ModuleList(Ck(lin) for lin in model.f)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    off = _run(model, x)
+    on = _run(model, x, MHCConfig(streams=3))
+    assert on["record"].chains[0].starts == [0, 2, 4]
+    assert off["bytes"] - on["bytes"] >= 3 * 10 * 3 * 8 * 4  # at least the 3 dropped X
+    for name, g in off["grads"].items():
+        assert torch.equal(on["grads"][name], g), name
+
+
 def test_recompute_off_leaves_partition_unchanged():
     torch.manual_seed(0)
     model = Chain(L=4, fused=True)
