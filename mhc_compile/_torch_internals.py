@@ -346,12 +346,22 @@ def joint_graph_hook(fn: Callable[[torch.fx.Graph], None], uuid: str) -> Iterato
     import torch._inductor.config as iconfig
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
+    existing = iconfig.joint_custom_pre_pass
+    others = [] if existing is None else list(existing) if isinstance(existing, (list, tuple)) else [existing]
+
     class _Pass(CustomGraphPass):
+        """Ours, then the user's passes, as ONE pass (older torch may not accept a list here)."""
+
         def __call__(self, graph: torch.fx.Graph) -> None:
             fn(graph)
+            for other in others:
+                other(graph)
 
         def uuid(self) -> Any:
-            return uuid
+            ids = [getattr(o, "uuid", lambda: None)() for o in others]
+            if any(i is None for i in ids):
+                return None  # a raw callable cannot be keyed: inductor bypasses its caches
+            return (uuid, *ids) if ids else uuid
 
     previous = fconfig.joint_custom_pass
 
@@ -360,10 +370,5 @@ def joint_graph_hook(fn: Callable[[torch.fx.Graph], None], uuid: str) -> Iterato
         gm.recompile()
         return previous(gm, joint_inputs) if callable(previous) else gm
 
-    existing = iconfig.joint_custom_pre_pass
-    if existing is None:
-        inductor_passes: Any = _Pass()
-    else:
-        inductor_passes = [_Pass(), *(existing if isinstance(existing, (list, tuple)) else [existing])]
-    with fconfig.patch(joint_custom_pass=functorch_pass), iconfig.patch(joint_custom_pre_pass=inductor_passes):
+    with fconfig.patch(joint_custom_pass=functorch_pass), iconfig.patch(joint_custom_pre_pass=_Pass()):
         yield

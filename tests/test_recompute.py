@@ -435,3 +435,30 @@ def test_bench_train_quick_smoke(tmp_path):
     assert by["mhc"]["recompute"].startswith("L=4 L_r=2")
     assert json.loads(out.read_text())["rows"][0]["variant"] == "plain"
     assert "| mhc |" in (tmp_path / "rows.md").read_text()
+
+
+def test_joint_graph_hook_keeps_the_users_inductor_pass():
+    import torch._inductor.config as iconfig
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from mhc_compile import _torch_internals as ti
+
+    calls = []
+
+    class UserPass(CustomGraphPass):
+        def __call__(self, graph):
+            calls.append("user")
+
+        def uuid(self):
+            return "user-uuid"
+
+    with iconfig.patch(joint_custom_pre_pass=UserPass()):
+        with ti.joint_graph_hook(lambda g: calls.append("mhc"), "mhc-uuid"):
+            p = iconfig.joint_custom_pre_pass
+            p(torch.fx.Graph())
+            assert p.uuid() == ("mhc-uuid", "user-uuid")
+        assert isinstance(iconfig.joint_custom_pre_pass, UserPass)
+    assert calls == ["mhc", "user"]
+    with iconfig.patch(joint_custom_pre_pass=lambda g: None):  # a raw callable: no cache key possible
+        with ti.joint_graph_hook(lambda g: None, "mhc-uuid"):
+            assert iconfig.joint_custom_pre_pass.uuid() is None
