@@ -462,3 +462,37 @@ def test_joint_graph_hook_keeps_the_users_inductor_pass():
     with iconfig.patch(joint_custom_pre_pass=lambda g: None):  # a raw callable: no cache key possible
         with ti.joint_graph_hook(lambda g: None, "mhc-uuid"):
             assert iconfig.joint_custom_pre_pass.uuid() is None
+
+
+@pytest.mark.gpu
+def test_gpu_backend_recompute_bf16_triton():
+    """CUDA, bf16, Triton kernels, inner inductor: recompute drops at least the predicted X bytes
+    and gradients agree with recompute off."""
+    import mhc_compile
+    from tests.models.zoo import tiny_gpt, token_inputs
+
+    def run(recompute):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tiny_gpt(c=64, layers=4).train().to(device="cuda", dtype=torch.bfloat16)
+        (idx,) = token_inputs(4, 64)
+        idx = idx.cuda()
+        compiled = torch.compile(model, backend="mhc", options={"streams": 4, "recompute": recompute})
+        mhc_compile.materialize(compiled, idx)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = compiled(idx)
+        out.float().square().mean().backward()
+        grads = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
+        return _saved_bytes(saved), grads
+
+    import torch._inductor.config as iconfig
+
+    with iconfig.patch(force_disable_caches=True):
+        b_off, g_off = run(False)
+        b_on, g_on = run(True)
+    sites, T, C, n = 8, 4 * 64, 64, 4
+    dropped = sites - math.ceil(sites / recompute_block_size(n, sites))
+    assert b_off - b_on >= dropped * T * n * C * 2, (b_off, b_on)
+    for k, g in g_off.items():
+        torch.testing.assert_close(g_on[k], g, rtol=2e-2, atol=1e-3, msg=k)
