@@ -59,6 +59,7 @@ def test_finetune_hf_preserves_function_then_trains(arch):
     result = finetune_hf.main(["--arch", arch, "--steps", "8", "--batch", "4", "--seq", "16", "--dim", "16"])
     assert result["rel_error"] <= 1e-5
     assert result["report"].num_sites == 4  # 2 layers x (attention, MLP)
+    assert result["report"].num_chains == 1
     losses = result["mhc_losses"]
     assert losses[-1] < losses[0] - 0.3, losses
     assert result["gains"].max_forward == pytest.approx(1.0, abs=1e-3)
