@@ -241,3 +241,20 @@ def test_amax_gains_on_mhc_backend_compiled_model():
     assert len(rep.sites) == 4
     assert [s.name for s in rep.sites] == ["blocks.0.attn.mhc", "blocks.0.mlp.mhc", "blocks.1.attn.mhc", "blocks.1.mlp.mhc"]
     assert rep.max_forward == pytest.approx(1.0, abs=1e-5)
+
+
+def test_stream_stats_known_values():
+    # two streams, constant 1 and 3 over 5 tokens x 4 features: RMS 1 and 3; mean stream 2,
+    # deviation from it 1 everywhere -> divergence 1 / 2
+    x = torch.stack([torch.ones(5, 4), 3 * torch.ones(5, 4)], dim=-2)  # (5, 2, 4)
+    st = D._stream_stats(x)
+    assert st.rms == pytest.approx([1.0, 3.0])
+    assert st.divergence == pytest.approx(0.5)
+    # identical copies: divergence 0 (the collapsed / just-expanded state)
+    st = D._stream_stats(ops.expand(torch.randn(3, 7, 8), 4))
+    assert st.divergence == 0.0 and len(set(st.rms)) == 1
+    # one attenuated stream shows up in the per-stream RMS
+    y = torch.randn(64, 4, 16)
+    y[:, 2] *= 0.01
+    rms = D._stream_stats(y).rms
+    assert rms[2] < 0.05 * min(rms[0], rms[1], rms[3])
