@@ -54,6 +54,11 @@ def load_corpus(max_bytes: int = 2_000_000, text_file: Optional[str] = None) -> 
             if total >= max_bytes:
                 break
         data = b"\n".join(chunks)[:max_bytes]
+        if len(data) < 4096:
+            raise RuntimeError(
+                f"found only {len(data)} bytes of Python sources under {sysconfig.get_paths()['stdlib']}; "
+                "pass a text file with --text FILE"
+            )
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
