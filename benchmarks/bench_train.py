@@ -3,8 +3,8 @@
 Owns the training-level comparison of DESIGN.md section 3 ("Numbers to beat"). For each GPT
 shape it trains a few AdamW steps of, side by side:
 
-  plain        the plain pre-norm GPT (x = x + attn(ln1(x)); x = x + mlp(ln2(x))), compiled by
-               inductor;
+  plain        the plain pre-norm GPT (``mhc_compile.models.TinyGPT``: x = x + attn(ln1(x));
+               x = x + mlp(ln2(x))), compiled by inductor;
   hand_mhc     the anchor: the same GPT with n-stream mHC written by hand in plain torch from
                ``mhc_compile.reference`` (coeffs / pre_mix / post_res_mix / expand / collapse),
                compiled by inductor; autograd and the partitioner save whatever they like;
@@ -53,56 +53,16 @@ QUICK_SHAPES = "32x2x2x32"
 
 # ----------------------------------------------------------------------------- models
 def _build_model_classes():
-    import torch
-    import torch.nn.functional as F
     from torch import nn
 
     from mhc_compile import reference as R
+    from mhc_compile.models import TinyGPT
 
-    class Attention(nn.Module):
-        def __init__(self, c, heads):
-            super().__init__()
-            self.heads = heads
-            self.qkv = nn.Linear(c, 3 * c)
-            self.proj = nn.Linear(c, c)
+    class GPT(TinyGPT):
+        """The plain model: the package's pre-norm GPT, one head per 64 channels, tanh GELU."""
 
-        def forward(self, x):
-            b, t, c = x.shape
-            q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).unbind(2)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-            return self.proj(y.transpose(1, 2).reshape(b, t, c))
-
-    class MLP(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.fc, self.out = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
-
-        def forward(self, x):
-            return self.out(F.gelu(self.fc(x), approximate="tanh"))
-
-    class Block(nn.Module):
-        def __init__(self, c, heads):
-            super().__init__()
-            self.ln1, self.attn = nn.LayerNorm(c), Attention(c, heads)
-            self.ln2, self.mlp = nn.LayerNorm(c), MLP(c)
-
-        def forward(self, x):
-            x = x + self.attn(self.ln1(x))
-            return x + self.mlp(self.ln2(x))
-
-    class GPT(nn.Module):
         def __init__(self, c, layers, vocab, max_t):
-            super().__init__()
-            heads = max(1, c // 64)
-            self.wte, self.wpe = nn.Embedding(vocab, c), nn.Embedding(max_t, c)
-            self.blocks = nn.ModuleList(Block(c, heads) for _ in range(layers))
-            self.ln_f, self.head = nn.LayerNorm(c), nn.Linear(c, vocab, bias=False)
-
-        def forward(self, idx):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-            for blk in self.blocks:
-                x = blk(x)
-            return self.head(self.ln_f(x))
+            super().__init__(vocab, dim=c, layers=layers, heads=max(1, c // 64), max_len=max_t, gelu="tanh")
 
     class HandSite(nn.Module):
         """One mHC site's parameters (the section 1 math, preserve init)."""
@@ -126,8 +86,7 @@ def _build_model_classes():
             self.sites = nn.ModuleList(HandSite(n, c, i) for i in range(2 * layers))
 
         def forward(self, idx):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-            X = R.expand(x, self.n)
+            X = R.expand(self.embed(idx), self.n)
             for i, blk in enumerate(self.blocks):
                 X = self.sites[2 * i](X, lambda h: blk.attn(blk.ln1(h)))
                 X = self.sites[2 * i + 1](X, lambda h: blk.mlp(blk.ln2(h)))

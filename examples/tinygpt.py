@@ -3,7 +3,8 @@
 * :func:`load_corpus` reads real text that is always on the machine: the Python standard library's
   own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``), or a user's text file. Byte tokens,
   vocabulary 256, nothing downloaded.
-* :class:`GPT` is a plain pre-norm GPT (``x = x + attn(ln1(x)); x = x + mlp(ln2(x))``).
+* :class:`GPT` is the package's plain pre-norm GPT (``mhc_compile.models.TinyGPT``:
+  ``x = x + attn(ln1(x)); x = x + mlp(ln2(x))``) with a GPT-2 style init.
 * :func:`make_variant` turns it into the mHC (``variant="mhc"``) or HC (``variant="hc"``) model with
   ``mhc_compile.convert`` when that is available; :class:`HandStreamGPT` is the same rewrite
   written by hand from ``mhc_compile.ops`` (used as a fallback and as a cross-check).
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import mhc_compile
 from mhc_compile import MHCConfig, ops, reference
+from mhc_compile.models import TinyGPT
 
 
 # ----------------------------------------------------------------------------- data
@@ -75,54 +76,12 @@ def get_batch(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator, de
 
 
 # ----------------------------------------------------------------------------- model
-class Attention(nn.Module):
-    def __init__(self, c: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(c, 3 * c)
-        self.proj = nn.Linear(c, c)
-
-    def forward(self, x):
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
-
-
-class MLP(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.fc = nn.Linear(c, 4 * c)
-        self.proj = nn.Linear(4 * c, c)
-
-    def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, c: int, heads: int):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(c)
-        self.attn = Attention(c, heads)
-        self.ln2 = nn.LayerNorm(c)
-        self.mlp = MLP(c)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        x = x + self.mlp(self.ln2(x))
-        return x
-
-
-class GPT(nn.Module):
-    """Plain pre-norm GPT over bytes; ``forward(idx) -> logits``."""
+class GPT(TinyGPT):
+    """Plain pre-norm GPT over bytes (``mhc_compile.models.TinyGPT``) with GPT-2 style init;
+    ``forward(idx) -> logits``."""
 
     def __init__(self, vocab: int = 256, c: int = 64, layers: int = 4, heads: int = 4, seq: int = 128):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, c)
-        self.pos = nn.Embedding(seq, c)
-        self.blocks = nn.ModuleList(Block(c, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(c)
-        self.head = nn.Linear(c, vocab, bias=False)
+        super().__init__(vocab, dim=c, layers=layers, heads=heads, max_len=seq)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of the residual projections
             if name.endswith("proj.weight"):
@@ -136,15 +95,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
-
-    def embed(self, idx):
-        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-
-    def forward(self, idx):
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
 
 
 class SiteParams(nn.Module):

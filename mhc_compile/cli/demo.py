@@ -1,9 +1,10 @@
 """``mhc demo``: the README's main-job command, with no files needed.
 
-This module owns the tiny built-in GPT (:class:`TinyGPT`, pre-norm, C=64, L=4, byte-level
-vocabulary) and :func:`run_demo`: build it, convert it to mHC, print the residual table, check
-the converted model computes the original function, train a few AdamW steps on CPU on bytes of
-a standard-library source file (loss shown), and print the stability gains: the forward /
+This module owns the demo around the built-in model (:class:`mhc_compile.models.TinyGPT`, a
+pre-norm GPT, C=64, L=4, byte-level vocabulary; re-exported here): :func:`tiny_gpt` and
+:func:`run_demo`: build it, convert it to mHC, print the residual table, check the converted
+model computes the original function, train a few AdamW steps on CPU on bytes of a
+standard-library source file (loss shown), and print the stability gains: the forward /
 backward Amax gain of each chain's composite ``H_res`` product (``mhc_compile.diagnostics``).
 """
 from __future__ import annotations
@@ -17,53 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import TinyGPT
+
 __all__ = ["TinyGPT", "tiny_gpt", "demo_batch", "run_demo", "stability_gains"]
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = _Attention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        x = x + self.mlp(self.ln2(x))
-        return x
-
-
-class TinyGPT(nn.Module):
-    """A pre-norm GPT: token + position embeddings, L blocks, final LayerNorm, LM head."""
-
-    def __init__(self, vocab: int = 256, dim: int = 64, layers: int = 4, heads: int = 4, max_len: int = 64):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(max_len, dim)
-        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
 
 
 def tiny_gpt() -> TinyGPT:
