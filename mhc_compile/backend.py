@@ -29,7 +29,6 @@ All private torch API use is in ``mhc_compile._torch_internals``.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import re
@@ -113,7 +112,6 @@ _CREATED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.Weak
 _CREATED_VERSION = [0]
 _EXPLICIT_ROOT: contextvars.ContextVar[Optional[nn.Module]] = contextvars.ContextVar("mhc_root", default=None)
 _WARNED: set = set()
-_REWRITE_OVERRIDE: list[Callable] = []
 
 
 def records() -> list[GraphRecord]:
@@ -137,19 +135,7 @@ def mhc_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-@contextlib.contextmanager
-def _override_rewrite(fn: Callable):
-    """Tests only: use ``fn(gm, config, provider)`` instead of the real passes."""
-    _REWRITE_OVERRIDE.append(fn)
-    try:
-        yield
-    finally:
-        _REWRITE_OVERRIDE.remove(fn)
-
-
 def _rewrite_fn() -> Callable:
-    if _REWRITE_OVERRIDE:
-        return _REWRITE_OVERRIDE[-1]
     try:
         from .passes.rewrite import rewrite_graph
     except ImportError as e:  # the passes are a separate piece of the project
