@@ -1,8 +1,13 @@
-"""Shared checks for converted models (used by test_convert.py and test_hf_models.py)."""
+"""Shared test helpers: checks for converted models (test_convert, test_hf_models, test_cli, test_io,
+test_detect) and the ``one_thread`` fixture.
+
+``one_thread`` is an autouse fixture: a test module activates it by importing it
+(``from tests._convert_checks import one_thread  # noqa: F401``)."""
 from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 from torch import fx
 
@@ -10,11 +15,12 @@ from mhc_compile import ops
 
 
 def rel_err(out, ref) -> float:
-    out, ref = _first_tensor(out), _first_tensor(ref)
+    out, ref = main_output(out), main_output(ref)
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12)).item()
 
 
-def _first_tensor(out):
+def main_output(out):
+    """The main tensor of a model's output: itself, ``.logits``, ``.last_hidden_state``, or the first tensor."""
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "logits"):
@@ -24,8 +30,18 @@ def _first_tensor(out):
     if isinstance(out, dict):
         return next(v for v in out.values() if isinstance(v, torch.Tensor))
     if isinstance(out, (list, tuple)):
-        return _first_tensor(out[0])
+        return main_output(out[0])
     raise TypeError(type(out))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread is ~10x faster than two on a busy 2-core CI machine (and immune
+    to a test elsewhere that left more threads set)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def mhc_params(model) -> dict:
@@ -58,7 +74,7 @@ def stream_spread(gm, inputs) -> float:
 
 
 def loss_of(out) -> torch.Tensor:
-    t = _first_tensor(out)
+    t = main_output(out)
     return (t.float() - 0.5).pow(2).mean()
 
 
@@ -90,5 +106,5 @@ def state_dict_roundtrip(src, fresh, inputs) -> float:
     missing, unexpected = fresh.load_state_dict(sd, strict=True)
     assert not missing and not unexpected
     with torch.no_grad():
-        a, b = _first_tensor(src(*inputs)), _first_tensor(fresh(*inputs))
+        a, b = main_output(src(*inputs)), main_output(fresh(*inputs))
     return (a - b).abs().max().item()

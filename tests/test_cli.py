@@ -16,18 +16,9 @@ import mhc_compile
 from mhc_compile.cli.main import cli
 from mhc_compile.cli.render import site_cost
 from mhc_compile.io import MHCIOError
+from tests._convert_checks import main_output, one_thread, rel_err  # noqa: F401 (one_thread: autouse fixture)
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread is ~10x faster than two on a busy 2-core CI machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 def run(*args, ok=True):
@@ -35,19 +26,6 @@ def run(*args, ok=True):
     if ok:
         assert result.exit_code == 0, (result.output, result.exception)
     return result
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-def _main_output(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    return out[0]
 
 
 # ------------------------------------------------------------------------------- HF models
@@ -103,12 +81,12 @@ def test_convert_hf_roundtrip(hf_dirs, tmp_path, name):
     ex = load_file(str(dst / "example_inputs.safetensors"))["arg.0"]
     for x in (ex, ex.flip(0)):
         with torch.no_grad():
-            got, want = _main_output(loaded(x)), _main_output(ref(x))
+            got, want = main_output(loaded(x)), main_output(ref(x))
         assert got.shape == want.shape
-        assert _rel_err(got, want) < 1e-5  # init="preserve": the original function
+        assert rel_err(got, want) < 1e-5  # init="preserve": the original function
     # it is trainable: the mHC parameters get gradients
     params = dict(loaded.named_parameters())
-    _main_output(loaded(ex)).float().pow(2).mean().backward()
+    main_output(loaded(ex)).float().pow(2).mean().backward()
     assert params[phis[0]].grad is not None and params[phis[0]].grad.abs().sum() > 0
 
 
@@ -128,7 +106,7 @@ def test_hf_to_pt2_loads_in_a_fresh_process(hf_dirs, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with torch.no_grad():
-        assert _rel_err(torch.load(tmp_path / "y.pt"), ref(x).logits) < 1e-5
+        assert rel_err(torch.load(tmp_path / "y.pt"), ref(x).logits) < 1e-5
 
 
 def test_model_output_dataclass_roundtrip(user_module, tmp_path):
@@ -285,8 +263,8 @@ def test_convert_factory_with_state_dict(user_module, tmp_path):
     loaded = mhc_compile.load(dst)
     x = torch.randint(0, 50, (2, 8))
     with torch.no_grad():
-        assert _rel_err(loaded(x), model(x)) < 1e-5  # the state_dict's weights, not the factory's init
-        assert _rel_err(user_module.res()(x), model(x)) > 1e-2
+        assert rel_err(loaded(x), model(x)) < 1e-5  # the state_dict's weights, not the factory's init
+        assert rel_err(user_module.res()(x), model(x)) > 1e-2
 
 
 def test_convert_factory_example_inputs_and_safetensors(user_module, tmp_path):
@@ -302,7 +280,7 @@ def test_convert_factory_example_inputs_and_safetensors(user_module, tmp_path):
     loaded = mhc_compile.load(dst)
     x = user_module.example_inputs()[0]
     with torch.no_grad():
-        assert _rel_err(loaded(x), model(x)) < 1e-5
+        assert rel_err(loaded(x), model(x)) < 1e-5
 
 
 def test_convert_export_program(user_module, tmp_path):
@@ -314,7 +292,7 @@ def test_convert_export_program(user_module, tmp_path):
     run("convert", tmp_path / "m.pt2", "-o", dst, "-c", "sinkhorn_iters=7", "--no-progress")
     loaded = mhc_compile.load(dst)
     with torch.no_grad():
-        assert _rel_err(loaded(x), model(x)) < 1e-5
+        assert rel_err(loaded(x), model(x)) < 1e-5
     names = [k for k, _ in loaded.named_parameters()]
     assert sum(k.endswith(".mhc.phi") for k in names) == 2
     # inspect reads the mhc.json carried inside the converted program
@@ -326,7 +304,7 @@ def test_convert_export_program(user_module, tmp_path):
     # and a directory output of the same program round-trips too
     run("convert", tmp_path / "m.pt2", "-o", tmp_path / "m-dir", "--no-progress")
     with torch.no_grad():
-        assert _rel_err(mhc_compile.load(tmp_path / "m-dir")(x), model(x)) < 1e-5
+        assert rel_err(mhc_compile.load(tmp_path / "m-dir")(x), model(x)) < 1e-5
 
 
 def test_convert_pickled_module_needs_trust(user_module, tmp_path):
@@ -344,7 +322,7 @@ def test_convert_pickled_module_needs_trust(user_module, tmp_path):
     loaded = mhc_compile.load(dst, trust_pickle=True)
     x = torch.randint(0, 50, (2, 8))
     with torch.no_grad():
-        assert _rel_err(loaded(x), model(x)) < 1e-5
+        assert rel_err(loaded(x), model(x)) < 1e-5
 
 
 # -------------------------------------------------------------------------------------- errors

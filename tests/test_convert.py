@@ -13,20 +13,11 @@ from torch import nn
 
 import mhc_compile
 from mhc_compile import MHCCaptureError, MHCConfig, ResidualReport
-from tests._convert_checks import mhc_params, rel_err, state_dict_roundtrip, stream_spread, train_steps
+from tests._convert_checks import mhc_params, one_thread, rel_err, state_dict_roundtrip, stream_spread, train_steps  # noqa: F401
 from tests.models.zoo import FAMILIES, plain_inputs, tiny_gpt, tiny_plain, token_inputs
 
 CFG = MHCConfig(streams=4)
 _CACHE: dict = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to oversubscription on shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def converted(name):

@@ -12,18 +12,10 @@ import mhc_compile
 from mhc_compile import MHCConfig
 from mhc_compile.passes import build_chains, detect_sites, rewrite_graph
 from mhc_compile.passes.detect import feature_axis, normalize_path
-from tests._convert_checks import rel_err
+from tests._convert_checks import one_thread, rel_err  # noqa: F401
 from tests.models.zoo import tiny_gpt, token_inputs
 
 CFG = MHCConfig(streams=3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Spellings(nn.Module):

@@ -13,18 +13,12 @@ pytest.importorskip("transformers")
 
 import mhc_compile  # noqa: E402
 from mhc_compile import MHCConfig  # noqa: E402
-from tests._convert_checks import mhc_params, rel_err, state_dict_roundtrip, stream_spread, train_steps  # noqa: E402
+from tests._convert_checks import (  # noqa: E402, F401 (one_thread: autouse fixture)
+    mhc_params, one_thread, rel_err, state_dict_roundtrip, stream_spread, train_steps,
+)
 from tests.models.hf import HF_FAMILIES  # noqa: E402
 
 CFG = MHCConfig(streams=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.filterwarnings("ignore")

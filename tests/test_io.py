@@ -24,6 +24,7 @@ from mhc_compile.io import (
     read_source,
     save_converted,
 )
+from tests._convert_checks import one_thread  # noqa: F401 (autouse fixture)
 
 MODULE_SRC = textwrap.dedent(
     """
@@ -53,16 +54,6 @@ MODULE_SRC = textwrap.dedent(
         return (torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0)),)
     """
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread is ~10x faster than two on a busy 2-core CI machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 @pytest.fixture
