@@ -54,6 +54,18 @@ def coeff_rows(h: torch.Tensor, tokens: int, tail: int, name: str) -> bool:
     return h.shape[0] == 1 and tokens != 1
 
 
+def check_post_res_shapes(x: torch.Tensor, h_out: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> None:
+    """Shape checks of a post_res mix's inputs (the post_res and boundary kernels): x (T, n, C),
+    h_out (T, C), h_post (..., n), h_res (..., n, n)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (T, n, C), got shape {tuple(x.shape)}")
+    T, n, C = x.shape
+    if tuple(h_out.shape) != (T, C):
+        raise ValueError(f"h_out must be {(T, C)}, got {tuple(h_out.shape)}")
+    if h_post.shape[-1] != n or tuple(h_res.shape[-2:]) != (n, n):
+        raise ValueError(f"coefficient shapes {tuple(h_post.shape)}, {tuple(h_res.shape)} do not match n={n}")
+
+
 def mix_blocks(
     tokens: int, n: int, channels: int, device: torch.device, elem_bytes: int, backward: bool = False
 ) -> tuple[int, int, int]:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import coeff_rows, interpreting
+from ._common import check_post_res_shapes, coeff_rows, interpreting
 from .coeffs import (
     SPREAD,
     _activate,
@@ -157,13 +157,8 @@ def _blocks(n: int, C: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def _check(x, h_out, h_post, h_res, phi):
-    if x.dim() != 3:
-        raise ValueError(f"x must be (T, n, C), got shape {tuple(x.shape)}")
+    check_post_res_shapes(x, h_out, h_post, h_res)
     T, n, C = x.shape
-    if tuple(h_out.shape) != (T, C):
-        raise ValueError(f"h_out must be {(T, C)}, got {tuple(h_out.shape)}")
-    if h_post.shape[-1] != n or tuple(h_res.shape[-2:]) != (n, n):
-        raise ValueError(f"coefficient shapes {tuple(h_post.shape)}, {tuple(h_res.shape)} do not match n={n}")
     if tuple(phi.shape) != (n * C, 2 * n + n * n):
         raise ValueError(f"phi must be ({n * C}, {2 * n + n * n}), got {tuple(phi.shape)}")
     if not 1 <= n <= 8:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, c_splits, coeff_rows, mix_blocks, next_power_of_2
+from ._common import acc_dtype, c_splits, check_post_res_shapes, coeff_rows, mix_blocks, next_power_of_2
 
 
 # ============================================================================ kernels
@@ -132,13 +132,8 @@ def _post_res_bwd_kernel(
 
 # ============================================================================ launchers
 def _check(x, h_out, h_post, h_res) -> tuple[bool, bool]:
-    if x.dim() != 3:
-        raise ValueError(f"x must be (T, n, C), got shape {tuple(x.shape)}")
-    T, n, C = x.shape
-    if tuple(h_out.shape) != (T, C):
-        raise ValueError(f"h_out must be {(T, C)}, got {tuple(h_out.shape)}")
-    if h_post.shape[-1] != n or tuple(h_res.shape[-2:]) != (n, n):
-        raise ValueError(f"coefficient shapes {tuple(h_post.shape)}, {tuple(h_res.shape)} do not match n={n}")
+    check_post_res_shapes(x, h_out, h_post, h_res)
+    T = x.shape[0]
     return coeff_rows(h_post, T, 1, "h_post"), coeff_rows(h_res, T, 2, "h_res")
 
 
