@@ -2,13 +2,43 @@
 
 Returned by ``mhc_compile.find_residuals`` and ``passes.rewrite.rewrite_graph``; printable as a
 table (``str(report)`` / ``report.to_table()``) and as JSON (``report.to_json()``,
-``report.to_dict()``).
+``report.to_dict()``). Also owns how shapes read in text: :func:`shape_text`, with the capture's
+dynamic-size symbols (``s95``, ``s75``, ...) renumbered ``s0``, ``s1``, ... in order of first
+appearance (:func:`symbol_names`); the JSON keeps the raw shapes.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
+
+_SYMBOL = re.compile(r"\bs\d+\b")  # torch's dynamic-size symbols: s0, s95, ...
+
+
+def symbol_names(texts: Iterable[Any]) -> dict[str, str]:
+    """Readable names of the dynamic-size symbols in ``texts`` (shape dims, messages): ``s0``,
+    ``s1``, ... in order of first appearance, so the same size reads the same everywhere."""
+    names: dict[str, str] = {}
+    for text in texts:
+        for sym in _SYMBOL.findall(str(text)):
+            names.setdefault(sym, f"s{len(names)}")
+    return names
+
+
+def rename_symbols(text: Any, names: dict[str, str]) -> str:
+    """``text`` with every symbol named in ``names`` replaced by its readable name."""
+    return _SYMBOL.sub(lambda m: names.get(m.group(0), m.group(0)), str(text))
+
+
+def dynamic_legend(names: dict[str, str]) -> str:
+    """One line saying what the renamed symbols are."""
+    return f"({', '.join(names.values())}: dynamic sizes, they follow the inputs' shapes)"
+
+
+def shape_text(shape: Iterable[Any], names: Optional[dict[str, str]] = None) -> str:
+    """``2×16×64``; a dynamic dim reads as its (renamed) symbol or expression: ``s0×s1×64``."""
+    return "×".join(rename_symbols(d, names or {}) for d in shape) or "?"
 
 
 @dataclass
@@ -77,10 +107,15 @@ class ResidualReport:
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    def symbol_names(self) -> dict[str, str]:
+        """Readable names of the dynamic-size symbols in the site shapes and the adds' reasons."""
+        return symbol_names([d for s in self.sites for d in s.shape] + [t.reason for t in self.not_taken])
+
     def to_table(self) -> str:
+        names = self.symbol_names()
         head = ["#", "site", "kind", "shape", "chain", "pos", "home"]
         rows = [[str(s.index), s.name or s.module_path or s.add, s.kind,
-                 "(" + ", ".join(map(str, s.shape)) + ")", str(s.chain), str(s.index_in_chain),
+                 shape_text(s.shape, names), str(s.chain), str(s.index_in_chain),
                  str(s.home_stream)] for s in self.sites]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -88,13 +123,15 @@ class ResidualReport:
                f"n={self.streams} streams, {self.params_added} parameter(s) added"]
         if rows:
             out += [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        if names:
+            out.append(dynamic_legend(names))
         for c in self.chains:
             out.append(f"chain {c.index}: sites {c.sites} (stream starts at {c.start}, ends after {c.end})")
         if self.not_taken:
             out.append(f"adds not taken ({len(self.not_taken)}):")
             for t in self.not_taken:
                 where = f" in {t.module_path}" if t.module_path else ""
-                out.append(f"  {t.node}{where}: {t.reason}")
+                out.append(f"  {t.node}{where}: {rename_symbols(t.reason, names)}")
         return "\n".join(out)
 
     def __str__(self) -> str:

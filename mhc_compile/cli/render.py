@@ -36,6 +36,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from ..report import dynamic_legend, rename_symbols, shape_text, symbol_names
+
 __all__ = ["build_view", "site_cost", "to_text", "to_json", "graph_to_dot", "render_svg", "to_html", "GRAPHVIZ_HELP"]
 
 GRAPHVIZ_HELP = (
@@ -70,9 +72,9 @@ def _plain(val: Any) -> Any:
     return str(val)
 
 
-def _shape_str(shape) -> str:
-    """``2x16x32``; symbolic (dynamic) dims print as ``*``."""
-    return "x".join(str(d) if isinstance(d, int) or str(d).isdigit() else "*" for d in shape) or "?"
+def _symbol_names(view: dict) -> dict[str, str]:
+    """Readable names (s0, s1, ...) of the dynamic-size symbols in the view's shapes and reasons."""
+    return symbol_names([d for s in view["sites"] for d in s["shape"]] + [r["reason"] for r in view["rejected"]])
 
 
 def _count_params(model: Optional[nn.Module]) -> int:
@@ -199,11 +201,14 @@ def to_text(view: dict) -> str:
     n = view["streams"]
     out.append(f"mHC with n={n} streams, {view['dtype']} ({view['bytes_per_element']} bytes per element)")
     out.append("")
+    names = _symbol_names(view)
     if view["sites"]:
-        rows = [[s["index"], s["site"], s["module"] or "-", s["kind"], _shape_str(s["shape"]), s["chain"],
+        rows = [[s["index"], s["site"], s["module"] or "-", s["kind"], shape_text(s["shape"], names), s["chain"],
                  s["home_stream"]] for s in view["sites"]]
         out.append(f"residual sites ({len(view['sites'])}):")
         out += _table(rows, ["#", "site (add)", "module path", "kind", "shape", "chain", "home stream"])
+        if names:
+            out.append(dynamic_legend(names))
     else:
         out.append("residual sites: none found (the model has no residual add x + f(x) to rewrite)")
     out.append("")
@@ -214,7 +219,8 @@ def to_text(view: dict) -> str:
     if view["rejected"]:
         out.append("")
         out.append(f"adds not taken ({len(view['rejected'])}):")
-        out += _table([[r["site"], r["module"] or "-", r["reason"]] for r in view["rejected"]], ["add", "module path", "why"])
+        out += _table([[r["site"], r["module"] or "-", rename_symbols(r["reason"], names)] for r in view["rejected"]],
+                      ["add", "module path", "why"])
     p = view["params"]
     out.append("")
     pct = f" ({p['percent']:.3f}% of {p['original']:,})" if p["percent"] is not None else ""
@@ -357,6 +363,7 @@ def chain_svg(view: dict) -> str:
     on the lane of its home stream."""
     n = max(1, int(view["streams"]))
     sites = {s["index"]: s for s in view["sites"]}
+    names = _symbol_names(view)
     lane, box_w, gap, top = 26, 118, 16, 34
     width = 140 + max((len(c["sites"]) for c in view["chains"]), default=1) * (box_w + gap)
     parts, y = [], 10
@@ -374,7 +381,7 @@ def chain_svg(view: dict) -> str:
             x = 100 + j * (box_w + gap)
             by = y + top + k * lane + 2
             label = (s["module"] or s["site"])[-18:]
-            tip = f'{s["site"]} {s["module"]} shape {_shape_str(s["shape"])} home stream {s["home_stream"]}'
+            tip = f'{s["site"]} {s["module"]} shape {shape_text(s["shape"], names)} home stream {s["home_stream"]}'
             parts.append(f'<g><title>{html.escape(tip)}</title><rect x="{x}" y="{by}" width="{box_w}" height="{lane - 4}" rx="5" '
                          f'fill="{_PALETTE[k % 8]}" opacity="0.9"/><text x="{x + 6}" y="{by + 15}" font-size="11" fill="white">'
                          f'{j}: {html.escape(label)}</text></g>')
@@ -390,16 +397,17 @@ def to_html(view: dict, svg: Optional[str] = None, dot_text: Optional[str] = Non
     """A self-contained HTML report: summary, chain diagram, sites, adds not taken, cost, graph."""
     e = html.escape
     p, c = view["params"], view["cost_per_token"]
+    names = _symbol_names(view)
     pct = f" ({p['percent']:.3f}% of {p['original']:,})" if p["percent"] is not None else ""
     site_rows = "".join(
         f"<tr><td>{s['index']}</td><td><code>{e(s['site'])}</code></td><td><code>{e(s['module'] or '-')}</code></td><td>{e(s['kind'])}</td>"
-        f"<td>{e(_shape_str(s['shape']))}</td><td>{e(str(s['chain']))}</td>"
+        f"<td>{e(shape_text(s['shape'], names))}</td><td>{e(str(s['chain']))}</td>"
         f"<td><span class=dot style='background:{_PALETTE[int(s['home_stream']) % 8] if isinstance(s['home_stream'], int) else '#999'}'></span>{e(str(s['home_stream']))}</td>"
         f"<td>{_fmt_count(s['cost']['bytes'])}B</td><td>{_fmt_count(s['cost']['flops'])}</td></tr>"
         for s in view["sites"]
     ) or "<tr><td colspan=9>no residual sites found</td></tr>"
     rej_rows = "".join(
-        f"<tr><td><code>{e(r['site'])}</code></td><td><code>{e(r['module'] or '-')}</code></td><td>{e(r['reason'])}</td></tr>"
+        f"<tr><td><code>{e(r['site'])}</code></td><td><code>{e(r['module'] or '-')}</code></td><td>{e(rename_symbols(r['reason'], names))}</td></tr>"
         for r in view["rejected"]
     ) or "<tr><td colspan=3>none</td></tr>"
     if svg:
