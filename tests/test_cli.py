@@ -186,6 +186,33 @@ def test_inspect_converted_directory(hf_dirs, tmp_path):
     assert "(converted)" in view["source"]
 
 
+def test_dynamic_dims_read_s0_s1_everywhere_json_keeps_raw_shapes():
+    """The capture's dynamic-size symbols (s95, s75, ...) read s0, s1, ... in order of first
+    appearance, the same in find_residuals' table, the inspect text/HTML and the reasons of the
+    adds not taken; the JSON keeps the raw shapes."""
+    from mhc_compile import MHCConfig
+    from mhc_compile.cli import render as rp
+    from mhc_compile.models import TinyGPT
+    from mhc_compile.report import shape_text
+
+    assert shape_text(["2*s95", "s7", "64"], {"s95": "s0", "s7": "s1"}) == "2*s0×s1×64"
+    assert shape_text([2, 16, 64]) == "2×16×64"
+    model = TinyGPT(dim=16, layers=1, heads=2).eval()
+    rep = mhc_compile.find_residuals(model, (torch.randint(0, 256, (2, 8)),))
+    raw = list(rep.sites[0].shape)
+    assert raw[2] == "16" and raw[0] != raw[1] and all(d.startswith("s") for d in raw[:2]), raw
+    table = rep.to_table()
+    assert table.count("s0×s1×16") == 2 and "shapes differ: (s0, s1, 16) vs (s1, 16)" in table, table
+    view = rp.build_view(rep, MHCConfig(streams=4), model)
+    text = rp.to_text(view)
+    assert text.count("s0×s1×16") == 2 and "(s0, s1, 16) vs (s1, 16)" in text and "*" not in text, text
+    assert "(s0, s1: dynamic sizes" in text
+    html_out = rp.to_html(view, svg=rp.chain_svg(view))
+    assert "<td>s0×s1×16</td>" in html_out and "shape s0×s1×16" in html_out
+    assert json.loads(rp.to_json(view))["sites"][0]["shape"] == raw
+    assert json.loads(rep.to_json())["sites"][0]["shape"] == raw
+
+
 # ------------------------------------------------------------------------------ other sources
 MODULE_SRC = textwrap.dedent(
     """
