@@ -223,3 +223,45 @@ def test_encoder_decoder_roundtrip(tmp_path):
         ref = source.model(*source.args).logits
     assert (got - want).abs().max() <= 1e-6
     assert (want - ref).abs().max() > 1e-4
+
+
+def test_loaded_hf_directory_switches_train_eval_and_finetunes(tmp_path):
+    """An HF output directory loads as a module with a working train/eval switch: eval mode is
+    deterministic and matches the converted model, train mode turns GPT-2's dropout on, and
+    fine-tuning in train mode lowers the loss."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64)  # dropout 0.1
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    source = read_source(str(tmp_path / "gpt2"))
+    config = MHCConfig(streams=2)
+    converted = convert_source(source, config)
+    save_converted(converted, str(tmp_path / "o"), source, config)
+    model = mhc_compile.load(tmp_path / "o")
+    x = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    assert model.eval() is model and not any(m.training for m in model.modules())
+    with torch.no_grad():
+        first = model(x).logits
+        assert torch.equal(model(x).logits, first)
+        assert (first - converted.eval()(x).logits).abs().max() <= 1e-6
+
+    assert model.train() is model and all(m.training for m in model.modules())
+    with torch.no_grad():
+        assert (model(x).logits - model(x).logits).abs().max() > 1e-3  # dropout is on
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        logits = model(x).logits
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+    model.eval()
+    with torch.no_grad():
+        after = model(x).logits
+        assert torch.equal(model(x).logits, after)
+    assert (after - first).abs().max() > 1e-2  # the fine-tuned weights are in use
