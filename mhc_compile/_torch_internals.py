@@ -13,7 +13,16 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
   (``DistributedDataParallel._get_active_ddp_module()``, ``torch._dynamo.config.optimize_ddp``);
 * a pass over the AOTAutograd joint graph before partitioning, for ``passes.recompute``
   (``torch._functorch.config.joint_custom_pass``, inductor's ``joint_custom_pre_pass``):
-  :func:`joint_graph_hook`, canary in ``tests/test_recompute.py``.
+  :func:`joint_graph_hook`, canary in ``tests/test_recompute.py``;
+* the partitioner's selective-checkpoint tags on joint-graph nodes (``node.meta["recompute"]``
+  holding a ``CheckpointPolicy`` and ``node.meta["ac_graph_id"]``): :func:`set_recompute_tag`,
+  :func:`recompute_tag`;
+* operator identity of FX targets (``torch._ops.OpOverload``, its ``namespace`` and ``_schema``):
+  :func:`op_namespace`, :func:`op_schema_name`;
+* the base class of a ``__torch_dispatch__`` mode (``torch.utils._python_dispatch``):
+  :func:`dispatch_mode_base`, used by ``diagnostics.record_streams``.
+
+The torch 2.11 / triton 3.6 audit of all of these is in ``docs/gpu.md``.
 
 Each helper degrades to ``None`` / ``False`` instead of raising when an attribute disappears, so
 the backend can fall back (or fail with a clear message). ``tests/test_torch_internals.py``
@@ -372,3 +381,43 @@ def joint_graph_hook(fn: Callable[[torch.fx.Graph], None], uuid: str) -> Iterato
 
     with fconfig.patch(joint_custom_pass=functorch_pass), iconfig.patch(joint_custom_pre_pass=_Pass()):
         yield
+
+
+# ----------------------------------------------------------------------------- partitioner tags
+# (moved here from mhc_compile.passes.recompute; canary: tests/test_torch_internals.py)
+def set_recompute_tag(node: torch.fx.Node, policy: Any, graph_id: int) -> None:
+    """Tag a joint-graph node for the min-cut partitioner like selective activation checkpointing.
+
+    ``policy`` is a ``torch.utils.checkpoint.CheckpointPolicy`` (MUST_SAVE / MUST_RECOMPUTE ...);
+    nodes sharing ``graph_id`` form one recompute region (the partitioner does not recompute
+    across regions with different ids).
+    """
+    node.meta["recompute"] = policy
+    node.meta["ac_graph_id"] = graph_id
+
+
+def recompute_tag(node: torch.fx.Node) -> Any:
+    """The ``CheckpointPolicy`` a node is tagged with, or None."""
+    return node.meta.get("recompute")
+
+
+# ----------------------------------------------------------------------------- operators
+def op_namespace(target: Any) -> Optional[str]:
+    """``"aten"``, ``"prims"``, ``"mhc"`` ... for an ``OpOverload`` FX target, None for anything else."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    return target.namespace
+
+
+def op_schema_name(target: Any) -> str:
+    """``"ns::name"`` from an operator's schema (``"aten::add"``, ``"mhc::pre"``), ``""`` if it has none."""
+    schema = getattr(target, "_schema", None)
+    return str(getattr(schema, "name", "") or "")
+
+
+# ----------------------------------------------------------------------------- dispatch modes
+def dispatch_mode_base() -> type:
+    """``TorchDispatchMode``: subclass it and enter an instance to see every aten call below autograd."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode

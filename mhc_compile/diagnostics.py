@@ -131,8 +131,9 @@ class record_streams:
     """
 
     def __enter__(self) -> list:
-        from torch.utils._python_dispatch import TorchDispatchMode
+        from ._torch_internals import dispatch_mode_base
 
+        TorchDispatchMode = dispatch_mode_base()
         records: list = []
         pre = torch.ops.mhc.pre.default
         boundary = getattr(getattr(torch.ops.mhc, "boundary", None), "default", None)

@@ -136,3 +136,74 @@ def test_ddp_helpers_and_unwrap():
     net = _Net()
     inner, prefix = ti.unwrap_module(torch.compile(net, backend="eager"))
     assert inner is net and prefix == "_orig_mod"
+
+
+# ----------------------------------------------------------------------------- moved helpers
+def test_op_namespace_and_schema_name():
+    import mhc_compile.ops  # noqa: F401  (registers mhc::)
+
+    assert ti.op_namespace(torch.ops.aten.add.Tensor) == "aten"
+    assert ti.op_schema_name(torch.ops.aten.add.Tensor) == "aten::add"
+    assert ti.op_namespace(torch.ops.mhc.pre.default) == "mhc", "torch._ops.OpOverload.namespace changed"
+    assert ti.op_schema_name(torch.ops.mhc.pre.default) == "mhc::pre"
+    assert ti.op_namespace(operator.add) is None and ti.op_schema_name(operator.add) == ""
+    assert ti.op_namespace(torch.ops.aten.add) is None  # the packet, not an overload
+
+
+def test_dispatch_mode_base_sees_aten_calls():
+    seen = []
+
+    class Mode(ti.dispatch_mode_base()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(3, requires_grad=True)
+    with Mode():
+        y = (x * 2).sum()
+    assert torch.ops.aten.mul.Tensor in seen and torch.ops.aten.sum.default in seen, seen
+    assert y.item() == 6.0
+
+
+def _mm_count_in_backward(tag: bool) -> int:
+    """Compile (x @ w).tanh().sum() with AOTAutograd + the min-cut partitioner; with ``tag`` the mm
+    and tanh are tagged MUST_RECOMPUTE through set_recompute_tag, so the backward replays the mm."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def tagger(graph):
+        for n in graph.nodes:
+            if n.op == "call_function" and n.target in (torch.ops.aten.mm.default, torch.ops.aten.tanh.default):
+                if ti.recompute_tag(n) is None:
+                    ti.set_recompute_tag(n, CheckpointPolicy.MUST_RECOMPUTE, 0)
+
+    backend = aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"),
+                           partition_fn=min_cut_rematerialization_partition)
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b: (a @ b).tanh().sum(), backend=backend)
+    if tag:
+        with ti.joint_graph_hook(tagger, "canary-tagger"):
+            out = fn(x, w)
+    else:
+        out = fn(x, w)
+    out.backward()
+    torch.testing.assert_close(w.grad, x.detach().t() @ (1 - torch.tanh(x.detach() @ w.detach()) ** 2))
+    return sum(1 for n in graphs["bw"].graph.nodes if n.target is torch.ops.aten.mm.default)
+
+
+def test_recompute_tags_are_honoured_by_the_min_cut_partitioner():
+    plain, tagged = _mm_count_in_backward(False), _mm_count_in_backward(True)
+    assert plain == 2, plain  # dx and dw
+    assert tagged == 3, (plain, tagged)  # + the forward mm replayed: meta["recompute"]/["ac_graph_id"] honoured

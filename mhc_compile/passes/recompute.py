@@ -48,6 +48,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import fx
 
+from .. import _torch_internals as _ti
+
 __all__ = [
     "recompute_block_size",
     "tag_joint_graph",
@@ -132,8 +134,7 @@ def _mhc_kind(node: fx.Node) -> Optional[str]:
     """'coeffs' / 'pre' / 'post_res' / 'boundary' for a forward mhc:: op node, else None."""
     if node.op != "call_function":
         return None
-    schema = getattr(node.target, "_schema", None)
-    name = getattr(schema, "name", "")
+    name = _ti.op_schema_name(node.target)
     if not name.startswith("mhc::"):
         return None
     kind = name[len("mhc::"):]
@@ -195,11 +196,11 @@ def _replayable_glue(node: fx.Node) -> bool:
     if node.target is operator.getitem:
         return True
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+    if _ti.op_namespace(target) not in ("aten", "prims"):
         return False
     if torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    name = target._schema.name.split("::")[-1]
+    name = _ti.op_schema_name(target).split("::")[-1]
     return not any(k in name for k in ("mm", "conv", "attention", "_scaled_dot", "linear", "baddbmm", "addmv"))
 
 
@@ -279,8 +280,7 @@ def _collect_sites(graph: fx.Graph) -> list:
 
 
 def _tag(node: fx.Node, policy, graph_id: int, names: list) -> None:
-    node.meta["recompute"] = policy
-    node.meta["ac_graph_id"] = graph_id
+    _ti.set_recompute_tag(node, policy, graph_id)
     names.append(node.name)
 
 
@@ -335,7 +335,7 @@ def tag_joint_graph(graph: fx.Graph, n: Optional[int] = None, block_override: Op
             else:
                 _tag_op(site.out, CheckpointPolicy.MUST_RECOMPUTE, block_id, recomputed)
                 for g in site.glue:
-                    if g.meta.get("recompute") is None:
+                    if _ti.recompute_tag(g) is None:
                         _tag_op(g, CheckpointPolicy.MUST_RECOMPUTE, block_id, recomputed)
         xbytes = xv.numel() * xv.element_size() if xv is not None and not _symbolic(xv) else 0
         plans.append(ChainPlan(chain_n, L, block, starts, recomputed, saved, xbytes))
@@ -366,7 +366,9 @@ _SOURCE_HASH: list = []
 
 def _source_hash() -> str:
     if not _SOURCE_HASH:
-        _SOURCE_HASH.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16])
+        # the tags are written through _torch_internals: its source is part of the cache key too
+        src = Path(__file__).read_bytes() + Path(_ti.__file__).read_bytes()
+        _SOURCE_HASH.append(hashlib.sha256(src).hexdigest()[:16])
     return _SOURCE_HASH[0]
 
 
