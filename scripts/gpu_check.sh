@@ -168,7 +168,9 @@ write_summary() {
 
 # ------------------------------------------------------------------------------------ environment
 env_report() {
-  echo "repo: $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')$(git -C "$REPO" diff --quiet 2>/dev/null || echo ', dirty'))"
+  local rev; rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) || rev="no git"
+  [ "$rev" != "no git" ] && ! git -C "$REPO" diff --quiet 2>/dev/null && rev="$rev, dirty"
+  echo "repo: $REPO ($rev)"
   echo "python: $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
   "$PY" - <<'EOF'
 import torch
