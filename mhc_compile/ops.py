@@ -281,33 +281,6 @@ _post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
 # mhc::boundary fuses post_res of site l with coeffs and pre of site l+1 (dynamic site l+1
 # only; static coefficients need no fusion). Reference path = the composition of the
 # reference functions; Triton path = kernels.boundary (one read of X and h_out).
-def _boundary_reference(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
-    """post_res_mix -> coeffs -> pre_mix in plain torch: (x_next, h_pre, h_post, h_res, h_in)."""
-    xn = reference.post_res_mix(x, h_out, h_post, h_res)
-    hp, ho, hr = reference.coeffs(xn, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True)
-    return xn, hp, ho, hr, reference.pre_mix(xn, hp)
-
-
-def _boundary_reference_backward(
-    g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
-):
-    """Hand-chained reference backwards of :func:`_boundary_reference` (recomputes x_next, h_pre).
-
-    Returns gradients for (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res). The three
-    contributions to d x_next are summed in the compute dtype and rounded once.
-    """
-    cd = reference.compute_dtype(x.dtype)
-    xn = reference.post_res_mix(x, h_out, h_post, h_res)
-    hp, _, _ = reference.coeffs(xn, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True)
-    gxn_pre, ghp_pre = reference.pre_mix_backward(g_hin, xn, hp)
-    gxn_c, *gparams = reference.coeffs_backward(
-        g_hp.to(cd) + ghp_pre.to(cd), g_ho, g_hr, xn, phi, alpha, b_pre, b_post, b_res,
-        iters=iters, eps=eps, variant=variant,
-    )
-    gxn = (g_xn.to(cd) + gxn_pre.to(cd) + gxn_c.to(cd)).to(x.dtype)
-    return (*reference.post_res_mix_backward(gxn, x, h_out, h_post, h_res), *gparams)
-
-
 @torch.library.custom_op("mhc::boundary", mutates_args=())
 def _boundary(
     x: Tensor,
@@ -336,7 +309,7 @@ def _boundary(
     else:
         outs = tuple(
             o.contiguous()
-            for o in _boundary_reference(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+            for o in reference.boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
         )
     _record(outs[1:4])
     return outs
@@ -387,7 +360,7 @@ def _boundary_backward(
         )
         like = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
         return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
-    grads = _boundary_reference_backward(
+    grads = reference.boundary_backward(
         g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
     )
     return tuple(g.contiguous() for g in grads)

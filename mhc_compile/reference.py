@@ -279,6 +279,33 @@ def post_res_mix_backward(
     return g_x, g_out, g_post, g_res
 
 
+def boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
+    """post_res_mix -> coeffs -> pre_mix in plain torch: (x_next, h_pre, h_post, h_res, h_in)."""
+    xn = post_res_mix(x, h_out, h_post, h_res)
+    hp, ho, hr = coeffs(xn, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True)
+    return xn, hp, ho, hr, pre_mix(xn, hp)
+
+
+def boundary_backward(
+    g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
+):
+    """Hand-chained reference backwards of :func:`boundary` (recomputes x_next, h_pre).
+
+    Returns gradients for (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res). The three
+    contributions to d x_next are summed in the compute dtype and rounded once.
+    """
+    cd = compute_dtype(x.dtype)
+    xn = post_res_mix(x, h_out, h_post, h_res)
+    hp, _, _ = coeffs(xn, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True)
+    gxn_pre, ghp_pre = pre_mix_backward(g_hin, xn, hp)
+    gxn_c, *gparams = coeffs_backward(
+        g_hp.to(cd) + ghp_pre.to(cd), g_ho, g_hr, xn, phi, alpha, b_pre, b_post, b_res,
+        iters=iters, eps=eps, variant=variant,
+    )
+    gxn = (g_xn.to(cd) + gxn_pre.to(cd) + gxn_c.to(cd)).to(x.dtype)
+    return (*post_res_mix_backward(gxn, x, h_out, h_post, h_res), *gparams)
+
+
 # ----------------------------------------------------------------------------- init
 def home_stream(site_index: int, n: int) -> int:
     """The stream that site ``site_index`` mostly reads at init (symmetry breaking)."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mhc_compile import ops
+from mhc_compile import reference as R
 from mhc_compile.kernels.boundary import boundary_backward, boundary_forward
 
 TOL = 1e-5
@@ -42,7 +43,7 @@ def out_grads(T, n, C, dtype, device="cpu"):
 def reference(inputs, grads, iters, variant, dtype):
     """Reference composition (autograd) with the float inputs in ``dtype`` (None: as given)."""
     leaves = [(t if dtype is None else t.to(dtype)).detach().requires_grad_(True) for t in inputs]
-    outs = ops._boundary_reference(*leaves, iters, 1e-6, variant)
+    outs = R.boundary(*leaves, iters, 1e-6, variant)
     g = torch.autograd.grad(outs, leaves, [gr.to(o.dtype) for gr, o in zip(grads, outs)])
     return [o.detach() for o in outs], list(g)
 
@@ -168,7 +169,7 @@ def test_extreme_logits_stay_finite():
     args = (x, h_out, h_post, h_res, phi, alpha, bp, bo, br)
     outs = boundary_forward(*args, 20, 1e-6, "mhc")
     assert all(torch.isfinite(o).all() for o in outs)
-    ref = ops._boundary_reference(*args, 20, 1e-6, "mhc")
+    ref = R.boundary(*args, 20, 1e-6, "mhc")
     torch.testing.assert_close(outs[3], ref[3], rtol=1e-5, atol=1e-5)
     grads = boundary_backward(*out_grads(T, n, C, torch.float32), *args, 20, 1e-6, "mhc")
     assert all(torch.isfinite(g).all() for g in grads)

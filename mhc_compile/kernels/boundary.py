@@ -168,9 +168,9 @@ def _check(x, h_out, h_post, h_res, phi):
 
 def reference_boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
     """The composition of the reference functions (the spec of the fused kernel)."""
-    from ..ops import _boundary_reference
+    from ..reference import boundary as _reference_boundary
 
-    return _boundary_reference(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    return _reference_boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
 
 
 def boundary_forward(
@@ -263,9 +263,9 @@ def boundary_backward(
     inputs = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     grads = (g_xn.reshape(T, n, C), g_hp.reshape(T, n), g_ho.reshape(T, n), g_hr.reshape(T, n, n), g_hin.reshape(T, C))
     if not _use_kernel(*inputs) or h_out.dtype != x.dtype:
-        from ..ops import _boundary_reference_backward
+        from ..reference import boundary_backward as _reference_backward
 
-        got = _boundary_reference_backward(*grads, *inputs, iters, eps, variant)
+        got = _reference_backward(*grads, *inputs, iters, eps, variant)
         return tuple(g.contiguous() for g in got)
     from .coeffs import coeffs_backward
     from .post_res import post_res_backward
