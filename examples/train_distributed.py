@@ -137,6 +137,8 @@ def main(argv=None) -> None:
             for i, loss in enumerate(out["losses"]):
                 if i % 10 == 0 or i == len(out["losses"]) - 1:
                     print(f"step {i:5d}  loss {loss:.4f}")
+        if distributed:
+            dist.barrier()  # no rank tears down its connections while another still uses them
     finally:
         if distributed:
             dist.destroy_process_group()

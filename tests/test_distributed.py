@@ -7,7 +7,6 @@ gradient reduction differs).
 """
 import importlib
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -39,23 +38,22 @@ def _data():
     return tg.load_corpus(50_000)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, strategy: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, strategy: str, out_dir: str) -> None:
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port to pick and lose to another process on a busy machine.
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         td = importlib.import_module("train_distributed")
         out = td.train(_args(), rank, world, strategy, data=_data())
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "out.pt"))
+        # No rank tears down its gloo pairs while the other still talks to it (seen once:
+        # rank 1 aborted in "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +67,7 @@ def single():
 
 def _run(strategy: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(WORLD, _free_port(), strategy, d), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(WORLD, strategy, d), nprocs=WORLD, join=True)
         return torch.load(os.path.join(d, "out.pt"), weights_only=True)
 
 
