@@ -485,3 +485,22 @@ def test_help_documents_sources():
     text = run("convert", "--help").output
     for word in ("save_pretrained", ".pt2", "package.module:function", "--trust-pickle", "example_inputs()", "--input-shape"):
         assert word in text
+
+
+def test_chain_diagram_labels_shorten_at_dots():
+    """Long module paths in the HTML chain diagram keep their last components after an ellipsis
+    (they used to lose their first characters: "ansformer.h.0.attn")."""
+    from mhc_compile.cli import render as rp
+
+    assert rp._short_label("blocks.0.attn", 17) == "blocks.0.attn"
+    assert rp._short_label("transformer.h.0.attn", 17) == "…h.0.attn"
+    assert rp._short_label("encoder.layer.11.attention.output", 17) == "…attention.output"
+    assert rp._short_label("x" * 30, 17) == "…" + "x" * 16
+    view = {"streams": 2, "chains": [{"index": 0, "sites": [0, 1]}], "sites": [
+        {"index": 0, "site": "add_4", "module": "transformer.h.0.attn", "home_stream": 0, "shape": [2, 16, 32]},
+        {"index": 1, "site": "add_7", "module": "transformer.h.0.mlp", "home_stream": 1, "shape": [2, 16, 32]}],
+        "rejected": []}
+    svg = rp.chain_svg(view)
+    assert ">0: …h.0.attn<" in svg and ">1: …h.0.mlp<" in svg
+    assert "ansformer" not in svg.replace("transformer", "")  # the full path stays in the tooltip only
+    assert svg.count("<title>add_4 transformer.h.0.attn shape 2×16×32 home stream 0</title>") == 1

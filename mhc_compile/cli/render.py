@@ -358,6 +358,18 @@ def render_svg(dot_text: str, timeout: float = 120.0) -> Optional[str]:
 _PALETTE = ["#4c6ef5", "#f76707", "#37b24d", "#ae3ec9", "#1098ad", "#f03e3e", "#f59f00", "#495057"]
 
 
+def _short_label(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its last dotted components that fit,
+    after an ellipsis (``transformer.h.0.attn`` -> ``…h.0.attn``); never a name cut mid-word
+    unless its last component alone is too long."""
+    if len(text) <= limit:
+        return text
+    parts, kept = text.split("."), []
+    while parts and len(".".join([parts[-1], *kept])) <= limit - 1:
+        kept.insert(0, parts.pop())
+    return "…" + (".".join(kept) if kept else text[-(limit - 1):])
+
+
 def chain_svg(view: dict) -> str:
     """A chain diagram drawn without Graphviz: per chain, n stream lanes and one box per site
     on the lane of its home stream."""
@@ -380,7 +392,7 @@ def chain_svg(view: dict) -> str:
             k = int(s["home_stream"]) % n if isinstance(s["home_stream"], int) else 0
             x = 100 + j * (box_w + gap)
             by = y + top + k * lane + 2
-            label = (s["module"] or s["site"])[-18:]
+            label = _short_label(s["module"] or s["site"], 20 - len(f"{j}: "))
             tip = f'{s["site"]} {s["module"]} shape {shape_text(s["shape"], names)} home stream {s["home_stream"]}'
             parts.append(f'<g><title>{html.escape(tip)}</title><rect x="{x}" y="{by}" width="{box_w}" height="{lane - 4}" rx="5" '
                          f'fill="{_PALETTE[k % 8]}" opacity="0.9"/><text x="{x + 6}" y="{by + 15}" font-size="11" fill="white">'
