@@ -504,3 +504,19 @@ def test_chain_diagram_labels_shorten_at_dots():
     assert ">0: …h.0.attn<" in svg and ">1: …h.0.mlp<" in svg
     assert "ansformer" not in svg.replace("transformer", "")  # the full path stays in the tooltip only
     assert svg.count("<title>add_4 transformer.h.0.attn shape 2×16×32 home stream 0</title>") == 1
+
+
+def test_dot_labels_hide_torch_placeholder_module():
+    """Nodes torch.export tags with its "no module" key get no module line in the DOT labels."""
+    from mhc_compile.cli import render as rp
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.ops.aten.sin.default, (x,))
+    a.meta["nn_module_stack"] = {"_empty_nn_module_stack_from_metadata_hook": ("_empty_nn_module_stack_from_metadata_hook", object)}
+    b = g.call_function(torch.ops.aten.cos.default, (a,))
+    b.meta["nn_module_stack"] = {"L__self___blocks_0": ("L['self'].blocks.0", object)}
+    g.output(b)
+    dot = rp.graph_to_dot([("before", g)])
+    assert "_empty_nn_module_stack" not in dot
+    assert 'label="sin"' in dot and 'label="cos\\nblocks.0"' in dot

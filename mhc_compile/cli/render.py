@@ -259,6 +259,8 @@ def _module_of(node) -> str:
     if stack:
         last = list(stack.values())[-1]
         path = last[0] if isinstance(last, (tuple, list)) else str(last)
+        if str(path).startswith("_empty_nn_module_stack"):  # torch.export's placeholder for "no module"
+            return ""
         return str(path).replace("L['self'].", "").replace("L__self___", "")
     return ""
 
