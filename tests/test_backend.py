@@ -119,10 +119,13 @@ def gpt_run():
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(30):
+    got_grad = set()  # mHC parameters with a nonzero gradient in the first 3 steps
+    for step in range(30):
         opt.zero_grad(set_to_none=True)
         loss = _lm_loss(compiled(idx), idx)
         loss.backward()
+        if step < 3:
+            got_grad |= {n for n, p in B.mhc_parameters(model).items() if p.grad is not None and p.grad.abs().max() > 0}
         opt.step()
         losses.append(loss.item())
     final_out = compiled(idx).detach()
@@ -132,7 +135,7 @@ def gpt_run():
     return dict(
         model=model, original=original, compiled=compiled, idx=idx, idx2=idx2, out2=out2, new=new,
         n_before=n_before, n_after=n_after, ref_out=ref_out, out=out.detach(), grads=grads,
-        losses=losses, final_out=final_out, records_before_recompile=records_before_recompile, records=B.records(),
+        losses=losses, got_grad=got_grad, final_out=final_out, records_before_recompile=records_before_recompile, records=B.records(),
     )
 
 
@@ -163,6 +166,8 @@ def test_gpt_gradients_reach_new_parameters(gpt_run):
     assert all(torch.isfinite(g).all() for g in grads.values())
     nonzero = [n for n, g in grads.items() if g.abs().sum() > 0]
     assert len(nonzero) >= len(grads) // 2, f"most mHC parameters get no gradient: {sorted(set(grads) - set(nonzero))}"
+    # alpha's gradient is zero while phi is still zero (first step); within 3 AdamW steps every one has one
+    assert gpt_run["got_grad"] == set(grads), sorted(set(grads) - gpt_run["got_grad"])
 
 
 def test_gpt_training_reduces_loss(gpt_run):
