@@ -134,3 +134,24 @@ def test_bf16_input_gives_fp32_coefficients_through_ops(kernels):
     want = R.coeffs(x.float(), *cp)
     for o, w in zip(outs, want):
         torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("variant,static", [("mhc", False), ("mhc", True), ("hc", False), ("hc", True)])
+def test_boundary_op_gradcheck_float64_every_n(n, variant, static):
+    """float64 gradcheck of mhc::boundary (reference path) across n, mhc/hc, dynamic/static
+    previous-site coefficients (test_kernel_boundary only covers n=2)."""
+    from torch.autograd import gradcheck
+
+    g = torch.Generator().manual_seed(n)
+    c, lead = 3, (2,)
+    lead_c = (1,) if static else lead
+    p = R.init_site_params(n, c, 1, variant=variant, dtype=torch.float64)
+    cp = [p[k] + 0.3 * torch.randn(p[k].shape, generator=g, dtype=torch.float64)
+          for k in ("phi", "alpha", "b_pre", "b_post", "b_res")]
+    inputs = [torch.randn(*lead, n, c, generator=g, dtype=torch.float64), torch.randn(*lead, c, generator=g, dtype=torch.float64),
+              torch.rand(*lead_c, n, generator=g, dtype=torch.float64), torch.rand(*lead_c, n, n, generator=g, dtype=torch.float64),
+              *cp]
+    inputs = [t.requires_grad_() for t in inputs]
+    fn = lambda *a: torch.ops.mhc.boundary(*a, 20, 1e-6, variant, "reference")  # noqa: E731
+    assert gradcheck(fn, inputs, fast_mode=n >= 4)
