@@ -101,3 +101,19 @@ def test_convert_leaves_the_callers_model_working_and_in_its_mode():
     with torch.no_grad():
         assert torch.equal(model(*x), snapshot(*x))
     assert type(model).forward is type(snapshot).forward and "forward" not in vars(model)
+
+
+@pytest.mark.parametrize("name,boundaries", [("gpt", 3), ("encdec", 8), ("convnext", 1), ("resnet_basic", 0)])
+def test_boundary_kernel_emitted_for_every_adjacent_pair(name, boundaries):
+    """Two sites with nothing stream-wise between them fuse into one mhc::boundary: sites - chains
+    boundaries per model (GPT, encoder-decoder, ConvNeXt); post-activation ResNet has a ReLU between
+    its sites, so none, and every site keeps its own coeffs + post_res."""
+    build, ex, _, n_sites, n_chains = FAMILIES[name]
+    torch.manual_seed(0)
+    cm = mhc_compile.convert(build(), MHCConfig(streams=3), ex())
+    targets = [getattr(n.target, "__name__", "") for n in cm.graph.nodes if n.op == "call_function"]
+    assert targets.count("boundary") == boundaries
+    if boundaries:
+        assert boundaries == n_sites - n_chains
+    assert targets.count("boundary") + targets.count("coeffs") == n_sites
+    assert targets.count("boundary") + targets.count("post_res") == n_sites
