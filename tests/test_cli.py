@@ -262,6 +262,14 @@ MODULE_SRC = textwrap.dedent(
     def plain():
         return Plain()
 
+    class Branchy(Res):
+        def forward(self, idx):
+            y = super().forward(idx)
+            return y * 2 if y.sum() > 0 else y  # data-dependent control flow: torch.export refuses
+
+    def branchy():
+        return Branchy()
+
     def example_inputs():
         return (torch.randint(0, 50, (3, 8)),)
     """
@@ -372,7 +380,10 @@ def _error(res, code, *words):
     assert res.exit_code == code, (res.exit_code, res.output)
     assert "Traceback" not in res.output
     lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("mhc: error") or ln.startswith("Error")]
-    assert lines, res.output
+    assert len(lines) == 1, res.output  # one error line ...
+    others = [ln for ln in res.output.strip().splitlines()
+              if ln.strip() and not ln.startswith(("mhc: error", "mhc: warning: ", "Usage: ", "Try '", "Error: "))]
+    assert not others, res.output  # ... and nothing else but one-line warnings (or click's usage lines)
     for w in words:
         assert w in res.output, (w, res.output)
 
@@ -411,6 +422,30 @@ def test_error_no_residuals(user_module, tmp_path):
     assert not dst.exists()
     text = run("inspect", "clitestmods:plain", "--input-shape", "2x8").output  # inspect still reports
     assert "none found" in text
+
+
+def test_error_capture_failure_is_one_line(user_module, tmp_path):
+    """torch.export prints the partial graph and logs tracebacks when it fails: hidden without
+    --debug; the one error line names the factory and says what to try."""
+    res = run("convert", "clitestmods:branchy", "-o", tmp_path / "o", "--no-progress", ok=False)
+    _error(res, 1, "clitestmods:branchy: ", "could not capture Branchy", "What to try")
+    assert "def forward" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "o").exists()
+    res = run("inspect", "clitestmods:branchy", ok=False)
+    _error(res, 1, "clitestmods:branchy: ", "could not capture Branchy")
+    res = run("--debug", "convert", "clitestmods:branchy", "-o", tmp_path / "o", ok=False)
+    assert type(res.exception).__name__ == "MHCCaptureError"
+
+
+def test_warnings_are_one_line_each(user_module, tmp_path):
+    """A warning raised by both the capture and the rewrite shows once, as one line."""
+    res = run("convert", "clitestmods:res", "--input-shape", "1x8", "--input-dtype", "long", "-o", tmp_path / "o",
+              "--no-progress")
+    warns = [ln for ln in res.output.splitlines() if ln.startswith("mhc: warning: ")]
+    assert len(warns) == 1 and "batch size 1" in warns[0], res.output
+    assert "UserWarning" not in res.output and "warnings.warn" not in res.output
+    assert "mhc_compile: " not in res.output
+    assert len(res.output.strip().splitlines()) == 2, res.output  # the warning and the result line
 
 
 def test_error_unwritable_output(user_module, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,30 +36,86 @@ def _debug_enabled(ctx: click.Context) -> bool:
     return False
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _echo_warnings(caught) -> None:
+    """Python warnings raised during the command, each distinct message once, one line each."""
+    seen = set()
+    for w in caught:
+        msg = _one_line(w.message)
+        if msg.startswith("mhc_compile: "):
+            msg = msg[len("mhc_compile: "):]
+        if msg and msg not in seen:
+            seen.add(msg)
+            click.echo(f"mhc: warning: {msg}", err=True)
+
+
+@contextmanager
+def _quiet_libraries():
+    """Hide what torch and transformers write to stderr while they work (log records such as
+    ``W1123 ... non_strict_utils.py`` lines and logged tracebacks, and the partial graphs
+    torch.export prints when a capture fails): the command reports its own one-line error or
+    warnings instead. A no-op with --debug."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and _debug_enabled(ctx):
+        yield
+        return
+    import io
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def _handle_errors(fn):
-    """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug)."""
+    """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug).
+
+    Without --debug, Python warnings are shown once each as ``mhc: warning: <message>`` (library
+    deprecation warnings are dropped), and an error that names neither SRC nor the output gets
+    SRC in front, so the line always says which file it is about."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         from ..config import MHCConfigError
+        from ..convert import MHCCaptureError
         from ..io import MHCIOError, MHCUsageError
 
+        debug = _debug_enabled(ctx)
+        caught: list = []
         try:
-            with warnings.catch_warnings():
-                if not _debug_enabled(ctx):  # library deprecation noise is not the user's business
-                    warnings.simplefilter("ignore", FutureWarning)
-                    warnings.simplefilter("ignore", DeprecationWarning)
+            if debug:
                 return fn(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                warnings.simplefilter("ignore", FutureWarning)  # library deprecation noise is not the user's business
+                warnings.simplefilter("ignore", DeprecationWarning)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    _echo_warnings(caught)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
-            if _debug_enabled(ctx):
+            if debug:
                 raise
             usage = isinstance(exc, (MHCUsageError, MHCConfigError))
-            msg = " ".join(str(exc).split()) or type(exc).__name__
-            if not isinstance(exc, (MHCIOError, MHCConfigError, NoResidualsError)):
+            known = isinstance(exc, (MHCIOError, MHCConfigError, NoResidualsError, MHCCaptureError))
+            msg = _one_line(exc) or type(exc).__name__
+            if not known:
                 msg = f"{type(exc).__name__}: {msg}"
+            src = kwargs.get("src")
+            dst = kwargs.get("dst") or kwargs.get("out")
+            if (src and not isinstance(exc, MHCConfigError) and not msg.startswith("--")
+                    and str(src) not in msg and not (dst and str(dst) in msg)):
+                msg = f"{src}: {msg}"
             if len(msg) > 600:
                 msg = msg[:600] + " ..."
             hint = "" if isinstance(exc, (MHCIOError, MHCConfigError, NoResidualsError)) else " (run with --debug for the traceback)"
@@ -230,15 +286,15 @@ def convert(src, dst, streams, config_options, state_dict, input_shapes, input_d
 
     bar = _Progress(["load", "capture", "rewrite", "save"], progress)
     try:
-        with bar.stage("load"):
+        with bar.stage("load"), _quiet_libraries():
             source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
-        with bar.stage("capture"):
+        with bar.stage("capture"), _quiet_libraries():
             report = _find(source, config)
         if _num_sites(report) == 0:
             raise NoResidualsError(f"{src}: no residual add x + f(x) found, nothing to convert ({_why_none(report)})")
-        with bar.stage("rewrite"):
+        with bar.stage("rewrite"), _quiet_libraries():
             converted = convert_source(source, config)
-        with bar.stage("save"):
+        with bar.stage("save"), _quiet_libraries():
             out = save_converted(converted, dst, source, config, report=_report_dict(report))
     finally:
         bar.close()
@@ -279,12 +335,27 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
       post_res reads (n+1)C writes nC  ->  b*C*(4n+2) bytes, b*C*(4n-1) more than the plain add.
     """
     from . import render as rp
-    from ..io import convert_source
 
     if fmt == "svg" and not rp.svg_available():  # fail before the (slow) capture
         from ..io import MHCIOError
 
         raise MHCIOError(f"{src}: cannot write --format svg: {rp.GRAPHVIZ_HELP}")
+    with _quiet_libraries():
+        text = _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, input_dtypes,
+                             trust_pickle, batch_size, seq_len)
+    if out:
+        _write_text_atomic(out, text)
+        click.echo(f"wrote {fmt} report of {src} to {out}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
+                  batch_size, seq_len) -> str:
+    """The inspect report of ``src`` in format ``fmt``, as text."""
+    from . import render as rp
+    from ..io import convert_source
+
     source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
     if source.kind == "converted":
         config = _parse_config(None, (), source.mhc.get("mhc_config"))
@@ -325,11 +396,7 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
                 text = svg
             else:
                 text = rp.to_html(view, svg=svg, dot_text=dot_text)
-    if out:
-        _write_text_atomic(out, text)
-        click.echo(f"wrote {fmt} report of {src} to {out}", err=True)
-    else:
-        click.echo(text, nl=False)
+    return text
 
 
 def _graph_of(module, source):
