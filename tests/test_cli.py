@@ -516,6 +516,14 @@ def test_demo_runs_and_reports_gains():
     assert abs(fwd - 1) < 1e-3 and abs(bwd - 1) < 0.1  # doubly stochastic H_res: no amplification
 
 
+def test_top_level_help_lists_commands_untruncated():
+    text = run("--help").output
+    commands = text.split("Commands:")[1]
+    assert "..." not in commands, commands
+    for name in ("convert", "demo", "inspect"):
+        assert f"  {name} " in commands
+
+
 def test_help_documents_sources():
     text = run("convert", "--help").output
     for word in ("save_pretrained", ".pt2", "package.module:function", "--trust-pickle", "example_inputs()", "--input-shape"):

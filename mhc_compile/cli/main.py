@@ -263,7 +263,7 @@ Examples:
 """
 
 
-@cli.command(help=CONVERT_HELP)
+@cli.command(help=CONVERT_HELP, short_help="Convert a saved model to mHC.")
 @click.argument("src")
 @click.option("-o", "--output", "dst", required=True, type=click.Path(), help="Where to write the converted model.")
 @click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4).")
@@ -313,7 +313,7 @@ def _why_none(report) -> str:
 FORMATS = ("text", "json", "dot", "svg", "html")
 
 
-@cli.command()
+@cli.command(short_help="Show the residual sites, chains, cost and graphs of a model.")
 @click.argument("src")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="text: tables; json: the same as data; dot/svg: the graph before and after the rewrite "
@@ -419,7 +419,7 @@ def _write_text_atomic(path: str, text: str) -> None:
         tmp.write_text(text)
 
 
-@cli.command()
+@cli.command(short_help="Convert and train a tiny built-in GPT (no files needed).")
 @click.option("--steps", default=30, show_default=True, help="AdamW steps.")
 @click.option("--streams", "-n", default=4, show_default=True, help="Residual streams n.")
 @click.option("--seed", default=0, show_default=True)
