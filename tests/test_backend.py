@@ -314,6 +314,29 @@ def test_no_grad_materialize_then_training_graph_reuses_parameters():
         assert mhc_compile.materialize(_TwoStage(), x) == {}  # not compiled: nothing to create
 
 
+def test_to_after_materialize_moves_the_mhc_parameters():
+    """The attached mHC parameters follow model.to(dtype); the compiled model recompiles for float64
+    inputs, reuses them (no new parameters) and still equals the eager original at init."""
+    _fresh()
+    model = _TwoStage()
+    original = copy.deepcopy(model).double()
+    x = torch.randn(3, 5, 16)
+    compiled = torch.compile(model, backend="mhc", options={"inner": "aot_eager"})
+    with torch.no_grad():
+        new = mhc_compile.materialize(compiled, x)
+    assert new
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in B.mhc_parameters(model).values())
+    start = len(B.records())
+    with torch.no_grad():
+        out = compiled(x.double())
+    assert out.dtype == torch.float64
+    assert len(B.records()) > start, "expected a recompile for float64"
+    assert _new_params_in_records(start) == []
+    with torch.no_grad():
+        torch.testing.assert_close(out, original(x.double()), rtol=1e-10, atol=1e-12)
+
+
 def test_optimizer_built_before_first_call_is_refused():
     _fresh()
     model = _TwoStage()
