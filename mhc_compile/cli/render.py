@@ -181,6 +181,11 @@ def build_view(report: Any, config: Any, model: Optional[nn.Module] = None, conv
 
 
 # -------------------------------------------------------------------------------------- text
+def _fmt_percent(v: float) -> str:
+    """Three significant digits: 6.81%, 20.8%, 0.00412% (small shares of big models stay visible)."""
+    return f"{float(f'{v:.3g}'):g}%" if v else "0%"
+
+
 def _fmt_count(v: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= div:
@@ -223,7 +228,7 @@ def to_text(view: dict) -> str:
                       ["add", "module path", "why"])
     p = view["params"]
     out.append("")
-    pct = f" ({p['percent']:.3f}% of {p['original']:,})" if p["percent"] is not None else ""
+    pct = f" ({_fmt_percent(p['percent'])} of {p['original']:,})" if p["percent"] is not None else ""
     out.append(f"parameters added: {p['added']:,}{pct}")
     c = view["cost_per_token"]
     out.append(
@@ -412,7 +417,7 @@ def to_html(view: dict, svg: Optional[str] = None, dot_text: Optional[str] = Non
     e = html.escape
     p, c = view["params"], view["cost_per_token"]
     names = _symbol_names(view)
-    pct = f" ({p['percent']:.3f}% of {p['original']:,})" if p["percent"] is not None else ""
+    pct = f" ({_fmt_percent(p['percent'])} of {p['original']:,})" if p["percent"] is not None else ""
     site_rows = "".join(
         f"<tr><td>{s['index']}</td><td><code>{e(s['site'])}</code></td><td><code>{e(s['module'] or '-')}</code></td><td>{e(s['kind'])}</td>"
         f"<td>{e(shape_text(s['shape'], names))}</td><td>{e(str(s['chain']))}</td>"
