@@ -123,6 +123,9 @@ def test_inspect_hf_formats(hf_dirs, tmp_path):
     text = run("inspect", src, "--streams", "4").output
     assert "residual sites (4)" in text
     assert "transformer.h.1.mlp" in text
+    chain_line = [ln for ln in text.splitlines() if ln.startswith("chain 0:")]
+    assert chain_line == ["chain 0: 4 sites (0 -> 1 -> 2 -> 3); the value of node dropout is expanded to n streams, "
+                          "collapsed after node add_11"], chain_line
     assert "parameters added: 12,396 (40.4% of 30,720)" in text, text  # 4 x 3099 (see the JSON check below); 3 significant digits
 
     view = json.loads(run("inspect", src, "--format", "json").output)

@@ -219,7 +219,8 @@ def to_text(view: dict) -> str:
     out.append("")
     for c in view["chains"]:
         span = " -> ".join(str(i) for i in c["sites"])
-        ends = f", stream starts at {c['start']}, ends after {c['end']}" if c.get("start") and c.get("end") else ""
+        ends = (f"; the value of node {c['start']} is expanded to n streams, collapsed after node {c['end']}"
+                if c.get("start") and c.get("end") else "")
         out.append(f"chain {c['index']}: {len(c['sites'])} sites ({span}){ends}")
     if view["rejected"]:
         out.append("")
