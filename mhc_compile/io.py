@@ -696,8 +696,8 @@ def _atomic_path(dst: Path, is_dir: bool):
             fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=f".tmp{dst.suffix}", dir=parent)
             os.close(fd)
             tmp = Path(name)
-    except OSError as exc:
-        raise MHCIOError(f"{dst}: cannot write: {exc.strerror or _first_line(exc)}") from None
+    except OSError as exc:  # the temporary path next to dst could not be made: say where
+        raise MHCIOError(f"{dst}: cannot write in {parent}: {exc.strerror or _first_line(exc)}") from None
     try:
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())  # mkstemp/mkdtemp make them private
         yield tmp

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -161,6 +162,19 @@ def test_atomic_path_failure_leaves_nothing(tmp_path):
         assert tmp.parent == tmp_path and tmp.suffix == ".pt2"
         tmp.write_text("done")
     assert f.read_text() == "done"
+
+
+def test_atomic_path_unwritable_parent_names_it(tmp_path, monkeypatch):
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    for is_dir in (True, False):
+        with pytest.raises(MHCIOError) as err:
+            with _atomic_path(tmp_path / "out", is_dir=is_dir):
+                pass
+        assert str(err.value) == f"{tmp_path / 'out'}: cannot write in {tmp_path}: Permission denied"
 
 
 def test_load_errors(tmp_path):
