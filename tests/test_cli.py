@@ -154,6 +154,7 @@ def test_inspect_hf_formats(hf_dirs, tmp_path):
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "chain 0" in page
     assert page.count("<tr>") >= 5  # header + 4 sites
+    assert "<b>4</b>residual sites<" in page and "<b>1</b>chain<" in page and "<b>4</b>streams<" in page
 
     res = run("inspect", src, "--format", "svg", ok=False)
     from mhc_compile.cli.render import render_svg

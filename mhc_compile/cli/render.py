@@ -181,6 +181,10 @@ def build_view(report: Any, config: Any, model: Optional[nn.Module] = None, conv
 
 
 # -------------------------------------------------------------------------------------- text
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
 def _fmt_percent(v: float) -> str:
     """Three significant digits: 6.81%, 20.8%, 0.00412% (small shares of big models stay visible)."""
     return f"{float(f'{v:.3g}'):g}%" if v else "0%"
@@ -451,9 +455,9 @@ th{{background:#f4f4f8}} tr:nth-child(even) td{{background:#fafafa}} code{{font-
 </style></head><body>
 <h1>mHC rewrite report{(': ' + e(str(view['source']))) if view.get('source') else ''}</h1>
 <div class=cards>
-<div class=card><b>{len(view['sites'])}</b>residual sites</div>
-<div class=card><b>{len(view['chains'])}</b>chains</div>
-<div class=card><b>{view['streams']}</b>streams</div>
+<div class=card><b>{len(view['sites'])}</b>residual site{_s(len(view['sites']))}</div>
+<div class=card><b>{len(view['chains'])}</b>chain{_s(len(view['chains']))}</div>
+<div class=card><b>{view['streams']}</b>stream{_s(view['streams'])}</div>
 <div class=card><b>{p['added']:,}</b>parameters added{e(pct)}</div>
 <div class=card><b>{_fmt_count(c['bytes'])}B</b>moved per token by mHC ops (+{_fmt_count(c['extra_bytes'])}B over plain adds, {e(view['dtype'])})</div>
 <div class=card><b>{_fmt_count(c['flops'])}</b>FLOPs per token ({_fmt_count(c['projection_flops'])} projection)</div>
