@@ -165,6 +165,17 @@ def test_inspect_hf_formats(hf_dirs, tmp_path):
         assert res.exit_code == 0 and "<svg" in res.output
 
 
+def test_inspect_format_follows_output_extension(user_module, tmp_path):
+    run("inspect", "clitestmods:res", "-o", tmp_path / "r.html")
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+    run("inspect", "clitestmods:res", "-o", tmp_path / "r.json")
+    assert len(json.loads((tmp_path / "r.json").read_text())["sites"]) == 2
+    run("inspect", "clitestmods:res", "-o", tmp_path / "r.txt")
+    assert (tmp_path / "r.txt").read_text().startswith("model: clitestmods:res (factory)")
+    run("inspect", "clitestmods:res", "--format", "json", "-o", tmp_path / "forced.html")  # --format wins
+    assert json.loads((tmp_path / "forced.html").read_text())["streams"] == 4
+
+
 def test_inspect_without_graphviz(user_module, monkeypatch, tmp_path):
     import mhc_compile.cli.render as render
 

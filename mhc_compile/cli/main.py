@@ -311,13 +311,15 @@ def _why_none(report) -> str:
 
 
 FORMATS = ("text", "json", "dot", "svg", "html")
+_FORMAT_OF_SUFFIX = {".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg", ".html": "html", ".htm": "html"}
 
 
 @cli.command(short_help="Show the residual sites, chains, cost and graphs of a model.")
 @click.argument("src")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="text: tables; json: the same as data; dot/svg: the graph before and after the rewrite "
-                   "(svg needs Graphviz); html: a self-contained report with the SVG embedded when Graphviz is installed.")
+                   "(svg needs Graphviz); html: a self-contained report with the SVG embedded when Graphviz is installed. "
+                   "Default: from the -o file's extension (.json, .dot, .gv, .svg, .html, .htm), else text.")
 @click.option("-o", "--output", "out", type=click.Path(), default=None, help="Write to FILE (atomically) instead of stdout.")
 @click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4; ignored for converted models).")
 @click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE", help="Any MHCConfig field.")
@@ -336,6 +338,8 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
     """
     from . import render as rp
 
+    if fmt is None:
+        fmt = _FORMAT_OF_SUFFIX.get(Path(out).suffix.lower(), "text") if out else "text"
     if fmt == "svg" and not rp.svg_available():  # fail before the (slow) capture
         from ..io import MHCIOError
 
