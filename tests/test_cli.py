@@ -484,6 +484,10 @@ def test_error_usage(user_module, tmp_path):
     _error(run("convert", "clitestmods:res", "-o", tmp_path / "o", "--input-shape", "2xq", ok=False), 2, "2xq")
     assert run("convert", "clitestmods:res", ok=False).exit_code == 2  # -o missing (click usage error)
     assert run("inspect", "clitestmods:res", "--format", "pdf", ok=False).exit_code == 2
+    for bad in (["demo", "--steps", "0"], ["demo", "--threads", "-1"], ["inspect", "x", "--batch-size", "0"],
+                ["inspect", "x", "--seq-len", "-2"]):
+        res = run(*bad, ok=False)
+        assert res.exit_code == 2 and "is not in the range" in res.output and "IndexError" not in res.output, res.output
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -179,8 +179,8 @@ def _source_options(fn):
         click.option("--trust-pickle", is_flag=True,
                      help="Allow reading a whole pickled nn.Module (.pt). Unpickling runs code from the "
                           "file: use only for files you trust."),
-        click.option("--batch-size", default=2, show_default=True, help="Batch of the example inputs of Hugging Face models."),
-        click.option("--seq-len", default=16, show_default=True, help="Sequence length of the example inputs of Hugging Face text models."),
+        click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="Batch of the example inputs of Hugging Face models."),
+        click.option("--seq-len", default=16, show_default=True, type=click.IntRange(min=1), help="Sequence length of the example inputs of Hugging Face text models."),
     ]
     for d in reversed(decorators):
         fn = d(fn)
@@ -424,10 +424,10 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 
 @cli.command(short_help="Convert and train a tiny built-in GPT (no files needed).")
-@click.option("--steps", default=30, show_default=True, help="AdamW steps.")
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="AdamW steps.")
 @click.option("--streams", "-n", default=4, show_default=True, help="Residual streams n.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=1, show_default=True,
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="torch threads while the demo runs (tiny tensors: one thread is fastest; 0 = leave as is).")
 @_debug_option
 @_handle_errors
