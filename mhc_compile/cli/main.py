@@ -265,7 +265,8 @@ Examples:
 
 @cli.command(help=CONVERT_HELP, short_help="Convert a saved model to mHC.")
 @click.argument("src")
-@click.option("-o", "--output", "dst", required=True, type=click.Path(), help="Where to write the converted model.")
+@click.option("-o", "--output", "dst", required=True, type=click.Path(), metavar="DST",
+              help="Where to write the converted model: a directory, or a FILE.pt2.")
 @click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4).")
 @click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE",
               help="Any MHCConfig field, e.g. -c sinkhorn_iters=10 -c init=paper (repeatable).")
@@ -320,7 +321,7 @@ _FORMAT_OF_SUFFIX = {".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg"
               help="text: tables; json: the same as data; dot/svg: the graph before and after the rewrite "
                    "(svg needs Graphviz); html: a self-contained report with the SVG embedded when Graphviz is installed. "
                    "Default: from the -o file's extension (.json, .dot, .gv, .svg, .html, .htm), else text.")
-@click.option("-o", "--output", "out", type=click.Path(), default=None, help="Write to FILE (atomically) instead of stdout.")
+@click.option("-o", "--output", "out", type=click.Path(), default=None, metavar="FILE", help="Write to FILE (atomically) instead of stdout.")
 @click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4; ignored for converted models).")
 @click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE", help="Any MHCConfig field.")
 @_source_options
