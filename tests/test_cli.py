@@ -203,6 +203,10 @@ def test_inspect_converted_directory(hf_dirs, tmp_path):
     run("convert", hf_dirs["bert"], "-o", dst, "-c", "sinkhorn_iters=5", "--no-progress")
     view = json.loads(run("inspect", dst, "--format", "json").output)
     assert view["config"]["sinkhorn_iters"] == 5
+    res = run("inspect", dst, "--streams", "2", "-o", tmp_path / "v.json")
+    warns = [ln for ln in res.output.splitlines() if ln.startswith("mhc: warning: ")]
+    assert len(warns) == 1 and "already converted (n=4)" in warns[0] and "ignored" in warns[0], res.output
+    assert json.loads((tmp_path / "v.json").read_text())["streams"] == 4
     assert len(view["sites"]) == 4
     assert "(converted)" in view["source"]
 

@@ -364,6 +364,9 @@ def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, i
     source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
     if source.kind == "converted":
         config = _parse_config(None, (), source.mhc.get("mhc_config"))
+        if streams is not None or config_options:
+            warnings.warn(f"{src} is already converted (n={config.streams}): --streams and --config-option "
+                          "are ignored; inspect shows the configuration it was converted with")
         converted = source.converted
         if str(source.path).endswith(".pt2"):  # the original graph is not in the file: stored report
             report, original = source.mhc.get("report"), None
