@@ -289,8 +289,23 @@ def _hf_config(path: str):
     return transformers, config
 
 
+def _check_hf_weight_files(path: str) -> None:
+    """Open every safetensors file of an HF directory, so a corrupt one is named in the error
+    (transformers' own message names neither the file nor what is wrong with it)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:
+            raise MHCIOError(f"{f}: not a readable safetensors file: {_first_line(exc)}") from None
+
+
 def _hf_build(transformers, config, path: str, weights: bool) -> tuple[nn.Module, str]:
     cls, arch = _hf_class(transformers, config, path)
+    if weights:
+        _check_hf_weight_files(path)
     try:
         with _quiet_transformers():
             if weights:

@@ -2,6 +2,7 @@
 trips, inspect in every format, demo, and the error cases with their exit codes."""
 from __future__ import annotations
 
+import shutil
 import json
 import sys
 import textwrap
@@ -586,3 +587,12 @@ def test_dot_labels_hide_torch_placeholder_module():
     dot = rp.graph_to_dot([("before", g)])
     assert "_empty_nn_module_stack" not in dot
     assert 'label="sin"' in dot and 'label="cos\\nblocks.0"' in dot
+
+
+def test_error_corrupt_hf_weights_names_the_file(hf_dirs, tmp_path):
+    broken = tmp_path / "gpt2_broken"
+    shutil.copytree(hf_dirs["gpt2"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated download
+    _error(run("convert", broken, "-o", tmp_path / "o", ok=False), 1, str(weights), "safetensors")
+    assert not (tmp_path / "o").exists()
