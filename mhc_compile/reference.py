@@ -40,13 +40,36 @@ def num_logits(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------- pieces
-def rms_project(x: Tensor, phi: Tensor, eps: float) -> Tensor:
-    """``h = (vec(X) . phi) / sqrt(mean(vec(X)^2) + eps)`` in the compute dtype; shape (..., 2n+n^2)."""
-    n, c = x.shape[-2], x.shape[-1]
-    cd = compute_dtype(x.dtype)
-    flat = x.to(cd).reshape(*x.shape[:-2], n * c)
-    r = torch.sqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
-    return (flat @ phi.to(cd)) / r
+def _flat_rms(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``vec(X)`` (..., nC) in the compute dtype and its RMS ``sqrt(mean(vec(X)^2) + eps)`` (..., 1)."""
+    flat = x.to(compute_dtype(x.dtype)).reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+    return flat, torch.sqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _dynamic_logits(x, phi, alpha, b_pre, b_post, b_res, eps, variant):
+    """Everything dynamic :func:`coeffs` computes before the activations, shared with its backward.
+
+    Returns ``(flat, r, h_raw, h, (z_pre, z_post, z_res))``: vec(X), its RMS, the projection
+    ``h_raw = (vec(X) . phi) / r`` (shape (..., 2n+n^2)), ``h`` (``tanh(h_raw)`` for hc), and the gate logits ``alpha * h + b``.
+    """
+    n = x.shape[-2]
+    flat, r = _flat_rms(x, eps)
+    cd = flat.dtype
+    h_raw = (flat @ phi.to(cd)) / r
+    h = torch.tanh(h_raw) if variant == "hc" else h_raw
+    a = alpha.to(cd)
+    z = (
+        a[0] * h[..., :n] + b_pre.to(cd),
+        a[1] * h[..., n : 2 * n] + b_post.to(cd),
+        a[2] * h[..., 2 * n :].unflatten(-1, (n, n)) + b_res.to(cd),
+    )
+    return flat, r, h_raw, h, z
+
+
+def _sinkhorn_start(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits - max, exp(clamp(logits - max, -SPREAD)))``: Sinkhorn's starting matrix."""
+    shifted = logits - logits.amax(dim=(-2, -1), keepdim=True)
+    return shifted, torch.exp(torch.clamp(shifted, min=-SINKHORN_LOGIT_SPREAD))
 
 
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
@@ -56,8 +79,7 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     returns the copies unchanged. Subtracting the per-matrix max keeps any logit finite, and
     clamping the spread at ``SINKHORN_LOGIT_SPREAD`` keeps every row and column sum nonzero.
     """
-    shifted = logits - logits.amax(dim=(-2, -1), keepdim=True)
-    m = torch.exp(torch.clamp(shifted, min=-SINKHORN_LOGIT_SPREAD))
+    _, m = _sinkhorn_start(logits)
     for _ in range(iters):
         m = m / m.sum(dim=-2, keepdim=True)
         m = m / m.sum(dim=-1, keepdim=True)
@@ -90,7 +112,7 @@ def coeffs(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """H_pre (..., n), H_post (..., n), H_res (..., n, n) for streams ``x`` of shape (..., n, C).
 
-    dynamic=True:  H~ = alpha * h + b with h from :func:`rms_project` (tanh(h) for ``hc``).
+    dynamic=True:  H~ = alpha * h + b, h = vec(X).phi / RMS(vec(X)) (tanh of it for ``hc``).
     dynamic=False: H~ = b, one set for the site, shaped (1,...,1, n) / (1,...,1, n, n).
     """
     n = x.shape[-2]
@@ -99,13 +121,7 @@ def coeffs(
     if dynamic:
         if phi is None or alpha is None:
             raise ValueError("dynamic coefficients need phi and alpha")
-        h = rms_project(x, phi, eps)
-        if variant == "hc":
-            h = torch.tanh(h)
-        a = alpha.to(cd)
-        pre = a[0] * h[..., :n] + b_pre
-        post = a[1] * h[..., n : 2 * n] + b_post
-        res = a[2] * h[..., 2 * n :].unflatten(-1, (n, n)) + b_res
+        *_, (pre, post, res) = _dynamic_logits(x, phi, alpha, b_pre, b_post, b_res, eps, variant)
     else:
         lead = (1,) * (x.dim() - 2)
         pre, post, res = b_pre.reshape(*lead, n), b_post.reshape(*lead, n), b_res.reshape(*lead, n, n)
@@ -181,8 +197,7 @@ def _sum_to(t: Tensor, shape) -> Tensor:
 
 def sinkhorn_backward(grad: Tensor, logits: Tensor, iters: int) -> Tensor:
     """d loss / d logits of ``sinkhorn(logits, iters)``, replaying the iterations."""
-    shifted = logits - logits.amax(dim=(-2, -1), keepdim=True)
-    m0 = torch.exp(torch.clamp(shifted, min=-SINKHORN_LOGIT_SPREAD))
+    shifted, m0 = _sinkhorn_start(logits)
     m, steps = m0, []
     for _ in range(iters):
         c = m.sum(dim=-2, keepdim=True)
@@ -218,14 +233,9 @@ def coeffs_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, phi, alpha, b_pre, b_post, b_res) of dynamic :func:`coeffs`."""
     n, c = x.shape[-2], x.shape[-1]
-    cd = compute_dtype(x.dtype)
-    flat = x.to(cd).reshape(*x.shape[:-2], n * c)
-    r = torch.sqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
-    h_raw = (flat @ phi.to(cd)) / r
-    h = torch.tanh(h_raw) if variant == "hc" else h_raw
-    a = alpha.to(cd)
+    flat, r, h_raw, h, (z_pre, z_post, z_res) = _dynamic_logits(x, phi, alpha, b_pre, b_post, b_res, eps, variant)
+    cd, a = flat.dtype, alpha.to(flat.dtype)
     hp, ho, hr = h[..., :n], h[..., n : 2 * n], h[..., 2 * n :].unflatten(-1, (n, n))
-    z_pre, z_post, z_res = a[0] * hp + b_pre.to(cd), a[1] * ho + b_post.to(cd), a[2] * hr + b_res.to(cd)
     g_pre, g_post, g_res = g_pre.to(cd), g_post.to(cd), g_res.to(cd)
     if variant == "mhc":
         s_pre, s_post = torch.sigmoid(z_pre), torch.sigmoid(z_post)
