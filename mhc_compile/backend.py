@@ -173,7 +173,7 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
     gm.recompile()
     provider.register_sources()
 
-    num_sites = _count_sites(report)
+    num_sites = report.num_sites
     break_after = _ti.graph_break_after(gm)
     break_before = _ti.resumed_after_break(code)
     if num_sites and (break_after or break_before):
@@ -190,7 +190,7 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
             MHCGraphBreakWarning,
         )
     elif not num_sites and not (break_after or break_before) and not _ti.is_ddp_optimizer_piece(gm):
-        reasons = "; ".join(f"{t.node}: {t.reason}" for t in (getattr(report, "not_taken", None) or [])[:3])
+        reasons = "; ".join(f"{t.node}: {t.reason}" for t in report.not_taken[:3])
         _warn_once(
             ("none", code, id(type(report))),
             f"mhc: no residual site found in the graph of {code or 'this function'}"
@@ -205,25 +205,6 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
 
     with recompute_context(config, report):
         return _ti.inner_compiler(config.inner, mode)(gm, example_inputs)
-
-
-def _count_sites(report: Any) -> int:
-    if report is None:
-        return 0
-    for attr in ("num_sites", "n_sites"):
-        value = getattr(report, attr, None)
-        if isinstance(value, int):
-            return value
-    for attr in ("sites", "chains"):
-        value = getattr(report, attr, None)
-        if value is not None:
-            try:
-                if attr == "chains":
-                    return sum(len(getattr(c, "sites", c)) for c in value)
-                return len(value)
-            except TypeError:
-                pass
-    return 0
 
 
 def _warn_once(key: Any, message: str, category: type) -> None:

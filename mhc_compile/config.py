@@ -48,6 +48,8 @@ class MHCConfig:
                       "aot_eager", "eager"); only used by the "mhc" backend.
     """
 
+    VERSION = 1  # of the to_dict() layout; from_dict refuses newer ones (class attribute, not a field)
+
     streams: int = 4
     sinkhorn_iters: int = 20
     alpha_init: float = 0.01
@@ -115,6 +117,9 @@ class MHCConfig:
             return options
         if not isinstance(options, Mapping):
             raise MHCConfigError(f"mhc options must be a dict, got {type(options).__name__}")
+        if "version" in options:  # a to_dict() (e.g. from mhc.json): check the version, drop the key
+            _check_version(options["version"])
+            options = {k: v for k, v in options.items() if k != "version"}
         valid = cls.field_names()
         unknown = sorted(set(options) - set(valid))
         if unknown:
@@ -125,11 +130,28 @@ class MHCConfig:
         kwargs = {k: _coerce(k, v, getattr(defaults, k)) for k, v in options.items()}
         return cls(**kwargs)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MHCConfig":
+        """The inverse of :meth:`to_dict`: a dict from a newer mhc-compile (``version`` above
+        :attr:`VERSION`) or with unknown keys is refused with an error naming them. A dict
+        without ``version`` (mhc-compile 0.1's mhc.json) is read as version 1."""
+        if not isinstance(data, Mapping):
+            raise MHCConfigError(f"an MHCConfig dict must be a dict, got {type(data).__name__}")
+        return cls.from_options({"version": 1, **data})
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field plus ``version``; :meth:`from_dict` (and ``from_options``) read it back."""
+        return {"version": self.VERSION, **dataclasses.asdict(self)}
 
     def replace(self, **changes: Any) -> "MHCConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_version(version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MHCConfig.VERSION:
+        raise MHCConfigError(
+            f"MHCConfig dict version {version!r} is not readable by this mhc-compile (reads versions 1 to "
+            f"{MHCConfig.VERSION}); upgrade mhc-compile")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:

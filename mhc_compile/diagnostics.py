@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .report import ResidualReport
 
 __all__ = [
     "Gain",
@@ -332,16 +333,15 @@ def _report_of(model, num_records: int) -> Any:
     for obj in (model, getattr(model, "_orig_mod", None)):
         if obj is None:
             continue
-        for attr in ("mhc_report", "_mhc_report"):
-            rep = getattr(obj, attr, None)
-            if rep is not None:
-                return rep
+        rep = getattr(obj, "mhc_report", None)  # set by convert / load on the converted module
+        if isinstance(rep, ResidualReport):
+            return rep
     try:
         from . import backend
 
         prefixes = {name.rsplit(".", 1)[0] for name in backend.mhc_parameters(model)}
         for rec in reversed(backend.records()):
-            names = [getattr(s, "name", None) for s in (getattr(rec.report, "sites", None) or [])]
+            names = [s.name for s in rec.report.sites]
             if len(names) == num_records and names and set(names) == prefixes:
                 return rec.report
     except Exception:  # noqa: BLE001 - the backend is optional here; fall back to one chain

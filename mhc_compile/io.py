@@ -199,11 +199,6 @@ def input_specs(args: tuple, kwargs: dict) -> list[dict]:
     return specs
 
 
-def _is_pt2(path: Path) -> bool:
-    if path.suffix == ".pt2":
-        return True
-    return False
-
 
 # --------------------------------------------------------------------------- source detection
 def detect_kind(src: str) -> str:
@@ -620,7 +615,7 @@ def _read_converted(path: str, trust_pickle: bool = False) -> Source:
         return Source("converted", path, mod, args, kwargs, meta.get("rebuild", {}), mhc=meta, converted=mod)
     meta = _read_mhc_json(p)
     original, args, kwargs = _rebuild_original(p, meta, trust_pickle)
-    converted = _convert_rebuilt(p, meta, original, args, kwargs, trust_pickle)
+    converted = _convert_rebuilt(p, meta, original, args, kwargs)
     return Source("converted", path, original, args, kwargs, meta.get("rebuild", {}), mhc=meta, converted=converted)
 
 
@@ -860,10 +855,10 @@ def _rebuild_original(path: Path, meta: dict, trust_pickle: bool) -> tuple[nn.Mo
     return model, args, kwargs
 
 
-def _convert_rebuilt(path: Path, meta: dict, original: nn.Module, args, kwargs, trust_pickle: bool) -> nn.Module:
+def _convert_rebuilt(path: Path, meta: dict, original: nn.Module, args, kwargs) -> nn.Module:
     from safetensors.torch import load_file
 
-    config = MHCConfig.from_options(meta["mhc_config"])
+    config = MHCConfig.from_dict(meta["mhc_config"])
     src = Source(meta["source"], str(path), original, args, kwargs)
     converted = convert_source(src, config)
     try:
@@ -901,4 +896,4 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
         raise MHCIOError(f"{p}: directory has no mhc.json; not an mhc convert output")
     meta = _read_mhc_json(p)
     original, args, kwargs = _rebuild_original(p, meta, trust_pickle)
-    return _convert_rebuilt(p, meta, original, args, kwargs, trust_pickle)
+    return _convert_rebuilt(p, meta, original, args, kwargs)

@@ -73,8 +73,20 @@ class NotTakenReport:
     reason: str
 
 
+class ReportVersionError(ValueError):
+    """A stored report dict was written by a newer mhc-compile (or is not a report at all)."""
+
+
 @dataclass
 class ResidualReport:
+    """The typed contract every reader of a rewrite takes (backend, recompute, CLI, diagnostics).
+
+    ``to_dict`` / :meth:`from_dict` round-trip it through JSON (``mhc.json``, ``.pt2`` extras);
+    the dict carries ``version`` (:attr:`VERSION`), and a dict from a newer version is refused.
+    """
+
+    VERSION = 1
+
     streams: int
     sites: list = field(default_factory=list)
     chains: list = field(default_factory=list)
@@ -93,6 +105,7 @@ class ResidualReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "version": self.VERSION,
             "streams": self.streams,
             "num_sites": self.num_sites,
             "num_chains": self.num_chains,
@@ -103,6 +116,32 @@ class ResidualReport:
             "not_taken": [asdict(t) for t in self.not_taken],
             "param_names": list(self.param_names),
         }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ResidualReport":
+        """The inverse of :meth:`to_dict`. A dict without ``version`` is read as version 1 (what
+        mhc-compile 0.1 wrote); a newer version or a malformed dict raises ReportVersionError."""
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ReportVersionError(f"a residual report must be a dict, got {type(data).__name__}")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > cls.VERSION or version < 1:
+            raise ReportVersionError(
+                f"residual report version {version!r} is not readable by this mhc-compile "
+                f"(reads versions 1 to {cls.VERSION}); upgrade mhc-compile or re-run `mhc convert`")
+        try:
+            return cls(
+                streams=int(data["streams"]),
+                sites=[SiteReport(**s) for s in data.get("sites") or []],
+                chains=[ChainReport(**c) for c in data.get("chains") or []],
+                not_taken=[NotTakenReport(**t) for t in data.get("not_taken") or []],
+                params_added=int(data.get("params_added", 0)),
+                param_names=list(data.get("param_names") or []),
+                rewritten=bool(data.get("rewritten", False)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ReportVersionError(f"malformed residual report dict: {exc}") from exc
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import click
 
 from .. import __version__
+from ..report import ResidualReport
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -200,20 +201,6 @@ def _find(source, config=None):
     return find_source_residuals(source, config)
 
 
-def _num_sites(report) -> int:
-    sites = getattr(report, "sites", None)
-    if sites is None and isinstance(report, dict):
-        sites = report.get("sites")
-    return len(sites or [])
-
-
-def _report_dict(report) -> Any:
-    if report is None or isinstance(report, dict):
-        return report
-    for attr in ("to_dict",):
-        if hasattr(report, attr):
-            return getattr(report, attr)()
-    return None
 
 
 # ----------------------------------------------------------------------------------- the app
@@ -291,23 +278,20 @@ def convert(src, dst, streams, config_options, state_dict, input_shapes, input_d
             source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
         with bar.stage("capture"), _quiet_libraries():
             report = _find(source, config)
-        if _num_sites(report) == 0:
+        if report.num_sites == 0:
             raise NoResidualsError(f"{src}: no residual add x + f(x) found, nothing to convert ({_why_none(report)})")
         with bar.stage("rewrite"), _quiet_libraries():
             converted = convert_source(source, config)
         with bar.stage("save"), _quiet_libraries():
-            out = save_converted(converted, dst, source, config, report=_report_dict(report))
+            out = save_converted(converted, dst, source, config, report=report.to_dict())
     finally:
         bar.close()
-    click.echo(f"converted {src} ({source.kind}): {_num_sites(report)} residual sites, n={config.streams} streams -> {out}")
+    click.echo(f"converted {src} ({source.kind}): {report.num_sites} residual sites, n={config.streams} streams -> {out}")
 
 
-def _why_none(report) -> str:
-    rej = getattr(report, "not_taken", None)
-    if rej is None and isinstance(report, dict):
-        rej = report.get("not_taken")
-    if rej:
-        return f"{len(rej)} adds seen, none is a residual"
+def _why_none(report: ResidualReport) -> str:
+    if report.not_taken:
+        return f"{len(report.not_taken)} adds seen, none is a residual"
     return "the graph has no add of same-shaped tensors"
 
 
@@ -369,7 +353,12 @@ def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, i
                           "are ignored; inspect shows the configuration it was converted with")
         converted = source.converted
         if str(source.path).endswith(".pt2"):  # the original graph is not in the file: stored report
-            report, original = source.mhc.get("report"), None
+            stored = source.mhc.get("report")
+            if stored is None:
+                from ..io import MHCIOError
+
+                raise MHCIOError(f"{src}: mhc.json has no residual report; re-run `mhc convert` on the original")
+            report, original = ResidualReport.from_dict(stored), None
         else:  # rebuilt original: capture it again
             report, original = _find(source, config), source.model
         view = rp.build_view(report, config, original, converted)
@@ -377,7 +366,7 @@ def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, i
         config = _parse_config(streams, config_options)
         report = _find(source, config)
         original = source.model
-        converted = convert_source(source, config) if _num_sites(report) else None
+        converted = convert_source(source, config) if report.num_sites else None
         view = rp.build_view(report, config, original, converted)
     view["source"] = f"{src} ({source.kind})"
 

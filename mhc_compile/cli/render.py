@@ -36,7 +36,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from ..report import dynamic_legend, rename_symbols, shape_text, symbol_names
+from ..report import ResidualReport, dynamic_legend, rename_symbols, shape_text, symbol_names
 
 __all__ = ["build_view", "site_cost", "to_text", "to_json", "graph_to_dot", "render_svg", "to_html", "GRAPHVIZ_HELP"]
 
@@ -114,13 +114,15 @@ def build_view(report: Any, config: Any, model: Optional[nn.Module] = None, conv
                dtype: Optional[torch.dtype] = None) -> dict:
     """The inspect view: a JSON-able dict of sites, chains, adds not taken, parameters and cost.
 
-    ``report`` is a :class:`mhc_compile.ResidualReport` or its ``to_dict()`` (as stored in
-    mhc.json); ``config`` an MHCConfig or dict; ``model``/``converted`` give the parameter count
+    ``report`` is a :class:`mhc_compile.ResidualReport` (a stored one is read back with
+    ``ResidualReport.from_dict``); ``config`` an MHCConfig; ``model``/``converted`` give the parameter count
     of the original model (and of the added parameters when the report lacks it).
     """
-    rdict = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    n = int(cfg.get("streams", rdict.get("streams", 4)))
+    if not isinstance(report, ResidualReport):
+        raise TypeError(f"build_view needs a ResidualReport, got {type(report).__name__}")
+    rdict = report.to_dict()
+    cfg = config.to_dict()
+    n = config.streams
 
     sites = []
     for i, s in enumerate(rdict.get("sites") or []):

@@ -28,11 +28,6 @@ def acc_dtype(*dtypes: torch.dtype):
     return tl.float64 if any(d == torch.float64 for d in dtypes) else tl.float32
 
 
-def torch_acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """torch twin of :func:`acc_dtype`."""
-    return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
-
-
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

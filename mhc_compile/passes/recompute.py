@@ -351,16 +351,6 @@ def _symbolic(t: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- the hook
-def _expected_chains(report: Any) -> Optional[list]:
-    chains = getattr(report, "chains", None)
-    if not chains:
-        return None
-    try:
-        return [len(getattr(c, "sites", c)) for c in chains]
-    except TypeError:
-        return None
-
-
 _SOURCE_HASH: list = []
 
 
@@ -385,13 +375,13 @@ def recompute_context(config: Any, report: Any = None) -> Iterator[Optional[Reco
     of :class:`ChainPlan` per joint graph, or None when recomputation is off. ``report`` (the
     passes' ResidualReport, optional) only supplies the expected chain lengths for the record.
     """
-    if not getattr(config, "recompute", True):
+    if not config.recompute:
         yield None
         return
     from .. import _torch_internals as _ti
 
-    override = getattr(config, "recompute_block", None)
-    record = RecomputeRecord(override, _expected_chains(report))
+    override = config.recompute_block
+    record = RecomputeRecord(override, [len(c.sites) for c in report.chains] if report is not None and report.chains else None)
 
     def hook(graph: fx.Graph) -> None:
         already = getattr(graph, _DONE_ATTR, None) is not None
