@@ -350,6 +350,10 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
     """Find the residual sites of ``graph`` (see the module docstring for the rules).
 
     In-place adds are first made explicit with :func:`normalize_inplace` (semantics-preserving).
+    Steps: classify every add (:func:`_classify_add`), merge parallel branches
+    (:func:`_merge_parallel`), drop nested residuals and shared skips (:func:`_select_sites`),
+    name the branch owners (:func:`_finish_sites`), annotate what was not taken
+    (:func:`_final_not_taken`).
     """
     normalize_inplace(graph)
     g = dataflow_graph(graph)
@@ -357,110 +361,153 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
     order = {n: i for i, n in enumerate(graph.nodes)}
     candidates: list[Site] = []
     not_taken: list[NotTaken] = []
-
-    def reject(node, why):
-        not_taken.append(NotTaken(node.name, module_path(node), why))
-
     for node in graph.nodes:
         if not is_add(node):
             continue
-        a, b, alpha = add_operands(node)
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-            continue  # tensor + scalar: not a residual candidate, not reported
-        ia, ib = tensor_info(a), tensor_info(b)
-        if ia is None or ib is None:
-            if carries_tensor(a) and carries_tensor(b) and (ia is None) != (ib is None):
-                reject(node, "operand shapes unknown")
-            continue
-        if ia[0] != ib[0]:
-            reject(node, f"shapes differ: {_fmt(ia[0])} vs {_fmt(ib[0])}")
-            continue
-        if ia[1] != ib[1]:
-            reject(node, f"dtypes differ: {ia[1]} vs {ib[1]}")
-            continue
-        if ia[2] == 0:
-            reject(node, "scalar operands")
-            continue
-        if not getattr(ia[1], "is_floating_point", False):
-            reject(node, f"not floating point ({ia[1]})")
-            continue
-        if a is b:
-            reject(node, "branch does no work (x + x)")
-            continue
-        if is_inplace_add(node) and target_name(a) in _VIEW_NAMES:
-            reject(node, "in-place add into a view (it mutates another tensor)")
-            continue
-        if a in reach.anc(b):
-            x, y, scale = a, b, alpha
-        elif b in reach.anc(a):
-            if alpha != 1:
-                reject(node, "alpha scales the skip operand")
-                continue
-            x, y, scale = b, a, 1
-        else:
-            reject(node, "no dependency between the operands: neither is computed from the other "
-                         "(e.g. a projection shortcut, or a sum of parallel branches)")
-            continue
-        region = (reach.desc(x) & reach.anc(y)) | {y}
-        if not any(_is_heavy(n) for n in region):
-            reject(node, "branch does no work (no matmul, linear, conv, attention or embedding)")
-            continue
-        candidates.append(Site(
-            add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=ia[0],
-            dtype=ia[1], feature_axis=feature_axis(ia[2]), module_path=module_path(node),
-            branch_path="", inplace=is_inplace_add(node),
-        ))
-
-    # Parallel residual: merge ``(x + y1) + y2`` where y2 depends on x but not on the inner add.
+        found = _classify_add(node, reach)
+        if isinstance(found, Site):
+            candidates.append(found)
+        elif found is not None:
+            not_taken.append(_not_taken(node, found))
     for site in candidates:
-        while len(site.add.users) == 1:
-            outer = next(iter(site.add.users))
-            if not is_add(outer):
-                break
-            a, b, alpha = add_operands(outer)
-            other = b if a is site.add else a if b is site.add else None
-            if not isinstance(other, fx.Node) or (other is a and alpha != 1):
-                break
-            if tensor_info(other) is None or tensor_info(other)[:2] != (site.shape, site.dtype):
-                break
-            if site.x not in reach.anc(other) or site.add in reach.anc(other):
-                break
-            extra = (reach.desc(site.x) & reach.anc(other)) | {other}
-            if not any(_is_heavy(n) for n in extra):
-                break
-            site.inner_adds.append(site.add)
-            site.add = outer
-            site.branches.append((other, alpha if other is b else 1))
-            site.region |= extra
-            site.kind = "parallel"
-            site.inplace = is_inplace_add(outer)
-            site.module_path = module_path(outer)
+        _merge_parallel(site, reach)
+    taken = _select_sites(candidates, order, not_taken)
+    _finish_sites(taken)
+    return DetectResult(sites=taken, not_taken=_final_not_taken(not_taken, taken), dataflow=g)
 
-    # Nested residuals and shared skip operands.
+
+def _not_taken(node: fx.Node, reason: str) -> NotTaken:
+    """A NotTaken record for ``node`` with ``reason``."""
+    return NotTaken(node.name, module_path(node), reason)
+
+
+def _operand_mismatch(node: fx.Node, a: fx.Node, b: fx.Node, ia: tuple, ib: tuple) -> Optional[str]:
+    """Why two tensor operands cannot form a residual (shape, dtype, rank, x + x, view), or None."""
+    if ia[0] != ib[0]:
+        return f"shapes differ: {_fmt(ia[0])} vs {_fmt(ib[0])}"
+    if ia[1] != ib[1]:
+        return f"dtypes differ: {ia[1]} vs {ib[1]}"
+    if ia[2] == 0:
+        return "scalar operands"
+    if not getattr(ia[1], "is_floating_point", False):
+        return f"not floating point ({ia[1]})"
+    if a is b:
+        return "branch does no work (x + x)"
+    if is_inplace_add(node) and target_name(a) in _VIEW_NAMES:
+        return "in-place add into a view (it mutates another tensor)"
+    return None
+
+
+def _orient(a: fx.Node, b: fx.Node, alpha: Any, reach: _Reach):
+    """(x, y, scale) with x the skip operand and y = f(x), or a reason string when there is none."""
+    if a in reach.anc(b):
+        return a, b, alpha
+    if b in reach.anc(a):
+        if alpha != 1:
+            return "alpha scales the skip operand"
+        return b, a, 1
+    return ("no dependency between the operands: neither is computed from the other "
+            "(e.g. a projection shortcut, or a sum of parallel branches)")
+
+
+def _classify_add(node: fx.Node, reach: _Reach):
+    """A candidate Site for the add ``node``, a reason it is not one, or None (not reported)."""
+    a, b, alpha = add_operands(node)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None  # tensor + scalar: not a residual candidate, not reported
+    ia, ib = tensor_info(a), tensor_info(b)
+    if ia is None or ib is None:
+        if carries_tensor(a) and carries_tensor(b) and (ia is None) != (ib is None):
+            return "operand shapes unknown"
+        return None
+    why = _operand_mismatch(node, a, b, ia, ib)
+    if why is not None:
+        return why
+    oriented = _orient(a, b, alpha, reach)
+    if isinstance(oriented, str):
+        return oriented
+    x, y, scale = oriented
+    region = (reach.desc(x) & reach.anc(y)) | {y}
+    if not any(_is_heavy(n) for n in region):
+        return "branch does no work (no matmul, linear, conv, attention or embedding)"
+    return Site(
+        add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=ia[0],
+        dtype=ia[1], feature_axis=feature_axis(ia[2]), module_path=module_path(node),
+        branch_path="", inplace=is_inplace_add(node),
+    )
+
+
+def _parallel_branch(site: Site, outer: fx.Node, reach: _Reach) -> Optional[tuple]:
+    """(other operand, its scale, its region) when ``outer`` adds a parallel branch of ``site.x``."""
+    if not is_add(outer):
+        return None
+    a, b, alpha = add_operands(outer)
+    other = b if a is site.add else a if b is site.add else None
+    if not isinstance(other, fx.Node) or (other is a and alpha != 1):
+        return None
+    if tensor_info(other) is None or tensor_info(other)[:2] != (site.shape, site.dtype):
+        return None
+    if site.x not in reach.anc(other) or site.add in reach.anc(other):
+        return None
+    extra = (reach.desc(site.x) & reach.anc(other)) | {other}
+    if not any(_is_heavy(n) for n in extra):
+        return None
+    return other, (alpha if other is b else 1), extra
+
+
+def _merge_parallel(site: Site, reach: _Reach) -> None:
+    """Parallel residual: absorb ``(x + y1) + y2`` where y2 depends on x but not on the inner add."""
+    while len(site.add.users) == 1:
+        outer = next(iter(site.add.users))
+        found = _parallel_branch(site, outer, reach)
+        if found is None:
+            break
+        other, scale, extra = found
+        site.inner_adds.append(site.add)
+        site.add = outer
+        site.branches.append((other, scale))
+        site.region |= extra
+        site.kind = "parallel"
+        site.inplace = is_inplace_add(outer)
+        site.module_path = module_path(outer)
+
+
+def _select_sites(candidates: list, order: dict, not_taken: list) -> list:
+    """Drop nested residuals and later sites sharing a skip operand (recorded in ``not_taken``)."""
     adds = {s.add for s in candidates}
     taken: list[Site] = []
     seen_x: dict = {}
     for site in sorted(candidates, key=lambda s: order[s.add]):
         inner = [n for n in site.region if n in adds and n is not site.add]
         if inner:
-            reject(site.add, f"branch contains other residual sites ({', '.join(n.name for n in inner[:3])}): nested residual")
+            not_taken.append(_not_taken(site.add, f"branch contains other residual sites "
+                                                  f"({', '.join(n.name for n in inner[:3])}): nested residual"))
             continue
         if site.x in seen_x:
-            reject(site.add, f"shares its skip input with site {seen_x[site.x].add.name}")
+            not_taken.append(_not_taken(site.add, f"shares its skip input with site {seen_x[site.x].add.name}"))
             continue
         seen_x[site.x] = site
         taken.append(site)
+    return taken
+
+
+def _finish_sites(taken: list) -> None:
+    """Mark layer-scale sites and name the module that owns each site's branch."""
     for site in taken:
         if site.kind == "residual" and _is_layer_scale(site.branches[0][0]):
             site.kind = "layer_scale"
         site.branch_path = _branch_path(site.region, site.module_path, site.kind)
+
+
+def _final_not_taken(not_taken: list, taken: list) -> list:
+    """Adds not taken, minus those absorbed into a site, each saying whose branch it sits in."""
     absorbed = {a.name for s in taken for a in [s.add, *s.inner_adds]}
-    not_taken = [t for t in not_taken if t.node not in absorbed]
+    kept = [t for t in not_taken if t.node not in absorbed]
     owner = {n.name: s for s in taken for n in s.region}
-    for t in not_taken:
+    for t in kept:
         if t.node in owner:
             t.reason += f" [inside the branch of site {owner[t.node].add.name}]"
-    return DetectResult(sites=taken, not_taken=not_taken, dataflow=g)
+    return kept
 
 
 def _is_layer_scale(y: fx.Node) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -181,87 +182,128 @@ def _coeff_args(p: dict, config: MHCConfig):
             config.eps, config.variant, config.dynamic, config.kernels)
 
 
-def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider: ParamProvider, names: list) -> None:
-    graph = gm.graph
-    n = config.streams
-    first = chain.sites[0]
-    rank = len(first.shape)
-    fa = first.feature_axis
-    internal: list = []          # original nodes that the streams replace (deleted at the end)
-    stream_of: dict = {}         # original stream value -> stream node (..., n, C)
+@dataclass
+class _ChainRewrite:
+    """What one chain's rewrite carries from step to step."""
 
-    e = _Emitter(graph, _cursor_for(graph, first.x))
-    X = e.named("mhc_x", ops.expand, _to_last(e, first.x, fa, rank), n)
+    gm: fx.GraphModule
+    chain: Chain
+    config: MHCConfig
+    provider: ParamProvider
+    names: list                                   # parameter names registered so far
+    fa: int                                       # feature axis of the chain's activations
+    rank: int
+    internal: list = field(default_factory=list)  # original nodes the streams replace (deleted at the end)
+    stream_of: dict = field(default_factory=dict)  # original stream value -> stream node (..., n, C)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+
+def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider: ParamProvider, names: list) -> None:
+    """Replace one chain's residual adds by mHC stream ops, collapse outside uses, erase the adds."""
+    first = chain.sites[0]
+    st = _ChainRewrite(gm, chain, config, provider, names, first.feature_axis, len(first.shape))
+    e = _Emitter(st.graph, _cursor_for(st.graph, first.x))
+    X = e.named("mhc_x", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams)
     head: Optional[tuple] = None  # (h_pre, h_post, h_res, h_in) of the current site, from a boundary
     for k, site in enumerate(chain.sites):
-        p = _site_params(gm, site, config, provider, e, names) if head is None else site_p
-        if head is None:
-            hp, ho, hr = e.getitems(e.named("mhc_coeffs", ops.coeffs, X, *_coeff_args(p, config)), _COEFF_NAMES)
-            h_in = e.named("mhc_h_in", ops.pre, X, hp, config.kernels)
-        else:
-            hp, ho, hr, h_in = head
-        h_in = _from_last(e, h_in, fa, rank)
-        for user in list(site.x.users):
-            if user in site.region:
-                user.replace_input_with(site.x, h_in)
-        # tail: right before the add
-        e = _Emitter(graph, site.add.prev)
-        terms = []
-        for y, scale in site.branches:
-            t = y if scale == 1 else e.call(operator.mul, y, scale)
-            terms.append(t)
-        h_out = terms[0]
-        for t in terms[1:]:
-            h_out = e.call(operator.add, h_out, t)
-        h_out = _to_last(e, h_out, fa, rank)
-        nxt = chain.sites[k + 1] if k + 1 < len(chain.sites) else None
-        gap = chain.between[k] if nxt is not None else []
-        if nxt is not None and not gap and config.fuse_boundaries:
-            site_p = _site_params(gm, nxt, config, provider, e, names)
-            outs = e.getitems(e.named("mhc_boundary", ops.boundary, X, h_out, ho, hr, *_coeff_args(site_p, config)),
-                              ("mhc_x",) + _COEFF_NAMES + ("mhc_h_in",))
-            X = outs[0]
-            head = tuple(outs[1:])
-        else:
-            X = e.named("mhc_x", ops.post_res, X, h_out, ho, hr, config.kernels)
-            head = None
-        stream_of[site.add] = X
-        internal += [*site.inner_adds, site.add]
-        for op_node in gap:  # stream-wise ops, applied to the streams
-            args = tuple(X if a is _stream_arg(op_node) else a for a in op_node.args)
-            X = e.node(op_node.op, op_node.target, args, dict(op_node.kwargs))
-            stream_of[op_node] = X
-            internal.append(op_node)
+        hp, ho, hr, h_in = head if head is not None else _site_head(st, site, e, X)
+        _reroute_branch(site, _from_last(e, h_in, st.fa, st.rank))
+        e = _Emitter(st.graph, site.add.prev)  # tail: right before the add
+        h_out = _branch_output(st, site, e)
+        X, head = _site_tail(st, k, e, X, h_out, ho, hr)
+        st.stream_of[site.add] = X
+        st.internal += [*site.inner_adds, site.add]
+        if k + 1 < len(chain.sites):
+            X = _apply_stream_wise(st, e, X, chain.between[k])
+    _collapse_outside_uses(st)
+    _erase_replaced(st)
 
-    # collapse for every use outside the chain
-    weight = None
-    if config.collapse == "learned":
-        last = chain.sites[-1]
-        cname = last.name.rsplit(".", 1)[0] + ".mhc_collapse" if "." in last.name else f"mhc_collapse{chain.index}"
-        dev = _param_device(gm, last)
-        params = provider(cname, {"weight": reference.init_collapse_weight(n).to(dev)})
-        names += _register(gm, cname, params)
-        weight_target = f"{cname}.weight"
-    internal_set = set(internal)
-    for v in internal:  # metadata asserts on replaced values are dropped with them
+
+def _site_head(st: _ChainRewrite, site: Site, e: _Emitter, X: fx.Node) -> tuple:
+    """Emit a site's parameters, coefficients and pre-mix: (h_pre, h_post, h_res, h_in)."""
+    p = _site_params(st.gm, site, st.config, st.provider, e, st.names)
+    hp, ho, hr = e.getitems(e.named("mhc_coeffs", ops.coeffs, X, *_coeff_args(p, st.config)), _COEFF_NAMES)
+    return hp, ho, hr, e.named("mhc_h_in", ops.pre, X, hp, st.config.kernels)
+
+
+def _reroute_branch(site: Site, h_in: fx.Node) -> None:
+    """Make f's uses of the skip operand x read the pre-mixed input h_in instead."""
+    for user in list(site.x.users):
+        if user in site.region:
+            user.replace_input_with(site.x, h_in)
+
+
+def _branch_output(st: _ChainRewrite, site: Site, e: _Emitter) -> fx.Node:
+    """h_out = sum_k scale_k * branch_k, feature axis last."""
+    terms = [y if scale == 1 else e.call(operator.mul, y, scale) for y, scale in site.branches]
+    h_out = terms[0]
+    for t in terms[1:]:
+        h_out = e.call(operator.add, h_out, t)
+    return _to_last(e, h_out, st.fa, st.rank)
+
+
+def _site_tail(st: _ChainRewrite, k: int, e: _Emitter, X: fx.Node, h_out: fx.Node, ho: fx.Node,
+               hr: fx.Node) -> tuple:
+    """(new X, next head): a fused boundary into the adjacent next site, or a plain post_res."""
+    chain, config = st.chain, st.config
+    nxt = chain.sites[k + 1] if k + 1 < len(chain.sites) else None
+    if nxt is not None and not chain.between[k] and config.fuse_boundaries:
+        p = _site_params(st.gm, nxt, config, st.provider, e, st.names)
+        outs = e.getitems(e.named("mhc_boundary", ops.boundary, X, h_out, ho, hr, *_coeff_args(p, config)),
+                          ("mhc_x",) + _COEFF_NAMES + ("mhc_h_in",))
+        return outs[0], tuple(outs[1:])
+    return e.named("mhc_x", ops.post_res, X, h_out, ho, hr, config.kernels), None
+
+
+def _apply_stream_wise(st: _ChainRewrite, e: _Emitter, X: fx.Node, gap: list) -> fx.Node:
+    """Apply the stream-wise ops between two sites to the streams (per stream)."""
+    for op_node in gap:
+        args = tuple(X if a is _stream_arg(op_node) else a for a in op_node.args)
+        X = e.node(op_node.op, op_node.target, args, dict(op_node.kwargs))
+        st.stream_of[op_node] = X
+        st.internal.append(op_node)
+    return X
+
+
+def _learned_collapse_target(st: _ChainRewrite) -> str:
+    """Register the chain's learned collapse weight; returns its get_attr target."""
+    last = st.chain.sites[-1]
+    cname = last.name.rsplit(".", 1)[0] + ".mhc_collapse" if "." in last.name else f"mhc_collapse{st.chain.index}"
+    dev = _param_device(st.gm, last)
+    params = st.provider(cname, {"weight": reference.init_collapse_weight(st.config.streams).to(dev)})
+    st.names += _register(st.gm, cname, params)
+    return f"{cname}.weight"
+
+
+def _collapse_outside_uses(st: _ChainRewrite) -> None:
+    """Every use of a stream value outside the chain reads the collapsed streams at that point."""
+    weight_target = _learned_collapse_target(st) if st.config.collapse == "learned" else None
+    internal_set = set(st.internal)
+    for v in st.internal:  # metadata asserts on replaced values are dropped with them
         for u in list(v.users):
             if u.op == "call_function" and "assert_tensor_metadata" in str(u.target) and not u.users:
-                graph.erase_node(u)
-    for v, Xv in stream_of.items():
+                st.graph.erase_node(u)
+    for v, Xv in st.stream_of.items():
         outside = [u for u in v.users if u not in internal_set]
         if not outside:
             continue
-        e = _Emitter(graph, Xv)
-        if config.collapse == "learned":
-            weight = e.attr(weight_target)
-        c = e.named("mhc_collapse", ops.collapse, Xv, config.collapse, weight)
-        c = _from_last(e, c, fa, rank)
+        e = _Emitter(st.graph, Xv)
+        weight = e.attr(weight_target) if weight_target is not None else None
+        c = e.named("mhc_collapse", ops.collapse, Xv, st.config.collapse, weight)
+        c = _from_last(e, c, st.fa, st.rank)
         for u in outside:
             u.replace_input_with(v, c)
-    for node in reversed(internal):
+
+
+def _erase_replaced(st: _ChainRewrite) -> None:
+    """Erase the adds and stream-wise ops the streams replaced; each must have no user left."""
+    for node in reversed(st.internal):
         if node.users:
             raise RuntimeError(f"mhc rewrite: {node.name} still has users {list(node.users)}")
-        graph.erase_node(node)
+        st.graph.erase_node(node)
 
 
 def _stream_arg(node: fx.Node):
