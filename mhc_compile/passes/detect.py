@@ -10,7 +10,7 @@ A *site* is an add ``x + f(x)``:
   DiGraph of the FX graph whose edges carry tensor values only: shape queries such as
   ``sym_size`` / ``size`` and value-independent factories such as ``ones_like`` carry no edge);
 * ``f`` does real work: the region of f (descendants of x that are ancestors of y) contains a
-  heavy op (matmul / linear / conv / attention / embedding / a submodule call). ``x + 0.04 * x**3``
+  heavy op (matmul / linear / conv / attention / embedding / pooling / FFT / scan / a submodule call). ``x + 0.04 * x**3``
   inside a GELU, or ConvNeXt-V2's GRN ``gamma * (x * N(x)) + beta + x`` (elementwise with
   parameters), are *not* sites ("branch does no work").
 
@@ -72,6 +72,14 @@ _HEAVY_NAMES = {
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_flash_attention_for_cpu", "embedding", "tensordot", "addmv", "mv",
     "multi_head_attention_forward", "_native_multi_head_attention", "flex_attention",
+    # ops that mix information across positions without a weight: pooling, FFT, scans
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "max_pool2d_with_indices", "max_pool3d_with_indices", "_adaptive_avg_pool2d",
+    "fft_fft", "fft_ifft", "fft_rfft", "fft_irfft", "fft_fft2", "fft_rfft2", "fft_irfft2",
+    "fft_fftn", "fft_rfftn", "fft_irfftn", "_fft_r2c", "_fft_c2r", "_fft_c2c",
+    "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
 }
 
 
@@ -429,7 +437,7 @@ def _classify_add(node: fx.Node, reach: _Reach):
     x, y, scale = oriented
     region = (reach.desc(x) & reach.anc(y)) | {y}
     if not any(_is_heavy(n) for n in region):
-        return "branch does no work (no matmul, linear, conv, attention or embedding)"
+        return "branch does no work (elementwise only: no matmul, linear, conv, attention, embedding, pooling, FFT or scan)"
     return Site(
         add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=ia[0],
         dtype=ia[1], feature_axis=feature_axis(ia[2]), module_path=module_path(node),
