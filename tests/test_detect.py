@@ -329,3 +329,24 @@ def test_param_provider_reuses_parameters_across_graphs():
     # the rewrite is idempotent: a second pass over a rewritten graph finds nothing to do
     again = rewrite_graph(gm1, CFG, provider)
     assert not again.rewritten and again.num_sites == 0
+
+
+class _PoolMixer(nn.Module):
+    """PoolFormer-style block: norm -> avg-pool token mixer -> add, plus an elementwise-only add."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x):  # (B, T, C)
+        h = self.norm(x).transpose(1, 2)
+        x = x + F.avg_pool1d(h, 3, 1, 1).transpose(1, 2)
+        return x + torch.tanh(x)
+
+
+def test_pooling_branch_is_a_site_and_elementwise_is_not_with_reason():
+    x = torch.randn(2, 6, 8)
+    gm = _export_gm(_PoolMixer(), (x,))
+    det = detect_sites(gm.graph)
+    assert len(det.sites) == 1
+    assert any("elementwise only" in t.reason for t in det.not_taken)

@@ -10,7 +10,7 @@ A *site* is an add ``x + f(x)``:
   DiGraph of the FX graph whose edges carry tensor values only: shape queries such as
   ``sym_size`` / ``size`` and value-independent factories such as ``ones_like`` carry no edge);
 * ``f`` does real work: the region of f (descendants of x that are ancestors of y) contains a
-  heavy op (matmul / linear / conv / attention / embedding / a submodule call). ``x + 0.04 * x**3``
+  heavy op (matmul / linear / conv / attention / embedding / pooling / FFT / scan / a submodule call). ``x + 0.04 * x**3``
   inside a GELU, or ConvNeXt-V2's GRN ``gamma * (x * N(x)) + beta + x`` (elementwise with
   parameters), are *not* sites ("branch does no work").
 
@@ -64,15 +64,7 @@ _VIEW_NAMES = {
     "expand", "unsqueeze", "squeeze", "unflatten", "split", "chunk", "unbind", "diagonal", "t", "alias",
     "view_as", "movedim", "swapaxes", "_unsafe_view",
 }
-# Heavy ops: a branch containing one of them does real work.
-_HEAVY_NAMES = {
-    "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "linear", "conv1d", "conv2d", "conv3d",
-    "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "einsum", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_flash_attention_for_cpu", "embedding", "tensordot", "addmv", "mv",
-    "multi_head_attention_forward", "_native_multi_head_attention", "flex_attention",
-}
+from mhc_compile.passes.work_ops import HEAVY_NAMES as _HEAVY_NAMES  # noqa: E402
 
 
 def target_name(node: fx.Node) -> str:
@@ -429,7 +421,7 @@ def _classify_add(node: fx.Node, reach: _Reach):
     x, y, scale = oriented
     region = (reach.desc(x) & reach.anc(y)) | {y}
     if not any(_is_heavy(n) for n in region):
-        return "branch does no work (no matmul, linear, conv, attention or embedding)"
+        return "branch does no work (elementwise only: no matmul, linear, conv, attention, embedding, pooling, FFT or scan)"
     return Site(
         add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=ia[0],
         dtype=ia[1], feature_axis=feature_axis(ia[2]), module_path=module_path(node),
