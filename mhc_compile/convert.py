@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-import types
 import warnings
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .config import MHCConfig
+from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
 from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph
 from .report import ResidualReport
 
@@ -111,59 +110,6 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
         "example_inputs as a tuple of the exact positional arguments, or use the torch.compile "
         "backend instead: torch.compile(model, backend='mhc'), which tolerates graph breaks."
     ) from exc
-
-
-class _ModeDropout(nn.Module):
-    """aten.dropout with the train flag read from this module's mode."""
-
-    def forward(self, x, p):
-        return F.dropout(x, p, self.training)
-
-
-class _ModeBatchNorm(nn.Module):
-    """aten.batch_norm with the training flag read from this module's mode."""
-
-    def forward(self, x, weight, bias, running_mean, running_var, momentum, eps):
-        return F.batch_norm(x, running_mean, running_var, weight, bias, self.training, momentum, eps)
-
-
-def make_mode_switchable(gm: fx.GraphModule, training: bool) -> None:
-    """Let ``gm.train()`` / ``gm.eval()`` switch dropout and batch norm of a captured graph.
-
-    ``ExportedProgram.module()`` bakes the train flag of ``aten.dropout`` / ``aten.batch_norm``
-    into the graph and makes ``train()`` / ``eval()`` raise. This routes those ops through two
-    stateless modules whose ``training`` flag follows the usual ``nn.Module`` mode.
-    """
-    graph = gm.graph
-    drop = bn = None
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target is torch.ops.aten.dropout.default and len(node.args) >= 2 and not node.kwargs:
-            if drop is None:
-                gm.add_module("mhc_mode_dropout", _ModeDropout())
-                drop = "mhc_mode_dropout"
-            with graph.inserting_before(node):
-                new = graph.call_module(drop, (node.args[0], node.args[1]))
-        elif node.target is torch.ops.aten.batch_norm.default and len(node.args) >= 8 and not node.kwargs:
-            if bn is None:
-                gm.add_module("mhc_mode_batch_norm", _ModeBatchNorm())
-                bn = "mhc_mode_batch_norm"
-            x, w, b, rm, rv, _, momentum, eps = node.args[:8]
-            with graph.inserting_before(node):
-                new = graph.call_module(bn, (x, w, b, rm, rv, momentum, eps))
-        else:
-            continue
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    # ExportedProgram.module() binds raising train()/eval() on the instance; restore nn.Module's.
-    for name in ("train", "eval"):
-        gm.__dict__.pop(name, None)
-        if getattr(getattr(gm, name), "__func__", None) is not getattr(nn.Module, name):
-            setattr(gm, name, types.MethodType(getattr(nn.Module, name), gm))
-    gm.recompile()
-    nn.Module.train(gm, training)
 
 
 def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCConfig] = None, *,

@@ -29,7 +29,6 @@ Public API::
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple, Optional, Sequence

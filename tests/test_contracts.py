@@ -94,3 +94,19 @@ def test_config_dict_errors():
         MHCConfig.from_dict("streams=2")
     legacy = {k: v for k, v in data.items() if k != "version"}  # mhc.json of mhc-compile 0.1
     assert MHCConfig.from_dict(legacy) == MHCConfig(streams=2)
+
+
+def test_passes_take_the_config_built_at_the_entry_point(monkeypatch):
+    """convert builds the MHCConfig once; the passes read it and never rebuild it from options."""
+    from mhc_compile.passes.rewrite import rewrite_graph
+
+    calls = []
+    real = MHCConfig.from_options.__func__
+    monkeypatch.setattr(MHCConfig, "from_options", classmethod(lambda cls, o=None: calls.append(o) or real(cls, o)))
+    torch.manual_seed(0)
+    converted = mhc_compile.convert(tiny_gpt(), MHCConfig(streams=2), token_inputs())
+    assert converted.mhc_report.num_sites == 4
+    assert len(calls) == 1, f"MHCConfig.from_options ran {len(calls)} times for one convert"
+    gm = torch.export.export(tiny_gpt(), token_inputs(), strict=False).module()
+    with pytest.raises(TypeError, match="needs an MHCConfig"):
+        rewrite_graph(gm, {"streams": 2})

@@ -31,7 +31,7 @@ import html
 import json
 import shutil
 import subprocess
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -267,14 +267,10 @@ def _target_name(node) -> str:
 
 
 def _module_of(node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        last = list(stack.values())[-1]
-        path = last[0] if isinstance(last, (tuple, list)) else str(last)
-        if str(path).startswith("_empty_nn_module_stack"):  # torch.export's placeholder for "no module"
-            return ""
-        return str(path).replace("L['self'].", "").replace("L__self___", "")
-    return ""
+    """The module path a node runs in (passes.nodes: the one home for node naming)."""
+    from ..passes.nodes import module_path
+
+    return module_path(node)
 
 
 def _dot_id(prefix: str, name: str) -> str:

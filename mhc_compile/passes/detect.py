@@ -32,13 +32,17 @@ Every add with two tensor operands that is not taken is reported with a reason.
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import networkx as nx
 import torch
 from torch import fx
+
+from .nodes import (  # noqa: F401 (re-exported: the passes and tests read nodes through detect too)
+    _SHAPE_ONLY_NAMES, carries_tensor, feature_axis, module_path, module_stack, node_val, normalize_path,
+    target_name, tensor_info,
+)
 
 aten = torch.ops.aten
 
@@ -51,13 +55,6 @@ _INPLACE_METHODS = {"add_", "__iadd__"}
 _ATEN_ADDS = {aten.add.Tensor, aten.add_.Tensor}
 _ATEN_INPLACE = {aten.add_.Tensor}
 
-# Ops whose outputs do not depend on the *values* of their tensor inputs (shape/dtype only).
-_SHAPE_ONLY_NAMES = {
-    "size", "dim", "sym_size", "sym_numel", "sym_stride", "numel", "stride", "zeros_like",
-    "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
-    "new_zeros", "new_ones", "new_empty", "new_full", "_assert_tensor_metadata", "sym_storage_offset",
-    "_guards_fn", "is_floating_point", "is_contiguous", "get_device", "_local_scalar_dense",
-}
 # View ops: an in-place add into their output mutates their base.
 _VIEW_NAMES = {
     "getitem", "__getitem__", "slice", "select", "view", "transpose", "permute", "narrow", "as_strided",
@@ -66,20 +63,6 @@ _VIEW_NAMES = {
 }
 from mhc_compile.passes.work_ops import HEAVY_NAMES as _HEAVY_NAMES  # noqa: E402
 
-
-def target_name(node: fx.Node) -> str:
-    """A short, flavour-independent name for a node's operation: 'add', 'linear', 'layer_norm', ..."""
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if node.op == "call_module":
-        return "call_module"
-    if node.op != "call_function":
-        return node.op
-    packet = getattr(t, "overloadpacket", None)  # torch.ops.<ns>.<op>.<overload>
-    if packet is not None:
-        return packet.__name__
-    return getattr(t, "__name__", str(t))
 
 
 def is_add(node: fx.Node) -> bool:
@@ -105,86 +88,6 @@ def add_operands(node: fx.Node) -> tuple[Any, Any, Any]:
     return first, second, alpha
 
 
-# ----------------------------------------------------------------------------- meta helpers
-def node_val(node: Any) -> Any:
-    """The example/fake value recorded on a node (export: meta['val'], Dynamo: meta['example_value'])."""
-    if not isinstance(node, fx.Node):
-        return None
-    for key in ("val", "example_value"):
-        if key in node.meta:
-            return node.meta[key]
-    tm = node.meta.get("tensor_meta")
-    return tm
-
-
-def tensor_info(node: Any) -> Optional[tuple[tuple[str, ...], Any, int]]:
-    """(shape as strings, dtype, rank) when the node is known to hold one tensor, else None."""
-    v = node_val(node)
-    if v is None or (isinstance(v, (list, tuple, dict)) and not hasattr(v, "dtype")):
-        return None
-    shape = getattr(v, "shape", None)
-    dtype = getattr(v, "dtype", None)
-    if shape is None or dtype is None:
-        return None
-    return tuple(str(d) for d in shape), dtype, len(shape)
-
-
-def carries_tensor(node: fx.Node) -> bool:
-    """Whether a node's value carries tensor data (so it contributes data-flow edges)."""
-    if node.op == "output":
-        return False
-    v = node_val(node)
-    if v is None:
-        return target_name(node) not in _SHAPE_ONLY_NAMES and node.target != "shape"
-    if isinstance(v, torch.Tensor) or (hasattr(v, "dtype") and hasattr(v, "shape")):
-        return True  # a tensor, or ShapeProp's TensorMetadata
-    if isinstance(v, (list, tuple)):
-        return any(isinstance(e, torch.Tensor) or hasattr(e, "dtype") for e in v)
-    return False
-
-
-def feature_axis(rank: int) -> int:
-    """Channel-first conv activations (rank 4/5) mix over dim 1; rank 1-3 over the last dim."""
-    return 1 if rank >= 4 else rank - 1
-
-
-_DYN_PATH = [
-    (re.compile(r"^L\['self'\]\.?"), ""),
-    (re.compile(r"^L__self___?"), ""),
-    (re.compile(r"\[(\d+)\]"), r".\1"),
-    (re.compile(r"\['([^']+)'\]"), r".\1"),
-]
-
-
-def normalize_path(path: str) -> str:
-    """Module path from nn_module_stack, with Dynamo spellings (L['self'].blocks[0]) made dotted."""
-    p = str(path)
-    prev = None
-    while prev != p:  # getattr(getattr(L['self'].a, '0'), 'b') -> L['self'].a.0.b
-        prev = p
-        p = re.sub(r"getattr\(([^()]*), '([^']+)'\)", r"\1.\2", p)
-    for pat, rep in _DYN_PATH:
-        p = pat.sub(rep, p)
-    return p.strip(".")
-
-
-def module_stack(node: fx.Node) -> list[str]:
-    """Module paths enclosing ``node``, outermost first (empty when unknown)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for value in stack.values():
-        path = value[0] if isinstance(value, (tuple, list)) else value
-        path = normalize_path(path)
-        if "nn_module_stack" in path:
-            continue
-        if path and path not in out:
-            out.append(path)
-    return out
-
-
-def module_path(node: fx.Node) -> str:
-    stack = module_stack(node)
-    return stack[-1] if stack else ""
 
 
 # ----------------------------------------------------------------------------- results

@@ -358,7 +358,10 @@ def rewrite_graph(gm: fx.GraphModule, config: Optional[MHCConfig] = None,
     ``report.rewritten`` is False (and ``gm`` untouched apart from making in-place adds
     explicit) when no site was found.
     """
-    config = MHCConfig.from_options(config)
+    config = MHCConfig() if config is None else config
+    if not isinstance(config, MHCConfig):  # entry points build the config once; passes never rebuild it
+        raise TypeError(f"rewrite_graph needs an MHCConfig, got {type(config).__name__}; "
+                        "build one with MHCConfig.from_options(options) at the entry point")
     provider = param_provider or default_param_provider
     detected, chains = analyze(gm.graph)
     names: list = []
