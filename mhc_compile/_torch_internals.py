@@ -7,7 +7,8 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
   ``gm._param_name_to_source``;
 * why a graph ends (a graph break or the return) and whether it starts in a resume function:
   ``gm.compile_subgraph_reason`` and the ``torch_dynamo_resume_in_`` code-name prefix;
-* the module path of a node: ``node.meta["nn_module_stack"]`` (keys and path format vary);
+* (the module path of a node, ``node.meta["nn_module_stack"]``, is read in ``passes/nodes.py``,
+  the one home for node naming; its spellings are guarded by ``tests/test_torch_internals.py``);
 * the inner backends: ``torch._inductor.compile_fx.compile_fx``, ``lookup_backend``;
 * whether DistributedDataParallel is running and whether Dynamo splits its graphs
   (``DistributedDataParallel._get_active_ddp_module()``, ``torch._dynamo.config.optimize_ddp``);
@@ -27,7 +28,7 @@ The torch 2.11 / triton 3.6 audit of all of these is in ``docs/gpu.md``.
 Each helper degrades to ``None`` / ``False`` instead of raising when an attribute disappears, so
 the backend can fall back (or fail with a clear message). ``tests/test_torch_internals.py``
 checks each of them against the installed torch and fails loudly when an upgrade breaks one.
-Supported: torch 2.11 to 2.13.
+Supported: torch 2.11 to 2.14.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+
+from .messages import first_line
 
 RESUME_PREFIX = "torch_dynamo_resume_in_"
 
@@ -202,7 +205,7 @@ def graph_break_after(gm: torch.fx.GraphModule) -> Optional[str]:
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is None or not getattr(reason, "graph_break", False):
         return None
-    text = str(getattr(reason, "reason", "graph break")).strip().splitlines()[0]
+    text = first_line(getattr(reason, "reason", "graph break")) or "graph break"
     stack = getattr(reason, "user_stack", None) or []
     if stack:
         frame = stack[-1]
@@ -215,43 +218,6 @@ def resumed_after_break(code_name: str) -> Optional[str]:
     if not code_name.startswith(RESUME_PREFIX):
         return None
     return code_name[len(RESUME_PREFIX):]
-
-
-# ----------------------------------------------------------------------------- module paths
-_LOCAL_PREFIX = re.compile(r"^(?:L|G)\[['\"]([^'\"]+)['\"]\]\.?")
-_FLAT_PREFIX = re.compile(r"^(?:L|G)__([A-Za-z0-9_]+?)__?_")
-
-
-def module_path(raw: str) -> str:
-    """Normalise a Dynamo module path to a dotted path relative to the compiled root.
-
-    ``"L['self'].blocks.0.attn"`` -> ``"blocks.0.attn"``; ``"L['self']"`` -> ``""``;
-    ``"L__self___blocks_0"`` (old flat names) -> ``"blocks_0"``; ``"self.blocks.0"`` -> ``"blocks.0"``;
-    ``_modules['x']`` / ``['x']`` item syntax becomes ``.x``. Plain dotted paths pass through.
-    """
-    path = raw.strip()
-    m = _LOCAL_PREFIX.match(path)
-    if m:
-        path = path[m.end():]
-    else:
-        m = _FLAT_PREFIX.match(path)
-        if m:
-            path = path[m.end():]
-        elif path == "self" or path.startswith("self."):
-            path = path[5:]
-    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", "." + path if path.startswith("_modules") else path)
-    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
-    return path.strip(".")
-
-
-def node_module_path(node: torch.fx.Node) -> Optional[str]:
-    """Innermost module path of a node from ``meta["nn_module_stack"]`` (normalised), or None."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    last = list(stack.values())[-1]
-    raw = last[0] if isinstance(last, tuple) else last
-    return module_path(str(raw))
 
 
 # ----------------------------------------------------------------------------- inner backends

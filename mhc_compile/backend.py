@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import re
 import warnings
 import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -41,6 +40,8 @@ from torch import nn
 
 from . import _torch_internals as _ti
 from .config import MHCConfig
+from .passes.nodes import normalize_path
+from .passes.placement import MHCPlacementError, MHCSiteParams, attach, safe_name, site_container
 
 __all__ = [
     "mhc_backend",
@@ -54,9 +55,6 @@ __all__ = [
     "records",
     "mhc_parameters",
 ]
-
-CONTAINER_ATTR = "mhc"
-
 
 class MHCBackendError(RuntimeError):
     """The mhc backend cannot rewrite this graph safely (no owning module, DDP, optimizer misuse...)."""
@@ -72,20 +70,6 @@ class MHCNoResidualWarning(UserWarning):
 
 class MHCDDPWarning(UserWarning):
     """DDPOptimizer splits the compiled graph at gradient-bucket boundaries, which cuts chains."""
-
-
-class MHCSiteParams(nn.Module):
-    """Holds one residual site's mHC parameters (``phi``, ``alpha``, ``b_pre``, ...).
-
-    A plain container; ``forward`` returns its first input unchanged so that a container
-    attached to an ``nn.Sequential`` root does not change what the sequence computes.
-    """
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - identity
-        return args[0] if args else None
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}: {tuple(p.shape)}" for k, p in self._parameters.items())
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -240,12 +224,12 @@ class _ParamProvider:
             raise MHCBackendError(f"mhc: site name {site_name!r} requested twice in one graph; site names must be unique")
         self._seen_sites.add(site_name)
         root, stripped, _ = self.root()
-        path = _ti.module_path(site_name)
+        path = normalize_path(site_name)
         if stripped and (path == stripped or path.startswith(stripped + ".")):
             path = path[len(stripped):].lstrip(".")
         container, cname = _container_for(root, path)
         existing = dict(container.named_parameters(recurse=False))
-        keys = [_safe(k) for k in init]
+        keys = [safe_name(k) for k in init]
         if existing:
             missing = [k for k in keys if k not in existing]
             bad = [k for k, v in zip(keys, init.values()) if k in existing and tuple(existing[k].shape) != tuple(v.shape)]
@@ -275,8 +259,7 @@ class _ParamProvider:
             value = value.detach().clone()
             if device is not None:
                 value = value.to(device)
-            p = nn.Parameter(value, requires_grad=True)
-            container.register_parameter(k, p)
+            p = attach(container, {k: nn.Parameter(value, requires_grad=True)})[k]
             out[orig] = p
             self.created.append(f"{cname}.{k}")
             self.paths[id(p)] = ".".join(s for s in (stripped, cname, k) if s)
@@ -299,49 +282,15 @@ class _ParamProvider:
             _ti.register_param_sources(self.gm, sources)
 
 
-def _safe(key: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_]", "_", str(key)) or "_"
-
-
-_NOT_CALLED = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
-
-
 def _container_for(root: nn.Module, path: str) -> tuple[MHCSiteParams, str]:
-    """The MHCSiteParams at ``path`` in ``root`` (created empty if absent) and its dotted name.
-
-    The site name from the passes is the parameter prefix (``blocks.0.attn.mhc``,
-    ``layer1.0.mhc_site3``), so parameters get the same names as on the ``convert`` path and
-    checkpoints move between the two. Missing intermediate modules are created as empty
-    containers. A container is never added to a ModuleList/ModuleDict (user code iterates them);
-    such paths are flattened under the nearest other module. Added to an ``nn.Sequential`` it
-    is harmless: its forward is the identity.
-    """
-    parts = [_safe(p) for p in path.split(".") if p] if path else []
-    if not parts:
-        parts = [CONTAINER_ATTR]
-    mod, i = root, 0
-    while i < len(parts) - 1 and isinstance(mod._modules.get(parts[i]), nn.Module):
-        mod = mod._modules[parts[i]]
-        i += 1
-    rest = parts[i:]
-    prefix = parts[:i]
-    if isinstance(mod, _NOT_CALLED):  # step back to the nearest module user code does not iterate
-        while prefix and isinstance(mod, _NOT_CALLED):
-            rest = [prefix.pop() + "_" + rest[0]] + rest[1:]
-            mod = root.get_submodule(".".join(prefix)) if prefix else root
-    for part in rest:
-        child = mod._modules.get(part)
-        if child is None:
-            if hasattr(mod, part):
-                raise MHCBackendError(f"mhc: cannot attach parameters at {path!r}: {part!r} is an attribute of "
-                                      f"{type(mod).__name__} that is not a module")
-            child = MHCSiteParams()
-            mod.add_module(part, child)
-        mod = child
-        prefix.append(part)
+    """The MHCSiteParams at ``path`` in ``root`` (created empty if absent) and its dotted name."""
+    try:
+        mod, name = site_container(root, path)
+    except MHCPlacementError as exc:
+        raise MHCBackendError(f"mhc: {exc}") from exc
     if not isinstance(mod, MHCSiteParams):
         raise MHCBackendError(f"mhc: cannot attach parameters at {path!r}: it is a {type(mod).__name__}")
-    return mod, ".".join(prefix)
+    return mod, name
 
 
 def _module_device(root: nn.Module, path: str) -> Optional[torch.device]:

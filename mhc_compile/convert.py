@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from .config import MHCConfig
+from .messages import first_line
 from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
 from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph
 from .report import ResidualReport
@@ -95,13 +96,13 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
         if dyn is False and dynamic:
             warnings.warn(
                 "mhc_compile: the model could not be exported with dynamic batch/sequence dims "
-                f"({type(errors[0][1]).__name__}: {str(errors[0][1]).splitlines()[0][:200]}); "
+                f"({type(errors[0][1]).__name__}: {first_line(errors[0][1], 200)}); "
                 "captured with static shapes, so the converted model only accepts the example input shapes.",
                 stacklevel=3,
             )
         return ep.module()
     dyn, exc = errors[-1]
-    first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc, 500)
     raise MHCCaptureError(
         f"mhc_compile could not capture {type(model).__name__} with torch.export(strict=False): "
         f"{type(exc).__name__}: {first}\n"

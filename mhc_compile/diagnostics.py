@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .passes.mode_switch import set_training
 from .report import ResidualReport
 
 __all__ = [
@@ -399,14 +400,6 @@ def chains_from_report(report: Any, num_records: int) -> tuple[Optional[list[lis
     return chains, name_list
 
 
-def _set_mode(model: torch.nn.Module, training: bool) -> None:
-    """model.train(training), tolerating modules that refuse it (torch.export's unlifted modules)."""
-    try:
-        model.train(training)
-    except NotImplementedError:
-        pass
-
-
 def _is_compiled(model) -> bool:
     return hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule"
 
@@ -430,7 +423,7 @@ def amax_gains(
     """
     was_training = model.training
     want_streams = (not _is_compiled(model)) if streams == "auto" else bool(streams)
-    _set_mode(model, False)
+    set_training(model, False)
     try:
         with torch.no_grad(), ops.record_coeffs() as records:
             if want_streams:
@@ -440,7 +433,7 @@ def amax_gains(
                 stream_recs = None
                 model(*inputs, **kwargs)
     finally:
-        _set_mode(model, was_training)
+        set_training(model, was_training)
     if chains is None:
         chains, rep_names = chains_from_report(_report_of(model, len(records)), len(records))
         if names is None:

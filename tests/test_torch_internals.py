@@ -5,11 +5,11 @@ fails loudly (with the name of the helper) when a torch upgrade moves or renames
 """
 import operator
 
-import pytest
 import torch
 from torch import nn
 
 from mhc_compile import _torch_internals as ti
+from mhc_compile.passes import nodes
 
 
 class _Block(nn.Module):
@@ -45,7 +45,7 @@ def _capture(model, *inputs):
             scope=scope,
             sources=list(ti.graph_tensor_sources(gm, example_inputs)),
             break_after=ti.graph_break_after(gm),
-            adds=[ti.node_module_path(n) for n in gm.graph.nodes if n.target is operator.add],
+            adds=[nodes.module_path(n) for n in gm.graph.nodes if n.target is operator.add],
         ))
         return gm.forward
 
@@ -80,12 +80,13 @@ def test_graph_break_reason_and_resume_function_name():
 
 
 def test_nn_module_stack_paths():
+    """Dynamo's nn_module_stack spellings, read by the code detection and the backend run."""
     (g,) = _capture(_Net(), torch.randn(2, 8))
     assert g["adds"] == ["blocks.0", "blocks.1"], g["adds"]
-    assert ti.module_path("L['self'].blocks.0.attn") == "blocks.0.attn"
-    assert ti.module_path("L['self']") == ""
-    assert ti.module_path("L['self']._modules['blocks']._modules['0']") == "blocks.0"
-    assert ti.module_path("blocks.0.attn.mhc") == "blocks.0.attn.mhc"
+    assert nodes.normalize_path("L['self'].blocks.0.attn") == "blocks.0.attn"
+    assert nodes.normalize_path("L['self']") == ""
+    assert nodes.normalize_path("L['self']._modules['blocks']._modules['0']") == "blocks.0"
+    assert nodes.normalize_path("blocks.0.attn.mhc") == "blocks.0.attn.mhc"
 
 
 def test_param_sources_are_accepted_by_aot_autograd():

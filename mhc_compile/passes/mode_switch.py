@@ -65,3 +65,13 @@ def make_mode_switchable(gm: fx.GraphModule, training: bool) -> None:
             setattr(gm, name, types.MethodType(getattr(nn.Module, name), gm))
     gm.recompile()
     nn.Module.train(gm, training)
+
+
+def set_training(model: nn.Module, training: bool) -> nn.Module:
+    """``model.train(training)``, tolerating modules that refuse it (torch.export's unlifted
+    ``GraphModule`` raises ``NotImplementedError`` until :func:`make_mode_switchable` ran)."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
+    return model

@@ -81,22 +81,34 @@ def feature_axis(rank: int) -> int:
     return 1 if rank >= 4 else rank - 1
 
 
-_DYN_PATH = [
-    (re.compile(r"^L\['self'\]\.?"), ""),
-    (re.compile(r"^L__self___?"), ""),
-    (re.compile(r"\[(\d+)\]"), r".\1"),
-    (re.compile(r"\['([^']+)'\]"), r".\1"),
+_ROOT_PREFIXES = [
+    re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]"),      # L['self'].blocks, G['model'].x
+    re.compile(r"^(?:L|G)__[A-Za-z0-9_]+?__?_(?=.)"),     # L__self___blocks_0 (old flat names)
+    re.compile(r"^(?:L|G)__[A-Za-z0-9]+__$"),            # L__self__ (the root itself)
+    re.compile(r"^self(?=\.|$)"),                        # self.blocks.0
+]
+_ITEMS = [
+    (re.compile(r"\.?_modules\[['\"]([^'\"]+)['\"]\]"), r".\1"),  # ._modules['blocks'] -> .blocks
+    (re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]"), r".\1"),         # [0], ['x'] -> .0, .x
 ]
 
 
 def normalize_path(path: str) -> str:
-    """Module path from nn_module_stack, with Dynamo spellings (L['self'].blocks[0]) made dotted."""
-    p = str(path)
+    """A module path as a dotted path relative to the compiled root, from any spelling Dynamo,
+    export or FX use: ``L['self'].blocks[0]``, ``getattr(L['self'].a, '0')``,
+    ``L['self']._modules['blocks']._modules['0']``, ``L__self___blocks_0``, ``self.blocks.0``.
+    ``L['self']`` alone is the root (``""``); plain dotted paths pass through."""
+    p = str(path).strip()
     prev = None
     while prev != p:  # getattr(getattr(L['self'].a, '0'), 'b') -> L['self'].a.0.b
         prev = p
         p = re.sub(r"getattr\(([^()]*), '([^']+)'\)", r"\1.\2", p)
-    for pat, rep in _DYN_PATH:
+    for pat in _ROOT_PREFIXES:
+        m = pat.match(p)
+        if m:
+            p = p[m.end():]
+            break
+    for pat, rep in _ITEMS:
         p = pat.sub(rep, p)
     return p.strip(".")
 
@@ -116,5 +128,6 @@ def module_stack(node: fx.Node) -> list[str]:
 
 
 def module_path(node: fx.Node) -> str:
+    """The innermost module path ``node`` runs in (``""`` at the root or when unknown)."""
     stack = module_stack(node)
     return stack[-1] if stack else ""

@@ -25,7 +25,6 @@ ones it created on an earlier compile.
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -36,6 +35,7 @@ from .. import ops, reference
 from ..config import MHCConfig
 from ..report import ChainReport, NotTakenReport, ResidualReport, SiteReport
 from .detect import DetectResult, Site, detect_sites, node_val
+from .placement import attach, safe_path, site_container
 from .streams import Chain, build_chains
 
 ParamProvider = Callable[[str, dict], dict]
@@ -48,19 +48,14 @@ def default_param_provider(site_name: str, init: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- naming
-def _sanitize(path: str) -> str:
-    parts = [re.sub(r"\W", "_", p) or "_" for p in path.split(".") if p]
-    return ".".join(parts)
-
-
 def assign_names(sites: list) -> None:
     """Give each site a unique parameter prefix (``site.name``)."""
     used: set = set()
     for k, site in enumerate(sites):
-        base = _sanitize(site.branch_path)
+        base = safe_path(site.branch_path)
         name = f"{base}.mhc" if base else ""
         if not name or name in used:
-            owner = _sanitize(site.module_path)
+            owner = safe_path(site.module_path)
             name = f"{owner}.mhc_site{k}" if owner else f"mhc_site{k}"
         while name in used:
             name += "_"
@@ -68,33 +63,10 @@ def assign_names(sites: list) -> None:
         site.name = name
 
 
-def _ensure_module(root: nn.Module, path: str) -> nn.Module:
-    mod = root
-    for part in path.split(".") if path else []:
-        if part in mod._modules and mod._modules[part] is not None:
-            mod = mod._modules[part]
-            continue
-        if hasattr(mod, part):
-            raise RuntimeError(f"cannot register mHC parameters under {path!r}: {part!r} is not a module")
-        child = nn.Module()
-        mod.add_module(part, child)
-        mod = child
-    return mod
-
-
 def _register(gm: nn.Module, site_name: str, params: dict) -> list:
-    mod = _ensure_module(gm, site_name)
-    names = []
-    for key, p in params.items():
-        if not isinstance(p, nn.Parameter):
-            p = nn.Parameter(p)
-        existing = mod._parameters.get(key)
-        if existing is not p:
-            if key in mod._parameters:
-                del mod._parameters[key]
-            mod.register_parameter(key, p)
-        names.append(f"{site_name}.{key}")
-    return names
+    """Attach a site's parameters at its name in ``gm``; their dotted names (placement module)."""
+    container, cname = site_container(gm, site_name)
+    return [f"{cname}.{key}" for key in attach(container, params)]
 
 
 def _param_device(gm: nn.Module, site: Site) -> torch.device:

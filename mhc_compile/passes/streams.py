@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import networkx as nx
-import torch
 from torch import fx, nn
 
 from .detect import DetectResult, Site, _is_param_node, dataflow_graph, node_val, target_name, tensor_info
