@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx, nn
 
+from . import _torch_internals as _ti
 from .config import MHCConfig
 from .messages import first_line
 from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
@@ -51,15 +52,87 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return example_inputs
 
 
-def _dynamic_shapes(model: nn.Module, args: Sequence[Any], kwargs: Optional[dict] = None):
+def _dynamic_dims(t: torch.Tensor, level: str = "all") -> tuple:
+    """The dims a model is usually generic over (``level="all"``): batch and sequence for tokens
+    and hidden states (rank <= 3), batch and every spatial dim for images and volumes (rank >= 4:
+    all but channels). ``level="batch"``: the batch dim only."""
+    if t.dim() == 0:
+        return ()
+    if level == "batch":
+        return (0,)
+    if t.dim() <= 3:
+        return tuple(range(min(2, t.dim())))
+    return (0, *range(2, t.dim()))
+
+
+def _tensor_leaves(args: Sequence[Any], kwargs: dict) -> list:
+    return torch.utils._pytree.tree_leaves((tuple(args), kwargs))
+
+
+def _static_dims(ep: Any, args: Sequence[Any], kwargs: dict, level: str) -> list:
+    """'input I dim D (size S)' for every dim of ``level`` that export kept static anyway."""
+    leaves = _tensor_leaves(args, kwargs)
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    if len(vals) != len(leaves):
+        return []
+    out = []
+    for i, (leaf, val) in enumerate(zip(leaves, vals)):
+        if not isinstance(leaf, torch.Tensor) or not isinstance(val, torch.Tensor):
+            continue
+        for d in _dynamic_dims(leaf, level):
+            if d < val.dim() and not isinstance(val.shape[d], torch.SymInt) and int(val.shape[d]) != 1:
+                out.append(f"input {i} dim {d} (size {int(val.shape[d])})")
+    return out
+
+
+def _kept_static(args: Sequence[Any], kwargs: dict) -> list:
+    """'input I dim D (size S)' for the dims dynamic at level 'all' but not at level 'batch'."""
+    out = []
+    for i, leaf in enumerate(_tensor_leaves(args, kwargs)):
+        if isinstance(leaf, torch.Tensor):
+            batch = set(_dynamic_dims(leaf, "batch"))
+            out += [f"input {i} dim {d} (size {leaf.shape[d]})" for d in _dynamic_dims(leaf) if d not in batch]
+    return out
+
+
+def _guards_failing_at_double(model: nn.Module, ep: Any, args: Sequence[Any], kwargs: dict) -> list:
+    """The size guards of ``ep`` that inputs with their dynamic dims doubled would fail: sizes
+    (or relations between sizes) the model's code fixes, such as a fixed number of patches."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except TypeError:
+        return []
+    doubled = {}
+    for name, value in bound.items():
+        if isinstance(value, torch.Tensor):
+            dims = set(_dynamic_dims(value))
+            doubled[name] = [2 * s if d in dims else s for d, s in enumerate(value.shape)]
+    return _ti.export_guards_failing(ep, doubled)
+
+
+def _warn_sizes(static: list, guards: list) -> None:
+    """Warn, naming them, about the input dims the converted model cannot vary."""
+    if not static and not guards:
+        return
+    parts = ([f"static: {', '.join(static)}"] if static else []) + (
+        [f"because of the size guards {'; '.join(g[:160] for g in guards[:3])}"] if guards else [])
+    warnings.warn(
+        "mhc_compile: the model's code fixes some input sizes (a literal size in a view, a fixed "
+        "number of patches, ...), so the converted model accepts only the example's sizes there: "
+        f"{' '.join(parts)}. The other batch, sequence and spatial dims are dynamic.",
+        stacklevel=4,
+    )
+
+
+def _dynamic_shapes(model: nn.Module, args: Sequence[Any], kwargs: Optional[dict] = None, level: str = "all"):
     auto = torch.export.Dim.AUTO
 
     def spec(a):
         if isinstance(a, torch.Tensor):
             if a.dim() == 0:
                 return None
-            dims = (0, 1) if a.dim() <= 3 else (0,)
-            return {d: auto for d in dims if d < a.dim()}
+            return {d: auto for d in _dynamic_dims(a, level)}
         if isinstance(a, (list, tuple)):
             return type(a)(spec(x) for x in a)
         if isinstance(a, dict):
@@ -83,17 +156,30 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
             "converted model will only accept batch size 1. Use example inputs with batch size >= 2.",
             stacklevel=3,
         )
+    # an already-captured program (a .pt2's module) keeps the sizes it was exported with: no news
+    say = _warn_sizes if not isinstance(model, fx.GraphModule) else (lambda static, guards: None)
     model = copy.deepcopy(model)
-    errors = []
-    attempts = [True, False] if dynamic else [False]
-    for dyn in attempts:
+    errors: list = []
+    tied = None  # (program, failing guards) of an all-dynamic export the model's code ties down
+    for level in (["all", "batch", None] if dynamic else [None]):
         try:
-            shapes = _dynamic_shapes(model, args, kwargs) if dyn else None
+            shapes = _dynamic_shapes(model, args, kwargs, level) if level else None
             ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised below with advice
-            errors.append((dyn, exc))
+            errors.append((level, exc))
             continue
-        if dyn is False and dynamic:
+        if level == "all":
+            failing = _guards_failing_at_double(model, ep, args, kwargs)
+            if failing:
+                tied = (ep, failing)
+                continue  # the code fixes some sequence/spatial sizes: capture those static
+            say(_static_dims(ep, args, kwargs, level), [])
+        elif level == "batch":
+            say(_kept_static(args, kwargs) + _static_dims(ep, args, kwargs, level), tied[1] if tied else [])
+        elif dynamic:
+            if tied is not None:  # batch-only export failed: keep the all-dynamic program, say what ties it
+                say(_static_dims(tied[0], args, kwargs, "all"), tied[1])
+                return tied[0].module()
             warnings.warn(
                 "mhc_compile: the model could not be exported with dynamic batch/sequence dims "
                 f"({type(errors[0][1]).__name__}: {first_line(errors[0][1], 200)}); "
@@ -101,7 +187,7 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
                 stacklevel=3,
             )
         return ep.module()
-    dyn, exc = errors[-1]
+    _, exc = errors[-1]
     first = first_line(exc, 500)
     raise MHCCaptureError(
         f"mhc_compile could not capture {type(model).__name__} with torch.export(strict=False): "

@@ -55,6 +55,7 @@ class SiteReport:
     chain: int
     index_in_chain: int
     home_stream: int
+    skip_ops: list = field(default_factory=list)  # FX node names from the stream to the add's skip operand
 
 
 @dataclass
@@ -165,7 +166,11 @@ class ResidualReport:
         if names:
             out.append(dynamic_legend(names))
         for c in self.chains:
-            out.append(f"chain {c.index}: sites {c.sites} (stream starts at {c.start}, ends after {c.end})")
+            ops = f"; stream-wise ops: {', '.join(c.stream_wise_ops)}" if c.stream_wise_ops else ""
+            out.append(f"chain {c.index}: sites {c.sites} (stream starts at {c.start}, ends after {c.end}{ops})")
+        for s in self.sites:
+            if s.skip_ops:
+                out.append(f"site {s.index}: skip operand is the stream through {', '.join(s.skip_ops)}")
         if self.not_taken:
             out.append(f"adds not taken ({len(self.not_taken)}):")
             for t in self.not_taken:

@@ -141,6 +141,7 @@ def build_view(report: Any, config: Any, model: Optional[nn.Module] = None, conv
             "features": int(feat or 0),
             "chain": _get(s, "chain", default=0),
             "home_stream": _get(s, "home_stream", default=i % n),
+            "skip_ops": _plain(_get(s, "skip_ops", default=[])),
         })
     chains = [{"index": int(_get(c, "index", default=ci)), "sites": [int(i) for i in _get(c, "sites", default=[])],
                "start": _plain(_get(c, "start", default=None)), "end": _plain(_get(c, "end", default=None)),
@@ -228,6 +229,11 @@ def to_text(view: dict) -> str:
         ends = (f"; the value of node {c['start']} is expanded to n streams, collapsed after node {c['end']}"
                 if c.get("start") and c.get("end") else "")
         out.append(f"chain {c['index']}: {len(c['sites'])} sites ({span}){ends}")
+        if c.get("stream_wise_ops"):
+            out.append(f"  stream-wise ops between sites (applied to every stream): {', '.join(c['stream_wise_ops'])}")
+    for s in view["sites"]:
+        if s.get("skip_ops"):
+            out.append(f"site {s['index']}: skip operand is the stream through {', '.join(s['skip_ops'])}")
     if view["rejected"]:
         out.append("")
         out.append(f"adds not taken ({len(view['rejected'])}):")

@@ -5,7 +5,11 @@ A *site* is an add ``x + f(x)``:
 * the node is an add in any spelling: ``operator.add`` / ``operator.iadd``, ``torch.add``
   (``alpha=`` scales the second operand), ``Tensor.add`` / ``add_`` / ``__add__`` / ``__iadd__``,
   ``aten.add.Tensor`` / ``aten.add_.Tensor``; either operand order;
-* both operands are tensors of the same shape and dtype;
+* both operands are tensors of the same shape; their dtypes may differ when the sum is in the
+  skip operand's dtype (a bf16 branch added to an fp32 residual);
+* the skip operand is ``x`` itself, or ``x`` through casts, copies and channel-keeping reshapes
+  (``residual = x.to(torch.float32)``, the residual-in-fp32 pattern of SSM blocks): then
+  ``site.skip_path`` holds those ops, f reads ``x`` and the rewrite applies them to the streams;
 * one operand ``x`` is an ancestor of the other ``y = f(x)`` in the *data-flow* graph (a networkx
   DiGraph of the FX graph whose edges carry tensor values only: shape queries such as
   ``sym_size`` / ``size`` and value-independent factories such as ``ones_like`` carry no edge);
@@ -62,6 +66,7 @@ _VIEW_NAMES = {
     "view_as", "movedim", "swapaxes", "_unsafe_view",
 }
 from mhc_compile.passes.work_ops import HEAVY_NAMES as _HEAVY_NAMES  # noqa: E402
+from mhc_compile.passes.stream_views import view_kind  # noqa: E402
 
 
 
@@ -107,6 +112,9 @@ class Site:
     branch_path: str             # module path of the branch (best single module), '' if none
     kind: str = "residual"       # residual | parallel | layer_scale
     inplace: bool = False
+    # casts / copies / reshapes from x to the add's skip operand (``residual.to(torch.float32)``):
+    # f reads x, the add reads skip_path[-1]; the rewrite applies them to the streams before post_res
+    skip_path: list = field(default_factory=list)
     # filled by build_chains / the rewrite
     chain: int = -1
     index_in_chain: int = -1
@@ -114,7 +122,7 @@ class Site:
 
     @property
     def channels(self) -> int:
-        v = node_val(self.x)
+        v = node_val(self.add)
         return int(v.shape[self.feature_axis])
 
 
@@ -280,12 +288,11 @@ def _operand_mismatch(node: fx.Node, a: fx.Node, b: fx.Node, ia: tuple, ib: tupl
     """Why two tensor operands cannot form a residual (shape, dtype, rank, x + x, view), or None."""
     if ia[0] != ib[0]:
         return f"shapes differ: {_fmt(ia[0])} vs {_fmt(ib[0])}"
-    if ia[1] != ib[1]:
-        return f"dtypes differ: {ia[1]} vs {ib[1]}"
     if ia[2] == 0:
         return "scalar operands"
-    if not getattr(ia[1], "is_floating_point", False):
-        return f"not floating point ({ia[1]})"
+    for dt in {ia[1], ib[1]}:
+        if not getattr(dt, "is_floating_point", False):
+            return f"not floating point ({dt})" if ia[1] == ib[1] else f"dtypes differ: {ia[1]} vs {ib[1]}"
     if a is b:
         return "branch does no work (x + x)"
     if is_inplace_add(node) and target_name(a) in _VIEW_NAMES:
@@ -294,15 +301,50 @@ def _operand_mismatch(node: fx.Node, a: fx.Node, b: fx.Node, ia: tuple, ib: tupl
 
 
 def _orient(a: fx.Node, b: fx.Node, alpha: Any, reach: _Reach):
-    """(x, y, scale) with x the skip operand and y = f(x), or a reason string when there is none."""
+    """(x, y, scale, skip path) with x the stream f reads and y = f(x), or a reason string.
+
+    The skip operand is x itself, or x through casts, copies and reshapes that keep the channels
+    (``residual = x.to(torch.float32)``, the residual-in-fp32 pattern): then the skip path is
+    returned and f reads x.
+    """
     if a in reach.anc(b):
-        return a, b, alpha
+        return a, b, alpha, []
     if b in reach.anc(a):
         if alpha != 1:
             return "alpha scales the skip operand"
-        return b, a, 1
+        return b, a, 1, []
+    for skip, other, scale in ((a, b, alpha), (b, a, 1)):
+        if skip is b and alpha != 1:
+            continue
+        found = _skip_source(skip, other, reach)
+        if found is not None:
+            return found[0], other, scale, found[1]
     return ("no dependency between the operands: neither is computed from the other "
             "(e.g. a projection shortcut, or a sum of parallel branches)")
+
+
+def _skip_source(skip: fx.Node, other: fx.Node, reach: _Reach, depth: int = 4):
+    """(x, path) when ``skip`` is x through stream ops (``stream_views``) and f = ``other`` reads x."""
+    path, node = [], skip
+    for _ in range(depth):
+        if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        src = node.args[0]
+        kind = view_kind(node, src)
+        if kind is None:
+            return None
+        if kind not in ("same", "cast") and not _channel_last_value(src):
+            return None
+        path.insert(0, node)
+        if src in reach.anc(other):
+            return src, path
+        node = src
+    return None
+
+
+def _channel_last_value(node: fx.Node) -> bool:
+    info = tensor_info(node)
+    return info is not None and feature_axis(info[2]) == info[2] - 1
 
 
 def _classify_add(node: fx.Node, reach: _Reach):
@@ -321,14 +363,19 @@ def _classify_add(node: fx.Node, reach: _Reach):
     oriented = _orient(a, b, alpha, reach)
     if isinstance(oriented, str):
         return oriented
-    x, y, scale = oriented
+    x, y, scale, skip_path = oriented
+    skip = skip_path[-1] if skip_path else x
+    out = tensor_info(node)
+    if ia[1] != ib[1] and (out is None or out[1] != tensor_info(skip)[1]):
+        return f"dtypes differ: {ia[1]} vs {ib[1]}, and the sum is not in the skip operand's dtype"
     region = (reach.desc(x) & reach.anc(y)) | {y}
     if not any(_is_heavy(n) for n in region):
         return "branch does no work (elementwise only: no matmul, linear, conv, attention, embedding, pooling, FFT or scan)"
+    info = tensor_info(skip)
     return Site(
-        add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=ia[0],
-        dtype=ia[1], feature_axis=feature_axis(ia[2]), module_path=module_path(node),
-        branch_path="", inplace=is_inplace_add(node),
+        add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=info[0],
+        dtype=info[1], feature_axis=feature_axis(info[2]), module_path=module_path(node),
+        branch_path="", inplace=is_inplace_add(node), skip_path=skip_path,
     )
 
 

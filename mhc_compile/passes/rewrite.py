@@ -36,6 +36,7 @@ from ..config import MHCConfig
 from ..report import ChainReport, NotTakenReport, ResidualReport, SiteReport
 from .detect import DetectResult, Site, detect_sites, node_val
 from .placement import attach, safe_path, site_container
+from .stream_views import restate, view_kind
 from .streams import Chain, build_chains
 
 ParamProvider = Callable[[str, dict], dict]
@@ -185,13 +186,21 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         _reroute_branch(site, _from_last(e, h_in, st.fa, st.rank))
         e = _Emitter(st.graph, site.add.prev)  # tail: right before the add
         h_out = _branch_output(st, site, e)
+        X = _apply_stream_wise(st, e, X, site.skip_path, internal=False)  # residual.to(float32) ...
         X, head = _site_tail(st, k, e, X, h_out, ho, hr)
         st.stream_of[site.add] = X
-        st.internal += [*site.inner_adds, site.add]
-        if k + 1 < len(chain.sites):
+        st.internal += [*_skip_nodes_only_the_add_reads(site), *site.inner_adds, site.add]
+        if k + 1 < len(chain.sites) and chain.between[k]:
+            e = _Emitter(st.graph, chain.between[k][0].prev)  # where the ops were: their size args exist
             X = _apply_stream_wise(st, e, X, chain.between[k])
     _collapse_outside_uses(st)
     _erase_replaced(st)
+
+
+def _skip_nodes_only_the_add_reads(site: Site) -> list:
+    """The site's skip-path nodes, when nothing but the add reads them (they go with the add)."""
+    own = set(site.skip_path) | set(site.inner_adds) | {site.add}
+    return list(site.skip_path) if all(set(n.users) <= own for n in site.skip_path) else []
 
 
 def _site_head(st: _ChainRewrite, site: Site, e: _Emitter, X: fx.Node) -> tuple:
@@ -209,11 +218,14 @@ def _reroute_branch(site: Site, h_in: fx.Node) -> None:
 
 
 def _branch_output(st: _ChainRewrite, site: Site, e: _Emitter) -> fx.Node:
-    """h_out = sum_k scale_k * branch_k, feature axis last."""
+    """h_out = sum_k scale_k * branch_k, feature axis last, in the stream's dtype."""
     terms = [y if scale == 1 else e.call(operator.mul, y, scale) for y, scale in site.branches]
     h_out = terms[0]
     for t in terms[1:]:
         h_out = e.call(operator.add, h_out, t)
+    dtype = getattr(node_val(site.branches[0][0]), "dtype", site.dtype)
+    if dtype != site.dtype:  # a bf16 branch added to an fp32 residual: the sum is fp32
+        h_out = e.method("to", h_out, site.dtype)
     return _to_last(e, h_out, st.fa, st.rank)
 
 
@@ -230,13 +242,24 @@ def _site_tail(st: _ChainRewrite, k: int, e: _Emitter, X: fx.Node, h_out: fx.Nod
     return e.named("mhc_x", ops.post_res, X, h_out, ho, hr, config.kernels), None
 
 
-def _apply_stream_wise(st: _ChainRewrite, e: _Emitter, X: fx.Node, gap: list) -> fx.Node:
-    """Apply the stream-wise ops between two sites to the streams (per stream)."""
+def _apply_stream_wise(st: _ChainRewrite, e: _Emitter, X: fx.Node, gap: list, internal: bool = True) -> fx.Node:
+    """Apply stream-wise ops (between two sites, or on a site's skip path) to the streams.
+
+    Ops between sites replace the original nodes (``internal``: their outside users read the
+    collapse); skip-path ops are applied to the streams and the original nodes are left to any
+    other reader.
+    """
     for op_node in gap:
-        args = tuple(X if a is _stream_arg(op_node) else a for a in op_node.args)
-        X = e.node(op_node.op, op_node.target, args, dict(op_node.kwargs))
-        st.stream_of[op_node] = X
-        st.internal.append(op_node)
+        if internal:
+            e.cursor = op_node.prev
+        if view_kind(op_node, op_node.args[0]) is not None:
+            args, kwargs = restate(op_node, X, st.config.streams)
+        else:
+            args, kwargs = tuple(X if a is _stream_arg(op_node) else a for a in op_node.args), dict(op_node.kwargs)
+        X = e.node(op_node.op, op_node.target, args, kwargs)
+        if internal:
+            st.stream_of[op_node] = X
+            st.internal.append(op_node)
     return X
 
 
@@ -298,7 +321,7 @@ def build_report(detected: DetectResult, chains: list, config: MHCConfig, rewrit
             index=i, name=s.name, module_path=s.branch_path or s.module_path, add=s.add.name, kind=s.kind,
             shape=list(s.shape), dtype=str(s.dtype).replace("torch.", ""), feature_axis=s.feature_axis,
             channels=ch, chain=s.chain, index_in_chain=s.index_in_chain,
-            home_stream=reference.home_stream(s.index_in_chain, n),
+            home_stream=reference.home_stream(s.index_in_chain, n), skip_ops=[p.name for p in s.skip_path],
         ))
         if ch is not None:
             rep.params_added += site_param_count(n, ch, config.dynamic)

@@ -8,13 +8,17 @@ separately and give the same function at init:
   with a python scalar;
 * norms over the feature axis (layer_norm / rms_norm whose normalized_shape is the feature
   dim, on channel-last activations), e.g. post-activation ResNet ``relu(x + f(x))`` and
-  post-LN BERT ``LN(x + f(x))``.
+  post-LN BERT ``LN(x + f(x))``;
+* casts and copies (``to(dtype)``, ``contiguous``, ``clone``), and on channel-last streams the
+  reshapes of the leading dims that keep the channels last (``stream_views``): a decoder layer
+  that flattens to ``(B*T, C)`` for its MLP, the window partition / reverse / shift of windowed
+  attention. Sites joined through reshapes have the same channels, not the same shape.
 
 The path is found by breadth-first search from the site's output; the next site's skip operand
 must also be *dominated* by the site's output in the activation data-flow graph (every path from
 the model inputs to it passes through the site), so it is a function of the stream alone.
 
-A chain ends at anything else: a shape change, a projection shortcut (the next add is not a
+A chain ends at anything else: a change of channels, a projection shortcut (the next add is not a
 site), or the end of the graph. A use of a stream value by a consumer outside the chain (another
 block's input, a returned hidden state, a cross-attention memory) reads the *collapsed* value at
 that point; the chain itself continues. The stream starts at the first site's skip operand.
@@ -30,12 +34,13 @@ import networkx as nx
 from torch import fx, nn
 
 from .detect import DetectResult, Site, _is_param_node, dataflow_graph, node_val, target_name, tensor_info
+from .stream_views import view_kind
 
 _ELEMENTWISE = {
     "relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "elu", "leaky_relu", "hardtanh", "relu6",
     "mish", "hardswish", "hardsigmoid", "softplus", "dropout", "dropout_", "feature_dropout",
     "alpha_dropout", "clone", "contiguous", "alias", "neg", "identity", "native_dropout",
-    "to", "_to_copy", "float", "type",  # same-dtype casts (the dtype is checked to be unchanged)
+    "to", "_to_copy", "float", "type",  # (casts and copies are matched first by stream_views.view_kind)
 }
 _SCALAR_ARITH = {"mul", "add", "sub", "div", "truediv", "__mul__", "__add__", "__sub__", "__truediv__",
                  "__rmul__", "__radd__", "mul_", "add_", "div_", "pow"}
@@ -62,8 +67,15 @@ def _owner(graph: fx.Graph):
     return getattr(graph, "owning_module", None)
 
 
+def _channel_last(site: Site) -> bool:
+    return site.feature_axis == len(site.shape) - 1
+
+
 def is_stream_wise(node: fx.Node, stream: fx.Node, site: Site) -> bool:
     """Whether ``node`` applied to the stream value ``stream`` can be applied to each stream."""
+    kind = view_kind(node, stream) if node.op != "call_module" else None
+    if kind is not None:  # casts, copies, and (channel-last only) reshapes of the leading dims
+        return kind in ("same", "cast") or _channel_last(site)
     if node.op == "call_module":
         gm = _owner(node.graph)
         try:
@@ -78,11 +90,12 @@ def is_stream_wise(node: fx.Node, stream: fx.Node, site: Site) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False
     name = target_name(node)
+    sinfo = tensor_info(stream) if target_name(stream) not in _TUPLE_OPS else None
     if name in _TUPLE_OPS:  # native_layer_norm / native_dropout: (out, stats...), then getitem 0
         v = node_val(node)
         if not (isinstance(v, (list, tuple)) and v and hasattr(v[0], "shape")):
             return False
-        if tuple(str(d) for d in v[0].shape) != site.shape or v[0].dtype != site.dtype or node.args[0] is not stream:
+        if sinfo is None or tuple(str(d) for d in v[0].shape) != sinfo[0] or v[0].dtype != sinfo[1] or node.args[0] is not stream:
             return False
         if not all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
             return False  # the statistics (mean, rstd, mask) are used elsewhere
@@ -93,7 +106,7 @@ def is_stream_wise(node: fx.Node, stream: fx.Node, site: Site) -> bool:
     if node.target is operator.getitem and target_name(stream) in _TUPLE_OPS:
         return node.args[0] is stream and node.args[1] == 0
     info = tensor_info(node)
-    if info is None or info[0] != site.shape or info[1] != site.dtype:
+    if info is None or sinfo is None or info[:2] != sinfo[:2]:
         return False
     if not node.args or node.args[0] is not stream:
         if not (len(node.args) > 1 and node.args[1] is stream and target_name(node) in _SCALAR_ARITH):
@@ -140,6 +153,16 @@ def _dominates(idom, root, a, b) -> bool:
     return False
 
 
+def _joinable(site: Site, t: Site, path: list) -> bool:
+    """Whether ``t`` can continue ``site``'s streams after the ops ``path``: the same channels, and
+    the same shape unless both are channel-last (reshapes of the leading dims are then allowed)."""
+    if t.channels != site.channels:
+        return False
+    if t.shape == site.shape and t.feature_axis == site.feature_axis:
+        return True
+    return _channel_last(site) and _channel_last(t)
+
+
 def build_chains(graph: fx.Graph, detected: DetectResult, max_between: int = 8) -> list:
     """Link the detected sites into chains; sets ``site.chain`` / ``site.index_in_chain``."""
     sites = detected.sites
@@ -160,7 +183,7 @@ def build_chains(graph: fx.Graph, detected: DetectResult, max_between: int = 8) 
             v, path = queue.popleft()
             t = by_x.get(v)
             if t is not None and t is not site and id(t) not in prev and order[t.add] > order[site.add]:
-                if t.shape == site.shape and t.dtype == site.dtype and _dominates(idom, root, site.add, v):
+                if _joinable(site, t, path) and _dominates(idom, root, site.add, v):
                     found = (t, path)
                     break
             if len(path) >= max_between:
