@@ -18,6 +18,10 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
 * the partitioner's selective-checkpoint tags on joint-graph nodes (``node.meta["recompute"]``
   holding a ``CheckpointPolicy`` and ``node.meta["ac_graph_id"]``): :func:`set_recompute_tag`,
   :func:`recompute_tag`;
+* the size guards ``torch.export`` records on a program (``ExportedProgram._guards_code``), to
+  say which input dims a converted model is tied to: :func:`export_guards_failing`;
+* activation-checkpointed regions in a Dynamo graph (the ``tag_activation_checkpoint``
+  higher-order op and its body submodule): :func:`checkpoint_body`;
 * operator identity of FX targets (``torch._ops.OpOverload``, its ``namespace`` and ``_schema``):
   :func:`op_namespace`, :func:`op_schema_name`;
 * the base class of a ``__torch_dispatch__`` mode (``torch.utils._python_dispatch``):
@@ -218,6 +222,56 @@ def resumed_after_break(code_name: str) -> Optional[str]:
     if not code_name.startswith(RESUME_PREFIX):
         return None
     return code_name[len(RESUME_PREFIX):]
+
+
+# ----------------------------------------------------------------------------- checkpoint regions
+def checkpoint_body(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[torch.fx.GraphModule]:
+    """The body of an activation-checkpointed region when ``node`` is one
+    (``torch.ops.higher_order.tag_activation_checkpoint(body, *args)``, what Dynamo makes of
+    ``torch.utils.checkpoint`` and ``checkpoint_wrapper``), else None."""
+    hop = getattr(getattr(torch.ops, "higher_order", None), "tag_activation_checkpoint", None)
+    if hop is None or node.op != "call_function" or node.target is not hop or not node.args:
+        return None
+    body = node.args[0]
+    if not isinstance(body, torch.fx.Node) or body.op != "get_attr":
+        return None
+    try:
+        sub = gm.get_submodule(str(body.target))
+    except AttributeError:
+        return None
+    return sub if isinstance(sub, torch.fx.GraphModule) else None
+
+
+# ----------------------------------------------------------------------------- export guards
+class _Sized:
+    def __init__(self, shape):
+        self._shape = list(shape)
+
+    def size(self):
+        return self._shape
+
+
+def export_guards_failing(ep: Any, sizes: dict) -> list:
+    """The size guards of an exported program (``ExportedProgram._guards_code``, Python
+    expressions over ``L['name'].size()[i]``) that inputs of the shapes ``sizes`` (forward
+    argument name -> shape) would fail, e.g. ``((L['img'].size()[2] // 4)*(L['img'].size()[3] //
+    4)) == 16``. Empty when torch records none, the private attribute is gone, or a guard reads
+    something else."""
+    code = getattr(ep, "_guards_code", None)
+    if not isinstance(code, (list, tuple)):
+        return []
+    env = {"L": {k: _Sized(v) for k, v in sizes.items()}, "max": max, "min": min}
+    failing = []
+    for guard in code:
+        if not isinstance(guard, str) or "size()" not in guard:
+            continue
+        try:
+            ok = eval(guard, {"__builtins__": {}}, env)  # noqa: S307 - torch's own guard text
+        except Exception:  # noqa: BLE001 - guards on other values are not ours to judge
+            continue
+        if not ok and guard not in failing:
+            failing.append(guard)
+    return failing
 
 
 # ----------------------------------------------------------------------------- inner backends

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import _torch_internals as _ti
+from .backend_safety import MHCBackendError, guard_instance, refuse_checkpointed_sites
 from .config import MHCConfig
 from .passes.nodes import normalize_path
 from .passes.placement import MHCPlacementError, MHCSiteParams, attach, safe_name, site_container
@@ -55,10 +56,6 @@ __all__ = [
     "records",
     "mhc_parameters",
 ]
-
-class MHCBackendError(RuntimeError):
-    """The mhc backend cannot rewrite this graph safely (no owning module, DDP, optimizer misuse...)."""
-
 
 class MHCGraphBreakWarning(UserWarning):
     """A graph break cuts a residual stream: the graphs on either side get separate chains."""
@@ -153,6 +150,9 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
             MHCDDPWarning,
         )
     provider = _ParamProvider(gm, example_inputs, scope, ddp)
+    from .passes.rewrite import analyze
+
+    refuse_checkpointed_sites(gm, analyze)
     report = _rewrite_fn()(gm, config, provider)
     gm.recompile()
     provider.register_sources()
@@ -188,7 +188,10 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
     from .passes.recompute import recompute_context  # tags the joint graph for block recomputation
 
     with recompute_context(config, report):
-        return _ti.inner_compiler(config.inner, mode)(gm, example_inputs)
+        compiled = _ti.inner_compiler(config.inner, mode)(gm, example_inputs)
+    if provider._root is None:
+        return compiled
+    return guard_instance(compiled, provider._root[0], example_inputs, num_sites)
 
 
 def _warn_once(key: Any, message: str, category: type) -> None:

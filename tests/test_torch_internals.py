@@ -208,3 +208,44 @@ def test_recompute_tags_are_honoured_by_the_min_cut_partitioner():
     plain, tagged = _mm_count_in_backward(False), _mm_count_in_backward(True)
     assert plain == 2, plain  # dx and dw
     assert tagged == 3, (plain, tagged)  # + the forward mm replayed: meta["recompute"]/["ac_graph_id"] honoured
+
+
+def test_export_size_guards_are_readable_and_evaluated():
+    """ExportedProgram._guards_code: Python expressions over L['name'].size()[i]."""
+    class Fixed(nn.Module):
+        def forward(self, img):  # a fixed number of 2x2 patches: (H/2)*(W/2) == 16
+            b = img.shape[0]
+            return img.reshape(b, 3, -1, 4).reshape(b, 3, 16, -1)
+
+    auto = torch.export.Dim.AUTO
+    img = torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(Fixed(), (img,), dynamic_shapes=({0: auto, 2: auto, 3: auto},), strict=False)
+    assert isinstance(getattr(ep, "_guards_code", None), (list, tuple)), "ExportedProgram._guards_code is gone"
+    assert ti.export_guards_failing(ep, {"img": [2, 3, 8, 8]}) == []
+    failing = ti.export_guards_failing(ep, {"img": [4, 3, 16, 16]})
+    assert failing and all("size()" in g for g in failing), failing
+    assert ti.export_guards_failing(ep, {"img": [4, 3, 8, 8]}) == []  # batch is free
+
+
+def test_checkpoint_regions_reach_the_backend_as_a_tagged_body():
+    """torch.utils.checkpoint under Dynamo: tag_activation_checkpoint(body get_attr, *args)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return checkpoint(lambda h: h + self.lin(h), x, use_reentrant=False)
+
+    bodies = []
+
+    def backend(gm, example_inputs):
+        bodies.extend(b for b in (ti.checkpoint_body(gm, n) for n in gm.graph.nodes) if b is not None)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(Net(), backend=backend)(torch.randn(2, 4))
+    assert len(bodies) == 1, "checkpoint regions no longer arrive as tag_activation_checkpoint(body, ...)"
+    assert any(n.target in (operator.add, torch.ops.aten.add.Tensor, torch.add) for n in bodies[0].graph.nodes)

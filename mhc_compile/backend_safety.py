@@ -1,0 +1,102 @@
+"""The backend's refusals for graphs it cannot rewrite correctly (issue #13, item 3).
+
+Dynamo may hand the ``"mhc"`` backend a graph that would give a silently wrong model. Two such
+cases are refused here with an :class:`~mhc_compile.backend.MHCBackendError` that says what to do:
+
+* **A graph reused for another instance.** With inlined nn modules (torch's default), Dynamo
+  reuses the graph compiled for one instance of a class for every other instance of it: two
+  models of one class, or ``torch.compile(block)`` on each of several identical blocks. The
+  rewritten graph holds the first instance's mHC parameters, so the second would silently train
+  the first one's. :func:`guard_instance` wraps the compiled function: it checks at each call
+  that one of the root's own parameters is the tensor passed in (one lookup and one identity
+  test), and raises otherwise.
+* **Residuals inside activation-checkpointed regions.** ``torch.utils.checkpoint`` /
+  ``checkpoint_wrapper`` regions reach the backend as higher-order ops whose body is a subgraph
+  the passes do not rewrite. When a body holds residual sites, :func:`refuse_checkpointed_sites`
+  raises instead of compiling the model unchanged.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import _torch_internals as _ti
+
+
+class MHCBackendError(RuntimeError):
+    """The mhc backend cannot rewrite this graph safely (no owning module, DDP, optimizer misuse...)."""
+
+
+def _probe(root: nn.Module, example_inputs: Sequence[Any]) -> Optional[tuple[int, str]]:
+    """(input index, parameter path in ``root``) of the first graph input that is one of the
+    root's own parameters, or None (no parameter is an input: nothing to check)."""
+    by_id = {id(p): name for name, p in root.named_parameters()}
+    for i, value in enumerate(example_inputs):
+        if isinstance(value, torch.Tensor) and id(value) in by_id:
+            return i, by_id[id(value)]
+    return None
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def guard_instance(fn: Callable, root: nn.Module, example_inputs: Sequence[Any], num_sites: int) -> Callable:
+    """``fn`` (the compiled graph), refusing to run on another instance of the root's class."""
+    probe = _probe(root, example_inputs) if num_sites else None
+    if probe is None:
+        return fn
+    index, path = probe
+    ref, cls = weakref.ref(root), type(root).__name__
+
+    def check(args: Sequence[Any]) -> None:
+        owner = ref()
+        if owner is None or index >= len(args):
+            return
+        try:
+            expected = owner.get_parameter(path)
+        except AttributeError:
+            return
+        if args[index] is not expected and not _is_dtensor(expected):
+            raise MHCBackendError(
+                f"mhc: torch.compile reused the graph compiled for one {cls} for another instance of it "
+                f"(parameter {path!r} is not the one the graph was rewritten for). The graph holds the first "
+                "instance's mHC parameters, so this one would silently run and train those. This happens when "
+                "two models of one class are compiled with backend='mhc' in one process, or when each of several "
+                "identical blocks is compiled on its own. Compile the whole model once (not each block), and "
+                "convert any other instance with mhc_compile.convert(model, config, example_inputs) instead."
+            )
+
+    def run(*args):  # Dynamo calls a backend's result with the graph inputs unpacked
+        check(args)
+        return fn(*args)
+
+    return run
+
+
+def refuse_checkpointed_sites(gm: torch.fx.GraphModule, analyze: Callable) -> None:
+    """Raise when an activation-checkpointed region of ``gm`` holds residual sites."""
+    found = []
+    for node in gm.graph.nodes:
+        body = _ti.checkpoint_body(gm, node)
+        if body is None:
+            continue
+        detected, _ = analyze(body.graph)
+        if detected.sites:
+            found.append((node.name, len(detected.sites)))
+    if found:
+        where = ", ".join(f"{name} ({k} site(s))" for name, k in found[:4])
+        raise MHCBackendError(
+            f"mhc: the residual adds of this model sit inside activation-checkpointed regions ({where}), which "
+            "the backend does not rewrite; compiling would give the model back without mHC there. Apply "
+            "mhc_compile.convert(model, config, example_inputs) first and checkpoint the converted model, or "
+            "remove torch.utils.checkpoint / checkpoint_wrapper and let the backend recompute the mHC ops "
+            "(MHCConfig.recompute)."
+        )

@@ -1,0 +1,77 @@
+"""Issue #13 item 3: the backend refuses graphs that would give a silently wrong model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import mhc_compile
+from mhc_compile.backend import MHCBackendError
+from tests._convert_checks import one_thread, rel_err  # noqa: F401
+from tests.models.zoo import tiny_gpt, token_inputs
+
+OPTS = {"streams": 2, "inner": "aot_eager"}
+
+
+def _raises_backend_error(fn, match):
+    """Dynamo wraps errors raised while compiling in BackendCompilerFailed; run-time ones are ours."""
+    with pytest.raises(Exception) as info:
+        fn()
+    err = info.value
+    while err is not None and not isinstance(err, MHCBackendError):
+        err = err.__cause__ or getattr(err, "inner_exception", None)
+    assert isinstance(err, MHCBackendError), repr(info.value)
+    assert match in str(err), str(err)
+
+
+def test_second_instance_of_a_compiled_class_is_refused():
+    torch._dynamo.reset()
+    x = token_inputs(2, 8)
+    a, b = tiny_gpt(), tiny_gpt()
+    ca = torch.compile(a, backend="mhc", options=OPTS)
+    want = ca(*x)
+    cb = torch.compile(b, backend="mhc", options=OPTS)
+    _raises_backend_error(lambda: cb(*x), "reused the graph compiled for one TinyGPT")
+    assert not mhc_compile.backend.mhc_parameters(b), "the second model got no mHC parameters of its own"
+    assert torch.equal(ca(*x), want)  # the first model is untouched and still runs
+
+
+def test_per_block_compile_is_refused():
+    torch._dynamo.reset()
+    model = tiny_gpt()
+    for i, blk in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(blk, backend="mhc", options=OPTS)
+    _raises_backend_error(lambda: model(*token_inputs(2, 8)), "reused the graph compiled for one GPTBlock")
+
+
+def test_parameters_reassigned_in_place_still_run():
+    """load_state_dict(assign=True) swaps the parameter objects of the same model: not a new instance."""
+    torch._dynamo.reset()
+    x = token_inputs(2, 8)
+    model = tiny_gpt()
+    compiled = torch.compile(model, backend="mhc", options=OPTS)
+    mhc_compile.materialize(compiled, *x)
+    with torch.no_grad():
+        before = compiled(*x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        assert rel_err(compiled(*x), before) < 1e-6
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, h):
+        return checkpoint(self.block, h, use_reentrant=False)
+
+
+def test_residuals_inside_checkpointed_blocks_are_refused():
+    torch._dynamo.reset()
+    model = tiny_gpt()
+    for i, blk in enumerate(model.blocks):
+        model.blocks[i] = _Checkpointed(blk)
+    compiled = torch.compile(model, backend="mhc", options=OPTS)
+    _raises_backend_error(lambda: compiled(*token_inputs(2, 8)), "activation-checkpointed regions")
