@@ -12,11 +12,16 @@ and one ``*_backward`` op each. Every op has a fake (meta) implementation, so it
 only the op's *inputs*: the backward recomputes the normalised x, the logits and the Sinkhorn
 iterations instead of storing them (DESIGN.md, recomputation).
 
-Dispatch (the ``kernels`` argument, from ``MHCConfig.kernels``):
+Dispatch (the ``kernels`` argument, one of ``config.KERNELS``, from ``MHCConfig.kernels``).
+This module is the one place that picks the reference or the Triton kernels; the kernel
+launchers only launch:
     "reference" -> plain torch (``mhc_compile.reference``) on any device;
     "auto"      -> Triton kernels for CUDA tensors, reference elsewhere;
     "triton"    -> Triton kernels everywhere; on CPU that is the Triton interpreter, which
                    needs ``TRITON_INTERPRET=1`` set before triton is imported.
+The coeffs and boundary kernels compute in float32: float64 inputs (gradcheck), and a boundary
+whose h_out dtype differs from x's, run the reference under every setting. The pre and
+post_res kernels run float64 too (accumulating in float64).
 
 Static coefficients (``dynamic=False``) depend on biases only; :func:`coeffs` computes them in
 plain torch (a handful of n x n operations per site, no op needed).
@@ -34,8 +39,10 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .config import KERNELS
 
-_KERNEL_CHOICES = ("auto", "triton", "reference")
+# x dtypes the fused coefficient kernels (coeffs, boundary) run; see _fused_triton
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Active coefficient recorders (see :func:`record_coeffs`); each is a list that receives
 # (h_pre, h_post, h_res) detached, in execution order, from every coeffs computation.
@@ -72,13 +79,19 @@ def _record(outs):
 
 def use_triton(t: Tensor, kernels: str) -> bool:
     """Whether an op on tensor ``t`` runs the Triton kernels under the ``kernels`` setting."""
-    if kernels not in _KERNEL_CHOICES:
-        raise ValueError(f"kernels={kernels!r}; expected one of {_KERNEL_CHOICES}")
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r}; expected one of {KERNELS}")
     if kernels == "reference":
         return False
     if kernels == "triton":
         return True
     return t.is_cuda
+
+
+def _fused_triton(kernels: str, x: Tensor, *tensors: Tensor) -> bool:
+    """:func:`use_triton` for the coeffs and boundary kernels, which compute in float32: x in
+    float32/float16/bfloat16 and no float64 among ``tensors``, else the reference."""
+    return use_triton(x, kernels) and x.dtype in _FUSED_DTYPES and all(t.dtype != torch.float64 for t in tensors)
 
 
 def _flat3(x: Tensor) -> Tensor:
@@ -94,18 +107,10 @@ def _flat_coeff(h: Tensor, tail: int) -> Tensor:
 # ============================================================================ coeffs
 @torch.library.custom_op("mhc::coeffs", mutates_args=())
 def _coeffs(
-    x: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    iters: int,
-    eps: float,
-    variant: str,
-    kernels: str,
+    x: Tensor, phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton(x, kernels):
+    if _fused_triton(kernels, x, phi, alpha, b_pre, b_post, b_res):
         from .kernels.coeffs import coeffs_forward
 
         lead, n = x.shape[:-2], x.shape[-2]
@@ -130,24 +135,13 @@ def _(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels):
 
 @torch.library.custom_op("mhc::coeffs_backward", mutates_args=())
 def _coeffs_backward(
-    g_pre: Tensor,
-    g_post: Tensor,
-    g_res: Tensor,
-    x: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    iters: int,
-    eps: float,
-    variant: str,
-    kernels: str,
+    g_pre: Tensor, g_post: Tensor, g_res: Tensor,
+    x: Tensor, phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(x, kernels):
+    if _fused_triton(kernels, x, phi, alpha, b_pre, b_post, b_res):
         from .kernels.coeffs import coeffs_backward
 
-        n = x.shape[-2]
         gx, *rest = coeffs_backward(
             _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
             _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
@@ -283,21 +277,11 @@ _post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
 # reference functions; Triton path = kernels.boundary (one read of X and h_out).
 @torch.library.custom_op("mhc::boundary", mutates_args=())
 def _boundary(
-    x: Tensor,
-    h_out: Tensor,
-    h_post: Tensor,
-    h_res: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    iters: int,
-    eps: float,
-    variant: str,
-    kernels: str,
+    x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
+    phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(x, kernels):
+    if _fused_triton(kernels, x, h_post, h_res, phi, alpha, b_pre, b_post, b_res) and h_out.dtype == x.dtype:
         from .kernels.boundary import boundary_forward
 
         lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
@@ -330,29 +314,15 @@ def _(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, var
 
 @torch.library.custom_op("mhc::boundary_backward", mutates_args=())
 def _boundary_backward(
-    g_x_next: Tensor,
-    g_pre: Tensor,
-    g_post: Tensor,
-    g_res: Tensor,
-    g_h_in: Tensor,
-    x: Tensor,
-    h_out: Tensor,
-    h_post: Tensor,
-    h_res: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    iters: int,
-    eps: float,
-    variant: str,
-    kernels: str,
+    g_x_next: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_h_in: Tensor,
+    x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
+    phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(x, kernels):
+    if _fused_triton(kernels, x, h_post, h_res, phi, alpha, b_pre, b_post, b_res) and h_out.dtype == x.dtype:
         from .kernels.boundary import boundary_backward
 
-        n, c = x.shape[-2], x.shape[-1]
+        c = x.shape[-1]
         grads = boundary_backward(
             _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
             g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
@@ -399,17 +369,8 @@ _boundary.register_autograd(_boundary_bwd, setup_context=_boundary_setup)
 
 # ============================================================================ public wrappers
 def coeffs(
-    x: Tensor,
-    phi: Optional[Tensor],
-    alpha: Optional[Tensor],
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    iters: int = 20,
-    eps: float = 1e-6,
-    variant: str = "mhc",
-    dynamic: bool = True,
-    kernels: str = "auto",
+    x: Tensor, phi: Optional[Tensor], alpha: Optional[Tensor], b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """H_pre, H_post, H_res for streams ``x``; dynamic ones through ``mhc::coeffs``."""
     if not dynamic:
@@ -431,20 +392,9 @@ def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: s
 
 
 def boundary(
-    x: Tensor,
-    h_out: Tensor,
-    h_post: Tensor,
-    h_res: Tensor,
-    phi: Optional[Tensor],
-    alpha: Optional[Tensor],
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    iters: int = 20,
-    eps: float = 1e-6,
-    variant: str = "mhc",
-    dynamic: bool = True,
-    kernels: str = "auto",
+    x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
+    phi: Optional[Tensor], alpha: Optional[Tensor], b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The boundary between adjacent sites l and l+1: post_res of l, then coeffs and pre of l+1.
 

@@ -243,10 +243,10 @@ if [ "$MODE" = kernels ]; then
     :
   elif [ "$SMOKE" = 1 ]; then
     run_step test_kernel_files 120 20 env TRITON_INTERPRET=1 $(pytest_cmd) --collect-only -q \
-      tests/test_kernel_coeffs.py tests/test_kernel_boundary.py tests/test_kernels_mix.py
+      tests/test_kernel_coeffs.py tests/test_kernel_boundary.py tests/test_kernels_mix.py tests/test_kernel_launch.py
   else
     run_step test_kernel_files 150 40 env TRITON_INTERPRET=1 $(pytest_cmd) $(xdist 8) -m "not gpu" \
-      tests/test_kernel_coeffs.py tests/test_kernel_boundary.py tests/test_kernels_mix.py \
+      tests/test_kernel_coeffs.py tests/test_kernel_boundary.py tests/test_kernels_mix.py tests/test_kernel_launch.py \
       --junitxml="$WORK/junit_kernel_files.xml"
   fi
 

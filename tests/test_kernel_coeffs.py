@@ -162,8 +162,8 @@ def test_bad_shapes_raise():
 
 
 AOT_SCRIPT = """
-from mhc_compile.kernels import boundary, coeffs
-sizes = {**coeffs.aot_compile(4, "bf16", "mhc"), **boundary.aot_compile(4, "bf16", "mhc")}
+from mhc_compile.kernels import aot
+sizes = {**aot.compile_coeffs(4, "bf16", "mhc"), **aot.compile_boundary(4, "bf16", "mhc")}
 print(sizes)
 assert len(sizes) == 4 and all(0 < v <= 227 * 1024 for v in sizes.values()), sizes
 """

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from mhc_compile import ops, reference
-from mhc_compile.kernels import post_res as post_res_mod
-from mhc_compile.kernels import pre as pre_mod
+from mhc_compile.kernels import _common as common_mod
 from mhc_compile.kernels.post_res import post_res_backward, post_res_forward
 from mhc_compile.kernels.pre import pre_backward, pre_forward
 
@@ -155,8 +154,7 @@ def test_post_res_kernel(T, n, C, post_static, res_static, dtype):
 def test_backward_loops_over_C_in_one_program(monkeypatch, static):
     """One program per token block walks all of C (3 blocks of 32, tail masked) and accumulates
     the coefficient gradients across iterations; also the split path's partial sums agree."""
-    monkeypatch.setattr(pre_mod, "c_splits", lambda *a: 1)
-    monkeypatch.setattr(post_res_mod, "c_splits", lambda *a: 1)
+    monkeypatch.setattr(common_mod, "c_splits", lambda *a: 1)  # mix_bwd_grid of pre and post_res
     T, n, C = 3, 3, 70
     x, h, g = make_pre(T, n, C, static, torch.float32)
     (_, gx, gh), (_, s_gx, s_gh) = ref_pre(x, h, g)

@@ -1,7 +1,10 @@
 """Small helpers shared by the Triton kernel modules (pre, post_res, coeffs, boundary).
 
-Owns: power-of-two padding, the accumulation dtype rule, launch-size heuristics and input
-checks. Nothing here launches a kernel.
+Owns: power-of-two padding, whether a launch is compiled for a GPU or interpreted, the
+accumulation dtype rule, launch-size heuristics and grids of the stream-mixing kernels (pre,
+post_res), the ``@triton.jit`` indexing of their stream-major tiles, the reduction of their
+gradient partials, and input checks. Nothing here launches a kernel. The building blocks of
+the two coefficient kernels (coeffs, boundary) are in ``kernels.coeff_common``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,12 @@ def next_power_of_2(n: int) -> int:
 def interpreting() -> bool:
     """True when Triton runs in the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def on_gpu(device: torch.device) -> bool:
+    """True when a launch on ``device`` is compiled for CUDA (not interpreted): the GPU block
+    sizes, warps and ``tl.dot`` precision apply."""
+    return device.type == "cuda" and not interpreting()
 
 
 def acc_dtype(*dtypes: torch.dtype):
@@ -77,7 +86,7 @@ def mix_blocks(
     tests/test_kernels_mix.py::test_kernels_compile_for_sm90_without_spills.
     """
     n_pad = next_power_of_2(n)
-    if interpreting() or device.type != "cuda":
+    if not on_gpu(device):
         # The interpreter's cost is per program and per op: few, moderately sized programs.
         return min(next_power_of_2(tokens), 4), min(next_power_of_2(channels), 32), 1
     warps = 4
@@ -99,3 +108,39 @@ def c_splits(tokens: int, block_t: int, channels: int, block_c: int, device: tor
     t_blocks = triton.cdiv(tokens, block_t)
     want = 4 * num_sms(device)  # programs to fill the GPU a few waves deep
     return max(1, min(c_blocks, triton.cdiv(want, t_blocks)))
+
+
+def mix_bwd_grid(tokens: int, channels: int, block_t: int, block_c: int, device: torch.device) -> tuple[int, int, int]:
+    """(token blocks, C splits, C chunk) of a mix backward's grid (token blocks, C splits): each
+    program walks one chunk of C (a multiple of ``block_c``) and writes one gradient partial."""
+    t_blocks = triton.cdiv(tokens, block_t)
+    splits = c_splits(tokens, block_t, channels, block_c, device)
+    chunk = triton.cdiv(triton.cdiv(channels, block_c), splits) * block_c
+    return t_blocks, triton.cdiv(channels, chunk), chunk
+
+
+def sum_partials(part: torch.Tensor, static: bool, shape: torch.Size) -> torch.Tensor:
+    """A mix backward's coefficient gradient from its partials (C splits, rows, ...): summed over
+    the splits, and over the token blocks too (to ``shape``) for a static, one-row coefficient."""
+    if static:
+        return part.sum(dim=(0, 1)).reshape(shape)
+    return part[0] if part.shape[0] == 1 else part.sum(dim=0)
+
+
+@triton.jit
+def mix_fwd_block(T, C, N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A mix forward program's tokens and channels (grid axes 0 and 1) and the padded stream
+    index: (t64, t mask, c, c mask, k, k mask)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.arange(0, N_PAD)
+    return t.to(tl.int64), t < T, c, c < C, k, k < N
+
+
+@triton.jit
+def stream_tile(t64, tm, k, km, c, cm, N: tl.constexpr, C):
+    """Offsets and mask of the stream-major (N_PAD, BLOCK_T, BLOCK_C) tile [k, t, c] of a
+    contiguous (T, N, C) tensor; threads spread over C then T, so reductions over k stay in a thread."""
+    offs = (t64[None, :, None] * N + k[:, None, None]) * C + c[None, None, :]
+    mask = km[:, None, None] & tm[None, :, None] & cm[None, None, :]
+    return offs, mask

@@ -1,6 +1,7 @@
 """Fused Triton kernel for ``mhc::boundary``: post_res of site l + coeffs and pre of site l+1.
 
-Owns the boundary forward kernel and the launch wrappers :func:`boundary_forward` and
+Owns the boundary forward kernel, its launch configuration (:func:`launch_config`, also what
+``kernels.aot`` compiles) and the launch wrappers :func:`boundary_forward` and
 :func:`boundary_backward` called by ``mhc_compile.ops``. The math is exactly the composition
 of the reference functions (``reference.post_res_mix`` -> ``reference.coeffs`` ->
 ``reference.pre_mix``), including the rounding of X' to x's dtype before site l+1 reads it.
@@ -11,8 +12,8 @@ Per token block (grid (cdiv(T, BLOCK_T),)), in two passes over C:
           coefficients broadcast with token stride 0), round to x's dtype and store X';
           from the rounded X' accumulate the sum of squares and the projection
           (BLOCK_T, n_pad*BLOCK_C) x (n_pad*BLOCK_C, W) in fp32 (``tl.dot``).
-  epilogue: site l+1's logits, sigmoid / 2 sigmoid / Sinkhorn in registers (shared with
-          ``kernels.coeffs``); store H_pre, H_post, H_res.
+  epilogue: site l+1's logits, sigmoid / 2 sigmoid / Sinkhorn in registers (the blocks of
+          ``kernels.coeff_common``); store H_pre, H_post, H_res.
   pass 2: h_in = sum_i H_pre[i] X'[i] needs H_pre, which needs all of X', so X' is read back
           (just written by this program, mostly from L2) and h_in stored.
 Bytes per token (element size e): reads X (nC e) + h_out (C e) once, writes X' (nC e),
@@ -27,8 +28,9 @@ Backward (:func:`boundary_backward`), three launches plus post_res's backward:
      summed in fp32 and written once in x's dtype, plus the gphi partials;
   4. ``post_res_backward(dX', x, h_out, H_post, H_res)`` (kernels/post_res.py).
   About 9 nC element moves per token instead of ~16 for the three unfused backwards.
-float64 inputs fall back to the
-reference composition (forward and backward), so gradcheck runs through the same entry points.
+float64 inputs, and h_out in another dtype than x, are not run here: ``mhc_compile.ops`` sends
+them to the reference composition (forward and backward), so gradcheck runs through the same
+entry points; the wrappers refuse them.
 """
 from __future__ import annotations
 
@@ -38,18 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_post_res_shapes, coeff_rows, interpreting
-from .coeffs import (
-    SPREAD,
-    _activate,
-    _colmap,
-    _logits,
-    _store_coeffs,
-    _use_kernel,
-    _variant_flag,
-    dot_precision,
-    logit_layout,
-)
+from ._common import check_post_res_shapes, coeff_rows, on_gpu
+from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, logit_consts
+from .coeff_common import logit_layout, site_logits, store_coeffs
+from .coeffs import coeffs_backward
+from .post_res import post_res_backward
+
+Tensor = torch.Tensor
 
 
 # ============================================================================ kernel
@@ -79,7 +76,7 @@ def _boundary_fwd_kernel(
                     mask=tm[:, None] & vec[None, :], other=0.0).to(tl.float32)
     hres = tl.load(hres_ptr + t64[:, None, None] * stride_res + i[None, :, None] * N + i[None, None, :],
                    mask=tm[:, None, None] & vec[None, :, None] & vec[None, None, :], other=0.0).to(tl.float32)
-    jcol, jvalid = _colmap(N, NP, W)
+    jcol, jvalid = colmap(N, NP, W)
     acc = tl.zeros((BT, W), dtype=tl.float32)
     sumsq = tl.zeros((BT,), dtype=tl.float32)
     ghp = tl.zeros((BT, NP), dtype=tl.float32)
@@ -112,10 +109,10 @@ def _boundary_fwd_kernel(
         acc += tl.dot(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), input_precision=DOT_P)
 
     # ---- site l+1's coefficients, in registers
-    r, h, u, ures, upre, upost, lpre, lpost, lres = _logits(
+    r, h, u, ures, upre, upost, lpre, lpost, lres = site_logits(
         acc, sumsq, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, K, eps, N, NP, G, BT, HC)
-    hp, ho, hr = _activate(lpre, lpost, lres, iters, N, NP, HC, SPREAD_)
-    _store_coeffs(hp_ptr, ho_ptr, hr_ptr, t, tm, hp, ho, hr, N, NP)
+    hp, ho, hr = activate(lpre, lpost, lres, iters, N, NP, HC, SPREAD_)
+    store_coeffs(hp_ptr, ho_ptr, hr_ptr, t, tm, hp, ho, hr, N, NP)
     if GHP:
         tl.store(ghp_ptr + t64[:, None] * N + i[None, :], ghp, mask=tm[:, None] & vec[None, :])
 
@@ -138,138 +135,89 @@ def _hin_pass(xn_ptr, hin_ptr, hp, t64, tm, i, vec, C, N: tl.constexpr, BC: tl.c
                  mask=tm[:, None] & cm[None, :])
 
 
-# ============================================================================ wrappers
-def _blocks_cuda(n: int, C: int) -> tuple[int, int, int]:
-    """GPU (BLOCK_T, BLOCK_C, num_warps): a K chunk of n_pad*BLOCK_C = 128 keeps the fp32 dot
-    operands (BLOCK_T x 128 and 128 x W) small; with 8 warps and 2 pipeline stages the sm_90
-    AOT compile shows <= 80 KiB shared memory and at most a few hundred bytes of spills
-    (n = 8). Untuned on hardware."""
-    np_, _, _ = logit_layout(n)
-    bc = max(8, min(128 // np_, triton.next_power_of_2(C)))
-    return 16, bc, 8
+# ============================================================================ launch configuration
+def launch_config(n: int, C: int, variant: str, gpu: bool) -> tuple[dict, int, int]:
+    """(constexprs but WRITE_HIN and GHP, num_warps, num_stages) for ``n`` streams of ``C``
+    channels; ``gpu``: compiled for CUDA rather than the interpreter. The wrappers below and
+    ``kernels.aot`` launch and compile from this one place.
+
+    GPU: a K chunk of n_pad*BLOCK_C = 128 keeps the fp32 dot operands (BLOCK_T x 128 and
+    128 x W) small; with 8 warps and 2 pipeline stages the sm_90 AOT compile shows <= 80 KiB
+    shared memory and at most a few hundred bytes of spills (n = 8). Untuned on hardware.
+    Interpreter: small blocks (its cost is per op)."""
+    if gpu:
+        np_, _, _ = logit_layout(n)
+        bt, bc, warps = 16, max(8, min(128 // np_, triton.next_power_of_2(C))), 8
+    else:
+        bt, bc, warps = 16, 16, 1
+    return dict(logit_consts(n, variant, gpu), BT=bt, BC=bc), warps, 2
 
 
-def _blocks(n: int, C: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps); small blocks in the interpreter (its cost is per op)."""
-    if interpreting() or device.type != "cuda":
-        return 16, 16, 1
-    return _blocks_cuda(n, C)
-
-
-def _check(x, h_out, h_post, h_res, phi):
+def _check(x, h_out, h_post, h_res, phi, *params) -> tuple[bool, bool]:
     check_post_res_shapes(x, h_out, h_post, h_res)
     T, n, C = x.shape
-    if tuple(phi.shape) != (n * C, 2 * n + n * n):
-        raise ValueError(f"phi must be ({n * C}, {2 * n + n * n}), got {tuple(phi.shape)}")
-    if not 1 <= n <= 8:
-        raise ValueError(f"the Triton boundary kernel supports 1 <= n <= 8 streams, got {n}")
+    check_phi(n, C, phi, "boundary")
+    check_not_float64(x, h_out, h_post, h_res, phi, *params)
+    if h_out.dtype != x.dtype:
+        raise TypeError(f"h_out ({h_out.dtype}) must have x's dtype ({x.dtype}); ops routes mixed dtypes to the reference")
     return coeff_rows(h_post, T, 1, "h_post"), coeff_rows(h_res, T, 2, "h_res")
 
 
-def reference_boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
-    """The composition of the reference functions (the spec of the fused kernel)."""
-    from ..reference import boundary as _reference_boundary
-
-    return _reference_boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
-
-
+# ============================================================================ wrappers
 def boundary_forward(
-    x: torch.Tensor,
-    h_out: torch.Tensor,
-    h_post: torch.Tensor,
-    h_res: torch.Tensor,
-    phi: torch.Tensor,
-    alpha: torch.Tensor,
-    b_pre: torch.Tensor,
-    b_post: torch.Tensor,
-    b_res: torch.Tensor,
-    iters: int,
-    eps: float,
-    variant: str,
-    out: Optional[tuple[torch.Tensor, ...]] = None,
-    write_h_in: bool = True,
-    g_h_in: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, ...]:
+    x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
+    phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int, eps: float, variant: str, out: Optional[tuple[Tensor, ...]] = None,
+    write_h_in: bool = True, g_h_in: Optional[Tensor] = None,
+) -> tuple[Tensor, ...]:
     """(x_next (T, n, C), h_pre (T, n), h_post (T, n), h_res (T, n, n), h_in (T, C)).
 
-    x (T, n, C) and h_out (T, C) in the model dtype; site l's h_post (T or 1, n) and h_res
-    (T or 1, n, n); site l+1's phi, alpha, biases. ``out``: optional preallocated outputs in
-    that order (tests poison them). ``write_h_in=False`` skips the second pass (h_in is then
-    left unwritten; the backward uses it to recompute X' and H_pre only). ``g_h_in`` (T, C):
-    also return a sixth output, ``sum_c g_h_in * X'`` (T, n) fp32 (the pre-mix's gradient of
-    H_pre, for the backward). float64 goes to the reference composition (without ``g_h_in``).
+    x (T, n, C) and h_out (T, C) in the model dtype (float32/float16/bfloat16, the same for
+    both); site l's h_post (T or 1, n) and h_res (T or 1, n, n); site l+1's phi, alpha, biases.
+    ``out``: optional preallocated outputs in that order (tests poison them).
+    ``write_h_in=False`` skips the second pass (h_in is then left unwritten; the backward uses
+    it to recompute X' and H_pre only). ``g_h_in`` (T, C): also return a sixth output,
+    ``sum_c g_h_in * X'`` (T, n) fp32 (the pre-mix's gradient of H_pre, for the backward).
     """
-    post_static, res_static = _check(x, h_out, h_post, h_res, phi)
-    hc = _variant_flag(variant)
-    if not _use_kernel(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res) or h_out.dtype != x.dtype:
-        outs = reference_boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
-        return tuple(o.contiguous() for o in outs)
+    post_static, res_static = _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     T, n, C = x.shape
+    consts, warps, stages = launch_config(n, C, variant, on_gpu(x.device))
     x, h_out = x.contiguous(), h_out.contiguous()
-    h_post, h_res, phi, alpha, b_pre, b_post, b_res = (
-        t.detach().to(torch.float32).contiguous() for t in (h_post, h_res, phi, alpha, b_pre, b_post, b_res)
-    )
+    h_post, h_res, phi, alpha, b_pre, b_post, b_res = as_f32(h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     dev = x.device
     if out is None:
         out = (
             torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty((T, n), dtype=torch.float32, device=dev),
-            torch.empty((T, n), dtype=torch.float32, device=dev),
-            torch.empty((T, n, n), dtype=torch.float32, device=dev),
+            *coeff_outputs(T, n, dev),
             torch.empty((T, C), dtype=x.dtype, device=dev),
         )
     ghp = None if g_h_in is None else torch.empty((T, n), dtype=torch.float32, device=dev)
     if T == 0:
         return out if ghp is None else (*out, ghp)
-    np_, g, w = logit_layout(n)
-    bt, bc, warps = _blocks(n, C, dev)
     ghin = out[4] if g_h_in is None else g_h_in.reshape(T, C).contiguous()
-    _boundary_fwd_kernel[(triton.cdiv(T, bt),)](
+    _boundary_fwd_kernel[(triton.cdiv(T, consts["BT"]),)](
         x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *out,
         ghin, out[1] if ghp is None else ghp,
         T, C, 2 * n + n * n, 0 if post_static else n, 0 if res_static else n * n, float(eps), int(iters),
-        N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=hc, SPREAD_=SPREAD, DOT_P=dot_precision(dev),
-        WRITE_HIN=bool(write_h_in), GHP=ghp is not None, num_warps=warps, num_stages=2,
+        **consts, WRITE_HIN=bool(write_h_in), GHP=ghp is not None, num_warps=warps, num_stages=stages,
     )
     return out if ghp is None else (*out, ghp)
 
 
 def boundary_backward(
-    g_xn: torch.Tensor,
-    g_hp: torch.Tensor,
-    g_ho: torch.Tensor,
-    g_hr: torch.Tensor,
-    g_hin: torch.Tensor,
-    x: torch.Tensor,
-    h_out: torch.Tensor,
-    h_post: torch.Tensor,
-    h_res: torch.Tensor,
-    phi: torch.Tensor,
-    alpha: torch.Tensor,
-    b_pre: torch.Tensor,
-    b_post: torch.Tensor,
-    b_res: torch.Tensor,
-    iters: int,
-    eps: float,
-    variant: str,
-) -> tuple[torch.Tensor, ...]:
+    g_xn: Tensor, g_hp: Tensor, g_ho: Tensor, g_hr: Tensor, g_hin: Tensor,
+    x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
+    phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int, eps: float, variant: str,
+) -> tuple[Tensor, ...]:
     """(gx, gh_out, gh_post, gh_res, gphi, galpha, gb_pre, gb_post, gb_res), each shaped like its input.
 
     Recomputes X' and H_pre (fused forward), then chains the pre, coeffs and post_res backward
-    kernels. float64 inputs: the hand-chained reference backwards.
+    kernels. Same dtypes as :func:`boundary_forward`.
     """
-    _check(x, h_out, h_post, h_res, phi)
+    _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     T, n, C = x.shape
-    inputs = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     grads = (g_xn.reshape(T, n, C), g_hp.reshape(T, n), g_ho.reshape(T, n), g_hr.reshape(T, n, n), g_hin.reshape(T, C))
-    if not _use_kernel(*inputs) or h_out.dtype != x.dtype:
-        from ..reference import boundary_backward as _reference_backward
-
-        got = _reference_backward(*grads, *inputs, iters, eps, variant)
-        return tuple(g.contiguous() for g in got)
-    from .coeffs import coeffs_backward
-    from .post_res import post_res_backward
-
     # recompute X' and H_pre (no h_in pass), and the pre-mix's gradient of H_pre on the way
     xn, hp, _, _, _, ghp_pre = boundary_forward(
         x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
@@ -283,18 +231,3 @@ def boundary_backward(
     )
     gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res)
     return gx, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
-
-
-def aot_compile(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int = 90, C: int = 4096) -> dict:
-    """AOT-compile the boundary kernel for CUDA ``sm_<arch>`` with its launch configuration
-    (no GPU needed); returns {kernel name: shared memory bytes}."""
-    from .coeffs import aot_compile_kernel
-
-    np_, g, w = logit_layout(n)
-    bt, bc, warps = _blocks_cuda(n, C)
-    xt = "*" + dtype
-    consts = dict(N=n, NP=np_, G=g, W=w, BT=bt, BC=bc, HC=_variant_flag(variant), SPREAD_=SPREAD,
-                  DOT_P=dot_precision(torch.device("cuda")), WRITE_HIN=True, GHP=True)
-    ptrs = {"x_ptr": xt, "hout_ptr": xt, "xn_ptr": xt, "hin_ptr": xt, "ghin_ptr": xt}
-    k = aot_compile_kernel(_boundary_fwd_kernel, ptrs, {"eps": "fp32"}, consts, warps, 2, arch)
-    return {_boundary_fwd_kernel.__name__: k.metadata.shared}

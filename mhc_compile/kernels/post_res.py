@@ -25,7 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, c_splits, check_post_res_shapes, coeff_rows, mix_blocks, next_power_of_2
+from ._common import (
+    acc_dtype,
+    check_post_res_shapes,
+    coeff_rows,
+    mix_blocks,
+    mix_bwd_grid,
+    mix_fwd_block,
+    next_power_of_2,
+    stream_tile,
+    sum_partials,
+)
 
 
 # ============================================================================ kernels
@@ -38,18 +48,8 @@ def _post_res_fwd_kernel(
 ):
     # Stream-major tiles (N_PAD, BLOCK_T, BLOCK_C): threads spread over C then T, so the
     # reductions over the stream axis j stay inside a thread.
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    j = tl.arange(0, N_PAD)
-    tm = t < T
-    cm = c < C
-    jm = j < N
-    t64 = t.to(tl.int64)
-
-    x_offs = (t64[None, :, None] * N + j[:, None, None]) * C + c[None, None, :]
-    x_mask = jm[:, None, None] & tm[None, :, None] & cm[None, None, :]
+    t64, tm, c, cm, j, jm = mix_fwd_block(T, C, N, N_PAD, BLOCK_T, BLOCK_C)
+    x_offs, x_mask = stream_tile(t64, tm, j, jm, c, cm, N, C)
     x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)  # (N_PAD, BLOCK_T, BLOCK_C)
     tc_offs = t64[:, None] * C + c[None, :]
     tc_mask = tm[:, None] & cm[None, :]
@@ -89,8 +89,7 @@ def _post_res_bwd_kernel(
     for c0 in range(c_lo, c_lo + C_CHUNK, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        s_offs = (t64[None, :, None] * N + k[:, None, None]) * C + c[None, None, :]
-        s_mask = km[:, None, None] & tm[None, :, None] & cm[None, None, :]
+        s_offs, s_mask = stream_tile(t64, tm, k, km, c, cm, N, C)
         g = tl.load(g_ptr + s_offs, mask=s_mask, other=0.0).to(ACC)  # (N_PAD over i, BLOCK_T, BLOCK_C)
         x = tl.load(x_ptr + s_offs, mask=s_mask, other=0.0).to(ACC)  # (N_PAD over j, BLOCK_T, BLOCK_C)
         tc_offs = t64[:, None] * C + c[None, :]
@@ -195,10 +194,7 @@ def post_res_backward(
         gh_out.zero_()
         return gx, gh_out, torch.zeros_like(h_post), torch.zeros_like(h_res)
     block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size(), backward=True)
-    t_blocks = triton.cdiv(T, block_t)
-    splits = c_splits(T, block_t, C, block_c, x.device)
-    chunk = triton.cdiv(triton.cdiv(C, block_c), splits) * block_c
-    splits = triton.cdiv(C, chunk)
+    t_blocks, splits, chunk = mix_bwd_grid(T, C, block_t, block_c, x.device)
     ghp_part = torch.empty((splits, t_blocks if post_static else T, n), dtype=acc_t, device=x.device)
     ghr_part = torch.empty((splits, t_blocks if res_static else T, n, n), dtype=acc_t, device=x.device)
     _post_res_bwd_kernel[(t_blocks, splits)](
@@ -207,12 +203,6 @@ def post_res_backward(
         N=n, N_PAD=next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c,
         POST_STATIC=post_static, RES_STATIC=res_static, ACC=acc, num_warps=warps,
     )
-
-    def reduce(part, static, shape):
-        if static:
-            return part.sum(dim=(0, 1)).reshape(shape)
-        return part[0] if part.shape[0] == 1 else part.sum(dim=0)
-
-    gh_post = reduce(ghp_part, post_static, h_post.shape).to(h_post.dtype)
-    gh_res = reduce(ghr_part, res_static, h_res.shape).to(h_res.dtype)
+    gh_post = sum_partials(ghp_part, post_static, h_post.shape).to(h_post.dtype)
+    gh_res = sum_partials(ghr_part, res_static, h_res.shape).to(h_res.dtype)
     return gx, gh_out, gh_post, gh_res

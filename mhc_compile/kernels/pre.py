@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, c_splits, coeff_rows, mix_blocks, next_power_of_2
+from ._common import acc_dtype, coeff_rows, mix_blocks, mix_bwd_grid, mix_fwd_block, next_power_of_2, stream_tile, sum_partials
 
 
 # ============================================================================ kernels
@@ -37,20 +37,11 @@ def _pre_fwd_kernel(
 ):
     # Tiles are stream-major (N_PAD, BLOCK_T, BLOCK_C): the default layout spreads threads over
     # C then T, so every reduction over the stream axis stays inside a thread.
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    i = tl.arange(0, N_PAD)
-    tm = t < T
-    cm = c < C
-    im = i < N
-    t64 = t.to(tl.int64)
+    t64, tm, c, cm, i, im = mix_fwd_block(T, C, N, N_PAD, BLOCK_T, BLOCK_C)
 
     # (N_PAD, BLOCK_T) coefficients; stride_h == 0 broadcasts a static row
     h = tl.load(h_ptr + t64[None, :] * stride_h + i[:, None], mask=im[:, None] & tm[None, :], other=0.0).to(ACC)
-    x_offs = (t64[None, :, None] * N + i[:, None, None]) * C + c[None, None, :]
-    x_mask = im[:, None, None] & tm[None, :, None] & cm[None, None, :]
+    x_offs, x_mask = stream_tile(t64, tm, i, im, c, cm, N, C)
     x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)
     acc = tl.sum(h[:, :, None] * x, axis=0)  # (BLOCK_T, BLOCK_C)
     out_offs = t64[:, None] * C + c[None, :]
@@ -81,8 +72,7 @@ def _pre_bwd_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         g = tl.load(g_ptr + t64[:, None] * C + c[None, :], mask=tm[:, None] & cm[None, :], other=0.0).to(ACC)
-        x_offs = (t64[None, :, None] * N + i[:, None, None]) * C + c[None, None, :]
-        x_mask = im[:, None, None] & tm[None, :, None] & cm[None, None, :]
+        x_offs, x_mask = stream_tile(t64, tm, i, im, c, cm, N, C)
         x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)
         gx = h[:, :, None] * g[None, :, :]
         tl.store(gx_ptr + x_offs, gx.to(gx_ptr.dtype.element_ty), mask=x_mask)
@@ -152,10 +142,7 @@ def pre_backward(
         gx.zero_()
         return gx, torch.zeros_like(h_pre)
     block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size(), backward=True)
-    t_blocks = triton.cdiv(T, block_t)
-    splits = c_splits(T, block_t, C, block_c, x.device)
-    chunk = triton.cdiv(triton.cdiv(C, block_c), splits) * block_c
-    splits = triton.cdiv(C, chunk)
+    t_blocks, splits, chunk = mix_bwd_grid(T, C, block_t, block_c, x.device)
     rows = t_blocks if static else T
     part = torch.empty((splits, rows, n), dtype=acc_t, device=x.device)
     _pre_bwd_kernel[(t_blocks, splits)](
@@ -163,8 +150,4 @@ def pre_backward(
         N=n, N_PAD=next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c,
         H_STATIC=static, ACC=acc_dtype(x.dtype, h_pre.dtype), num_warps=warps,
     )
-    if static:
-        gh = part.sum(dim=(0, 1)).reshape(1, n)
-    else:
-        gh = part[0] if splits == 1 else part.sum(dim=0)
-    return gx, gh.to(h_pre.dtype)
+    return gx, sum_partials(part, static, h_pre.shape).to(h_pre.dtype)

@@ -1,0 +1,165 @@
+"""The launch arguments of every Triton kernel, CUDA configuration included, built on CPU.
+
+No kernel here has run on a GPU in CI, and the code that picks their GPU blocks, warps, stages
+and ``tl.dot`` precision only runs there. These tests run each launcher with the GPU
+configuration switched on (``on_gpu`` patched to True) and the kernels replaced by recorders,
+and bind every recorded launch to its kernel's own signature: the same positional arguments
+and constexprs as the kernel declares, none missing, none unknown, and tile sizes ``tl.dot``
+accepts. ``kernels.aot`` compiles from the same ``launch_config`` functions
+(tests/test_kernel_coeffs.py::test_gpu_kernels_compile_for_sm90_without_a_gpu). Also: ``ops``
+is the one place that sends float64 to the reference, and the launchers refuse it.
+"""
+import inspect
+
+import pytest
+import torch
+
+from mhc_compile import ops, reference
+from mhc_compile.config import KERNELS
+from mhc_compile.kernels import _common, boundary, coeffs, post_res, pre
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def constexprs(kernel) -> set:
+    # JITFunction and InterpretedFunction both keep the Python function as .fn
+    return {k for k, p in inspect.signature(kernel.fn).parameters.items() if "constexpr" in str(p.annotation)}
+
+
+class Recorder:
+    """Stands in for a ``@triton.jit`` kernel: records ``kernel[grid](*args, **kwargs)``."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+    def check(self):
+        """Every launch binds to the kernel's signature with all constexprs given by name."""
+        assert self.launches, f"{self.kernel.fn.__name__} was not launched"
+        sig = inspect.signature(self.kernel.fn)
+        for grid, args, kwargs in self.launches:
+            consts = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
+            assert set(consts) == constexprs(self.kernel), self.kernel.fn.__name__
+            sig.bind(*args, **consts)  # TypeError on a missing, extra or unknown argument
+            assert all(isinstance(g, int) and g >= 1 for g in grid)
+        return self.launches
+
+
+@pytest.fixture
+def gpu_launches(monkeypatch):
+    """Patch every launcher onto its GPU configuration and every kernel with a Recorder."""
+    monkeypatch.delenv("MHC_DOT_PRECISION", raising=False)
+    for mod in (_common, coeffs, boundary):
+        monkeypatch.setattr(mod, "on_gpu", lambda device: True)
+    recs = {}
+    for mod, names in ((coeffs, ("_coeffs_fwd_kernel", "_coeffs_bwd_dh_kernel", "_coeffs_bwd_x_kernel")),
+                       (boundary, ("_boundary_fwd_kernel",)), (pre, ("_pre_fwd_kernel", "_pre_bwd_kernel")),
+                       (post_res, ("_post_res_fwd_kernel", "_post_res_bwd_kernel"))):
+        for name in names:
+            recs[name] = Recorder(getattr(mod, name))
+            monkeypatch.setattr(mod, name, recs[name])
+    return recs
+
+
+def _boundary_inputs(T, n, C, dtype=torch.bfloat16):
+    x, h_out = torch.randn(T, n, C).to(dtype), torch.randn(T, C).to(dtype)
+    p = reference.init_site_params(n, C, 0)
+    return [x, h_out, torch.rand(T, n), torch.rand(T, n, n), p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"]]
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 8])
+@pytest.mark.parametrize("variant", ["mhc", "hc"])
+def test_coefficient_kernels_gpu_launch_arguments(gpu_launches, n, variant):
+    T, C = 5, 40
+    ins = _boundary_inputs(T, n, C)
+    x, params = ins[0], ins[4:]
+    gc = [torch.randn(T, n), torch.randn(T, n), torch.randn(T, n, n)]
+    coeffs.coeffs_forward(x, *params, 20, 1e-6, variant)
+    coeffs.coeffs_backward(*gc, x, *params, 20, 1e-6, variant)
+    gb = [torch.randn(T, n, C).to(x.dtype), *gc, torch.randn(T, C).to(x.dtype)]
+    boundary.boundary_forward(*ins, 20, 1e-6, variant)
+    boundary.boundary_backward(*gb, *ins, 20, 1e-6, variant)  # also the EXTRA gx kernel and post_res bwd
+
+    consts, x_consts, warps = coeffs.launch_config(n, variant, gpu=True)
+    for name in ("_coeffs_fwd_kernel", "_coeffs_bwd_dh_kernel"):
+        for _, _, kw in gpu_launches[name].check():
+            assert kw == dict(consts, num_warps=warps)
+    extras = [kw["EXTRA"] for _, _, kw in gpu_launches["_coeffs_bwd_x_kernel"].check()]
+    assert extras == [False, True]
+    assert consts["DOT_P"] == "tf32x3" and consts["HC"] == (variant == "hc")
+    # tl.dot needs every dimension >= 16: (BT, BK) x (BK, W), and (BT, NP * BC) x (NP * BC, W)
+    assert min(consts["BT"], consts["BK"], consts["W"]) >= 16
+    bconsts, bwarps, stages = boundary.launch_config(n, C, variant, gpu=True)
+    launches = gpu_launches["_boundary_fwd_kernel"].check()
+    assert [(kw["WRITE_HIN"], kw["GHP"]) for _, _, kw in launches] == [(True, False), (False, True)]
+    for _, _, kw in launches:
+        assert kw["num_warps"] == bwarps == 8 and kw["num_stages"] == stages == 2 and kw["DOT_P"] == "tf32x3"
+    assert bconsts["BT"] >= 16 and bconsts["NP"] * bconsts["BC"] >= 16
+    gpu_launches["_post_res_bwd_kernel"].check()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_mix_kernels_gpu_launch_arguments(gpu_launches, static):
+    T, n, C = 7, 3, 300
+    x, g = torch.randn(T, n, C, dtype=torch.bfloat16), torch.randn(T, C, dtype=torch.bfloat16)
+    rows = 1 if static else T
+    hp, hpost, hres = torch.rand(rows, n), torch.rand(rows, n), torch.rand(rows, n, n)
+    pre.pre_forward(x, hp)
+    pre.pre_backward(g, x, hp)
+    post_res.post_res_forward(x, g, hpost, hres)
+    post_res.post_res_backward(x, x, g, hpost, hres)
+    for name in ("_pre_fwd_kernel", "_pre_bwd_kernel", "_post_res_fwd_kernel", "_post_res_bwd_kernel"):
+        for grid, _, kw in gpu_launches[name].check():
+            bwd = "bwd" in name
+            assert (kw["BLOCK_T"], kw["BLOCK_C"], kw["num_warps"]) == _common.mix_blocks(
+                T, n, C, torch.device("cuda"), 2, backward=bwd)
+            assert kw["num_warps"] == 4
+
+
+def test_interpreter_launch_config_is_the_small_one():
+    consts, x_consts, warps = coeffs.launch_config(4, "mhc", gpu=False)
+    assert (consts["BT"], consts["BK"], warps, consts["DOT_P"]) == (16, 32, 1, "ieee")
+    assert set(x_consts) | {"EXTRA"} == constexprs(coeffs._coeffs_bwd_x_kernel)
+    bconsts, bwarps, _ = boundary.launch_config(4, 100, "hc", gpu=False)
+    assert (bconsts["BT"], bconsts["BC"], bwarps, bconsts["HC"]) == (16, 16, 1, True)
+    assert set(bconsts) | {"WRITE_HIN", "GHP"} == constexprs(boundary._boundary_fwd_kernel)
+
+
+def test_ops_is_the_one_place_that_picks(monkeypatch):
+    """float64 (and a boundary with h_out in another dtype) never reaches the coefficient
+    kernels, whatever ``kernels`` says; float32 with kernels="triton" does; the launchers refuse
+    float64 themselves; the kernels setting is validated against config.KERNELS."""
+    calls = []
+
+    def spy(name, real):
+        def f(*a, **k):
+            calls.append(name)
+            return real(*a, **k)
+        return f
+
+    for mod, name in ((coeffs, "coeffs_forward"), (coeffs, "coeffs_backward"),
+                      (boundary, "boundary_forward"), (boundary, "boundary_backward")):
+        monkeypatch.setattr(mod, name, spy(name, getattr(mod, name)))
+    T, n, C = 2, 2, 3
+    ins64 = [t.double().requires_grad_(True) for t in _boundary_inputs(T, n, C, torch.float64)]
+    outs = ops.boundary(*ins64, iters=3, kernels="triton")
+    sum(o.sum() for o in outs).backward()
+    hp, ho, hr = ops.coeffs(ins64[0], *ins64[4:], iters=3, kernels="triton")
+    (hp.sum() + hr.sum()).backward()
+    mixed = _boundary_inputs(T, n, C, torch.float32)
+    mixed[1] = mixed[1].to(torch.float16)
+    ops.boundary(*mixed, iters=3, kernels="triton")
+    assert calls == []
+    ins32 = [t.float() for t in ins64]
+    ops.coeffs(ins32[0], *ins32[4:], iters=3, kernels="triton")
+    ops.boundary(*ins32, iters=3, kernels="triton")
+    assert calls == ["coeffs_forward", "boundary_forward"]
+    with pytest.raises(TypeError):
+        coeffs.coeffs_forward(ins64[0].detach(), *ins32[4:], 3, 1e-6, "mhc")
+    with pytest.raises(TypeError):
+        boundary.boundary_forward(*mixed, 3, 1e-6, "mhc")
+    assert KERNELS == ("auto", "triton", "reference")
+    with pytest.raises(ValueError, match="kernels="):
+        ops.use_triton(ins32[0], "cuda")
