@@ -221,3 +221,15 @@ def test_a_dim_the_model_fixes_is_named_in_a_warning():
         _convert(tiny_mixer().eval(), (torch.randn(2, 3, 16, 16),), n=2)
     msgs = [str(w.message) for w in caught if "fixes some input sizes" in str(w.message)]
     assert len(msgs) == 1 and "L['img'].size()[2]" in msgs[0] and "== 16" in msgs[0] and "static: input 0 dim 2 (size 16), input 0 dim 3 (size 16)" in msgs[0], msgs
+
+
+def test_inspect_shows_the_stream_steps():
+    from click.testing import CliRunner
+
+    from mhc_compile.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["inspect", "tests.models.streams:TinyFlatMLP", "--input-shape", "2x8",
+                                   "--input-dtype", "long"])
+    assert res.exit_code == 0, res.output
+    assert "4 sites" in res.output and "stream-wise ops between sites" in res.output, res.output
+    assert "reshape" in res.output and "view" in res.output
