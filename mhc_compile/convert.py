@@ -1,5 +1,6 @@
 """``mhc_compile.convert`` and ``mhc_compile.find_residuals``: capture a model with ``torch.export``,
-run the residual passes on its graph, and return a trainable module (or just the report).
+run the residual passes on its graph, and return a trainable module (or just the report;
+``capture`` + ``rewrite_captured`` give both from one capture).
 
 Capture: ``torch.export.export(strict=False)`` on a deep copy of the model (the caller's model is
 never touched), in the mode the model is in (``model.training``). Dims are ``Dim.AUTO``: batch and
@@ -208,6 +209,21 @@ def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCCo
     return build_report(detected, chains, config, rewritten=False)
 
 
+def rewrite_captured(model: nn.Module, gm: fx.GraphModule, config: MHCConfig,
+                     param_provider: Optional[ParamProvider] = None) -> tuple[nn.Module, ResidualReport]:
+    """The step of :func:`convert` after the capture: rewrite ``gm`` (the :func:`capture` of
+    ``model``) in place and return ``(converted, report)``; ``(model, report)`` with
+    ``report.rewritten`` False when no residual site was found (no warning: the caller decides
+    what to say). Lets a caller that needs both the report and the module capture once."""
+    report = rewrite_graph(gm, config, param_provider or default_param_provider)
+    if not report.rewritten:
+        return model, report
+    make_mode_switchable(gm, model.training)
+    gm.mhc_report = report
+    gm.mhc_config = config
+    return gm, report
+
+
 def convert(
     model: nn.Module,
     config: Optional[MHCConfig] = None,
@@ -226,7 +242,7 @@ def convert(
     """
     config = MHCConfig.from_options(config)
     gm = capture(model, example_inputs, example_kwargs=example_kwargs)
-    report = rewrite_graph(gm, config, param_provider or default_param_provider)
+    converted, report = rewrite_captured(model, gm, config, param_provider)
     if not report.rewritten:
         reasons = "; ".join(f"{t.node}: {t.reason}" for t in report.not_taken[:5])
         warnings.warn(
@@ -234,8 +250,4 @@ def convert(
             + (f" (adds not taken: {reasons})" if reasons else " (it has no add of x + f(x))"),
             stacklevel=2,
         )
-        return model
-    make_mode_switchable(gm, model.training)
-    gm.mhc_report = report
-    gm.mhc_config = config
-    return gm
+    return converted

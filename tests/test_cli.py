@@ -596,3 +596,50 @@ def test_error_corrupt_hf_weights_names_the_file(hf_dirs, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])  # truncated download
     _error(run("convert", broken, "-o", tmp_path / "o", ok=False), 1, str(weights), "safetensors")
     assert not (tmp_path / "o").exists()
+
+
+def _count_captures(monkeypatch) -> list:
+    """Count the calls of mhc_compile.convert.capture (the torch.export capture)."""
+    import importlib
+
+    convert_mod = importlib.import_module("mhc_compile.convert")  # the module (the package attribute is the function)
+    calls = []
+    real = convert_mod.capture
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_mod, "capture", counting)
+    return calls
+
+
+def test_convert_captures_the_model_once(user_module, tmp_path, monkeypatch):
+    """mhc convert takes the report from the rewrite: the model is captured once, and the report
+    stored in mhc.json is the report of that rewrite."""
+    calls = _count_captures(monkeypatch)
+    dst = tmp_path / "o"
+    res = run("convert", "clitestmods:res", "-o", dst, "--no-progress")
+    assert len(calls) == 1, f"mhc convert captured the model {len(calls)} times"
+    assert "2 residual sites" in res.output
+    stored = mhc_compile.ResidualReport.from_dict(json.loads((dst / "mhc.json").read_text())["report"])
+    assert stored.num_sites == 2 and stored.rewritten
+    calls.clear()
+    _error(run("convert", "clitestmods:plain", "--input-shape", "2x8", "-o", tmp_path / "p", ok=False), 1,
+           "clitestmods:plain", "no residual")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("fmt", ["text", "dot"])
+def test_inspect_captures_the_model_once(user_module, tmp_path, monkeypatch, fmt):
+    """inspect: the report, the converted model and the graph before the rewrite all come from one
+    capture, for a source and for a converted directory (whose read rebuilds and converts)."""
+    run("convert", "clitestmods:res", "-o", tmp_path / "o", "--no-progress")
+    calls = _count_captures(monkeypatch)
+    text = run("inspect", "clitestmods:res", "--format", fmt).output
+    assert len(calls) == 1, f"mhc inspect captured the model {len(calls)} times"
+    calls.clear()
+    again = run("inspect", tmp_path / "o", "--format", fmt).output
+    assert len(calls) == 1, f"mhc inspect of a converted directory captured {len(calls)} times"
+    if fmt == "dot":
+        assert text.count("subgraph") == again.count("subgraph") >= 2  # before and after

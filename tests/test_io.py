@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import tempfile
 import textwrap
@@ -17,9 +18,9 @@ from mhc_compile import MHCConfig
 from mhc_compile.io import (
     MHCIOError,
     Source,
-    _atomic_path,
-    _dedup_state_dict,
+    atomic_path,
     convert_source,
+    dedup_state_dict,
     hf_example_inputs,
     positional_inputs,
     read_source,
@@ -135,7 +136,7 @@ def test_dedup_state_dict_ties():
     b.weight = a.weight
     sd = {"a.weight": a.weight, "a.bias": a.bias, "b.weight": b.weight, "b.bias": b.bias,
           "view": a.weight[1:]}
-    out, tied = _dedup_state_dict(sd)
+    out, tied = dedup_state_dict(sd)
     assert tied == {"b.weight": "a.weight"}
     assert set(out) == {"a.weight", "a.bias", "b.bias", "view"}
     assert out["view"].data_ptr() != out["a.weight"].data_ptr()  # safetensors needs separate memory
@@ -145,7 +146,7 @@ def test_dedup_state_dict_ties():
 def test_atomic_path_failure_leaves_nothing(tmp_path):
     dst = tmp_path / "out"
     with pytest.raises(RuntimeError, match="boom"):
-        with _atomic_path(dst, is_dir=True) as tmp:
+        with atomic_path(dst, is_dir=True) as tmp:
             (tmp / "partial").write_text("x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
@@ -153,12 +154,12 @@ def test_atomic_path_failure_leaves_nothing(tmp_path):
     dst.mkdir()
     (dst / "mhc.json").write_text("{}")
     with pytest.raises(RuntimeError):
-        with _atomic_path(dst, is_dir=True) as tmp:
+        with atomic_path(dst, is_dir=True) as tmp:
             raise RuntimeError("boom")
     assert (dst / "mhc.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     f = tmp_path / "x.pt2"
-    with _atomic_path(f, is_dir=False) as tmp:
+    with atomic_path(f, is_dir=False) as tmp:
         assert tmp.parent == tmp_path and tmp.suffix == ".pt2"
         tmp.write_text("done")
     assert f.read_text() == "done"
@@ -172,7 +173,7 @@ def test_atomic_path_unwritable_parent_names_it(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     for is_dir in (True, False):
         with pytest.raises(MHCIOError) as err:
-            with _atomic_path(tmp_path / "out", is_dir=is_dir):
+            with atomic_path(tmp_path / "out", is_dir=is_dir):
                 pass
         assert str(err.value) == f"{tmp_path / 'out'}: cannot write in {tmp_path}: Permission denied"
 
@@ -279,3 +280,131 @@ def test_loaded_hf_directory_switches_train_eval_and_finetunes(tmp_path):
         after = model(x).logits
         assert torch.equal(model(x).logits, after)
     assert (after - first).abs().max() > 1e-2  # the fine-tuned weights are in use
+
+
+# ------------------------------------------------------------------------------- the registry
+def test_every_source_kind_has_all_four_entries():
+    from mhc_compile.io import SourceKind, source_kinds
+
+    kinds = source_kinds()
+    assert [k.name for k in kinds] == ["converted", "hf", "export", "pickle", "factory"]
+    for kind in kinds:
+        assert isinstance(kind, SourceKind)
+        for entry in ("detect", "read", "save_extras", "rebuild"):
+            assert callable(getattr(kind, entry)), (kind.name, entry)
+    assert {k.name for k in kinds if k.takes_state_dict} == {"factory", "pickle"}
+
+
+def test_unknown_source_kind_is_a_clear_error(tmp_path):
+    from mhc_compile.io import get_source_kind, register_source_kind
+
+    with pytest.raises(MHCIOError, match=r"unknown source kind 'onnx' \(known: converted, hf, export, pickle, factory\)"):
+        get_source_kind("onnx")
+    with pytest.raises(ValueError, match="already registered"):
+        register_source_kind(get_source_kind("hf"))
+    # an output whose mhc.json names a kind this version does not know
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mhc.json").write_text(json.dumps({"source": "onnx", "mhc_config": {}, "format_version": 1}))
+    with pytest.raises(MHCIOError, match=r"o/mhc.json: unknown source kind 'onnx'"):
+        mhc_compile.load(out)
+
+
+def test_detect_dispatches_through_the_registry(tmp_path, monkeypatch):
+    from mhc_compile.io import SourceKind, detect_kind, register_source_kind, registry
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    (tmp_path / "out" / "mhc.json").write_text("{}")
+    (tmp_path / "m.pt").write_bytes(b"x")
+    assert detect_kind(str(tmp_path / "hf")) == "hf"
+    assert detect_kind(str(tmp_path / "out")) == "converted"  # a converted hf directory
+    assert detect_kind(str(tmp_path / "m.pt")) == "pickle"
+    assert detect_kind("some.pkg:make") == "factory"
+    with pytest.raises(MHCIOError, match="no such file"):
+        detect_kind(str(tmp_path / "missing"))
+
+    # a kind registered from outside is detected, read and saved through its entries
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+    seen = []
+    model = nn.Sequential(nn.Linear(4, 4))
+
+    def read(src, options):
+        seen.append(("read", src, options.seq_len))
+        return Source("toy", src, model, (torch.zeros(2, 4),))
+
+    def save_extras(source, directory):
+        seen.append(("save", source.path))
+        (directory / "toy.txt").write_text("rebuild me")
+
+    register_source_kind(SourceKind("toy", lambda src: src.startswith("toy://"), read, save_extras,
+                                    lambda directory, meta, trust: model), before="factory")
+    assert [k.name for k in registry.source_kinds()][-2:] == ["toy", "factory"]
+    assert detect_kind("toy://a") == "toy"
+    assert detect_kind("some.pkg:make") == "factory"
+    source = read_source("toy://a", seq_len=5)
+    assert seen == [("read", "toy://a", 5)] and source.kind == "toy"
+    with pytest.raises(MHCIOError, match="--state-dict only applies"):
+        read_source("toy://a", state_dict="w.pt")
+    dst = tmp_path / "toy-out"
+    save_converted(model, str(dst), source, MHCConfig(streams=2))
+    assert seen[-1] == ("save", "toy://a") and (dst / "toy.txt").read_text() == "rebuild me"
+    assert json.loads((dst / "mhc.json").read_text())["source"] == "toy"
+
+
+def test_io_dispatches_no_kind_by_name():
+    """Every place that differs by source kind goes through the registry: no module of
+    mhc_compile.io compares a kind to a kind name."""
+    import pathlib
+    import re
+
+    import mhc_compile.io as io_pkg
+
+    names = "|".join(["hf", "export", "factory", "pickle", "converted"])
+    pattern = re.compile(rf"""(kind|\["source"\]|\.get\("source"\))\s*(==|!=|in)\s*\(?["']({names})["']""")
+    root = pathlib.Path(io_pkg.__file__).parent
+    hits = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in root.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line.split("#")[0])]
+    assert not hits, hits
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def test_atomic_write_text_crash_leaves_the_old_file(tmp_path):
+    """An error mid-write leaves neither a partial file nor a temporary one, and the old file as it was."""
+    from mhc_compile.io import atomic_write_text
+
+    f = tmp_path / "report.json"
+    atomic_write_text(f, "old")
+    assert f.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_path(f, is_dir=False) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("crash")
+    assert f.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    atomic_write_text(f, "new")
+    assert f.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_atomic_write_killed_process_leaves_the_old_file(tmp_path):
+    """A process killed mid-write (no cleanup runs) leaves the destination untouched: the partial
+    data is only ever in a hidden temporary file next to it."""
+    import subprocess
+
+    f = tmp_path / "out.txt"
+    f.write_text("old")
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from mhc_compile.io import atomic_path\n"
+        f"with atomic_path(Path({str(f)!r}), is_dir=False) as tmp:\n"
+        "    tmp.write_text('partial')\n"
+        "    os._exit(9)\n"
+    )
+    root = os.path.dirname(os.path.dirname(mhc_compile.__file__))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 9
+    assert f.read_text() == "old"
+    assert all(p.name.startswith(".out.txt.") for p in tmp_path.iterdir() if p != f)

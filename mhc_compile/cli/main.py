@@ -13,12 +13,13 @@ import sys
 import warnings
 from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import click
 
 from .. import __version__
 from ..report import ResidualReport
+from .args import parse_config, parse_inputs, source_options
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -149,58 +150,12 @@ class _Progress:
         self.bar.close()
 
 
-def _parse_config(streams: Optional[int], options: tuple[str, ...], base: Optional[dict] = None):
-    from ..config import MHCConfig
-    from ..io import MHCUsageError
-
-    opts: dict[str, Any] = dict(base or {})
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise MHCUsageError(f"--config-option {item!r}: write it as key=value (e.g. sinkhorn_iters=10)")
-        opts[key.strip()] = value
-    if streams is not None:
-        opts["streams"] = streams
-    return MHCConfig.from_options(opts)
-
-
-def _source_options(fn):
-    """Options shared by convert and inspect for reading a source."""
-    decorators = [
-        click.option("--state-dict", "state_dict", type=click.Path(dir_okay=False), default=None,
-                     help="Weights for a factory (or pickled module): a torch.save'd state_dict (read with "
-                          "weights_only=True) or a .safetensors file."),
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
-                     help="Shape of an example input, like 2x16; repeat for each positional input "
-                          "(factory and pickled sources)."),
-        click.option("--input-dtype", "input_dtypes", multiple=True, metavar="DTYPE",
-                     help="dtype of the example inputs (float32, long, ...): once for all, or once per "
-                          "--input-shape. Default float32. Floats are N(0,1); integers uniform in "
-                          "[0, smallest nn.Embedding size) (or [0, 2) without embeddings)."),
-        click.option("--trust-pickle", is_flag=True,
-                     help="Allow reading a whole pickled nn.Module (.pt). Unpickling runs code from the "
-                          "file: use only for files you trust."),
-        click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="Batch of the example inputs of Hugging Face models."),
-        click.option("--seq-len", default=16, show_default=True, type=click.IntRange(min=1), help="Sequence length of the example inputs of Hugging Face text models."),
-    ]
-    for d in reversed(decorators):
-        fn = d(fn)
-    return fn
-
-
 def _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len):
     from ..io import read_source
 
-    return read_source(src, state_dict=state_dict, input_shapes=input_shapes, input_dtypes=input_dtypes,
+    shapes, dtypes = parse_inputs(input_shapes, input_dtypes)
+    return read_source(src, state_dict=state_dict, input_shapes=shapes, input_dtypes=dtypes,
                        trust_pickle=trust_pickle, batch_size=batch_size, seq_len=seq_len)
-
-
-def _find(source, config=None):
-    from ..io import find_source_residuals
-
-    return find_source_residuals(source, config)
-
-
 
 
 # ----------------------------------------------------------------------------------- the app
@@ -257,17 +212,16 @@ Examples:
 @click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4).")
 @click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE",
               help="Any MHCConfig field, e.g. -c sinkhorn_iters=10 -c init=paper (repeatable).")
-@_source_options
+@source_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @_debug_option
 @_handle_errors
 def convert(src, dst, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
             batch_size, seq_len, progress, debug):
-    from ..io import convert_source, save_converted
+    from ..convert import capture, rewrite_captured
+    from ..io import MHCUsageError, detect_kind, save_converted, source_inputs
 
-    from ..io import MHCUsageError, detect_kind
-
-    config = _parse_config(streams, config_options)
+    config = parse_config(streams, config_options)
     kind = detect_kind(src)
     if kind == "converted":
         raise MHCUsageError(f"{src}: is already an mhc output; convert the original model instead")
@@ -276,12 +230,12 @@ def convert(src, dst, streams, config_options, state_dict, input_shapes, input_d
     try:
         with bar.stage("load"), _quiet_libraries():
             source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
-        with bar.stage("capture"), _quiet_libraries():
-            report = _find(source, config)
+        with bar.stage("capture"), _quiet_libraries():  # the one capture: the rewrite reports what it found
+            captured = capture(source.model, source_inputs(source))
+        with bar.stage("rewrite"), _quiet_libraries():
+            converted, report = rewrite_captured(source.model, captured, config)
         if report.num_sites == 0:
             raise NoResidualsError(f"{src}: no residual add x + f(x) found, nothing to convert ({_why_none(report)})")
-        with bar.stage("rewrite"), _quiet_libraries():
-            converted = convert_source(source, config)
         with bar.stage("save"), _quiet_libraries():
             out = save_converted(converted, dst, source, config, report=report.to_dict())
     finally:
@@ -308,7 +262,7 @@ _FORMAT_OF_SUFFIX = {".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg"
 @click.option("-o", "--output", "out", type=click.Path(), default=None, metavar="FILE", help="Write to FILE (atomically) instead of stdout.")
 @click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4; ignored for converted models).")
 @click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE", help="Any MHCConfig field.")
-@_source_options
+@source_options
 @_debug_option
 @_handle_errors
 def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
@@ -333,7 +287,9 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
         text = _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, input_dtypes,
                              trust_pickle, batch_size, seq_len)
     if out:
-        _write_text_atomic(out, text)
+        from ..io import atomic_write_text
+
+        atomic_write_text(out, text)
         click.echo(f"wrote {fmt} report of {src} to {out}", err=True)
     else:
         click.echo(text, nl=False)
@@ -341,33 +297,33 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
 
 def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
                   batch_size, seq_len) -> str:
-    """The inspect report of ``src`` in format ``fmt``, as text."""
+    """The inspect report of ``src`` in format ``fmt``, as text. The model is captured once:
+    the report, the converted module and the graph before the rewrite come from one conversion."""
     from . import render as rp
-    from ..io import convert_source
+    from ..io import MHCIOError, convert_source_with_report
 
+    graphs_wanted = fmt not in ("text", "json")
     source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
+    before = None  # the graph before the rewrite
     if source.kind == "converted":
-        config = _parse_config(None, (), source.mhc.get("mhc_config"))
+        config = parse_config(None, (), source.mhc.get("mhc_config"))
         if streams is not None or config_options:
             warnings.warn(f"{src} is already converted (n={config.streams}): --streams and --config-option "
                           "are ignored; inspect shows the configuration it was converted with")
         converted = source.converted
-        if str(source.path).endswith(".pt2"):  # the original graph is not in the file: stored report
+        if source.conversion is None:  # a .pt2: the original graph is not in the file: stored report
             stored = source.mhc.get("report")
             if stored is None:
-                from ..io import MHCIOError
-
                 raise MHCIOError(f"{src}: mhc.json has no residual report; re-run `mhc convert` on the original")
             report, original = ResidualReport.from_dict(stored), None
-        else:  # rebuilt original: capture it again
-            report, original = _find(source, config), source.model
-        view = rp.build_view(report, config, original, converted)
+        else:  # a directory: read rebuilt and converted the original
+            report, original, before = source.conversion.report, source.model, source.conversion.original_graph
     else:
-        config = _parse_config(streams, config_options)
-        report = _find(source, config)
-        original = source.model
-        converted = convert_source(source, config) if report.num_sites else None
-        view = rp.build_view(report, config, original, converted)
+        config = parse_config(streams, config_options)
+        conversion = convert_source_with_report(source, config, keep_graph=graphs_wanted)
+        report, original, before = conversion.report, source.model, conversion.original_graph
+        converted = conversion.converted if report.num_sites else None
+    view = rp.build_view(report, config, original, converted)
     view["source"] = f"{src} ({source.kind})"
 
     if fmt == "text":
@@ -377,9 +333,9 @@ def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, i
     else:
         graphs = []
         if original is not None:
-            graphs.append(("before", _graph_of(original, source)))
+            graphs.append(("before", _graph_of(original, before)))
         if converted is not None:
-            graphs.append(("after (mHC)", _graph_of(converted, source)))
+            graphs.append(("after (mHC)", _graph_of(converted, None)))
         dot_text = rp.graph_to_dot(graphs, view)
         if fmt == "dot":
             text = dot_text
@@ -387,8 +343,6 @@ def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, i
             svg = rp.render_svg(dot_text)
             if fmt == "svg":
                 if svg is None:
-                    from ..io import MHCIOError
-
                     raise MHCIOError(f"{src}: cannot write --format svg: {rp.GRAPHVIZ_HELP}")
                 text = svg
             else:
@@ -396,24 +350,16 @@ def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, i
     return text
 
 
-def _graph_of(module, source):
-    """The FX graph of ``module``: its own graph for a GraphModule, else the capture convert uses
-    (so node names match the report's)."""
+def _graph_of(module, captured):
+    """The FX graph of ``module``: its own graph for a GraphModule, else ``captured``, the graph of
+    the capture convert made of it (so node names match the report's)."""
     import torch
-
-    from ..convert import capture
-    from ..io import positional_inputs
 
     if isinstance(module, torch.fx.GraphModule):
         return module.graph
-    return capture(module, positional_inputs(module, source.args, source.kwargs)).graph
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    from ..io import _atomic_path
-
-    with _atomic_path(Path(path), is_dir=False) as tmp:
-        tmp.write_text(text)
+    if captured is None:
+        raise RuntimeError(f"no captured graph of {type(module).__name__} to draw")
+    return captured
 
 
 @cli.command(short_help="Convert and train a tiny built-in GPT (no files needed).")

@@ -1,0 +1,84 @@
+"""Parsing the command line's text into typed values: ``--input-shape`` (:func:`parse_shape`),
+``--input-dtype`` (:func:`parse_dtype`, the names in :data:`DTYPES`), ``--streams`` /
+``--config-option`` (:func:`parse_config`), and the options convert and inspect share for
+reading a source (:func:`source_options`). Bad text raises ``MHCUsageError`` (exit code 2)."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import click
+import torch
+
+from ..config import MHCConfig
+from ..io import MHCUsageError
+
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float64": torch.float64, "double": torch.float64, "fp64": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "int64": torch.int64, "long": torch.int64,
+    "int32": torch.int32, "int": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """``long`` -> ``torch.int64`` (any name of :data:`DTYPES`, any case)."""
+    try:
+        return DTYPES[text.strip().lower()]
+    except KeyError:
+        raise MHCUsageError(f"unknown dtype {text!r}; use one of {', '.join(sorted(DTYPES))}") from None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``2x16`` (or ``2,16``) -> ``(2, 16)``; every size must be positive."""
+    try:
+        shape = tuple(int(p) for p in text.lower().replace(",", "x").split("x") if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise MHCUsageError(f"bad input shape {text!r}; write it like 2x16 or 2x3x32x32")
+    return shape
+
+
+def parse_inputs(shapes: Sequence[str], dtypes: Sequence[str]) -> tuple[tuple, tuple]:
+    """The ``--input-shape`` and ``--input-dtype`` texts, parsed."""
+    return tuple(parse_shape(s) for s in shapes), tuple(parse_dtype(d) for d in dtypes)
+
+
+def parse_config(streams: Optional[int], options: Sequence[str], base: Optional[dict] = None) -> MHCConfig:
+    """The MHCConfig of ``--streams`` and the ``--config-option key=value`` items, over ``base``."""
+    opts: dict[str, Any] = dict(base or {})
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MHCUsageError(f"--config-option {item!r}: write it as key=value (e.g. sinkhorn_iters=10)")
+        opts[key.strip()] = value
+    if streams is not None:
+        opts["streams"] = streams
+    return MHCConfig.from_options(opts)
+
+
+def source_options(fn):
+    """Options shared by convert and inspect for reading a source."""
+    decorators = [
+        click.option("--state-dict", "state_dict", type=click.Path(dir_okay=False), default=None,
+                     help="Weights for a factory (or pickled module): a torch.save'd state_dict (read with "
+                          "weights_only=True) or a .safetensors file."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
+                     help="Shape of an example input, like 2x16; repeat for each positional input "
+                          "(factory and pickled sources)."),
+        click.option("--input-dtype", "input_dtypes", multiple=True, metavar="DTYPE",
+                     help="dtype of the example inputs (float32, long, ...): once for all, or once per "
+                          "--input-shape. Default float32. Floats are N(0,1); integers uniform in "
+                          "[0, smallest nn.Embedding size) (or [0, 2) without embeddings)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow reading a whole pickled nn.Module (.pt). Unpickling runs code from the "
+                          "file: use only for files you trust."),
+        click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="Batch of the example inputs of Hugging Face models."),
+        click.option("--seq-len", default=16, show_default=True, type=click.IntRange(min=1), help="Sequence length of the example inputs of Hugging Face text models."),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn

@@ -1,0 +1,96 @@
+"""Atomic writes: every output of mhc-compile (converted directories and ``.pt2`` files, the
+``mhc inspect`` reports) is written to a temporary path next to its destination and moved in
+place with ``os.replace``, so a crash or an error mid-write leaves no partial output and an
+older output at the same path intact.
+
+:func:`atomic_path` yields the temporary path (a file or a directory) to write into;
+:func:`atomic_write_text` writes one text file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import MHCIOError, first_line
+from .format import MHC_JSON
+
+__all__ = ["atomic_path", "atomic_write_text"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_destination(dst: Path, parent: Path, is_dir: bool, marker: Optional[str]) -> None:
+    if not parent.is_dir():
+        raise MHCIOError(f"{dst}: cannot write: {parent} is not a directory")
+    if dst.exists():
+        if dst.is_dir() != is_dir:
+            raise MHCIOError(f"{dst}: exists and is a {'directory' if dst.is_dir() else 'file'}; refusing to replace it")
+        if is_dir and marker and any(dst.iterdir()) and not (dst / marker).exists():
+            raise MHCIOError(f"{dst}: exists, is not empty and is not an mhc output; refusing to overwrite it")
+
+
+def _make_temporary(dst: Path, parent: Path, is_dir: bool) -> Path:
+    try:
+        if is_dir:
+            return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent))
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=f".tmp{dst.suffix}", dir=parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as exc:  # the temporary path next to dst could not be made: say where
+        raise MHCIOError(f"{dst}: cannot write in {parent}: {exc.strerror or first_line(exc)}") from None
+
+
+def _move_into_place(tmp: Path, dst: Path, parent: Path, is_dir: bool) -> None:
+    if not is_dir:
+        os.replace(tmp, dst)
+        return
+    for f in tmp.iterdir():  # some writers (safetensors) create private files
+        if f.is_file():
+            os.chmod(f, 0o666 & ~_umask())
+    if dst.exists():  # a directory cannot be replaced in one step: move the old one aside first
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=parent))
+        os.replace(dst, old / "x")
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+@contextlib.contextmanager
+def atomic_path(dst: Path, is_dir: bool, *, marker: Optional[str] = MHC_JSON) -> Iterator[Path]:
+    """Yield a temporary path next to ``dst`` (a directory when ``is_dir``); when the block
+    finishes without an error, move it onto ``dst`` with ``os.replace``. On an error the
+    temporary path is removed and ``dst`` is left as it was.
+
+    An existing ``dst`` of the other type (file vs directory) is never replaced, nor a non-empty
+    directory that does not hold ``marker`` (default ``mhc.json``: only an older mhc output is
+    overwritten; ``marker=None`` allows any directory). OS errors become :class:`MHCIOError`
+    naming ``dst``.
+    """
+    dst = Path(dst)
+    parent = dst.parent if str(dst.parent) else Path(".")
+    _check_destination(dst, parent, is_dir, marker)
+    tmp = _make_temporary(dst, parent, is_dir)
+    try:
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())  # mkstemp/mkdtemp make them private
+        yield tmp
+        _move_into_place(tmp, dst, parent, is_dir)
+    except OSError as exc:
+        raise MHCIOError(f"{dst}: cannot write: {exc.strerror or first_line(exc)}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to the file ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(Path(path), is_dir=False) as tmp:
+        tmp.write_text(text)

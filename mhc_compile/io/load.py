@@ -1,0 +1,78 @@
+"""Loading a converted model: :func:`load` and the rebuild of a converted directory.
+
+A directory is rebuilt in three steps: the original model (fresh weights) from what its source
+kind saved (the registry's ``rebuild`` entry), ``mhc_compile.convert`` on it with the saved
+MHCConfig and example inputs, then the saved state_dict loaded *strictly* (tied tensors tied
+again), so outputs match the converted model exactly. A converted ``.pt2`` is loaded with
+``torch.export.load`` and returned as ``ExportedProgram.module()``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from ..config import MHCConfig
+from .conversion import Conversion, convert_source_with_report
+from .errors import MHCIOError, first_line
+from .format import INPUTS, MHC_JSON, WEIGHTS, num_positional, read_mhc_json, restore_tied, unflatten_inputs
+from .registry import Source, get_source_kind
+from .sources.common import eval_mode
+from .sources.pt2 import load_pt2
+
+
+def rebuild_original(path: Path, meta: dict, trust_pickle: bool) -> tuple[nn.Module, tuple, dict]:
+    """The unconverted model (fresh weights, eval mode) and the saved example inputs of a converted directory."""
+    kind = get_source_kind(meta["source"], where=str(path / MHC_JSON))
+    model = eval_mode(kind.rebuild(path, meta, trust_pickle))
+    from safetensors.torch import load_file
+
+    try:
+        args, kwargs = unflatten_inputs(load_file(str(path / INPUTS)), num_positional(meta))
+    except Exception as exc:
+        raise MHCIOError(f"{path / INPUTS}: unreadable: {first_line(exc)}") from None
+    return model, args, kwargs
+
+
+def convert_rebuilt(path: Path, meta: dict, original: nn.Module, args: tuple, kwargs: dict,
+                    *, keep_graph: bool = False) -> Conversion:
+    """Convert the rebuilt ``original`` with the saved config and load the saved weights into it."""
+    from safetensors.torch import load_file
+
+    config = MHCConfig.from_dict(meta["mhc_config"])
+    conversion = convert_source_with_report(Source(meta["source"], str(path), original, args, kwargs), config,
+                                            keep_graph=keep_graph)
+    try:
+        sd = restore_tied(load_file(str(path / WEIGHTS)), meta.get("tied"))
+    except Exception as exc:
+        raise MHCIOError(f"{path / WEIGHTS}: unreadable: {first_line(exc)}") from None
+    try:
+        conversion.converted.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        msg = " ".join(str(exc).split())
+        raise MHCIOError(f"{path / WEIGHTS}: does not match the rebuilt model: {msg[:300]}") from None
+    return conversion
+
+
+def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
+    """Load a model written by ``mhc convert`` (or :func:`save_converted`) as a trainable module.
+
+    Directory outputs are rebuilt (original model from its config / factory / pickled module,
+    then :func:`mhc_compile.convert` with the saved MHCConfig and example inputs) and the saved
+    weights are loaded strictly, so outputs match the converted model exactly. ``.pt2`` outputs
+    come back as ``torch.export.load(path).module()``. Sources converted from a pickled module
+    need ``trust_pickle=True``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise MHCIOError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix != ".pt2":
+            raise MHCIOError(f"{p}: not an mhc output (expected a directory with mhc.json or a .pt2 file)")
+        return load_pt2(str(p)).module()
+    if not (p / MHC_JSON).is_file():
+        raise MHCIOError(f"{p}: directory has no mhc.json; not an mhc convert output")
+    meta = read_mhc_json(p)
+    original, args, kwargs = rebuild_original(p, meta, trust_pickle)
+    return convert_rebuilt(p, meta, original, args, kwargs).converted
