@@ -1,7 +1,10 @@
 """The errors of ``mhc_compile.io``: :class:`MHCIOError` (a file cannot be read or written) and
-:class:`MHCUsageError` (arguments that do not make sense together), and :func:`first_line`,
-how an underlying exception is quoted in their one-line messages."""
+:class:`MHCUsageError` (arguments that do not make sense together), and (re-exported from
+``mhc_compile.messages``) :func:`first_line`, how an underlying exception is quoted in their
+one-line messages."""
 from __future__ import annotations
+
+from ..messages import first_line  # noqa: F401 (re-exported for the io modules)
 
 
 class MHCIOError(RuntimeError):
@@ -10,9 +13,3 @@ class MHCIOError(RuntimeError):
 
 class MHCUsageError(MHCIOError):
     """The arguments do not make sense together (the CLI exits with code 2)."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (its type name when the message is empty)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -9,16 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...passes.mode_switch import set_training
 from ..errors import MHCIOError, MHCUsageError, first_line
 
 
 def eval_mode(model: nn.Module) -> nn.Module:
     """Eval mode for capture (dropout off); exported GraphModules refuse .eval() and are left as is."""
-    try:
-        model.eval()
-    except NotImplementedError:
-        pass
-    return model
+    return set_training(model, False)
 
 
 def cwd_on_path() -> None:
