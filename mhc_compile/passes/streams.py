@@ -156,11 +156,11 @@ def _dominates(idom, root, a, b) -> bool:
 def _joinable(site: Site, t: Site, path: list) -> bool:
     """Whether ``t`` can continue ``site``'s streams after the ops ``path``: the same channels, and
     the same shape unless both are channel-last (reshapes of the leading dims are then allowed)."""
-    if t.channels != site.channels:
-        return False
     if t.shape == site.shape and t.feature_axis == site.feature_axis:
         return True
-    return _channel_last(site) and _channel_last(t)
+    if not (_channel_last(site) and _channel_last(t)):
+        return False
+    return t.shape[-1] == site.shape[-1]  # the channels (static), whatever the leading dims
 
 
 def build_chains(graph: fx.Graph, detected: DetectResult, max_between: int = 8) -> list:
