@@ -42,7 +42,7 @@ from . import _torch_internals as _ti
 from .backend_safety import MHCBackendError, guard_instance, refuse_checkpointed_sites
 from .config import MHCConfig
 from .passes.nodes import normalize_path
-from .passes.placement import MHCPlacementError, MHCSiteParams, attach, safe_name, site_container
+from .passes.placement import MHCPlacementError, MHCSiteParams, SiteInit, attach, safe_name, site_container
 
 __all__ = [
     "mhc_backend",
@@ -231,6 +231,8 @@ class _ParamProvider:
         if stripped and (path == stripped or path.startswith(stripped + ".")):
             path = path[len(stripped):].lstrip(".")
         container, cname = _container_for(root, path)
+        if isinstance(init, SiteInit) and container.init_recipe is None:
+            container.init_recipe = init.recipe  # for reset_parameters
         existing = dict(container.named_parameters(recurse=False))
         keys = [safe_name(k) for k in init]
         if existing:

@@ -77,3 +77,55 @@ def test_backend_and_convert_name_parameters_alike():
     mhc_compile.materialize(compiled, ids)
     back_names = {k for k, _ in model.named_parameters() if ".mhc" in k or "mhc_" in k}
     assert conv_names and conv_names == back_names
+
+
+def _randomize_mhc(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mhc" in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def _reset_all(model) -> int:
+    boxes = [m for m in model.modules() if isinstance(m, MHCSiteParams)]
+    for m in boxes:
+        m.reset_parameters()
+    return len(boxes)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_reset_parameters_restores_the_function_preserving_init():
+    import mhc_compile
+    from mhc_compile import MHCConfig
+    from tests.models.zoo import tiny_gpt, token_inputs
+
+    torch.manual_seed(0)
+    model, x = tiny_gpt(), token_inputs(2, 8)
+    conv = mhc_compile.convert(model, MHCConfig(streams=4, collapse="learned"), x)
+    _randomize_mhc(conv)
+    with torch.no_grad():
+        assert _rel(conv(*x), model(*x)) > 1e-3
+        assert _reset_all(conv) == 5  # 4 sites and the chain's learned collapse
+        assert _rel(conv(*x), model(*x)) < 1e-5
+
+
+def test_backend_containers_reset_too():
+    import mhc_compile
+    from tests.models.zoo import tiny_gpt, token_inputs
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = tiny_gpt(), token_inputs(2, 8)
+    with torch.no_grad():
+        want = model(*x)
+    compiled = torch.compile(model, backend="mhc", options={"streams": 4, "inner": "aot_eager"})
+    mhc_compile.materialize(compiled, *x)
+    _randomize_mhc(model)
+    with torch.no_grad():
+        assert _rel(compiled(*x), want) > 1e-3
+        assert _reset_all(model) == 4
+        assert _rel(compiled(*x), want) < 1e-5

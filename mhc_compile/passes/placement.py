@@ -12,7 +12,8 @@ walks that path, creating empty :class:`MHCSiteParams` containers where modules 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -28,15 +29,62 @@ class MHCPlacementError(RuntimeError):
     """A site's parameters cannot be attached at its path (an attribute that is not a module...)."""
 
 
+@dataclass(frozen=True)
+class InitRecipe:
+    """How a container's parameters are initialised, so they can be again (``reset_parameters``):
+    ``kind="site"`` is ``reference.init_site_params(n, channels, site_index, ...)``,
+    ``kind="collapse"`` the learned collapse weight of a chain."""
+
+    kind: str
+    n: int
+    channels: int = 0
+    site_index: int = 0
+    variant: str = "mhc"
+    init: str = "preserve"
+    dynamic: bool = True
+    alpha_init: float = 0.01
+
+    def values(self) -> dict[str, torch.Tensor]:
+        from .. import reference
+
+        if self.kind == "collapse":
+            return {"weight": reference.init_collapse_weight(self.n)}
+        return reference.init_site_params(self.n, self.channels, self.site_index, variant=self.variant,
+                                          init=self.init, dynamic=self.dynamic, alpha_init=self.alpha_init)
+
+
+class SiteInit(dict):
+    """The init values handed to a parameter provider, with the recipe that made them."""
+
+    def __init__(self, values: Mapping[str, torch.Tensor], recipe: InitRecipe):
+        super().__init__(values)
+        self.recipe = recipe
+
+
 class MHCSiteParams(nn.Module):
     """Holds one residual site's mHC parameters (``phi``, ``alpha``, ``b_pre``, ...).
 
     A plain container; ``forward`` returns its first input unchanged so that a container
     attached to an ``nn.Sequential`` does not change what the sequence computes.
+    :meth:`reset_parameters` restores the function-preserving init (the meta-device flow:
+    build on meta, convert, ``to_empty``, load the original weights, reset).
     """
+
+    init_recipe: Optional[InitRecipe] = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - identity
         return args[0] if args else None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Put this container's parameters back to their init, in place (device and dtype kept)."""
+        if self.init_recipe is None:
+            raise RuntimeError("this MHCSiteParams has no init recipe (made by an older mhc-compile); "
+                               "convert the model again to get one")
+        for key, value in self.init_recipe.values().items():
+            p = self._parameters.get(safe_name(key))
+            if p is not None:
+                p.copy_(value.to(dtype=p.dtype, device=p.device))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}: {tuple(p.shape)}" for k, p in self._parameters.items())
@@ -85,12 +133,16 @@ def site_container(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     return mod, ".".join(prefix)
 
 
-def attach(container: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+def attach(container: nn.Module, params: Mapping[str, torch.Tensor],
+           recipe: Optional[InitRecipe] = None) -> dict[str, nn.Parameter]:
     """Register ``params`` on ``container`` under safe names, replacing what is there.
 
     Plain tensors become ``nn.Parameter``s; a parameter already registered under its key is kept
-    as is. Returns ``{original key: registered parameter}``.
+    as is. ``recipe`` (how they were initialised) is kept on an :class:`MHCSiteParams` container
+    for its ``reset_parameters``. Returns ``{original key: registered parameter}``.
     """
+    if recipe is not None and isinstance(container, MHCSiteParams):
+        container.init_recipe = recipe
     out = {}
     for key, value in params.items():
         p = value if isinstance(value, nn.Parameter) else nn.Parameter(value)

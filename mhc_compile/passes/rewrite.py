@@ -35,7 +35,7 @@ from .. import ops, reference
 from ..config import MHCConfig
 from ..report import ChainReport, NotTakenReport, ResidualReport, SiteReport
 from .detect import DetectResult, Site, detect_sites, node_val
-from .placement import attach, safe_path, site_container
+from .placement import InitRecipe, SiteInit, attach, safe_path, site_container
 from .stream_views import restate, view_kind
 from .streams import Chain, build_chains
 
@@ -64,10 +64,10 @@ def assign_names(sites: list) -> None:
         site.name = name
 
 
-def _register(gm: nn.Module, site_name: str, params: dict) -> list:
+def _register(gm: nn.Module, site_name: str, params: dict, recipe: Optional[InitRecipe] = None) -> list:
     """Attach a site's parameters at its name in ``gm``; their dotted names (placement module)."""
     container, cname = site_container(gm, site_name)
-    return [f"{cname}.{key}" for key in attach(container, params)]
+    return [f"{cname}.{key}" for key in attach(container, params, recipe)]
 
 
 def _param_device(gm: nn.Module, site: Site) -> torch.device:
@@ -139,14 +139,12 @@ def _cursor_for(graph: fx.Graph, node: fx.Node) -> fx.Node:
 
 # ----------------------------------------------------------------------------- rewrite
 def _site_params(gm, site: Site, config: MHCConfig, provider: ParamProvider, e: _Emitter, names: list) -> dict:
-    init = reference.init_site_params(
-        config.streams, site.channels, site.index_in_chain, variant=config.variant, init=config.init,
-        dynamic=config.dynamic, alpha_init=config.alpha_init,
-    )
+    recipe = InitRecipe("site", config.streams, site.channels, site.index_in_chain, variant=config.variant,
+                        init=config.init, dynamic=config.dynamic, alpha_init=config.alpha_init)
     dev = _param_device(gm, site)
-    init = {k: v.to(dev) for k, v in init.items()}
+    init = SiteInit({k: v.to(dev) for k, v in recipe.values().items()}, recipe)
     params = provider(site.name, init)
-    names += _register(gm, site.name, params)
+    names += _register(gm, site.name, params, recipe)
     return {k: e.attr(f"{site.name}.{k}") for k in params}
 
 
@@ -268,8 +266,9 @@ def _learned_collapse_target(st: _ChainRewrite) -> str:
     last = st.chain.sites[-1]
     cname = last.name.rsplit(".", 1)[0] + ".mhc_collapse" if "." in last.name else f"mhc_collapse{st.chain.index}"
     dev = _param_device(st.gm, last)
-    params = st.provider(cname, {"weight": reference.init_collapse_weight(st.config.streams).to(dev)})
-    st.names += _register(st.gm, cname, params)
+    recipe = InitRecipe("collapse", st.config.streams)
+    params = st.provider(cname, SiteInit({"weight": recipe.values()["weight"].to(dev)}, recipe))
+    st.names += _register(st.gm, cname, params, recipe)
     return f"{cname}.weight"
 
 
