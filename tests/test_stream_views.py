@@ -233,3 +233,32 @@ def test_inspect_shows_the_stream_steps():
     assert res.exit_code == 0, res.output
     assert "4 sites" in res.output and "stream-wise ops between sites" in res.output, res.output
     assert "reshape" in res.output and "view" in res.output
+
+
+# ----------------------------------------------------------------------------- Hugging Face models
+def test_hf_swin_one_chain_per_stage():
+    """Window partition / reverse and padding between sites: one chain per stage (was one per site)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(image_size=16, patch_size=4, num_channels=3, embed_dim=16, depths=[2, 2],
+                                  num_heads=[2, 2], window_size=2)
+    model = transformers.SwinModel(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    conv = _convert(model, (x,), n=2)
+    rep = conv.mhc_report
+    assert (rep.num_sites, [len(c.sites) for c in rep.chains]) == (8, [4, 4]), str(rep)
+    with torch.no_grad():
+        assert rel_err(conv(x), model(x)) < 1e-5
+
+
+def test_hf_mamba_residual_in_fp32_blocks():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=3, expand=2,
+                                   conv_kernel=3, residual_in_fp32=True, use_cache=False)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    conv = _convert(model, IDS, n=2)
+    rep = conv.mhc_report
+    assert (rep.num_sites, rep.num_chains) == (3, 1), str(rep)
+    with torch.no_grad():
+        assert rel_err(conv(*IDS), model(*IDS)) < 1e-5

@@ -45,7 +45,7 @@ from torch import fx
 
 from .nodes import (  # noqa: F401 (re-exported: the passes and tests read nodes through detect too)
     _SHAPE_ONLY_NAMES, carries_tensor, feature_axis, module_path, module_stack, node_val, normalize_path,
-    target_name, tensor_info,
+    same_shape, target_name, tensor_info,
 )
 
 aten = torch.ops.aten
@@ -286,7 +286,7 @@ def _not_taken(node: fx.Node, reason: str) -> NotTaken:
 
 def _operand_mismatch(node: fx.Node, a: fx.Node, b: fx.Node, ia: tuple, ib: tuple) -> Optional[str]:
     """Why two tensor operands cannot form a residual (shape, dtype, rank, x + x, view), or None."""
-    if ia[0] != ib[0]:
+    if ia[0] != ib[0] and not same_shape(a, b):
         return f"shapes differ: {_fmt(ia[0])} vs {_fmt(ib[0])}"
     if ia[2] == 0:
         return "scalar operands"
@@ -387,7 +387,7 @@ def _parallel_branch(site: Site, outer: fx.Node, reach: _Reach) -> Optional[tupl
     other = b if a is site.add else a if b is site.add else None
     if not isinstance(other, fx.Node) or (other is a and alpha != 1):
         return None
-    if tensor_info(other) is None or tensor_info(other)[:2] != (site.shape, site.dtype):
+    if tensor_info(other) is None or tensor_info(other)[1] != site.dtype or not same_shape(other, site.add):
         return None
     if site.x not in reach.anc(other) or site.add in reach.anc(other):
         return None

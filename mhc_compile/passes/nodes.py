@@ -62,6 +62,34 @@ def tensor_info(node: Any) -> Optional[tuple[tuple[str, ...], Any, int]]:
     return tuple(str(d) for d in shape), dtype, len(shape)
 
 
+def same_dim(x: Any, y: Any) -> bool:
+    """Whether two sizes are equal: ints by value, symbolic sizes when torch can prove it (the
+    window reverse of a padded Swin block gives ``(B*((H+p)//2)...)//...`` where the skip has
+    ``B``; the two are equal under the capture's guards, not as text)."""
+    if isinstance(x, int) and isinstance(y, int):
+        return x == y
+    if str(x) == str(y):
+        return True
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+    except ImportError:  # pragma: no cover
+        return False
+    try:
+        return bool(statically_known_true(x == y))
+    except Exception:  # noqa: BLE001 - an expression torch cannot decide is not equal for us
+        return False
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """Whether two nodes (or values) hold tensors of provably the same shape."""
+    va = node_val(a) if isinstance(a, fx.Node) else a
+    vb = node_val(b) if isinstance(b, fx.Node) else b
+    sa, sb = getattr(va, "shape", None), getattr(vb, "shape", None)
+    if sa is None or sb is None or len(sa) != len(sb):
+        return False
+    return all(same_dim(x, y) for x, y in zip(sa, sb))
+
+
 def carries_tensor(node: fx.Node) -> bool:
     """Whether a node's value carries tensor data (so it contributes data-flow edges)."""
     if node.op == "output":

@@ -34,6 +34,7 @@ import networkx as nx
 from torch import fx, nn
 
 from .detect import DetectResult, Site, _is_param_node, dataflow_graph, node_val, target_name, tensor_info
+from .nodes import same_shape
 from .stream_views import view_kind
 
 _ELEMENTWISE = {
@@ -95,7 +96,7 @@ def is_stream_wise(node: fx.Node, stream: fx.Node, site: Site) -> bool:
         v = node_val(node)
         if not (isinstance(v, (list, tuple)) and v and hasattr(v[0], "shape")):
             return False
-        if sinfo is None or tuple(str(d) for d in v[0].shape) != sinfo[0] or v[0].dtype != sinfo[1] or node.args[0] is not stream:
+        if sinfo is None or not same_shape(v[0], stream) or v[0].dtype != sinfo[1] or node.args[0] is not stream:
             return False
         if not all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
             return False  # the statistics (mean, rstd, mask) are used elsewhere
@@ -106,7 +107,7 @@ def is_stream_wise(node: fx.Node, stream: fx.Node, site: Site) -> bool:
     if node.target is operator.getitem and target_name(stream) in _TUPLE_OPS:
         return node.args[0] is stream and node.args[1] == 0
     info = tensor_info(node)
-    if info is None or sinfo is None or info[:2] != sinfo[:2]:
+    if info is None or sinfo is None or info[1] != sinfo[1] or not same_shape(node, stream):
         return False
     if not node.args or node.args[0] is not stream:
         if not (len(node.args) > 1 and node.args[1] is stream and target_name(node) in _SCALAR_ARITH):
@@ -156,7 +157,7 @@ def _dominates(idom, root, a, b) -> bool:
 def _joinable(site: Site, t: Site, path: list) -> bool:
     """Whether ``t`` can continue ``site``'s streams after the ops ``path``: the same channels, and
     the same shape unless both are channel-last (reshapes of the leading dims are then allowed)."""
-    if t.shape == site.shape and t.feature_axis == site.feature_axis:
+    if t.feature_axis == site.feature_axis and same_shape(t.add, site.add):
         return True
     if not (_channel_last(site) and _channel_last(t)):
         return False
