@@ -262,3 +262,20 @@ def test_hf_mamba_residual_in_fp32_blocks():
     assert (rep.num_sites, rep.num_chains) == (3, 1), str(rep)
     with torch.no_grad():
         assert rel_err(conv(*IDS), model(*IDS)) < 1e-5
+
+
+def test_skip_reshape_into_a_channel_first_rank_is_not_taken():
+    """A (B, T, C) stream viewed as (B, H, W, C) on the skip path would read as channel-first
+    (rank 4 mixes over dim 1): refused with a reason rather than mixed over the wrong axis."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = torch.nn.Linear(8, 8)
+
+        def forward(self, x):  # x: (B, 4, 8)
+            b = x.shape[0]
+            return x.view(b, 2, 2, 8) + self.f(x).view(b, 2, 2, 8)
+
+    rep = mhc_compile.find_residuals(Block(), (torch.randn(2, 4, 8),))
+    assert rep.num_sites == 0
+    assert any("no dependency" in t.reason for t in rep.not_taken), rep.not_taken

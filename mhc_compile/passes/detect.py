@@ -333,8 +333,8 @@ def _skip_source(skip: fx.Node, other: fx.Node, reach: _Reach, depth: int = 4):
         kind = view_kind(node, src)
         if kind is None:
             return None
-        if kind not in ("same", "cast") and not _channel_last_value(src):
-            return None
+        if kind not in ("same", "cast") and not (_channel_last_value(src) and _channel_last_value(node)):
+            return None  # a reshape on the skip path must keep a channel-last value channel-last
         path.insert(0, node)
         if src in reach.anc(other):
             return src, path
