@@ -150,9 +150,7 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
             MHCDDPWarning,
         )
     provider = _ParamProvider(gm, example_inputs, scope, ddp)
-    from .passes.rewrite import analyze
-
-    refuse_checkpointed_sites(gm, analyze)
+    refuse_checkpointed_sites(gm)
     report = _rewrite_fn()(gm, config, provider)
     gm.recompile()
     provider.register_sources()

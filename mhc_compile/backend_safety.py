@@ -81,8 +81,10 @@ def guard_instance(fn: Callable, root: nn.Module, example_inputs: Sequence[Any],
     return run
 
 
-def refuse_checkpointed_sites(gm: torch.fx.GraphModule, analyze: Callable) -> None:
+def refuse_checkpointed_sites(gm: torch.fx.GraphModule) -> None:
     """Raise when an activation-checkpointed region of ``gm`` holds residual sites."""
+    from .passes.rewrite import analyze
+
     found = []
     for node in gm.graph.nodes:
         body = _ti.checkpoint_body(gm, node)

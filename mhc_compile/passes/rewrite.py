@@ -188,8 +188,7 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         X, head = _site_tail(st, k, e, X, h_out, ho, hr)
         st.stream_of[site.add] = X
         st.internal += [*_skip_nodes_only_the_add_reads(site), *site.inner_adds, site.add]
-        if k + 1 < len(chain.sites) and chain.between[k]:
-            e = _Emitter(st.graph, chain.between[k][0].prev)  # where the ops were: their size args exist
+        if k + 1 < len(chain.sites):
             X = _apply_stream_wise(st, e, X, chain.between[k])
     _collapse_outside_uses(st)
     _erase_replaced(st)
@@ -248,7 +247,7 @@ def _apply_stream_wise(st: _ChainRewrite, e: _Emitter, X: fx.Node, gap: list, in
     other reader.
     """
     for op_node in gap:
-        if internal:
+        if internal:  # emit where the op was: the size arguments it reads exist there
             e.cursor = op_node.prev
         if view_kind(op_node, op_node.args[0]) is not None:
             args, kwargs = restate(op_node, X, st.config.streams)

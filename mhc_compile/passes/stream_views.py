@@ -133,7 +133,3 @@ def restate(node: fx.Node, X: fx.Node, n: int) -> tuple[tuple, dict]:
         return (X, args[0], [_norm(d, rank) for d in dims]), {}
     raise ValueError(f"{node.name} ({target_name(node)}) is not an op the stream survives")
 
-
-def changes_shape(node: fx.Node) -> bool:
-    """Whether a stream op changes the stream's shape (so the chain must be channel-last)."""
-    return view_kind(node, node.args[0]) in ("reshape", "permute", "leading", "roll")

@@ -40,9 +40,8 @@ from .stream_views import view_kind
 _ELEMENTWISE = {
     "relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "elu", "leaky_relu", "hardtanh", "relu6",
     "mish", "hardswish", "hardsigmoid", "softplus", "dropout", "dropout_", "feature_dropout",
-    "alpha_dropout", "clone", "contiguous", "alias", "neg", "identity", "native_dropout",
-    "to", "_to_copy", "float", "type",  # (casts and copies are matched first by stream_views.view_kind)
-}
+    "alpha_dropout", "neg", "identity", "native_dropout",
+}  # casts and copies (to, clone, contiguous, ...) are stream_views.view_kind's
 _SCALAR_ARITH = {"mul", "add", "sub", "div", "truediv", "__mul__", "__add__", "__sub__", "__truediv__",
                  "__rmul__", "__radd__", "mul_", "add_", "div_", "pow"}
 _NORMS = {"layer_norm", "rms_norm"}
