@@ -5,11 +5,15 @@
 
 Each rank builds the same plain GPT (same seed), converts it with ``mhc_compile.convert`` (the
 mHC parameters are ordinary ``nn.Parameter``s, so DDP and FSDP2 treat them like any other
-weight), wraps it, and trains on its slice of every global batch. ``--strategy fsdp`` uses
-FSDP2 (``torch.distributed.fsdp.fully_shard``) on the root module: the converted model is a
-flat ``torch.fx.GraphModule`` that reads its parameters with ``get_attr``, so per-block sharding
-units (whose forward is never called as a module) do not apply; the root unit all-gathers all
-parameters before forward and reduce-scatters gradients after backward.
+weight), wraps it, and trains on its slice of every global batch. Strategies:
+
+* ``ddp``: ``DistributedDataParallel``; ``ddp-compile``: the DDP model under ``torch.compile``
+  (``aot_eager``) with ``torch._dynamo.config.optimize_ddp`` at torch's default, so Dynamo
+  splits the graph at DDP's buckets;
+* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on the root module only;
+* ``fsdp-blocks``: the per-block recipe: ``checkpoint_wrapper`` and ``fully_shard`` on every
+  block, then the root (the converted GPT's blocks carry the n streams, so each block is its
+  own unit: gathered before its forward, resharded after).
 
 :func:`train` is also used by ``tests/test_distributed.py`` (gloo, 2 ranks on CPU) to check that
 DDP / FSDP2 give the same losses and parameters as a single process.
@@ -59,19 +63,33 @@ def train(args, rank: int = 0, world: int = 1, strategy: str = "none", data: Opt
         data = split(load_corpus(args.corpus_bytes))[0]
     model = build(args).to(device)
     names = [n for n, _ in model.named_parameters()]
+    peak = {"max": None}
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif strategy == "fsdp":
+    elif strategy == "ddp-compile":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = torch.compile(ddp, backend="aot_eager")
+    elif strategy in ("fsdp", "fsdp-blocks"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (world,))
+        if strategy == "fsdp-blocks":
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            for i, block in enumerate(model.blocks):
+                model.blocks[i] = checkpoint_wrapper(block)
+                fully_shard(model.blocks[i], mesh=mesh)
         fully_shard(model, mesh=mesh)
         wrapped = model
+        peak = _watch_unsharded(model)
     elif strategy == "none":
         wrapped = model
+        peak = _watch_unsharded(model)
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
@@ -88,6 +106,7 @@ def train(args, rank: int = 0, world: int = 1, strategy: str = "none", data: Opt
             dist.all_reduce(logged, op=dist.ReduceOp.SUM)
             logged /= world
         losses.append(float(logged))
+    sharded = all(hasattr(p, "to_local") for p in model.parameters())
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     params = {}
     for name, p in zip(names, model.parameters()):
@@ -96,12 +115,30 @@ def train(args, rank: int = 0, world: int = 1, strategy: str = "none", data: Opt
             t = t.full_tensor()
         params[name] = t.cpu().clone()
     total = sum(t.numel() for t in params.values())
-    return {"losses": losses, "params": params, "local_numel": local, "total_numel": total}
+    return {"losses": losses, "params": params, "local_numel": local, "total_numel": total,
+            "all_sharded": sharded, "peak_unsharded_bytes": peak["max"] if strategy.startswith("fsdp") or
+            strategy == "none" else None,
+            "block_bytes": [sum(p.numel() * p.element_size() for p in b.parameters()) for b in getattr(model, "blocks", [])]}
+
+
+def _watch_unsharded(model: torch.nn.Module) -> dict:
+    """Track, at every block's forward, the bytes of parameters held unsharded (FSDP2 swaps a
+    unit's DTensor shards for full tensors while the unit runs). Returns {"max": bytes}, updated
+    as the model runs; without FSDP every parameter counts."""
+    peak = {"max": 0}
+
+    def look(*_):
+        held = sum(p.numel() * p.element_size() for p in model.parameters() if not hasattr(p, "to_local"))
+        peak["max"] = max(peak["max"], held)
+    for block in getattr(model, "blocks", []):
+        block.register_forward_pre_hook(look)
+        block.register_forward_hook(look)
+    return peak
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp", "none"))
+    ap.add_argument("--strategy", default="ddp", choices=("ddp", "ddp-compile", "fsdp", "fsdp-blocks", "none"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variant", default="mhc", choices=("plain", "hc", "mhc"))
     ap.add_argument("--streams", type=int, default=4)

@@ -25,7 +25,10 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
 * operator identity of FX targets (``torch._ops.OpOverload``, its ``namespace`` and ``_schema``):
   :func:`op_namespace`, :func:`op_schema_name`;
 * the base class of a ``__torch_dispatch__`` mode (``torch.utils._python_dispatch``):
-  :func:`dispatch_mode_base`, used by ``diagnostics.record_streams``.
+  :func:`dispatch_mode_base`, used by ``diagnostics.record_streams``;
+* fake tensors for tracing a block without compute (``torch._subclasses.FakeTensorMode`` and
+  ``torch.fx.passes.fake_tensor_prop.FakeTensorProp``): :func:`fake_mode`, :func:`fake_propagate`,
+  used by ``blocks.trace``.
 
 The torch 2.11 / triton 3.6 audit of all of these is in ``docs/gpu.md``.
 
@@ -441,3 +444,17 @@ def dispatch_mode_base() -> type:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     return TorchDispatchMode
+
+
+def fake_mode() -> Any:
+    """A ``FakeTensorMode`` that accepts real tensors (the model's parameters) as inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def fake_propagate(gm: torch.fx.GraphModule, mode: Any, *args: Any) -> None:
+    """Run ``gm`` on fake ``args`` under ``mode``, recording ``node.meta["val"]`` on every node."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, mode).propagate(*args)

@@ -1,23 +1,26 @@
 """``mhc_compile.convert`` and ``mhc_compile.find_residuals``: capture a model with ``torch.export``,
-run the residual passes on its graph, and return a trainable module (or just the report;
-``capture`` + ``rewrite_captured`` give both from one capture).
+run the residual passes on its graph, and return the user's model converted (or just the report;
+``capture`` + ``rewrite_captured`` give the rewritten graph and the report from one capture, for
+the CLI's saved programs).
 
-Capture: ``torch.export.export(strict=False)`` on a deep copy of the model (the caller's model is
-never touched), in the mode the model is in (``model.training``). Dims are ``Dim.AUTO``: batch and
-sequence dims (dims 0 and 1 of rank 1-3 inputs) and the batch dim of rank-4+ (image) inputs, so
-other batch and sequence sizes work; when export cannot make them dynamic it falls back to static
-shapes with a warning.
+Capture: ``torch.export.export(strict=False)`` of the model itself (read, not changed), in the
+mode the model is in (``model.training``). Dims are ``Dim.AUTO``: batch and sequence dims (dims 0
+and 1 of rank 1-3 inputs) and the batch dim of rank-4+ (image) inputs, so other batch and
+sequence sizes work; when export cannot make them dynamic it falls back to static shapes with a
+warning.
 
-The converted module is the unlifted ``ExportedProgram.module()`` GraphModule: the original
-parameter and buffer names are kept, and the mHC parameters are ordinary ``nn.Parameter``s under
-``<module path>.mhc.*`` (see ``passes.rewrite``). It trains (the graph is a training-IR graph,
-autograd flows through the mHC custom ops), works with optimizers, ``.to()``, ``state_dict`` /
-``load_state_dict`` and ``torch.save``. Like every exported module its train/eval mode is the one
-it was captured in, except that ``convert`` re-routes dropout and batch norm through two tiny mode
-modules (``mhc_mode_dropout``, ``mhc_mode_batch_norm``, no state) so that ``.train()`` / ``.eval()``
-work as on the original model for those two ops (a BatchNorm captured in eval mode does not
-count ``num_batches_tracked`` after ``.train()``; other mode-dependent Python branches stay as
-captured).
+The whole-graph analysis of that capture finds the sites and chains. ``convert`` then keeps the
+model's class (``blocks``): the modules holding a chain's sites become stream-carrying
+(``blocks.carry``), or, when a chain cannot cross its blocks, the model's forward runs the
+rewritten whole graph (``blocks.whole_graph``). Either way the original state-dict keys are kept
+and the mHC parameters are ``nn.Parameter``s under ``<module path>.mhc.*``, the names of every
+path (backend, CLI), so checkpoints move between them.
+
+``rewrite_captured`` returns the rewritten ``ExportedProgram.module()`` GraphModule (the form the
+CLI saves as ``.pt2``). Like every exported module its train/eval mode is the one it was
+captured in, except that dropout and batch norm are re-routed through two tiny mode modules
+(``mhc_mode_dropout``, ``mhc_mode_batch_norm``, no state) so ``.train()`` / ``.eval()`` work for
+those two ops.
 """
 from __future__ import annotations
 
@@ -148,7 +151,9 @@ def _dynamic_shapes(model: nn.Module, args: Sequence[Any], kwargs: Optional[dict
 
 def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
             example_kwargs: Optional[dict] = None) -> fx.GraphModule:
-    """Export a deep copy of ``model`` (non-strict) and return the unlifted GraphModule."""
+    """Export ``model`` (non-strict; the model is read, not changed) and return the unlifted
+    GraphModule. Its parameters are the model's own tensors: rewrite a copy of the model's
+    parameters, not the model, when the caller keeps using both."""
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     if dynamic and any(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 for a in (*args, *kwargs.values())):
@@ -159,7 +164,6 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
         )
     # an already-captured program (a .pt2's module) keeps the sizes it was exported with: no news
     say = _warn_sizes if not isinstance(model, fx.GraphModule) else (lambda static, guards: None)
-    model = copy.deepcopy(model)
     errors: list = []
     tied = None  # (program, failing guards) of an all-dynamic export the model's code ties down
     for level in (["all", "batch", None] if dynamic else [None]):
@@ -224,6 +228,9 @@ def rewrite_captured(model: nn.Module, gm: fx.GraphModule, config: MHCConfig,
     return gm, report
 
 
+FORMS = ("auto", "blocks", "whole-graph")
+
+
 def convert(
     model: nn.Module,
     config: Optional[MHCConfig] = None,
@@ -231,23 +238,68 @@ def convert(
     *,
     example_kwargs: Optional[dict] = None,
     param_provider: Optional[ParamProvider] = None,
+    inplace: bool = False,
+    form: str = "auto",
 ) -> nn.Module:
-    """Return a trainable copy of ``model`` whose residual streams are n-stream mHC.
+    """Return ``model`` with its residual streams turned into n-stream mHC: the same class and
+    module tree, the original state-dict keys plus the mHC parameters.
 
     ``example_inputs`` is a tuple of positional arguments (``example_kwargs`` optional keyword
-    arguments, e.g. ``{"attention_mask": mask}``; the converted module is then called with the
-    same keywords). The report is attached as
-    ``converted.mhc_report``. A model without residual sites is returned unchanged (the same
-    object) with a warning; a model that cannot be captured raises :class:`MHCCaptureError`.
+    arguments, e.g. ``{"attention_mask": mask}``). ``inplace=True`` converts ``model`` itself;
+    otherwise a converted copy is returned and ``model`` is not changed (the capture reads the
+    model, the copy is made once, after it).
+
+    ``form``: ``"blocks"`` makes the modules that hold a chain's sites carry the n streams (they
+    take and return ``(..., n, C)``; the chain's first block expands, its last collapses), so
+    per-block FSDP2, checkpointing and ``torch.compile`` work; ``"whole-graph"`` keeps the
+    class but runs the rewritten whole graph as ``forward``; ``"auto"`` (default) is blocks when
+    every chain can cross its blocks, else whole-graph with the reason in
+    ``converted.mhc_report.form_reason``. The report is ``converted.mhc_report``. A model without
+    residual sites is returned unchanged with a warning; a model that cannot be captured raises
+    :class:`MHCCaptureError`.
     """
+    from .blocks import carry_blocks, plan_blocks
+    from .blocks.trace import BlockTraceError
+    from .blocks.whole_graph import install_whole_graph
+    from .passes.rewrite import BlockRewriteError
+
+    if form not in FORMS:
+        raise ValueError(f"convert(form={form!r}): must be one of {', '.join(map(repr, FORMS))}")
     config = MHCConfig.from_options(config)
-    gm = capture(model, example_inputs, example_kwargs=example_kwargs)
-    converted, report = rewrite_captured(model, gm, config, param_provider)
-    if not report.rewritten:
+    provider = param_provider or default_param_provider
+    args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    gm = capture(model, args, example_kwargs=kwargs)
+    detected, chains = analyze(gm.graph)
+    if not chains:
+        report = build_report(detected, chains, config, rewritten=False)
         reasons = "; ".join(f"{t.node}: {t.reason}" for t in report.not_taken[:5])
         warnings.warn(
             f"mhc_compile.convert: no residual site found in {type(model).__name__}; returning the model unchanged"
             + (f" (adds not taken: {reasons})" if reasons else " (it has no add of x + f(x))"),
             stacklevel=2,
         )
-    return converted
+        return model
+    target = model if inplace else copy.deepcopy(model)
+    plan = plan_blocks(chains)
+    reason = "asked for with form='whole-graph'" if form == "whole-graph" else plan.fallback
+    names: list = []
+    if not reason:
+        try:
+            names = carry_blocks(target, plan, args, kwargs, config, provider)
+        except (BlockTraceError, BlockRewriteError) as exc:
+            reason = str(exc)
+    if reason and form == "blocks":
+        raise MHCCaptureError(f"mhc_compile.convert(form='blocks'): {type(model).__name__} cannot carry the "
+                              f"streams through its blocks: {reason}. Use form='auto' for the whole-graph form.")
+    if reason:
+        report = rewrite_graph(gm, config, provider)
+        make_mode_switchable(gm, target.training)
+        names = install_whole_graph(target, gm)
+        report.param_names = names
+        report.form, report.form_reason = "whole-graph", reason
+    else:
+        report = build_report(detected, chains, config, rewritten=True, names=names)
+        report.form, report.blocks = "blocks", [b.path for b in plan.blocks]
+    target.mhc_report = report
+    target.mhc_config = config
+    return target

@@ -95,6 +95,11 @@ class ResidualReport:
     params_added: int = 0
     param_names: list = field(default_factory=list)
     rewritten: bool = False
+    # how ``convert`` built the model: 'blocks' (stream-carrying blocks), 'whole-graph' (the
+    # model's forward runs the rewritten whole graph) or '' (a graph rewrite: backend, CLI)
+    form: str = ""
+    form_reason: str = ""        # why the whole-graph form was kept ('' for 'blocks')
+    blocks: list = field(default_factory=list)   # module paths of the blocks that carry a chain
 
     @property
     def num_sites(self) -> int:
@@ -116,6 +121,9 @@ class ResidualReport:
             "chains": [asdict(c) for c in self.chains],
             "not_taken": [asdict(t) for t in self.not_taken],
             "param_names": list(self.param_names),
+            "form": self.form,
+            "form_reason": self.form_reason,
+            "blocks": list(self.blocks),
         }
 
     @classmethod
@@ -140,6 +148,9 @@ class ResidualReport:
                 params_added=int(data.get("params_added", 0)),
                 param_names=list(data.get("param_names") or []),
                 rewritten=bool(data.get("rewritten", False)),
+                form=str(data.get("form", "")),
+                form_reason=str(data.get("form_reason", "")),
+                blocks=list(data.get("blocks") or []),
             )
         except (KeyError, TypeError) as exc:
             raise ReportVersionError(f"malformed residual report dict: {exc}") from exc
@@ -161,6 +172,11 @@ class ResidualReport:
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         out = [f"mHC residual report: {self.num_sites} site(s) in {self.num_chains} chain(s), "
                f"n={self.streams} streams, {self.params_added} parameter(s) added"]
+        if self.form == "blocks":
+            out.append(f"form: stream-carrying blocks ({len(self.blocks)}: {', '.join(self.blocks[:4])}"
+                       f"{', ...' if len(self.blocks) > 4 else ''})")
+        elif self.form:
+            out.append(f"form: {self.form}" + (f" ({self.form_reason})" if self.form_reason else ""))
         if rows:
             out += [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
         if names:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import copy
 import io
+from collections import Counter
 
 import pytest
 import torch
-from torch import fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from mhc_compile import ops
 
 
 def rel_err(out, ref) -> float:
@@ -49,20 +49,56 @@ def mhc_params(model) -> dict:
     return {k: p for k, p in model.named_parameters() if ".mhc" in k or k.startswith("mhc")}
 
 
-class StreamGrabber(fx.Interpreter):
-    """Runs a converted GraphModule and keeps every stream tensor (..., n, C) after each site."""
+class _GrabStreams(TorchDispatchMode):
+    def __init__(self, streams: list):
+        super().__init__()
+        self.streams = streams
 
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.streams = []
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.op == "call_function" and n.target is ops.post_res:
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.mhc.post_res.default:
             self.streams.append(out.detach())
-        elif n.op == "call_function" and n.target is ops.boundary:
+        elif func is torch.ops.mhc.boundary.default:
             self.streams.append(out[0].detach())
         return out
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self, counts: Counter):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "mhc":
+            self.counts[func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def mhc_op_counts(model, *inputs, **kwargs) -> Counter:
+    """How often one forward of ``model`` runs each ``mhc::`` op ('coeffs', 'boundary', ...)."""
+    counts: Counter = Counter()
+    with torch.no_grad(), _RecordOps(counts):
+        model(*inputs, **kwargs)
+    return counts
+
+
+def mhc_ops_run(model, *inputs, **kwargs) -> set:
+    """Names of the ``mhc::`` ops one forward of ``model`` runs."""
+    return set(mhc_op_counts(model, *inputs, **kwargs))
+
+
+class StreamGrabber:
+    """Runs a converted model (any form: blocks, whole graph, a GraphModule) and keeps every
+    stream tensor (..., n, C) after each site: the outputs of the ``mhc::post_res`` and
+    ``mhc::boundary`` ops, seen by a dispatch mode."""
+
+    def __init__(self, model):
+        self.model = model
+        self.streams = []
+
+    def run(self, *inputs, **kwargs):
+        with _GrabStreams(self.streams):
+            return self.model(*inputs, **kwargs)
 
 
 def stream_spread(gm, inputs) -> float:

@@ -12,7 +12,7 @@ from torch import nn
 
 import mhc_compile
 from mhc_compile import MHCCaptureError, MHCConfig
-from tests._convert_checks import main_output, mhc_params, one_thread, rel_err  # noqa: F401
+from tests._convert_checks import main_output, mhc_op_counts, mhc_params, one_thread, rel_err  # noqa: F401
 from tests.models.zoo import FAMILIES, tiny_gpt, token_inputs
 
 
@@ -110,10 +110,18 @@ def test_boundary_kernel_emitted_for_every_adjacent_pair(name, boundaries):
     its sites, so none, and every site keeps its own coeffs + post_res."""
     build, ex, _, n_sites, n_chains = FAMILIES[name]
     torch.manual_seed(0)
-    cm = mhc_compile.convert(build(), MHCConfig(streams=3), ex())
-    targets = [getattr(n.target, "__name__", "") for n in cm.graph.nodes if n.op == "call_function"]
-    assert targets.count("boundary") == boundaries
+    model = build()
+    cm = mhc_compile.convert(model, MHCConfig(streams=3), ex(), form="whole-graph")
+    counts = mhc_op_counts(cm, *ex())
+    assert counts["boundary"] == boundaries
     if boundaries:
         assert boundaries == n_sites - n_chains
-    assert targets.count("boundary") + targets.count("coeffs") == n_sites
-    assert targets.count("boundary") + targets.count("post_res") == n_sites
+    assert counts["boundary"] + counts["coeffs"] == n_sites
+    assert counts["boundary"] + counts["post_res"] == n_sites
+    # stream-carrying blocks fuse inside a block; a chain crossing into the next block pays a
+    # separate post_res + coeffs there (the boundary op cannot span two modules' forwards)
+    blocks = mhc_compile.convert(model, MHCConfig(streams=3), ex())
+    crossings = len(blocks.mhc_report.blocks) - n_chains if boundaries else 0
+    counts = mhc_op_counts(blocks, *ex())
+    assert counts["boundary"] == boundaries - crossings
+    assert counts["boundary"] + counts["coeffs"] == n_sites

@@ -28,7 +28,7 @@ WORLD = 2
 def _args():
     td = importlib.import_module("train_distributed")
     return td.parse_args([
-        "--steps", "3", "--batch", "4", "--seq", "16", "--dim", "16", "--layers", "2", "--heads", "2",
+        "--steps", "3", "--batch", "4", "--seq", "16", "--dim", "16", "--layers", "3", "--heads", "2",
         "--lr", "1e-2", "--kernels", "reference",
     ])
 
@@ -72,6 +72,8 @@ def _run(strategy: str) -> dict:
 
 
 def _compare(single: dict, multi: dict) -> None:
+    """Losses rel 1e-5 and every parameter (by its name in the unwrapped model) close."""
+    multi = dict(multi, params={n.replace("._checkpoint_wrapped_module", ""): p for n, p in multi["params"].items()})
     worst = max(float((multi["params"][n] - p).abs().max()) for n, p in single["params"].items())
     print(f"losses single {single['losses']} multi {multi['losses']}; max |param diff| {worst:.3g}")
     assert len(multi["losses"]) == len(single["losses"]) == 3
@@ -103,3 +105,25 @@ def test_fsdp2_matches_single_process(single):
     # rank 0 holds about half of the parameter elements (dim-0 shards, padded)
     assert out["local_numel"] < 0.75 * out["total_numel"], (out["local_numel"], out["total_numel"])
     _compare(single, out)
+
+
+def test_ddp_compiled_with_optimize_ddp_matches_single_process(single):
+    assert torch._dynamo.config.optimize_ddp  # torch's default: Dynamo splits the graph at DDP buckets
+    _compare(single, _run("ddp-compile"))
+
+
+def test_fsdp2_per_block_with_checkpointing_matches_single_process(single):
+    """fully_shard + checkpoint_wrapper on every stream-carrying block, then the root: every
+    parameter (mHC included) is a DTensor shard, 3 AdamW steps equal one process, and the
+    parameters are gathered one block at a time."""
+    out = _run("fsdp-blocks")
+    assert out["all_sharded"]
+    assert out["local_numel"] < 0.75 * out["total_numel"]
+    _compare(single, out)
+    blocks = out["block_bytes"]
+    total = 4 * out["total_numel"]
+    root = total - sum(blocks)
+    peak = out["peak_unsharded_bytes"]
+    print(f"peak unsharded {peak} B: root {root} B + one block {max(blocks)} B; all {total} B")
+    assert single["peak_unsharded_bytes"] == total
+    assert peak <= root + max(blocks) + 64 and peak < total - min(blocks) // 2

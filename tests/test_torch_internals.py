@@ -249,3 +249,17 @@ def test_checkpoint_regions_reach_the_backend_as_a_tagged_body():
     torch.compile(Net(), backend=backend)(torch.randn(2, 4))
     assert len(bodies) == 1, "checkpoint regions no longer arrive as tag_activation_checkpoint(body, ...)"
     assert any(n.target in (operator.add, torch.ops.aten.add.Tensor, torch.add) for n in bodies[0].graph.nodes)
+
+
+def test_fake_mode_and_propagate_record_shapes_without_compute():
+    """blocks.trace: a real module run on fake inputs records each node's shape and dtype, and
+    its real parameters and buffers are not touched (a BatchNorm in training mode included)."""
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)).train())
+    before = gm.get_buffer("1.running_mean").clone()
+    mode = ti.fake_mode()
+    with mode:
+        x = mode.from_tensor(torch.randn(3, 4))
+    ti.fake_propagate(gm, mode, x)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert tuple(out.meta["val"].shape) == (3, 6) and out.meta["val"].dtype == torch.float32
+    assert torch.equal(gm.get_buffer("1.running_mean"), before)

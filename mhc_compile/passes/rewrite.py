@@ -65,8 +65,9 @@ def assign_names(sites: list) -> None:
 
 
 def _register(gm: nn.Module, site_name: str, params: dict, recipe: Optional[InitRecipe] = None) -> list:
-    """Attach a site's parameters at its name in ``gm``; their dotted names (placement module)."""
-    container, cname = site_container(gm, site_name)
+    """Attach a site's parameters at its name in ``gm`` (or the module it stands for, its
+    ``mhc_holder``: a traced block's graph registers on the block); their dotted names."""
+    container, cname = site_container(getattr(gm, "mhc_holder", gm), site_name)
     return [f"{cname}.{key}" for key in attach(container, params, recipe)]
 
 
@@ -154,6 +155,27 @@ def _coeff_args(p: dict, config: MHCConfig):
 
 
 @dataclass
+class ChainEnds:
+    """How a chain enters and leaves a graph that holds only part of it (a stream-carrying block).
+
+    ``stream_in``: the placeholder that already holds the streams ``(..., n, C)`` (no expand);
+    ``lead`` the stream-wise ops from it to the chain's first skip operand. ``stream_out``: the
+    output returns the streams at the chain's end, after the stream-wise ops ``trail`` from the
+    last add (no collapse). ``collapse_weight``: register the chain's learned collapse weight
+    (the graph holds the chain's end)."""
+
+    stream_in: Optional[fx.Node] = None
+    lead: list = field(default_factory=list)
+    stream_out: bool = False
+    trail: list = field(default_factory=list)
+    collapse_weight: bool = True
+
+
+class BlockRewriteError(RuntimeError):
+    """A block's graph cannot carry its part of a chain (the caller falls back, saying why)."""
+
+
+@dataclass
 class _ChainRewrite:
     """What one chain's rewrite carries from step to step."""
 
@@ -166,18 +188,27 @@ class _ChainRewrite:
     rank: int
     internal: list = field(default_factory=list)  # original nodes the streams replace (deleted at the end)
     stream_of: dict = field(default_factory=dict)  # original stream value -> stream node (..., n, C)
+    ends: ChainEnds = field(default_factory=ChainEnds)
+    weight_target: Optional[str] = None           # the learned collapse weight, once registered
 
     @property
     def graph(self) -> fx.Graph:
         return self.gm.graph
 
 
-def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider: ParamProvider, names: list) -> None:
+def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider: ParamProvider, names: list,
+                   ends: Optional[ChainEnds] = None) -> None:
     """Replace one chain's residual adds by mHC stream ops, collapse outside uses, erase the adds."""
     first = chain.sites[0]
-    st = _ChainRewrite(gm, chain, config, provider, names, first.feature_axis, len(first.shape))
-    e = _Emitter(st.graph, _cursor_for(st.graph, first.x))
-    X = e.named("mhc_x", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams)
+    ends = ends or ChainEnds()
+    st = _ChainRewrite(gm, chain, config, provider, names, first.feature_axis, len(first.shape), ends=ends)
+    if ends.stream_in is not None:
+        e = _Emitter(st.graph, _cursor_for(st.graph, ends.stream_in))
+        entry_users = list(ends.stream_in.users)
+        X = _apply_stream_wise(st, e, ends.stream_in, ends.lead)
+    else:
+        e = _Emitter(st.graph, _cursor_for(st.graph, first.x))
+        X = e.named("mhc_x", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams)
     head: Optional[tuple] = None  # (h_pre, h_post, h_res, h_in) of the current site, from a boundary
     for k, site in enumerate(chain.sites):
         hp, ho, hr, h_in = head if head is not None else _site_head(st, site, e, X)
@@ -190,8 +221,33 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         st.internal += [*_skip_nodes_only_the_add_reads(site), *site.inner_adds, site.add]
         if k + 1 < len(chain.sites):
             X = _apply_stream_wise(st, e, X, chain.between[k])
+    if ends.stream_out:
+        _return_streams(st, e, X)
+    if ends.stream_in is not None:
+        _collapse_entry_uses(st, entry_users)
     _collapse_outside_uses(st)
     _erase_replaced(st)
+
+
+def _return_streams(st: _ChainRewrite, e: _Emitter, X: fx.Node) -> None:
+    """The graph's output reads the streams after the trailing stream-wise ops, not a collapse."""
+    last = st.chain.sites[-1].add
+    final = st.ends.trail[-1] if st.ends.trail else last
+    X = _apply_stream_wise(st, e, X, st.ends.trail)
+    out = next(n for n in st.graph.nodes if n.op == "output")
+    if final not in out.all_input_nodes:
+        raise BlockRewriteError(f"the block does not return the value of its last residual ({final.name})")
+    out.replace_input_with(final, X)
+
+
+def _collapse_entry_uses(st: _ChainRewrite, entry_users: list) -> None:
+    """Readers of the entry placeholder outside the chain read the collapse of the incoming streams."""
+    ph, internal = st.ends.stream_in, set(st.internal)
+    outside = [u for u in entry_users if u not in internal and ph in u.all_input_nodes]
+    if outside:
+        c = _collapse_node(st, _Emitter(st.graph, _cursor_for(st.graph, ph)), ph)
+        for u in outside:
+            u.replace_input_with(ph, c)
 
 
 def _skip_nodes_only_the_add_reads(site: Site) -> list:
@@ -264,6 +320,9 @@ def _learned_collapse_target(st: _ChainRewrite) -> str:
     """Register the chain's learned collapse weight; returns its get_attr target."""
     last = st.chain.sites[-1]
     cname = last.name.rsplit(".", 1)[0] + ".mhc_collapse" if "." in last.name else f"mhc_collapse{st.chain.index}"
+    if not st.ends.collapse_weight:
+        raise BlockRewriteError("a learned collapse is read inside the chain, in a block that does not hold "
+                                "the chain's end (its weight lives there)")
     dev = _param_device(st.gm, last)
     recipe = InitRecipe("collapse", st.config.streams)
     params = st.provider(cname, SiteInit({"weight": recipe.values()["weight"].to(dev)}, recipe))
@@ -271,9 +330,20 @@ def _learned_collapse_target(st: _ChainRewrite) -> str:
     return f"{cname}.weight"
 
 
+def _collapse_node(st: _ChainRewrite, e: _Emitter, Xv: fx.Node) -> fx.Node:
+    """``ops.collapse`` of the streams ``Xv``, feature axis back in place."""
+    weight = None
+    if st.config.collapse == "learned":
+        st.weight_target = st.weight_target or _learned_collapse_target(st)
+        weight = e.attr(st.weight_target)
+    c = e.named("mhc_collapse", ops.collapse, Xv, st.config.collapse, weight)
+    return _from_last(e, c, st.fa, st.rank)
+
+
 def _collapse_outside_uses(st: _ChainRewrite) -> None:
     """Every use of a stream value outside the chain reads the collapsed streams at that point."""
-    weight_target = _learned_collapse_target(st) if st.config.collapse == "learned" else None
+    if st.config.collapse == "learned" and st.ends.collapse_weight and not st.weight_target:
+        st.weight_target = _learned_collapse_target(st)  # the chain's end owns it, used or not
     internal_set = set(st.internal)
     for v in st.internal:  # metadata asserts on replaced values are dropped with them
         for u in list(v.users):
@@ -283,10 +353,7 @@ def _collapse_outside_uses(st: _ChainRewrite) -> None:
         outside = [u for u in v.users if u not in internal_set]
         if not outside:
             continue
-        e = _Emitter(st.graph, Xv)
-        weight = e.attr(weight_target) if weight_target is not None else None
-        c = e.named("mhc_collapse", ops.collapse, Xv, st.config.collapse, weight)
-        c = _from_last(e, c, st.fa, st.rank)
+        c = _collapse_node(st, _Emitter(st.graph, Xv), Xv)
         for u in outside:
             u.replace_input_with(v, c)
 
@@ -301,6 +368,14 @@ def _erase_replaced(st: _ChainRewrite) -> None:
 
 def _stream_arg(node: fx.Node):
     return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node.args[1]
+
+
+def rewrite_chain_part(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider: ParamProvider,
+                       names: list, ends: ChainEnds) -> None:
+    """Rewrite ``chain`` of a graph that holds part of a longer chain (a stream-carrying block):
+    its sites carry the whole chain's names and positions; ``ends`` says where the streams come
+    in and go out. ``gm.graph`` is rewritten in place (the caller generates its code)."""
+    _rewrite_chain(gm, chain, config, provider, names, ends)
 
 
 def build_report(detected: DetectResult, chains: list, config: MHCConfig, rewritten: bool, names=()) -> ResidualReport:

@@ -1,0 +1,123 @@
+"""Which modules carry which part of each chain, read off the whole-model graph.
+
+A chain's sites are grouped by the module whose forward holds their add (``blocks.3`` for
+``x = x + attn(ln(x))`` in a block's forward). Each group is one *block*: the first block of a
+chain expands the streams, the last collapses them, and the blocks in between take and return
+the streams. That is only the same model when the parent does nothing with the hidden state
+between two blocks: every reader of the value that passes from one block to the next must lie in
+one of the two blocks. When a chain breaks one of these rules the plan says why in ``fallback``
+and the model keeps the whole-graph form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..passes.nodes import module_path, module_stack
+from ..passes.streams import Chain
+
+
+@dataclass
+class BlockSite:
+    """What the whole graph says about one site of a block: the block graph must agree."""
+
+    name: str            # parameter prefix, relative to the model root ('blocks.0.attn.mhc')
+    index_in_chain: int
+    kind: str
+    channels: int
+    feature_axis: int
+
+
+@dataclass
+class BlockPart:
+    """One chain's sites inside one block."""
+
+    chain: int
+    sites: list                  # BlockSite, in execution order
+    stream_in: bool              # the block receives the streams (it is not the chain's first block)
+    stream_out: bool             # the block returns the streams (it is not the chain's last block)
+
+
+@dataclass
+class BlockSpec:
+    path: str                    # module path of the block ('' is the root module)
+    parts: list = field(default_factory=list)
+
+    @property
+    def carries(self) -> bool:
+        return any(p.stream_in or p.stream_out for p in self.parts)
+
+
+@dataclass
+class BlockPlan:
+    blocks: list = field(default_factory=list)   # BlockSpec, in execution order
+    fallback: str = ""                            # why the whole-graph form is kept ('' when it is not)
+
+
+def _inside(node, *paths: str) -> bool:
+    stack = module_stack(node)
+    return any(p == "" or p in stack for p in paths)
+
+
+def _groups(chain: Chain) -> list:
+    """[(path, [site indices])] for consecutive sites whose add runs in the same module."""
+    out: list = []
+    for k, site in enumerate(chain.sites):
+        path = module_path(site.add)
+        if out and out[-1][0] == path:
+            out[-1][1].append(k)
+        else:
+            out.append((path, [k]))
+    return out
+
+
+def _boundary_problem(chain: Chain, k: int, here: str, there: str) -> str:
+    """Why the streams cannot pass from block ``here`` (last site k) to block ``there``, or ''."""
+    values = [chain.sites[k].add, *chain.between[k]]
+    for v in chain.between[k]:
+        if not _inside(v, here, there):
+            return f"the parent applies {v.name} to the hidden state between {here} and {there}"
+    for v in values:
+        for u in v.users:
+            if u.op != "output" and not _inside(u, here, there):
+                return (f"the parent reads the hidden state between {here} and {there} "
+                        f"({u.name} in {module_path(u) or 'the root'})")
+            if u.op == "output":
+                return f"the model returns the hidden state between {here} and {there}"
+    return ""
+
+
+def plan_blocks(chains: list) -> BlockPlan:
+    """The block plan of a whole-model graph's chains (see the module docstring)."""
+    plan = BlockPlan()
+    specs: dict = {}
+    for chain in chains:
+        groups = _groups(chain)
+        paths = [p for p, _ in groups]
+        if len(set(paths)) != len(paths):
+            plan.fallback = f"chain {chain.index} enters module {paths[0]!r} twice (a block called more than once)"
+            return plan
+        for a in paths:
+            for b in paths:
+                if a != b and (a == "" or b.startswith(a + ".")):
+                    plan.fallback = (f"chain {chain.index} runs through {a or 'the root'!r} and its submodule "
+                                     f"{b!r}: the residual adds are at two levels of the module tree")
+                    return plan
+        for g, (path, idx) in enumerate(groups):
+            if g + 1 < len(groups):
+                why = _boundary_problem(chain, idx[-1], path, groups[g + 1][0])
+                if why:
+                    plan.fallback = f"chain {chain.index}: {why}"
+                    return plan
+            sites = [BlockSite(chain.sites[k].name, chain.sites[k].index_in_chain, chain.sites[k].kind,
+                               chain.sites[k].channels, chain.sites[k].feature_axis) for k in idx]
+            part = BlockPart(chain.index, sites, stream_in=g > 0, stream_out=g + 1 < len(groups))
+            spec = specs.setdefault(path, BlockSpec(path))
+            spec.parts.append(part)
+    for spec in specs.values():
+        if spec.carries and len(spec.parts) > 1:
+            plan.fallback = (f"module {spec.path!r} holds sites of chains {[p.chain for p in spec.parts]} and "
+                             "would carry more than one set of streams")
+            return plan
+    order = {s.name: i for i, c in enumerate(chains) for s in c.sites}
+    plan.blocks = sorted(specs.values(), key=lambda s: min(order[b.name] for p in s.parts for b in p.sites))
+    return plan

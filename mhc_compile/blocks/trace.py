@@ -1,0 +1,131 @@
+"""Trace a block's own forward, with every child module a leaf, and record example values.
+
+The example call of each block is taken from one forward of the whole model under a
+``FakeTensorMode`` (no real compute, nothing of the model's state changes, meta-device models
+work). ``torch.fx`` then traces the block's forward alone: child modules stay ``call_module``
+nodes (attention, caches and keyword arguments pass through them untouched), tensors and
+other objects are placeholders, and ``None``/bool/number/string arguments are specialised:
+the traced graph is only valid for those values, which :mod:`.carry` checks on every call.
+A block whose forward branches on ``self.training`` gives one graph per mode.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from .. import _torch_internals as _ti
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class BlockTraceError(RuntimeError):
+    """A block's forward cannot be traced alone (the caller falls back, saying why)."""
+
+
+@dataclass
+class BlockCall:
+    """One example call of a block: its arguments bound to its forward's parameter names."""
+
+    names: list              # forward's parameter names, in order (no self)
+    values: dict             # name -> example value (defaults applied)
+    constants: dict          # name -> value the trace is specialised to
+
+
+@dataclass
+class BlockGraph:
+    graph_module: fx.GraphModule   # the block as root; its graph is rewritten in place
+    call: BlockCall
+    training: bool
+
+
+def _is_constant(v: Any) -> bool:
+    if isinstance(v, (tuple, list)):
+        return all(_is_constant(e) for e in v)
+    return isinstance(v, _CONSTANT_TYPES)
+
+
+def _fake_inputs(mode: Any, values: Sequence[Any], device: torch.device) -> list:
+    def fake(v):
+        if isinstance(v, torch.Tensor):
+            return mode.from_tensor(v.to(device) if device.type == "meta" else v)
+        return v
+    return [torch.utils._pytree.tree_map(fake, v) for v in values]
+
+
+def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kwargs: dict):
+    """``({path: BlockCall}, mode)`` from one fake forward of ``model``; each block must run once."""
+    seen: dict = {p: [] for p in paths}
+    hooks = []
+    for path in paths:
+        block = model.get_submodule(path) if path else model
+        hooks.append(block.register_forward_pre_hook(
+            lambda mod, a, k, path=path: seen[path].append((a, k)), with_kwargs=True))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    mode = _ti.fake_mode()
+    try:
+        with mode, torch.no_grad():
+            fargs = _fake_inputs(mode, args, device)
+            fkw = dict(zip(kwargs, _fake_inputs(mode, list(kwargs.values()), device)))
+            model(*fargs, **fkw)
+    except Exception as exc:  # noqa: BLE001 - reported as the fallback reason
+        raise BlockTraceError(f"the model did not run under FakeTensorMode ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    calls = {}
+    for path, got in seen.items():
+        if len(got) != 1:
+            raise BlockTraceError(f"module {path or 'the root'!r} ran {len(got)} times in one forward, not once")
+        block = model.get_submodule(path) if path else model
+        calls[path] = bind_call(block, *got[0])
+    return calls, mode
+
+
+def bind_call(block: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
+    sig = inspect.signature(type(block).forward)
+    params = list(sig.parameters.values())[1:]
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise BlockTraceError(f"{type(block).__name__}.forward takes *{p.name}; a block with "
+                                  "variadic arguments is not traced alone")
+    bound = sig.bind(block, *args, **kwargs)
+    bound.apply_defaults()
+    values = {p.name: bound.arguments[p.name] for p in params}
+    constants = {n: v for n, v in values.items() if _is_constant(v)}
+    return BlockCall([p.name for p in params], values, constants)
+
+
+class _LeafTracer(fx.Tracer):
+    """Every submodule is a leaf: the block's own code is the graph."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: ARG002
+        return True
+
+
+def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool) -> BlockGraph:
+    """The block's forward as an FX graph (in ``training`` mode), with fake example values."""
+    was = block.training
+    object.__setattr__(block, "training", training)  # the block only: its children are leaves
+    try:
+        graph = _LeafTracer().trace(block, concrete_args=dict(call.constants) or None)
+    except Exception as exc:  # noqa: BLE001
+        raise BlockTraceError(f"torch.fx could not trace {type(block).__name__}.forward alone "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    finally:
+        object.__setattr__(block, "training", was)
+    gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(call.names):
+        raise BlockTraceError(f"the trace of {type(block).__name__} has {len(placeholders)} inputs for "
+                              f"{len(call.names)} parameters")
+    try:
+        _ti.fake_propagate(gm, mode, *[call.values[n] for n in call.names])
+    except Exception as exc:  # noqa: BLE001
+        raise BlockTraceError(f"the traced {type(block).__name__}.forward did not run on the example "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    return BlockGraph(gm, call, training)

@@ -1,0 +1,46 @@
+"""The fallback form: the model keeps its class, and its forward runs the rewritten whole graph.
+
+Used when a chain cannot cross its blocks (the plan or a block trace says why). The model
+object stays the user's (same class, module tree and state-dict keys); the mHC parameters are
+registered on it at the same names as in every other path, and ``forward`` calls the rewritten
+export graph through ``torch.func.functional_call`` with the model's own parameters and buffers,
+so ``.to()``, optimizers, ``load_state_dict`` and ``.train()``/``.eval()`` act on the model.
+Per-block FSDP2, checkpointing and compile do not apply to this form (the blocks' forwards are
+not called); the report's ``form`` says which form a model has.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..passes.placement import MHCSiteParams, attach, site_container
+
+
+def _mhc_modules(gm: fx.GraphModule):
+    for path, mod in gm.named_modules():
+        if isinstance(mod, MHCSiteParams) and mod._parameters:
+            yield path, mod
+
+
+def install_whole_graph(model: nn.Module, gm: fx.GraphModule) -> list:
+    """Register ``gm``'s mHC parameters on ``model`` and make ``model.forward`` run ``gm``."""
+    names = []
+    for path, mod in _mhc_modules(gm):
+        container, cname = site_container(model, path)
+        params = attach(container, dict(mod._parameters), mod.init_recipe)
+        names += [f"{cname}.{k}" for k in params]
+    model.__dict__["_mhc_graph"] = gm  # not a submodule: the state dict stays the model's
+    model.forward = types.MethodType(_whole_graph_forward, model)
+    return names
+
+
+def _whole_graph_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    gm = self.__dict__["_mhc_graph"]
+    if gm.training != self.training:
+        gm.train(self.training)
+    state = dict(self.named_parameters(remove_duplicate=False))
+    state.update(self.named_buffers(remove_duplicate=False))
+    return torch.func.functional_call(gm, state, args, kwargs, tie_weights=True, strict=False)

@@ -1,0 +1,277 @@
+"""Stream-carrying blocks: ``convert`` keeps the model's class and module tree, and the n-stream
+crosses the blocks as a real ``(..., n, C)`` tensor.
+
+The reference is the whole-graph form of the same conversion (``form="whole-graph"``, the form
+every earlier test checks against ``mhc_compile.reference``): with random (trained-like) mHC
+parameters the block form must give the same outputs and gradients, which it only can when every
+block carries the right streams with the right parameters.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mhc_compile import MHCCaptureError, MHCConfig, convert
+from mhc_compile.blocks import BlockCallError
+from mhc_compile.passes.placement import MHCSiteParams
+
+from models import zoo
+from models.titan import tiny_titan
+
+FAMILIES = {
+    "gpt": (zoo.tiny_gpt, zoo.token_inputs, ["blocks.0", "blocks.1"]),
+    "llama": (zoo.tiny_llama, zoo.token_inputs, ["layers.0", "layers.1"]),
+    "bert": (zoo.tiny_bert, zoo.token_inputs, ["layers.0", "layers.1"]),
+    "resnet_projection": (zoo.tiny_resnet_basic, zoo.image_inputs, ["layer1.0", "layer1.1", "layer2.1"]),
+    "encdec": (zoo.tiny_encdec, zoo.encdec_inputs, ["enc.0", "enc.1", "dec.0", "dec.1"]),
+    "titan": (tiny_titan, zoo.token_inputs, ["layers.0", "layers.1", "layers.2"]),
+}
+
+
+def _randomize(*models: nn.Module, seed: int = 1) -> None:
+    """The same random mHC parameters (away from init) in every model."""
+    first = dict(models[0].named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in sorted(first):
+            if ".mhc" in name:
+                first[name].add_(0.3 * torch.randn(first[name].shape, generator=gen))
+        for other in models[1:]:
+            for name, p in other.named_parameters():
+                if ".mhc" in name:
+                    p.copy_(first[name])
+
+
+def _loss_and_grads(model: nn.Module, inputs: tuple) -> tuple:
+    model.zero_grad(set_to_none=True)
+    loss = model(*inputs).float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    build, inputs, blocks = FAMILIES[request.param]
+    torch.manual_seed(0)
+    model, args = build(), inputs()
+    cfg = MHCConfig(streams=4, kernels="reference")
+    return request.param, model, args, blocks, convert(model, cfg, args), convert(model, cfg, args, form="whole-graph")
+
+
+def test_class_tree_and_keys_are_kept(family):
+    name, model, args, blocks, carried, whole = family
+    assert type(carried) is type(model)
+    assert carried.mhc_report.form == "blocks" and carried.mhc_report.blocks == blocks
+    assert whole.mhc_report.form == "whole-graph" and type(whole) is type(model)
+    original = set(model.state_dict())
+    keys = set(carried.state_dict())
+    assert original < keys and all(".mhc" in k for k in keys - original)
+    assert keys == set(whole.state_dict())  # one set of names in every form
+    assert {n for n, _ in model.named_modules()} <= {n for n, _ in carried.named_modules()}
+    assert not any(".mhc" in k for k in model.state_dict())  # the original is not touched
+
+
+def test_function_preserved_at_init(family):
+    _, model, args, _, carried, _ = family
+    with torch.no_grad():
+        torch.testing.assert_close(carried(*args), model(*args), atol=2e-5, rtol=1e-4)
+
+
+def test_random_mhc_params_equal_whole_graph(family):
+    name, model, args, _, carried, whole = family
+    carried, whole = copy.deepcopy(carried), copy.deepcopy(whole)
+    _randomize(carried, whole)
+    with torch.no_grad():
+        assert (carried(*args) - model(*args)).abs().max() > 1e-3  # the mHC parameters matter
+    carried.train(model.training), whole.train(model.training)
+    l1, g1 = _loss_and_grads(carried, args)
+    l2, g2 = _loss_and_grads(whole, args)
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
+    assert set(g1) == set(g2) and any(".mhc" in k for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} {k}: {m}")
+
+
+def test_stream_crosses_the_blocks():
+    torch.manual_seed(0)
+    model, (idx,) = zoo.tiny_gpt(layers=3), zoo.token_inputs()
+    carried = convert(model, MHCConfig(streams=4, kernels="reference"), (idx,))
+    shapes = {}
+    for i, blk in enumerate(carried.blocks):
+        blk.register_forward_hook(lambda m, a, out, i=i: shapes.__setitem__(i, (tuple(a[0].shape), tuple(out.shape))))
+    carried(idx)
+    b, t = idx.shape
+    assert shapes[0] == ((b, t, 32), (b, t, 4, 32))          # the first block expands
+    assert shapes[1] == ((b, t, 4, 32), (b, t, 4, 32))       # a middle block carries
+    assert shapes[2] == ((b, t, 4, 32), (b, t, 32))          # the last collapses
+
+
+def test_inplace_converts_the_given_object():
+    torch.manual_seed(0)
+    model, args = zoo.tiny_gpt(), zoo.token_inputs()
+    ref = model(*args).detach()
+    out = convert(model, MHCConfig(streams=2, kernels="reference"), args, inplace=True)
+    assert out is model and any(".mhc" in k for k in model.state_dict())
+    torch.testing.assert_close(model(*args), ref, atol=2e-5, rtol=1e-4)
+
+
+class _ReadsBetween(nn.Module):
+    """The parent reads the hidden state between its blocks (it sums them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(zoo.VOCAB, 32)
+        self.blocks = nn.ModuleList(zoo.GPTBlock(32) for _ in range(2))
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        seen = []
+        for blk in self.blocks:
+            h = blk(h)
+            seen.append(h)
+        return seen[0] + seen[1]
+
+
+def test_parent_reading_between_blocks_falls_back_and_says_why():
+    torch.manual_seed(0)
+    model, args = _ReadsBetween().eval(), zoo.token_inputs()
+    cfg = MHCConfig(streams=4, kernels="reference")
+    out = convert(model, cfg, args)
+    assert type(out) is _ReadsBetween and out.mhc_report.form == "whole-graph"
+    assert "between blocks.0 and blocks.1" in out.mhc_report.form_reason
+    with torch.no_grad():
+        torch.testing.assert_close(out(*args), model(*args), atol=2e-5, rtol=1e-4)
+    with pytest.raises(MHCCaptureError, match="cannot carry the streams"):
+        convert(model, cfg, args, form="blocks")
+
+
+class _ScaledBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+
+    def forward(self, x, scale=None):
+        y = self.fc(self.ln(x))
+        if scale is not None:
+            y = y * scale
+        if self.training:  # a Python branch on the mode: one graph per mode
+            y = y * 0.5
+        return x + y
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(zoo.VOCAB, 32)
+        self.blocks = nn.ModuleList(_ScaledBlock() for _ in range(2))
+
+    def forward(self, idx, scale=None):
+        h = self.emb(idx)
+        for blk in self.blocks:
+            h = blk(h, scale=scale)
+        return h
+
+
+def test_block_guards_the_arguments_it_was_traced_with():
+    torch.manual_seed(0)
+    model, args = _Scaled().eval(), zoo.token_inputs()
+    out = convert(model, MHCConfig(streams=4, kernels="reference"), args)
+    assert out.mhc_report.form == "blocks"
+    with pytest.raises(BlockCallError, match="scale=None"):
+        out(*args, scale=2.0)
+
+
+def test_mode_branch_in_block_forward_follows_train_and_eval():
+    torch.manual_seed(0)
+    model, args = _Scaled().eval(), zoo.token_inputs()
+    out = convert(model, MHCConfig(streams=4, kernels="reference"), args)
+    assert len(out.blocks[0].__dict__["_mhc_carry"].variants) == 2
+    for training in (False, True):
+        model.train(training), out.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(out(*args), model(*args), atol=2e-5, rtol=1e-4)
+
+
+def test_checkpointed_blocks_give_the_same_loss_and_grads():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model, args = tiny_titan(), zoo.token_inputs()
+    carried = convert(model, MHCConfig(streams=4, kernels="reference"), args)
+    _randomize(carried)
+    ref_loss, ref_grads = _loss_and_grads(carried, args)
+    wrapped = copy.deepcopy(carried)
+    for key in list(wrapped.layers):
+        wrapped.layers[key] = checkpoint_wrapper(wrapped.layers[key])
+    fn = copy.deepcopy(carried)
+    for key in list(fn.layers):
+        blk = fn.layers[key]
+        fn.layers[key] = _Checkpointed(blk, checkpoint)
+    for variant in (wrapped, fn):
+        loss, grads = _loss_and_grads(variant, args)
+        torch.testing.assert_close(loss, ref_loss)
+        names = {k.replace("._checkpoint_wrapped_module", "").replace(".inner", ""): v for k, v in grads.items()}
+        assert set(names) == set(ref_grads)
+        for k, g in ref_grads.items():
+            torch.testing.assert_close(names[k], g, atol=1e-6, rtol=1e-5)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, inner, checkpoint):
+        super().__init__()
+        self.inner, self._checkpoint = inner, checkpoint
+
+    def forward(self, *args):
+        return self._checkpoint(self.inner, *args, use_reentrant=False)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_per_block_compile(backend):
+    torch.manual_seed(0)
+    model, args = tiny_titan(layers=2), zoo.token_inputs()
+    carried = convert(model, MHCConfig(streams=4, kernels="reference"), args)
+    _randomize(carried)
+    ref_loss, ref_grads = _loss_and_grads(carried, args)
+    compiled = copy.deepcopy(carried)
+    seen_ops: list = []
+
+    def spy(gm, example_inputs):
+        seen_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.backends.registry.lookup_backend(backend)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    for key in list(compiled.layers):
+        compiled.layers[key] = torch.compile(compiled.layers[key], backend=spy, fullgraph=True)
+    loss, grads = _loss_and_grads(compiled, args)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    names = {k.replace("._orig_mod", ""): v for k, v in grads.items()}
+    assert set(names) == set(ref_grads)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(names[k], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert any("mhc" in t for t in seen_ops), "the mHC ops stay the project's custom ops in the block graphs"
+
+
+def test_meta_init_convert_to_empty_load_reset():
+    """meta init -> convert -> to_empty -> load the original weights -> reset: the original function."""
+    torch.manual_seed(0)
+    real = tiny_titan()
+    args = zoo.token_inputs()
+    with torch.device("meta"):
+        meta = tiny_titan()
+    carried = convert(meta, MHCConfig(streams=4, kernels="reference"), args, inplace=True)
+    assert carried.mhc_report.form == "blocks"
+    assert all(p.is_meta for p in carried.parameters())
+    carried.to_empty(device="cpu")
+    missing, unexpected = carried.load_state_dict(real.state_dict(), strict=False)
+    assert not unexpected and missing and all(".mhc" in k for k in missing)
+    carried.init_weights()
+    holders = [m for m in carried.modules() if isinstance(m, MHCSiteParams) and m._parameters]
+    assert len(holders) == 6
+    for m in holders:
+        m.reset_parameters()
+    with torch.no_grad():
+        torch.testing.assert_close(carried(*args), real(*args), atol=2e-5, rtol=1e-4)
