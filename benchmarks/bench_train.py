@@ -9,7 +9,10 @@ shape it trains a few AdamW steps of, side by side:
                ``mhc_compile.reference`` (coeffs / pre_mix / post_res_mix / expand / collapse),
                compiled by inductor; autograd and the partitioner save whatever they like;
   mhc          the plain GPT compiled with ``backend="mhc"`` (streams n), recompute on;
-  mhc_norecomp the same with ``recompute=False``.
+  mhc_norecomp the same with ``recompute=False``;
+  mhc_blocks   the per-block scale recipe: ``mhc_compile.convert`` (stream-carrying blocks), then
+               on every block ``checkpoint_wrapper``, ``block.compile(backend=compiler)`` and
+               FSDP2 ``fully_shard`` (one rank), then the root (torchtitan's order).
 
 and reports per variant:
 
@@ -46,7 +49,7 @@ import time
 import traceback
 from typing import Optional
 
-VARIANTS = ("plain", "hand_mhc", "mhc", "mhc_norecomp")
+VARIANTS = ("plain", "hand_mhc", "mhc", "mhc_norecomp", "mhc_blocks")
 GPU_SHAPES = "1024x12x8x1024,2048x24x4x2048"   # C x layers x batch x seq
 QUICK_SHAPES = "32x2x2x32"
 
@@ -145,6 +148,8 @@ def run_variant(variant: str, c: int, layers: int, batch: int, seq: int, *, stre
 
         if variant in ("plain", "hand_mhc"):
             compiled = torch.compile(model, backend=compiler)
+        elif variant == "mhc_blocks":
+            compiled = _per_block_recipe(model, idx, streams, compiler, device)
         else:
             options = {"streams": streams, "recompute": variant == "mhc",
                        "inner": compiler if compiler in ("inductor", "aot_eager", "eager") else "inductor"}
@@ -161,7 +166,7 @@ def run_variant(variant: str, c: int, layers: int, batch: int, seq: int, *, stre
         n_records = len(RC.last_records())
         sync()
         t0 = time.perf_counter()
-        if variant.startswith("mhc"):
+        if variant in ("mhc", "mhc_norecomp"):
             mhc_compile.materialize(compiled, idx)  # creates the mHC parameters before the optimizer
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -204,6 +209,31 @@ def run_variant(variant: str, c: int, layers: int, batch: int, seq: int, *, stre
 
 
 # ----------------------------------------------------------------------------- driver
+def _per_block_recipe(model, idx, streams: int, compiler: str, device: str):
+    """convert, then checkpoint + compile + fully_shard every block, then the root (1 rank)."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import mhc_compile
+
+    model = mhc_compile.convert(model, mhc_compile.MHCConfig(streams=streams), (idx,), inplace=True)
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (1,))
+    for i, block in enumerate(model.blocks):
+        block = checkpoint_wrapper(block)
+        block.compile(backend=compiler)
+        fully_shard(block, mesh=mesh)
+        model.blocks[i] = block
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
     shapes = []
     for item in text.split(","):

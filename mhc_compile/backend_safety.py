@@ -10,6 +10,11 @@ cases are refused here with an :class:`~mhc_compile.backend.MHCBackendError` tha
   the first one's. :func:`guard_instance` wraps the compiled function: it checks at each call
   that one of the root's own parameters is the tensor passed in (one lookup and one identity
   test), and raises otherwise.
+* **A model wrapped by FSDP2.** After ``fully_shard`` (per block or at the root) the parameters
+  the backend would create are plain tensors outside every FSDP unit: never sharded, their
+  gradients never reduced, and per-block units split the graph so the streams cannot cross the
+  blocks. :func:`refuse_fully_sharded` raises; ``mhc_compile.convert`` before ``fully_shard`` is
+  the way (the converted blocks carry the streams).
 * **Residuals inside activation-checkpointed regions.** ``torch.utils.checkpoint`` /
   ``checkpoint_wrapper`` regions reach the backend as higher-order ops whose body is a subgraph
   the passes do not rewrite. When a body holds residual sites, :func:`refuse_checkpointed_sites`
@@ -101,4 +106,22 @@ def refuse_checkpointed_sites(gm: torch.fx.GraphModule) -> None:
             "mhc_compile.convert(model, config, example_inputs) first and checkpoint the converted model, or "
             "remove torch.utils.checkpoint / checkpoint_wrapper and let the backend recompute the mHC ops "
             "(MHCConfig.recompute)."
+        )
+
+
+def refuse_fully_sharded(root: nn.Module) -> None:
+    """Raise when ``root`` or a module in it is FSDP2-wrapped (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - builds without distributed
+        return
+    units = [name or type(root).__name__ for name, m in root.named_modules() if isinstance(m, FSDPModule)]
+    if units:
+        shown = ", ".join(units[:4]) + (", ..." if len(units) > 4 else "")
+        raise MHCBackendError(
+            f"mhc: this model is wrapped by FSDP2 fully_shard ({shown}). The mHC parameters the backend would "
+            "create here are plain tensors outside every FSDP unit (not sharded, gradients never reduced across "
+            "ranks), and per-block units cut the graph so the streams cannot cross the blocks. Convert first: "
+            "model = mhc_compile.convert(model, config, example_inputs), then fully_shard each block and the "
+            "root, and compile the blocks with the default inductor backend (docs/distributed.md)."
         )

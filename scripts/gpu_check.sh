@@ -7,14 +7,14 @@
 #             shapes (T=16384, bf16, n=4, C=1024/2048/4096, one process per C), the CPU-side tests of
 #             the kernel files (Triton interpreter), then n=2,8 at C=1024 while time is left.
 #   train     bench_train.py on the C=1024 L=12 GPT (8x1024 tokens, bf16), variants
-#             plain,mhc,mhc_norecomp by default (--variants to change; hand_mhc alone takes ~4 min).
+#             plain,mhc,mhc_norecomp,mhc_blocks by default (--variants to change; hand_mhc alone ~4 min).
 #
 # Options:
 #   --out DIR         where results go (default: $OUT, else ./out)
 #   --budget SEC      wall-clock budget of the whole run (default 530 = 8 min 50 s); every step runs
 #                     under `timeout` with what is left, so the script ends, and results are
 #                     collected, before the device tool's 10-minute limit
-#   --variants LIST   train mode: bench_train variants (default plain,mhc,mhc_norecomp)
+#   --variants LIST   train mode: bench_train variants (default plain,mhc,mhc_norecomp,mhc_blocks)
 #   --shapes LIST     train mode: bench_train shapes (default 1024x12x8x1024)
 #   --cpu-smoke       run every step in a tiny CPU form (gpu tests skipped, --quick benchmarks):
 #                     proves the script and the benchmark flags work, measures nothing
@@ -33,7 +33,7 @@ MODE=kernels
 case "${1:-}" in kernels|train) MODE=$1; shift ;; esac
 OUTDIR="${OUT:-./out}"
 BUDGET=530
-VARIANTS="plain,mhc,mhc_norecomp"
+VARIANTS="plain,mhc,mhc_norecomp,mhc_blocks"
 SHAPES="1024x12x8x1024"
 SMOKE=0
 INSTALL=1

@@ -75,3 +75,31 @@ def test_residuals_inside_checkpointed_blocks_are_refused():
         model.blocks[i] = _Checkpointed(blk)
     compiled = torch.compile(model, backend="mhc", options=OPTS)
     _raises_backend_error(lambda: compiled(*token_inputs(2, 8)), "activation-checkpointed regions")
+
+
+@pytest.mark.parametrize("per_block", [True, False])
+def test_fully_sharded_model_is_refused(per_block, tmp_path):
+    """fully_shard per block (or at the root), then torch.compile(backend="mhc"): the backend
+    would create unsharded mHC parameters outside every FSDP unit, and per-block units cut the
+    streams. It raises MHCBackendError pointing at convert-then-shard."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        model = tiny_gpt().train()
+        mesh = init_device_mesh("cpu", (1,))
+        if per_block:
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        compiled = torch.compile(model, backend="mhc", options={"streams": 4, "kernels": "reference"})
+        with pytest.raises(Exception, match="fully_shard") as info:
+            compiled(*token_inputs())
+        assert "MHCBackendError" in repr(info.value) or isinstance(info.value, MHCBackendError)
+    finally:
+        torch._dynamo.reset()
+        dist.destroy_process_group()
