@@ -294,3 +294,46 @@ def test_meta_convert_of_a_1b_model_stays_small():
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["params"] > 1e9 and row["form"] == "blocks" and row["sites"] == 44
     assert row["rss_mb"] < 300, row
+
+
+def _hf(name):
+    import transformers as T
+
+    common = dict(vocab_size=64)
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, use_cache=False, **common))
+    if name == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=2, num_key_value_heads=1, use_cache=False, **common))
+    return T.BertModel(T.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, **common))
+
+
+@pytest.mark.parametrize("name,blocks", [
+    ("gpt2", ["transformer.h.0", "transformer.h.1"]),
+    ("llama", ["model.layers.0", "model.layers.1"]),
+    ("bert", ["encoder.layer.0", "encoder.layer.1"]),   # post-LN adds inside the layer's submodules
+])
+def test_hf_blocks_with_keyword_arguments(name, blocks):
+    """HF layers take **kwargs (attention masks, position embeddings): each keyword the parent
+    passes becomes its own traced argument; with a padded mask the blocks equal the whole graph
+    at random mHC parameters."""
+    torch.manual_seed(0)
+    model = _hf(name).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    cfg = MHCConfig(streams=4, kernels="reference")
+    kw = {"attention_mask": mask}
+    carried = convert(model, cfg, (ids,), example_kwargs=kw)
+    whole = convert(model, cfg, (ids,), example_kwargs=kw, form="whole-graph")
+    assert type(carried) is type(model) and carried.mhc_report.form == "blocks", carried.mhc_report.form_reason
+    assert carried.mhc_report.blocks == blocks
+    main = (lambda o: o.logits) if name != "bert" else (lambda o: o.last_hidden_state)
+    with torch.no_grad():
+        ref = main(model(ids, **kw))
+        torch.testing.assert_close(main(carried(ids, **kw)), ref, atol=2e-5, rtol=1e-4)
+        _randomize(carried, whole)
+        got, want = main(carried(ids, **kw)), main(whole(ids, **kw))
+    assert (got - ref).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -190,7 +190,7 @@ def _prepare_block(model: nn.Module, spec: BlockSpec, call: BlockCall, mode) -> 
     out: dict = {}
     sources: list = []
     for training in (block.training, not block.training):
-        bg = trace_block(block, call, mode, training)
+        bg = trace_block(block, call, mode, training, spec.through)
         src = bg.graph_module.graph.python_code(root_module="self").src
         if src in sources:
             continue

@@ -1,7 +1,9 @@
 """Which modules carry which part of each chain, read off the whole-model graph.
 
-A chain's sites are grouped by the module whose forward holds their add (``blocks.3`` for
-``x = x + attn(ln(x))`` in a block's forward). Each group is one *block*: the first block of a
+A chain's sites are grouped by block: the child, under the chain's lowest common module, that
+holds the site's add (``blocks.3`` for ``x = x + attn(ln(x))`` in a block's forward; for a
+post-LN BERT layer whose adds sit in ``layer.3.attention.output`` and ``layer.3.output``, the
+layer ``layer.3``, whose trace then inlines the modules on the way to the adds). Each group is one *block*: the first block of a
 chain expands the streams, the last collapses them, and the blocks in between take and return
 the streams. That is only the same model when the parent does nothing with the hidden state
 between two blocks: every reader of the value that passes from one block to the next must lie in
@@ -25,6 +27,7 @@ class BlockSite:
     kind: str
     channels: int
     feature_axis: int
+    add_path: str        # module path of the add (the block or a module inside it)
 
 
 @dataclass
@@ -46,6 +49,19 @@ class BlockSpec:
     def carries(self) -> bool:
         return any(p.stream_in or p.stream_out for p in self.parts)
 
+    @property
+    def through(self) -> list:
+        """Modules inside the block (relative paths) on the way to its adds: traced, not leaves."""
+        out: list = []
+        for part in self.parts:
+            for site in part.sites:
+                rel = site.add_path[len(self.path) + 1:] if self.path else site.add_path
+                if site.add_path == self.path or not rel:
+                    continue
+                bits = rel.split(".")
+                out += [".".join(bits[:i]) for i in range(1, len(bits) + 1)]
+        return list(dict.fromkeys(out))
+
 
 @dataclass
 class BlockPlan:
@@ -58,11 +74,21 @@ def _inside(node, *paths: str) -> bool:
     return any(p == "" or p in stack for p in paths)
 
 
+def _block_paths(chain: Chain) -> list:
+    """Each site's block: its add's module cut one level below the chain's common module."""
+    parts = [module_path(s.add).split(".") if module_path(s.add) else [] for s in chain.sites]
+    common = 0
+    while all(len(p) > common for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    if all(len(p) == common for p in parts):  # every add in one module: that module
+        return [".".join(p) for p in parts]
+    return [".".join(p[:common + 1]) for p in parts]
+
+
 def _groups(chain: Chain) -> list:
-    """[(path, [site indices])] for consecutive sites whose add runs in the same module."""
+    """[(block path, [site indices])] for consecutive sites in the same block."""
     out: list = []
-    for k, site in enumerate(chain.sites):
-        path = module_path(site.add)
+    for k, path in enumerate(_block_paths(chain)):
         if out and out[-1][0] == path:
             out[-1][1].append(k)
         else:
@@ -109,7 +135,8 @@ def plan_blocks(chains: list) -> BlockPlan:
                     plan.fallback = f"chain {chain.index}: {why}"
                     return plan
             sites = [BlockSite(chain.sites[k].name, chain.sites[k].index_in_chain, chain.sites[k].kind,
-                               chain.sites[k].channels, chain.sites[k].feature_axis) for k in idx]
+                               chain.sites[k].channels, chain.sites[k].feature_axis,
+                               module_path(chain.sites[k].add)) for k in idx]
             part = BlockPart(chain.index, sites, stream_in=g > 0, stream_out=g + 1 < len(groups))
             spec = specs.setdefault(path, BlockSpec(path))
             spec.parts.append(part)

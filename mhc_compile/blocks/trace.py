@@ -30,9 +30,10 @@ class BlockTraceError(RuntimeError):
 class BlockCall:
     """One example call of a block: its arguments bound to its forward's parameter names."""
 
-    names: list              # forward's parameter names, in order (no self)
+    names: list              # argument names, in order (no self; **kwargs contents by their keys)
     values: dict             # name -> example value (defaults applied)
     constants: dict          # name -> value the trace is specialised to
+    keyword: list            # the names passed to the block by keyword
 
 
 @dataclass
@@ -87,42 +88,88 @@ def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kw
 
 
 def bind_call(block: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
+    """The call bound to names: the forward's parameters, then the keyword arguments a
+    ``**kwargs`` parameter received (each its own name, so the trace sees a real dict)."""
     sig = inspect.signature(type(block).forward)
     params = list(sig.parameters.values())[1:]
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise BlockTraceError(f"{type(block).__name__}.forward takes *{p.name}; a block with "
-                                  "variadic arguments is not traced alone")
     bound = sig.bind(block, *args, **kwargs)
     bound.apply_defaults()
-    values = {p.name: bound.arguments[p.name] for p in params}
+    values: dict = {}
+    keyword: list = []
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            if bound.arguments.get(p.name):
+                raise BlockTraceError(f"{type(block).__name__}.forward was called with *{p.name} values; a block "
+                                      "with variadic positional arguments is not traced alone")
+        elif p.kind is p.VAR_KEYWORD:
+            extra = dict(bound.arguments.get(p.name) or {})
+            values.update(extra)
+            keyword += list(extra)
+        else:
+            values[p.name] = bound.arguments[p.name]
+            if p.kind is not p.POSITIONAL_ONLY:
+                keyword.append(p.name)
     constants = {n: v for n, v in values.items() if _is_constant(v)}
-    return BlockCall([p.name for p in params], values, constants)
+    return BlockCall(list(values), values, constants, keyword)
 
 
-class _LeafTracer(fx.Tracer):
-    """Every submodule is a leaf: the block's own code is the graph."""
+class _Caller(nn.Module):
+    """Holds the block; :func:`_caller` gives it a ``forward(<the call's names>)`` that calls
+    the block with them: one placeholder per argument, ``**kwargs`` contents included."""
 
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: ARG002
-        return True
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
 
 
-def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool) -> BlockGraph:
+def _caller(block: nn.Module, call: BlockCall) -> nn.Module:
+    pos = [n for n in call.names if n not in call.keyword]
+    args = ", ".join(pos + [f"{n}={n}" for n in call.keyword])
+    src = f"def forward(self, {', '.join(call.names)}):\n    return self.block({args})\n"
+    scope: dict = {}
+    exec(compile(src, f"<mhc-call {type(block).__name__}>", "exec"), scope)  # noqa: S102 - our own two lines
+    cls = type(f"Call{type(block).__name__}", (_Caller,), {"forward": scope["forward"]})  # fx traces type(root).forward
+    return cls(block)
+
+
+class _BlockTracer(fx.Tracer):
+    """Child modules are leaves, except the block itself and the modules on the way to a
+    residual add (``through``, paths relative to the block), whose code is inlined."""
+
+    def __init__(self, through: set):
+        super().__init__()
+        self.through = {"block", *(f"block.{p}" for p in through)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name not in self.through
+
+
+def _set_training(mods: list, flags: list) -> None:
+    for m, flag in zip(mods, flags):
+        object.__setattr__(m, "training", flag)
+
+
+def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, through: Sequence[str] = ()) -> BlockGraph:
     """The block's forward as an FX graph (in ``training`` mode), with fake example values."""
-    was = block.training
-    object.__setattr__(block, "training", training)  # the block only: its children are leaves
+    inlined = [block] + [block.get_submodule(p) for p in through]
+    was = [m.training for m in inlined]
+    _set_training(inlined, [training] * len(inlined))  # the inlined code only: leaves keep their own
+    caller = _caller(block, call)
     try:
-        graph = _LeafTracer().trace(block, concrete_args=dict(call.constants) or None)
+        graph = _BlockTracer(set(through)).trace(caller, concrete_args=dict(call.constants) or None)
     except Exception as exc:  # noqa: BLE001
         raise BlockTraceError(f"torch.fx could not trace {type(block).__name__}.forward alone "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
     finally:
-        object.__setattr__(block, "training", was)
+        _set_training(inlined, was)
+    for node in graph.nodes:  # targets relative to the block
+        if node.op in ("call_module", "get_attr") and str(node.target).startswith("block."):
+            node.target = str(node.target)[len("block."):]
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(call.names):
         raise BlockTraceError(f"the trace of {type(block).__name__} has {len(placeholders)} inputs for "
-                              f"{len(call.names)} parameters")
+                              f"{len(call.names)} arguments")
     try:
         _ti.fake_propagate(gm, mode, *[call.values[n] for n in call.names])
     except Exception as exc:  # noqa: BLE001
