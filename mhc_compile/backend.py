@@ -165,14 +165,15 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
             s for s in (f"graph ends at a graph break: {break_after}" if break_after else "",
                         f"graph resumes after a graph break in {break_before}" if break_before else "") if s
         )
-        _warn_once(
-            ("break", code, break_after),
+        message = (
             f"mhc: {where}. Residual streams never cross a graph break: the {num_sites} site(s) of this graph "
-            "form their own chain(s), expanded at its start and collapsed at its end, so the rewritten "
-            "model differs from the one a single graph would give. Remove the break (find it with "
-            "torch.compile(..., fullgraph=True), which makes any graph break an error).",
-            MHCGraphBreakWarning,
-        )
+            "would form their own chain(s), expanded at its start and collapsed at its end, so the rewritten "
+            "model would differ from the one a single graph gives (per-block compile and FSDP2 units cut "
+            "graphs the same way). Remove the break (find it with torch.compile(..., fullgraph=True), which "
+            "makes any graph break an error), or use mhc_compile.convert, whose blocks carry the streams")
+        if config.graph_breaks == "error":
+            raise MHCBackendError(message + "; options={'graph_breaks': 'split'} accepts separate chains per graph.")
+        _warn_once(("break", code, break_after), message + ".", MHCGraphBreakWarning)
     elif not num_sites and not (break_after or break_before) and not _ti.is_ddp_optimizer_piece(gm):
         reasons = "; ".join(f"{t.node}: {t.reason}" for t in report.not_taken[:3])
         _warn_once(

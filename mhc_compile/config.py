@@ -17,6 +17,7 @@ INITS = ("preserve", "paper")
 COLLAPSES = ("mean", "sum", "learned")
 KERNELS = ("auto", "triton", "reference")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+GRAPH_BREAKS = ("error", "split")
 MAX_STREAMS = 8
 
 
@@ -46,6 +47,10 @@ class MHCConfig:
     fuse_boundaries:  fuse post_res of site l with coeffs+pre of site l+1 when adjacent.
     inner:            torch.compile backend that receives the rewritten graph ("inductor",
                       "aot_eager", "eager"); only used by the "mhc" backend.
+    graph_breaks:     what the "mhc" backend does with a graph that holds residual sites and
+                      ends or resumes at a graph break (its streams cannot cross the break):
+                      "error" (MHCBackendError, the default) or "split" (each graph gets its
+                      own chains, with an MHCGraphBreakWarning).
     """
 
     VERSION = 1  # of the to_dict() layout; from_dict refuses newer ones (class attribute, not a field)
@@ -63,6 +68,7 @@ class MHCConfig:
     eps: float = 1e-6
     fuse_boundaries: bool = True
     inner: str = "inductor"
+    graph_breaks: str = "error"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> MHCConfigError:
@@ -91,6 +97,7 @@ class MHCConfig:
             ("collapse", COLLAPSES),
             ("kernels", KERNELS),
             ("inner", INNER_BACKENDS),
+            ("graph_breaks", GRAPH_BREAKS),
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(map(repr, allowed))}")

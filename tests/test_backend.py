@@ -352,13 +352,25 @@ def test_optimizer_built_before_first_call_is_refused():
     torch.optim.SGD(model.head.parameters(), lr=0.1).step()
 
 
-def test_graph_break_warns_and_keeps_the_function():
+def test_graph_break_is_refused_by_default():
+    """A graph break cuts the streams (each graph would get its own chains): not the model asked
+    for, so the backend raises unless graph_breaks='split' says that is wanted."""
+    _fresh()
+    model = _TwoStage(brk=True)
+    compiled = torch.compile(model, backend="mhc", options={"inner": "aot_eager"})
+    with pytest.raises(Exception, match="graph_breaks") as info:
+        compiled(torch.randn(3, 5, 16))
+    assert "MHCBackendError" in repr(info.value) or isinstance(info.value, B.MHCBackendError)
+    assert "fullgraph=True" in str(info.value)
+
+
+def test_graph_break_split_warns_and_keeps_the_function():
     _fresh()
     model = _TwoStage(brk=True)
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
         ref = model(x)
-    compiled = torch.compile(model, backend="mhc", options={"inner": "aot_eager"})
+    compiled = torch.compile(model, backend="mhc", options={"inner": "aot_eager", "graph_breaks": "split"})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = compiled(x)
