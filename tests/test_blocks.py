@@ -337,3 +337,17 @@ def test_hf_blocks_with_keyword_arguments(name, blocks):
         got, want = main(carried(ids, **kw)), main(whole(ids, **kw))
     assert (got - ref).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_convert_leaves_buffers_and_random_state_alone():
+    """The example forward that records the block calls runs for real (in training mode here):
+    batch-norm statistics and the caller's random stream are as before."""
+    torch.manual_seed(0)
+    model = zoo.tiny_resnet_basic().train()
+    args = zoo.image_inputs()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    state = torch.random.get_rng_state()
+    convert(model, MHCConfig(streams=2, kernels="reference"), args, inplace=True)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for k, v in stats.items():
+        assert torch.equal(model.state_dict()[k], v), k

@@ -28,7 +28,7 @@ from ..config import MHCConfig
 from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, analyze, rewrite_chain_part
 from ..passes.streams import is_stream_wise
 from .plan import BlockPart, BlockPlan, BlockSpec
-from .trace import BlockCall, BlockGraph, BlockTraceError, record_calls, trace_block
+from .trace import BlockCall, BlockGraph, BlockTraceError, buffers_kept, record_calls, trace_block
 
 
 class BlockCallError(TypeError):
@@ -230,11 +230,12 @@ def carry_blocks(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, c
     (the caller falls back to the whole-graph form) are raised before ``model`` is changed."""
     calls, mode = record_calls(model, [s.path for s in plan.blocks], args, kwargs)
     prepared = []
-    for spec in plan.blocks:
-        try:
-            prepared.append((spec, _prepare_block(model, spec, calls[spec.path], mode)))
-        except (BlockRewriteError, BlockTraceError) as exc:
-            raise type(exc)(f"{spec.path or 'the root'}: {exc}") from exc
+    with buffers_kept(model):  # fake propagation through leaves may bump their statistics
+        for spec in plan.blocks:
+            try:
+                prepared.append((spec, _prepare_block(model, spec, calls[spec.path], mode)))
+            except (BlockRewriteError, BlockTraceError) as exc:
+                raise type(exc)(f"{spec.path or 'the root'}: {exc}") from exc
     names: list = []
     for spec, prep in prepared:
         block = model.get_submodule(spec.path) if spec.path else model

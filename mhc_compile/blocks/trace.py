@@ -1,8 +1,9 @@
 """Trace a block's own forward, with every child module a leaf, and record example values.
 
-The example call of each block is taken from one forward of the whole model under a
-``FakeTensorMode`` (no real compute, nothing of the model's state changes, meta-device models
-work). ``torch.fx`` then traces the block's forward alone: child modules stay ``call_module``
+The example call of each block is taken from one forward of the whole model: a real one under
+``no_grad`` with the buffers restored after it (so the block sees what real calls pass it), or,
+for a meta-device model, one under a ``FakeTensorMode`` (nothing allocated). The block graph's
+example values come from fake propagation either way. ``torch.fx`` then traces the block's forward alone: child modules stay ``call_module``
 nodes (attention, caches and keyword arguments pass through them untouched), tensors and
 other objects are placeholders, and ``None``/bool/number/string arguments are specialised:
 the traced graph is only valid for those values, which :mod:`.carry` checks on every call.
@@ -10,6 +11,7 @@ A block whose forward branches on ``self.training`` gives one graph per mode.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -57,8 +59,38 @@ def _fake_inputs(mode: Any, values: Sequence[Any], device: torch.device) -> list
     return [torch.utils._pytree.tree_map(fake, v) for v in values]
 
 
+def _run_recording(model: nn.Module, args: Sequence[Any], kwargs: dict, mode: Any, device: torch.device) -> None:
+    """One forward of ``model`` on the example: real (so the blocks see exactly the arguments a
+    real call gives them: a library may build a mask under fake tensors that it skips on real
+    ones), with every buffer restored afterwards; on fake tensors for a meta-device model."""
+    if device.type == "meta":
+        with mode, torch.no_grad():
+            fargs = _fake_inputs(mode, args, device)
+            fkw = dict(zip(kwargs, _fake_inputs(mode, list(kwargs.values()), device)))
+            model(*fargs, **fkw)
+        return
+    devices = [device] if device.type == "cuda" else []
+    # the caller's random streams (dropout in training mode) and statistics are left as they were
+    with buffers_kept(model), torch.no_grad(), torch.random.fork_rng(devices=devices):
+        model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module):
+    """Restore every buffer of ``model`` on exit (batch-norm statistics a tracing run updated,
+    on real or through fake propagation)."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+
+
 def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kwargs: dict):
-    """``({path: BlockCall}, mode)`` from one fake forward of ``model``; each block must run once."""
+    """``({path: BlockCall}, fake mode)`` from one forward of ``model``; each block must run once."""
     seen: dict = {p: [] for p in paths}
     hooks = []
     for path in paths:
@@ -68,12 +100,9 @@ def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kw
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     mode = _ti.fake_mode()
     try:
-        with mode, torch.no_grad():
-            fargs = _fake_inputs(mode, args, device)
-            fkw = dict(zip(kwargs, _fake_inputs(mode, list(kwargs.values()), device)))
-            model(*fargs, **fkw)
+        _run_recording(model, args, kwargs, mode, device)
     except Exception as exc:  # noqa: BLE001 - reported as the fallback reason
-        raise BlockTraceError(f"the model did not run under FakeTensorMode ({type(exc).__name__}: "
+        raise BlockTraceError(f"the model did not run on the example ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
     finally:
         for h in hooks:
