@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from . import _torch_internals as _ti
-from .backend_safety import MHCBackendError, guard_instance, refuse_checkpointed_sites, refuse_fully_sharded
+from .backend_safety import (MHCBackendError, guard_instance, refuse_checkpointed_sites, refuse_child_root,
+                             refuse_fully_sharded)
 from .config import MHCConfig
 from .passes.nodes import normalize_path
 from .passes.placement import MHCPlacementError, MHCSiteParams, SiteInit, attach, safe_name, site_container
@@ -158,6 +159,7 @@ def mhc_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options
     num_sites = report.num_sites
     if num_sites and provider._root is not None:
         refuse_fully_sharded(provider._root[0])
+        refuse_child_root(provider._root[0])
     break_after = _ti.graph_break_after(gm)
     break_before = _ti.resumed_after_break(code)
     if num_sites and (break_after or break_before):

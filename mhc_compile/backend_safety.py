@@ -15,6 +15,11 @@ cases are refused here with an :class:`~mhc_compile.backend.MHCBackendError` tha
   gradients never reduced, and per-block units split the graph so the streams cannot cross the
   blocks. :func:`refuse_fully_sharded` raises; ``mhc_compile.convert`` before ``fully_shard`` is
   the way (the converted blocks carry the streams).
+* **A block compiled on its own.** ``torch.compile(block, backend="mhc")`` on a module that is a
+  child of another module (the per-block style of torchtitan and HF ``model.compile()``) would
+  give each block its own chain, expanded and collapsed inside it: not the model asked for.
+  :func:`refuse_child_root` raises when the graph's root module is registered as a child of a
+  live module other than a compile / DDP wrapper.
 * **Residuals inside activation-checkpointed regions.** ``torch.utils.checkpoint`` /
   ``checkpoint_wrapper`` regions reach the backend as higher-order ops whose body is a subgraph
   the passes do not rewrite. When a body holds residual sites, :func:`refuse_checkpointed_sites`
@@ -124,4 +129,38 @@ def refuse_fully_sharded(root: nn.Module) -> None:
             "ranks), and per-block units cut the graph so the streams cannot cross the blocks. Convert first: "
             "model = mhc_compile.convert(model, config, example_inputs), then fully_shard each block and the "
             "root, and compile the blocks with the default inductor backend (docs/distributed.md)."
+        )
+
+
+_WRAPPER_KEYS = ("_orig_mod", "module")  # torch.compile's OptimizedModule, DistributedDataParallel
+
+
+def _child_names(module: nn.Module) -> list:
+    """The names under which live modules hold ``module`` as a child (``_modules[name]``),
+    the torch.compile / DDP wrapper slots excluded."""
+    import gc
+
+    names = []
+    for ref in gc.get_referrers(module):
+        if not isinstance(ref, dict):
+            continue
+        keys = [k for k, v in ref.items() if v is module and isinstance(k, str)]
+        if not keys or any(k in _WRAPPER_KEYS for k in keys):
+            continue
+        if any(isinstance(o, dict) and o.get("_modules") is ref for o in gc.get_referrers(ref)):
+            names += keys
+    return names
+
+
+def refuse_child_root(root: nn.Module) -> None:
+    """Raise when ``root`` (the module whose graph holds residual sites) is a child of another
+    module: compiling it alone would cut the streams at its boundary."""
+    names = _child_names(root)
+    if names:
+        raise MHCBackendError(
+            f"mhc: this graph is {type(root).__name__}, held by another module as its child {names[0]!r}, compiled on "
+            "its own. Each such block would get its own streams, expanded and collapsed inside it, so the streams "
+            "would not cross the blocks. Compile the whole model with backend='mhc', or convert it with "
+            "mhc_compile.convert(model, config, example_inputs) (its blocks carry the streams) and compile the "
+            "blocks with the default inductor backend."
         )

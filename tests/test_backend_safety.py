@@ -103,3 +103,17 @@ def test_fully_sharded_model_is_refused(per_block, tmp_path):
     finally:
         torch._dynamo.reset()
         dist.destroy_process_group()
+
+
+def test_block_compiled_on_its_own_is_refused():
+    """torch.compile(block, backend="mhc") on a child of a model (even the first, whose graph
+    is not reused) would give that block its own chain: refused, pointing at convert."""
+    torch._dynamo.reset()
+    model = tiny_gpt()
+    compiled = torch.compile(model.blocks[0], backend="mhc", options={"kernels": "reference", "inner": "aot_eager"})
+    with pytest.raises(Exception, match="compiled on its own") as info:
+        compiled(torch.randn(2, 8, 32))
+    assert "MHCBackendError" in repr(info.value) or isinstance(info.value, MHCBackendError)
+    torch._dynamo.reset()
+    whole = torch.compile(model, backend="mhc", options={"kernels": "reference", "inner": "aot_eager"})
+    whole(*token_inputs())  # the whole model (held only by the compile wrapper) is fine
