@@ -132,7 +132,8 @@ def refuse_fully_sharded(root: nn.Module) -> None:
         )
 
 
-_WRAPPER_KEYS = ("_orig_mod", "module")  # torch.compile's OptimizedModule, DistributedDataParallel
+# torch.compile's OptimizedModule, DistributedDataParallel, torch.export's temporary root wrapper
+_WRAPPER_KEYS = ("_orig_mod", "module", "_export_root")
 
 
 def _child_names(module: nn.Module) -> list:
@@ -140,6 +141,7 @@ def _child_names(module: nn.Module) -> list:
     the torch.compile / DDP wrapper slots excluded."""
     import gc
 
+    gc.collect()  # a wrapper that is garbage (not yet collected) is no parent
     names = []
     for ref in gc.get_referrers(module):
         if not isinstance(ref, dict):
