@@ -54,7 +54,7 @@ class CarriedForward:
             raise BlockCallError(f"{self.path}: forward takes {len(self.names)} arguments, got {len(args)}")
         given = dict(zip(self.names, args))
         for k, v in kwargs.items():
-            if k not in self.defaults and k not in given and k not in self.names:
+            if k not in self.names:  # the defaults and the positional names are names too
                 raise BlockCallError(f"{self.path}: forward got an unexpected keyword argument {k!r}")
             given[k] = v
         out = []

@@ -145,6 +145,5 @@ def plan_blocks(chains: list) -> BlockPlan:
             plan.fallback = (f"module {spec.path!r} holds sites of chains {[p.chain for p in spec.parts]} and "
                              "would carry more than one set of streams")
             return plan
-    order = {s.name: i for i, c in enumerate(chains) for s in c.sites}
-    plan.blocks = sorted(specs.values(), key=lambda s: min(order[b.name] for p in s.parts for b in p.sites))
+    plan.blocks = list(specs.values())  # first seen: chains in order, blocks in chain order
     return plan
