@@ -231,6 +231,20 @@ def rewrite_captured(model: nn.Module, gm: fx.GraphModule, config: MHCConfig,
 FORMS = ("auto", "blocks", "whole-graph")
 
 
+def _without_cache(model: nn.Module, kwargs: dict) -> dict:
+    """The keyword arguments the whole-model capture uses: the example's, with ``use_cache=False``
+    when ``forward`` takes ``use_cache`` (a KV cache object in the outputs cannot be exported;
+    where the residuals are does not depend on it). The blocks are recorded with the example's
+    own arguments, cache included."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" not in params or kwargs.get("use_cache") is False:
+        return kwargs
+    return {**kwargs, "use_cache": False}
+
+
 def convert(
     model: nn.Module,
     config: Optional[MHCConfig] = None,
@@ -268,7 +282,8 @@ def convert(
     config = MHCConfig.from_options(config)
     provider = param_provider or default_param_provider
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
-    gm = capture(model, args, example_kwargs=kwargs)
+    captured = _without_cache(model, kwargs)
+    gm = capture(model, args, example_kwargs=captured)
     detected, chains = analyze(gm.graph)
     if not chains:
         report = build_report(detected, chains, config, rewritten=False)
@@ -294,7 +309,7 @@ def convert(
     if reason:
         report = rewrite_graph(gm, config, provider)
         make_mode_switchable(gm, target.training)
-        names = install_whole_graph(target, gm)
+        names = install_whole_graph(target, gm, fixed={k: v for k, v in captured.items() if k not in kwargs})
         report.param_names = names
         report.form, report.form_reason = "whole-graph", reason
     else:

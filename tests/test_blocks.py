@@ -155,6 +155,8 @@ class _ScaledBlock(nn.Module):
 
     def forward(self, x, scale=None):
         y = self.fc(self.ln(x))
+        if scale == 0:  # no residual add at all for this value
+            return y
         if scale is not None:
             y = y * scale
         if self.training:  # a Python branch on the mode: one graph per mode
@@ -175,13 +177,45 @@ class _Scaled(nn.Module):
         return h
 
 
-def test_block_guards_the_arguments_it_was_traced_with():
+def _perturbed(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mhc" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_block_called_with_other_constants_is_traced_again():
+    """A call with another specialised value (scale=2.0 where the example had None) traces the
+    block once more with the block's own mHC parameters: at random mHC parameters it equals a
+    model converted with scale=2.0 as its example, gradients included; the first variant is kept."""
+    torch.manual_seed(0)
+    model, args = _Scaled().eval(), zoo.token_inputs()
+    cfg = MHCConfig(streams=4, kernels="reference")
+    out = _perturbed(convert(model, cfg, args))
+    ref = convert(model, cfg, args, example_kwargs={"scale": 2.0})
+    ref.load_state_dict(out.state_dict())
+    carry = out.blocks[1].__dict__["_mhc_carry"]
+    before = len(carry.variants)
+    got, want = out(*args, scale=2.0), ref(*args, scale=2.0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert len(carry.variants) == before + 1
+    got.square().sum().backward()
+    want.square().sum().backward()
+    for (name, p), q in zip(out.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+    out(*args, scale=2.0)
+    assert len(carry.variants) == before + 1  # traced once per signature
+    with torch.no_grad():
+        torch.testing.assert_close(out(*args), ref(*args, scale=None))
+
+
+def test_block_call_that_cannot_carry_the_streams_raises():
     torch.manual_seed(0)
     model, args = _Scaled().eval(), zoo.token_inputs()
     out = convert(model, MHCConfig(streams=4, kernels="reference"), args)
-    assert out.mhc_report.form == "blocks"
-    with pytest.raises(BlockCallError, match="scale=None"):
-        out(*args, scale=2.0)
+    with pytest.raises(BlockCallError, match=r"scale=None .*called with .*scale=0 .*0 residual sites"):
+        out(*args, scale=0)
 
 
 def test_mode_branch_in_block_forward_follows_train_and_eval():

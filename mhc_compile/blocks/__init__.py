@@ -6,7 +6,8 @@ them as a real ``(..., n, C)`` tensor; :mod:`.trace` traces each block's own for
 child modules as leaves; :mod:`.carry` rewrites that graph with the same passes and installs it
 as the block's forward, so the parent's Python forward runs unchanged.
 """
-from .carry import BlockCallError, carry_blocks
+from .carry import carry_blocks
+from .signature import BlockCallError
 from .plan import BlockPlan, plan_blocks
 
 __all__ = ["BlockCallError", "BlockPlan", "carry_blocks", "plan_blocks"]

@@ -15,76 +15,103 @@ arguments the trace assumed (:class:`BlockCallError` when they differ).
 """
 from __future__ import annotations
 
-import inspect
 import linecache
 import types
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
+import torch
 from torch import fx, nn
 
+from .. import _torch_internals as _ti
 from ..config import MHCConfig
+from ..passes.placement import safe_name, site_container
 from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, analyze, rewrite_chain_part
 from ..passes.streams import is_stream_wise
 from .plan import BlockPart, BlockPlan, BlockSpec
-from .trace import BlockCall, BlockGraph, BlockTraceError, buffers_kept, record_calls, trace_block
+from .signature import BlockCallError, ForwardSignature, call_key, describe_key
+from .trace import BlockCall, BlockGraph, BlockTraceError, bind_call, buffers_kept, record_calls, snapshot, trace_block
 
 
-class BlockCallError(TypeError):
-    """A stream-carrying block was called with arguments its converted graph does not cover."""
-
-
-_MISSING = object()
+MAX_VARIANTS = 16   # traced graphs per block: more call signatures than this is a misuse
 
 
 @dataclass
 class CarriedForward:
-    """The state behind a stream-carrying block's ``forward``: the traced call and the code."""
+    """The state behind a stream-carrying block's ``forward``: one compiled graph per call key.
+
+    The convert-time graphs (the example call, in both modes) are made by :func:`carry_blocks`;
+    a call with another key (``attention_mask`` a tensor where the example had None, a KV cache
+    where it had none, ``use_cache=False``) traces the block once more with that call's values and
+    rewrites it with the block's own mHC parameters; an untraceable one raises
+    :class:`BlockCallError` saying what differs."""
 
     path: str
-    names: list                      # forward's parameter names, in order
-    defaults: dict                   # name -> default (applied when not given)
-    constants: dict                  # name -> the value the graph is specialised to
-    variants: dict = field(default_factory=dict)   # training flag -> compiled forward(self, *values)
-    source: dict = field(default_factory=dict)     # training flag -> its Python source
+    spec: BlockSpec
+    config: MHCConfig
+    signature: ForwardSignature
+    stream: Optional[tuple] = None  # (argument name, feature axis, rank) when the streams come in
+    variants: dict = field(default_factory=dict)   # call key -> compiled forward(self, *values)
+    source: dict = field(default_factory=dict)     # call key -> its Python source
 
-    def bind(self, args: tuple, kwargs: dict) -> list:
-        if len(args) > len(self.names):
-            raise BlockCallError(f"{self.path}: forward takes {len(self.names)} arguments, got {len(args)}")
-        given = dict(zip(self.names, args))
-        for k, v in kwargs.items():
-            if k not in self.names:  # the defaults and the positional names are names too
-                raise BlockCallError(f"{self.path}: forward got an unexpected keyword argument {k!r}")
-            given[k] = v
-        out = []
-        for name in self.names:
-            v = given.get(name, self.defaults.get(name, _MISSING))
-            if v is _MISSING:
-                raise BlockCallError(f"{self.path}: forward is missing the argument {name!r}")
-            if name in self.constants:
-                want = self.constants[name]
-                if not (v is want or (want is not None and v is not None and type(v) is type(want) and v == want)):
-                    raise BlockCallError(
-                        f"{self.path} was converted for calls with {name}={want!r} and was called with "
-                        f"{name}={_short(v)}. Convert with example inputs (example_kwargs) that call the "
-                        "model the way it runs, or leave this model in the whole-graph form.")
-            elif v is None:
-                raise BlockCallError(f"{self.path} was converted for calls with a value for {name!r}; "
-                                     "it was called with None")
-            out.append(v)
-        return out
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        names, values = self.signature.bind(args, kwargs)
+        key = call_key(block.training, names, values)
+        fn = self.variants.get(key)
+        if fn is None:
+            fn = self._retrace(block, key, args, kwargs)
+        return fn(block, *values)
+
+    def _retrace(self, block: nn.Module, key: tuple, args: tuple, kwargs: dict) -> Callable:
+        first = next(iter(self.variants), None)
+        if len(self.variants) >= MAX_VARIANTS:
+            raise BlockCallError(f"{self.path} was called with {MAX_VARIANTS} different argument signatures "
+                                 f"(now {describe_key(key)}); a number or flag that changes on every call "
+                                 "cannot be specialised. Pass it as a tensor.")
+        try:
+            call = bind_call(block, args, kwargs)
+            mode = _ti.fake_mode()
+            values = {n: snapshot(v) for n, v in call.values.items()}
+            if self.stream is not None:
+                values[self.stream[0]] = _unwidened(mode, values[self.stream[0]], *self.stream[1:])
+            call = replace(call, values=values)
+            with buffers_kept(block), torch.no_grad():
+                prep = _prepare(trace_block(block, call, mode, block.training, self.spec.through), self.spec)
+            fn, src = _rewrite_compile(block, prep, self.config, _live_provider(block), [],
+                                       f"{self.path} {len(self.variants)}")
+        except (BlockTraceError, BlockRewriteError) as exc:
+            raise BlockCallError(
+                f"{self.path} was converted for calls with {describe_key(first) if first else '?'} and was "
+                f"called with {describe_key(key)}; traced with these arguments its forward cannot carry the "
+                f"streams: {exc}") from exc
+        self.variants[key], self.source[key] = fn, src
+        return fn
 
 
-def _short(v: Any) -> str:
-    return f"a {type(v).__name__}" if not isinstance(v, (type(None), bool, int, float, str)) else repr(v)
+def _unwidened(mode: Any, streams: torch.Tensor, feature_axis: int, rank: int) -> torch.Tensor:
+    """A fake tensor of the block's original hidden-state shape, for tracing a new call: the
+    streams ``(..., n, C)`` without ``n``, channels back at ``feature_axis``."""
+    dims = list(streams.shape[:-2])
+    dims.insert(feature_axis % rank, streams.shape[-1])
+    with mode:
+        return torch.empty(dims, dtype=streams.dtype, device=streams.device)
+
+
+def _live_provider(block: nn.Module) -> ParamProvider:
+    """The block's registered mHC parameters, for the graphs traced after the conversion."""
+    def get(name: str, init: dict) -> dict:
+        container, _ = site_container(block, name)
+        params = {k: container._parameters.get(safe_name(k)) for k in init}
+        missing = [k for k, v in params.items() if v is None]
+        if missing:
+            raise BlockRewriteError(f"the block has no mHC parameter {name}.{missing[0]}")
+        return params
+    return get
 
 
 def _carried_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    carry = self.__dict__["_mhc_carry"]
-    values = carry.bind(args, kwargs)
-    fn = carry.variants[self.training] if len(carry.variants) > 1 else next(iter(carry.variants.values()))
-    return fn(self, *values)
+    return self.__dict__["_mhc_carry"](self, args, kwargs)
 
 
 def _compile(graph: fx.Graph, tag: str) -> tuple[Callable, str]:
@@ -199,27 +226,44 @@ def _prepare_block(model: nn.Module, spec: BlockSpec, call: BlockCall, mode) -> 
     return out
 
 
+def _rewrite_compile(block: nn.Module, prep: _Prepared, config: MHCConfig, provider: ParamProvider,
+                     names: list, tag: str) -> tuple[Callable, str]:
+    gm = prep.graph.graph_module
+    object.__setattr__(gm, "mhc_holder", block)  # not a submodule: the parameters go on the block
+    for chain, ends in prep.chains:
+        rewrite_chain_part(gm, chain, config, provider, names, ends)
+    return _compile(gm.graph, tag)
+
+
+def _stream_argument(prep: _Prepared, call: BlockCall) -> Optional[tuple]:
+    placeholders = [n for n in prep.graph.graph_module.graph.nodes if n.op == "placeholder"]
+    for chain, ends in prep.chains:
+        if ends.stream_in is not None:
+            first = chain.sites[0]
+            return call.names[placeholders.index(ends.stream_in)], first.feature_axis, len(first.shape)
+    return None
+
+
 def _install(block: nn.Module, spec: BlockSpec, call: BlockCall, prepared: dict, config: MHCConfig,
              provider: ParamProvider, names: list) -> None:
     """Rewrite the prepared graphs (registering the mHC parameters on ``block``) and bind the code."""
-    carry = CarriedForward(spec.path or type(block).__name__, call.names, _defaults(block), dict(call.constants))
+    path = spec.path or type(block).__name__
+    carry = CarriedForward(path, spec, config, ForwardSignature.of(block, path),
+                           _stream_argument(next(iter(prepared.values())), call))
     provider = _block_provider(provider, spec.path)
     block_names: list = []
+    values = [call.values[n] for n in call.names]
+    fns: dict = {}
     for training, prep in prepared.items():
-        gm = prep.graph.graph_module
-        object.__setattr__(gm, "mhc_holder", block)  # not a submodule: the parameters go on the block
-        for chain, ends in prep.chains:
-            rewrite_chain_part(gm, chain, config, provider, block_names, ends)
-        fn, src = _compile(gm.graph, f"{spec.path or 'root'} training={training}")
-        carry.variants[training], carry.source[training] = fn, src
+        fns[training] = _rewrite_compile(block, prep, config, provider, block_names,
+                                         f"{spec.path or 'root'} training={training}")
+    for training in (False, True):
+        fn, src = fns.get(training) or next(iter(fns.values()))
+        key = call_key(training, tuple(call.names), values)
+        carry.variants[key], carry.source[key] = fn, src
     names += [f"{spec.path}.{n}" if spec.path else n for n in block_names]
     block.__dict__["_mhc_carry"] = carry
     block.forward = types.MethodType(_carried_forward, block)
-
-
-def _defaults(block: nn.Module) -> dict:
-    params = list(inspect.signature(type(block).forward).parameters.values())[1:]
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def carry_blocks(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, config: MHCConfig,

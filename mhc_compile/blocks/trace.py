@@ -3,15 +3,19 @@
 The example call of each block is taken from one forward of the whole model: a real one under
 ``no_grad`` with the buffers restored after it (so the block sees what real calls pass it), or,
 for a meta-device model, one under a ``FakeTensorMode`` (nothing allocated). The block graph's
-example values come from fake propagation either way. ``torch.fx`` then traces the block's forward alone: child modules stay ``call_module``
-nodes (attention, caches and keyword arguments pass through them untouched), tensors and
-other objects are placeholders, and ``None``/bool/number/string arguments are specialised:
-the traced graph is only valid for those values, which :mod:`.carry` checks on every call.
+example values come from fake propagation either way; arguments that are neither tensors nor
+constants (a KV cache) are copied when recorded (:func:`snapshot`), so propagation sees them as
+the block did and never changes the caller's. ``torch.fx`` then traces the block's forward
+alone: child modules stay ``call_module`` nodes (attention, caches and keyword arguments pass
+through them untouched), tensors and other objects are placeholders, and
+``None``/bool/number/string arguments are specialised: the traced graph is only valid for
+those values (a call with others is traced again, :mod:`.signature`, :mod:`.carry`).
 A block whose forward branches on ``self.training`` gives one graph per mode.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -20,8 +24,7 @@ import torch
 from torch import fx, nn
 
 from .. import _torch_internals as _ti
-
-_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+from .signature import is_constant
 
 
 class BlockTraceError(RuntimeError):
@@ -43,12 +46,6 @@ class BlockGraph:
     graph_module: fx.GraphModule   # the block as root; its graph is rewritten in place
     call: BlockCall
     training: bool
-
-
-def _is_constant(v: Any) -> bool:
-    if isinstance(v, (tuple, list)):
-        return all(_is_constant(e) for e in v)
-    return isinstance(v, _CONSTANT_TYPES)
 
 
 def _fake_inputs(mode: Any, values: Sequence[Any], device: torch.device) -> list:
@@ -75,6 +72,22 @@ def _run_recording(model: nn.Module, args: Sequence[Any], kwargs: dict, mode: An
         model(*args, **kwargs)
 
 
+def snapshot(value: Any) -> Any:
+    """A copy of an argument that is neither a tensor nor a constant (a KV cache, which the later
+    layers of the same forward change and fake propagation must not touch); the value itself
+    when it cannot be copied."""
+    if isinstance(value, torch.Tensor) or is_constant(value):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(snapshot(e) for e in value)
+    if type(value) is dict:
+        return {k: snapshot(v) for k, v in value.items()}
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - an object that cannot be copied is traced as it is
+        return value
+
+
 @contextlib.contextmanager
 def buffers_kept(model: nn.Module):
     """Restore every buffer of ``model`` on exit (batch-norm statistics a tracing run updated,
@@ -96,7 +109,7 @@ def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kw
     for path in paths:
         block = model.get_submodule(path) if path else model
         hooks.append(block.register_forward_pre_hook(
-            lambda mod, a, k, path=path: seen[path].append((a, k)), with_kwargs=True))
+            lambda mod, a, k, path=path: seen[path].append((snapshot(a), snapshot(k))), with_kwargs=True))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     mode = _ti.fake_mode()
     try:
@@ -138,7 +151,7 @@ def bind_call(block: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
             values[p.name] = bound.arguments[p.name]
             if p.kind is not p.POSITIONAL_ONLY:
                 keyword.append(p.name)
-    constants = {n: v for n, v in values.items() if _is_constant(v)}
+    constants = {n: v for n, v in values.items() if is_constant(v)}
     return BlockCall(list(values), values, constants, keyword)
 
 
@@ -184,6 +197,7 @@ def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, th
     was = [m.training for m in inlined]
     _set_training(inlined, [training] * len(inlined))  # the inlined code only: leaves keep their own
     caller = _caller(block, call)
+    carried = block.__dict__.pop("forward", None)  # a converted block is traced again: its class's forward
     try:
         graph = _BlockTracer(set(through)).trace(caller, concrete_args=dict(call.constants) or None)
     except Exception as exc:  # noqa: BLE001
@@ -191,6 +205,8 @@ def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, th
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
     finally:
         _set_training(inlined, was)
+        if carried is not None:
+            block.__dict__["forward"] = carried
     for node in graph.nodes:  # targets relative to the block
         if node.op in ("call_module", "get_attr") and str(node.target).startswith("block."):
             node.target = str(node.target)[len("block."):]

@@ -11,7 +11,7 @@ not called); the report's ``form`` says which form a model has.
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
@@ -25,20 +25,32 @@ def _mhc_modules(gm: fx.GraphModule):
             yield path, mod
 
 
-def install_whole_graph(model: nn.Module, gm: fx.GraphModule) -> list:
-    """Register ``gm``'s mHC parameters on ``model`` and make ``model.forward`` run ``gm``."""
+def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[dict] = None) -> list:
+    """Register ``gm``'s mHC parameters on ``model`` and make ``model.forward`` run ``gm``.
+
+    ``fixed``: keyword arguments the capture set that the example did not pass (``use_cache=False``):
+    a call that leaves them out gets them, a call that passes another value is refused (the graph
+    has no KV cache to return)."""
     names = []
     for path, mod in _mhc_modules(gm):
         container, cname = site_container(model, path)
         params = attach(container, dict(mod._parameters), mod.init_recipe)
         names += [f"{cname}.{k}" for k in params]
     model.__dict__["_mhc_graph"] = gm  # not a submodule: the state dict stays the model's
+    model.__dict__["_mhc_fixed"] = dict(fixed or {})
     model.forward = types.MethodType(_whole_graph_forward, model)
     return names
 
 
 def _whole_graph_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     gm = self.__dict__["_mhc_graph"]
+    for name, value in self.__dict__["_mhc_fixed"].items():
+        if kwargs.get(name, value) != value:
+            raise TypeError(
+                f"{type(self).__name__} was converted in the whole-graph form ({self.mhc_report.form_reason}), "
+                f"whose graph was captured with {name}={value!r}; it cannot be called with {name}={kwargs[name]!r}. "
+                "The whole-graph form takes the example's arguments only (no KV cache, no generate()).")
+        kwargs[name] = value
     if gm.training != self.training:
         gm.train(self.training)
     state = dict(self.named_parameters(remove_duplicate=False))
