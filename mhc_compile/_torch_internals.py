@@ -455,6 +455,33 @@ def fake_mode() -> Any:
 
 def fake_propagate(gm: torch.fx.GraphModule, mode: Any, *args: Any) -> None:
     """Run ``gm`` on fake ``args`` under ``mode``, recording ``node.meta["val"]`` on every node."""
+    import logging
+
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    FakeTensorProp(gm, mode).propagate(*args)
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # an op without a fake kernel logs its traceback; the caller reports it
+    try:
+        FakeTensorProp(gm, mode).propagate(*args)
+    finally:
+        logger.setLevel(level)
+
+
+def fx_patches_reverted() -> Any:
+    """Inside ``torch.fx`` symbolic tracing: a context in which ``nn.Module.__call__`` and the
+    other functions the tracer patched are the originals again, so a module can run on (fake)
+    values without adding nodes to the graph being traced (``blocks.trace`` working out a
+    dtype). Outside tracing it does nothing."""
+    from torch.fx import _symbolic_trace
+
+    return _symbolic_trace._maybe_revert_all_patches()
+
+
+def is_pytree_container(a: Any) -> bool:
+    """True for a value of a registered pytree node type other than a namedtuple (a
+    ``transformers`` ``ModelOutput``, a registered dataclass), which ``torch.fx`` would turn into
+    a plain dict or fail on when a traced block returns it."""
+    import torch.utils._pytree as pytree
+
+    return type(a) in pytree.SUPPORTED_NODES and not (isinstance(a, tuple) and hasattr(a, "_fields"))

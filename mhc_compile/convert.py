@@ -317,4 +317,8 @@ def convert(
         report.form, report.blocks = "blocks", [b.path for b in plan.blocks]
     target.mhc_report = report
     target.mhc_config = config
+    from .io.pretrained import bind_save_pretrained, is_pretrained
+
+    if is_pretrained(target):
+        bind_save_pretrained(target, args, kwargs)
     return target

@@ -263,3 +263,42 @@ def test_fake_mode_and_propagate_record_shapes_without_compute():
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert tuple(out.meta["val"].shape) == (3, 6) and out.meta["val"].dtype == torch.float32
     assert torch.equal(gm.get_buffer("1.running_mean"), before)
+
+
+def test_fx_patches_reverted_lets_a_module_run_inside_a_trace():
+    """blocks.trace: inside torch.fx tracing, a leaf module called on real values under
+    fx_patches_reverted() runs for real and adds no node to the graph being traced; without it
+    the call would go through the tracer's patched Module.__call__."""
+    lin = torch.nn.Linear(4, 4)
+    seen = {}
+
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            with ti.fx_patches_reverted():
+                seen["out"] = self.lin(torch.ones(2, 4))
+            return self.lin(x)
+
+    gm = torch.fx.symbolic_trace(Root())
+    assert isinstance(seen["out"], torch.Tensor) and not isinstance(seen["out"], torch.fx.Proxy)
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
+
+
+def test_is_pytree_container_knows_registered_types():
+    """blocks.trace rebuilds a block's ModelOutput-like return through the pytree registry."""
+    import collections
+    import dataclasses
+
+    import torch.utils._pytree as pytree
+
+    @dataclasses.dataclass
+    class Out:
+        x: torch.Tensor
+
+    pytree.register_dataclass(Out)
+    assert ti.is_pytree_container(Out(torch.ones(1)))
+    assert ti.is_pytree_container({"a": 1}) and ti.is_pytree_container((1, 2))
+    assert not ti.is_pytree_container(collections.namedtuple("P", "a")(1)) and not ti.is_pytree_container(torch.ones(1))

@@ -74,7 +74,7 @@ class CarriedForward:
             mode = _ti.fake_mode()
             values = {n: snapshot(v) for n, v in call.values.items()}
             if self.stream is not None:
-                values[self.stream[0]] = _unwidened(mode, values[self.stream[0]], *self.stream[1:])
+                values[self.stream[0]] = _unwidened(values[self.stream[0]].detach(), *self.stream[1:])
             call = replace(call, values=values)
             with buffers_kept(block), torch.no_grad():
                 prep = _prepare(trace_block(block, call, mode, block.training, self.spec.through), self.spec)
@@ -89,13 +89,12 @@ class CarriedForward:
         return fn
 
 
-def _unwidened(mode: Any, streams: torch.Tensor, feature_axis: int, rank: int) -> torch.Tensor:
-    """A fake tensor of the block's original hidden-state shape, for tracing a new call: the
+def _unwidened(streams: torch.Tensor, feature_axis: int, rank: int) -> torch.Tensor:
+    """A tensor of the block's original hidden-state shape (zeros), for tracing a new call: the
     streams ``(..., n, C)`` without ``n``, channels back at ``feature_axis``."""
     dims = list(streams.shape[:-2])
     dims.insert(feature_axis % rank, streams.shape[-1])
-    with mode:
-        return torch.empty(dims, dtype=streams.dtype, device=streams.device)
+    return torch.zeros(dims, dtype=streams.dtype, device=streams.device)
 
 
 def _live_provider(block: nn.Module) -> ParamProvider:

@@ -4,7 +4,7 @@ A block's traced graph is specialised to the ``None``/bool/number/string argumen
 it was traced for (``blocks.trace``). Every call is bound here to the block's forward parameter
 names (``**kwargs`` contents by their keys, as :func:`blocks.trace.bind_call` names them) and
 given a :func:`call_key`: the mode, the names, each specialised value, and the structure of the
-others (tensor, tuple of two tensors, a cache object of some class). Calls with the same key
+others (a tensor and its dtype, a tuple of two tensors, a cache object of some class). Calls with the same key
 run the same graph; a new key is traced once more (``blocks.carry``). Binding is plain Python
 over a parameter list read once, so it costs microseconds per call.
 """
@@ -33,7 +33,7 @@ def is_constant(v: Any) -> bool:
 
 def _structure(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
-        return "tensor"
+        return ("tensor", v.dtype)  # a trace may read a dtype (T5, BART): it is part of the key
     if isinstance(v, (tuple, list)):
         return (type(v).__name__, tuple(_structure(e) for e in v))
     if isinstance(v, _CONSTANT_TYPES):
@@ -49,8 +49,8 @@ def call_key(training: bool, names: tuple, values: list) -> tuple:
 def describe_key(key: tuple) -> str:
     """``attention_mask=None, use_cache=True, past_key_values=<DynamicCache>`` for messages."""
     def one(s):
-        if s == "tensor":
-            return "<tensor>"
+        if isinstance(s, tuple) and s and s[0] == "tensor":
+            return f"<{str(s[1]).replace('torch.', '')} tensor>"
         if isinstance(s, tuple) and s and s[0] == "object":
             return f"<{s[1].__name__}>"
         if isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], tuple):

@@ -18,7 +18,7 @@ import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -102,6 +102,10 @@ def buffers_kept(model: nn.Module):
                     b.copy_(saved[name])
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kwargs: dict):
     """``({path: BlockCall}, fake mode)`` from one forward of ``model``; each block must run once."""
     seen: dict = {p: [] for p in paths}
@@ -110,7 +114,7 @@ def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kw
         block = model.get_submodule(path) if path else model
         hooks.append(block.register_forward_pre_hook(
             lambda mod, a, k, path=path: seen[path].append((snapshot(a), snapshot(k))), with_kwargs=True))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = _device_of(model)
     mode = _ti.fake_mode()
     try:
         _run_recording(model, args, kwargs, mode, device)
@@ -174,16 +178,89 @@ def _caller(block: nn.Module, call: BlockCall) -> nn.Module:
     return cls(block)
 
 
+_CONCRETE_ATTRS = ("dtype", "device")
+
+
+class _ValueProxy(fx.Proxy):
+    """A proxy whose ``.dtype`` / ``.device`` are the example's (``if h.dtype == torch.float16:``
+    in T5 and BART layers): the trace is specialised to them, as the call key records."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k in _CONCRETE_ATTRS:
+            v = self.tracer.value_of(self.node)
+            if isinstance(v, torch.Tensor):
+                return getattr(v, k)
+        return super().__getattr__(k)
+
+
 class _BlockTracer(fx.Tracer):
     """Child modules are leaves, except the block itself and the modules on the way to a
-    residual add (``through``, paths relative to the block), whose code is inlined."""
+    residual add (``through``, paths relative to the block), whose code is inlined. The example
+    value of a node is worked out on fake tensors when the code asks a proxy for its dtype or
+    device (:meth:`value_of`; None when it cannot be)."""
 
-    def __init__(self, through: set):
+    def __init__(self, through: set, mode: Any = None, inputs: Optional[dict] = None):
         super().__init__()
         self.through = {"block", *(f"block.{p}" for p in through)}
+        self.mode, self.inputs, self.values = mode, inputs or {}, {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name not in self.through
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_arg(self, a: Any) -> Any:
+        """A pytree container other than a plain tuple/list/dict (a ``ModelOutput``, which
+        ``torch.fx`` would turn into a plain dict) is rebuilt as its own type."""
+        if type(a) not in (tuple, list, dict) and not isinstance(a, fx.Proxy) and _ti.is_pytree_container(a):
+            leaves, spec = torch.utils._pytree.tree_flatten(a)
+            return self.create_node("call_function", _rebuilder(spec), tuple(self.create_arg(x) for x in leaves), {})
+        return super().create_arg(a)
+
+    def value_of(self, node: fx.Node) -> Any:
+        if node not in self.values:
+            self.values[node] = None
+            inputs = node.all_input_nodes
+            known = [self.value_of(n) for n in inputs]  # each input on its own, before this node
+            if self.mode is not None and all(v is not None or n.op == "placeholder" for n, v in zip(inputs, known)):
+                env = dict(zip(inputs, known))
+                try:
+                    with _ti.fx_patches_reverted(), self.mode, torch.no_grad():
+                        self.values[node] = self._evaluate(node, env)
+                except Exception:  # noqa: BLE001 - unknown: the proxy stays symbolic
+                    pass
+        return self.values[node]
+
+    def _evaluate(self, node: fx.Node, env: dict) -> Any:
+        if node.op == "placeholder":
+            if node.target not in self.inputs:
+                raise KeyError(node.target)
+            return self.inputs[node.target]
+        if node.op == "get_attr":
+            return _fetch(self.root, str(node.target))
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+        raise KeyError(node.op)
+
+
+def _rebuilder(spec: Any):
+    """A function that rebuilds one pytree container from its leaves (the graph's target)."""
+    def mhc_rebuild_output(*leaves: Any) -> Any:
+        return torch.utils._pytree.tree_unflatten(list(leaves), spec)
+    return mhc_rebuild_output
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _set_training(mods: list, flags: list) -> None:
@@ -199,7 +276,10 @@ def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, th
     caller = _caller(block, call)
     carried = block.__dict__.pop("forward", None)  # a converted block is traced again: its class's forward
     try:
-        graph = _BlockTracer(set(through)).trace(caller, concrete_args=dict(call.constants) or None)
+        inputs = {n: snapshot(v) for n, v in call.values.items() if n not in call.constants}
+        inputs = dict(zip(inputs, _fake_inputs(mode, list(inputs.values()), _device_of(block))))
+        tracer = _BlockTracer(set(through), mode, inputs)
+        graph = tracer.trace(caller, concrete_args=dict(call.constants) or None)
     except Exception as exc:  # noqa: BLE001
         raise BlockTraceError(f"torch.fx could not trace {type(block).__name__}.forward alone "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
@@ -215,9 +295,42 @@ def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, th
     if len(placeholders) != len(call.names):
         raise BlockTraceError(f"the trace of {type(block).__name__} has {len(placeholders)} inputs for "
                               f"{len(call.names)} arguments")
-    try:
-        _ti.fake_propagate(gm, mode, *[call.values[n] for n in call.names])
-    except Exception as exc:  # noqa: BLE001
-        raise BlockTraceError(f"the traced {type(block).__name__}.forward did not run on the example "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    _propagate(gm, mode, [call.values[n] for n in call.names], type(block).__name__)
     return BlockGraph(gm, call, training)
+
+
+class _RecordingInterpreter(fx.Interpreter):
+    """Runs a graph on real values and records each node's value as a fake tensor."""
+
+    def __init__(self, gm: fx.GraphModule, mode: Any):
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        n.meta["val"] = torch.utils._pytree.tree_map(
+            lambda t: self.mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, out)
+        return out
+
+
+def _propagate(gm: fx.GraphModule, mode: Any, values: list, what: str) -> None:
+    """``node.meta["val"]`` for every node: fake propagation, or, when an op has no fake kernel
+    for these inputs (a grouped matmul of an MoE on the CPU), one real run of the block on the
+    example (no grad, random state and buffers as they were). Each run sees its own copy of the
+    arguments that are not tensors (a cache)."""
+    try:
+        _ti.fake_propagate(gm, mode, *[snapshot(v) for v in values])
+        return
+    except Exception as exc:  # noqa: BLE001
+        fake_error = exc
+    real = [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
+    if any(isinstance(v, torch._subclasses.FakeTensor) or v.device.type == "meta" for v in real):
+        raise BlockTraceError(f"the traced {what}.forward did not run on the example ({type(fake_error).__name__}: "
+                              f"{str(fake_error).splitlines()[0][:200] if str(fake_error) else ''})") from fake_error
+    devices = [v.device for v in real if v.device.type == "cuda"][:1]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            _RecordingInterpreter(gm, mode).run(*[snapshot(v) for v in values])
+    except Exception as exc:  # noqa: BLE001
+        raise BlockTraceError(f"the traced {what}.forward did not run on the example ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc

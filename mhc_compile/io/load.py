@@ -16,7 +16,8 @@ from torch import nn
 from ..config import MHCConfig
 from .conversion import Conversion, convert_source_with_report
 from .errors import MHCIOError, first_line
-from .format import INPUTS, MHC_JSON, WEIGHTS, num_positional, read_mhc_json, restore_tied, unflatten_inputs
+from .format import (INPUTS, MHC_JSON, WEIGHTS, dedup_state_dict, num_positional, read_mhc_json, restore_tied,
+                     unflatten_inputs)
 from .registry import Source, get_source_kind
 from .sources.common import eval_mode
 from .sources.pt2 import load_pt2
@@ -35,18 +36,58 @@ def rebuild_original(path: Path, meta: dict, trust_pickle: bool) -> tuple[nn.Mod
     return model, args, kwargs
 
 
-def convert_rebuilt(path: Path, meta: dict, original: nn.Module, args: tuple, kwargs: dict,
-                    *, keep_graph: bool = False) -> Conversion:
-    """Convert the rebuilt ``original`` with the saved config and load the saved weights into it."""
+def read_weights(path: Path) -> dict:
+    """The saved state_dict of a converted directory: ``model.safetensors``, or the shards listed in
+    ``model.safetensors.index.json`` (a large ``save_pretrained``)."""
+    import json
+
     from safetensors.torch import load_file
 
+    files = [path / WEIGHTS]
+    index = path / (WEIGHTS + ".index.json")
+    if not files[0].is_file() and index.is_file():
+        try:
+            files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except Exception as exc:
+            raise MHCIOError(f"{index}: unreadable: {first_line(exc)}") from None
+    sd: dict = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as exc:
+            raise MHCIOError(f"{f}: unreadable: {first_line(exc)}") from None
+    return sd
+
+
+def _tie_missing(sd: dict, model: nn.Module) -> dict:
+    """Fill the names a writer left out because their tensor is another name's (``lm_head.weight``
+    tied to the embedding: ``save_pretrained`` stores it once) from the model's own ties."""
+    for name, target in dedup_state_dict(model.state_dict())[1].items():
+        if name not in sd and target in sd:
+            sd[name] = sd[target]
+        elif target not in sd and name in sd:
+            sd[target] = sd[name]
+    return sd
+
+
+def convert_rebuilt(path: Path, meta: dict, original: nn.Module, args: tuple, kwargs: dict,
+                    *, keep_graph: bool = False) -> Conversion:
+    """Convert the rebuilt ``original`` with the saved config and load the saved weights into it:
+    the model's own class (``mhc_compile.convert``), or with ``keep_graph`` the rewritten graph
+    and the graph before the rewrite (for ``mhc inspect``)."""
     config = MHCConfig.from_dict(meta["mhc_config"])
-    conversion = convert_source_with_report(Source(meta["source"], str(path), original, args, kwargs), config,
-                                            keep_graph=keep_graph)
-    try:
-        sd = restore_tied(load_file(str(path / WEIGHTS)), meta.get("tied"))
-    except Exception as exc:
-        raise MHCIOError(f"{path / WEIGHTS}: unreadable: {first_line(exc)}") from None
+    if keep_graph:
+        conversion = convert_source_with_report(Source(meta["source"], str(path), original, args, kwargs), config,
+                                                keep_graph=True)
+    else:
+        from ..convert import convert
+
+        converted = convert(original, config, args, example_kwargs=kwargs, inplace=True)
+        report = getattr(converted, "mhc_report", None)
+        if report is None:
+            raise MHCIOError(f"{path}: the rebuilt model has no residual site to convert; mhc.json does not match it")
+        conversion = Conversion(converted, report)
+    sd = _tie_missing(restore_tied(read_weights(path), meta.get("tied")), conversion.converted)
     try:
         conversion.converted.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
@@ -58,9 +99,11 @@ def convert_rebuilt(path: Path, meta: dict, original: nn.Module, args: tuple, kw
 def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
     """Load a model written by ``mhc convert`` (or :func:`save_converted`) as a trainable module.
 
-    Directory outputs are rebuilt (original model from its config / factory / pickled module,
-    then :func:`mhc_compile.convert` with the saved MHCConfig and example inputs) and the saved
-    weights are loaded strictly, so outputs match the converted model exactly. ``.pt2`` outputs
+    Directory outputs (``mhc convert``, or ``save_pretrained`` of a converted Hugging Face model)
+    are rebuilt (original model from its config / factory / pickled module, then
+    :func:`mhc_compile.convert` with the saved MHCConfig and example inputs: the model's own
+    class) and the saved weights are loaded strictly, so outputs match the converted model
+    exactly. ``.pt2`` outputs
     come back as ``torch.export.load(path).module()``. Sources converted from a pickled module
     need ``trust_pickle=True``.
     """

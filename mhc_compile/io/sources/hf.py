@@ -3,8 +3,11 @@ as ``save_pretrained`` writes it).
 
 Read: the architecture named in config.json, built with its weights, in eval mode, with example
 inputs from the config (:func:`~mhc_compile.io.examples.hf_example_inputs`) and ``use_cache``
-off. A converted directory keeps config.json (and generation_config.json); rebuilding builds
-the architecture from it with fresh weights.
+off (the capture of ``mhc convert``'s graph cannot return a cache). A converted directory keeps
+config.json (and generation_config.json); rebuilding builds the architecture from it with fresh
+weights and the config's own ``use_cache`` (``mhc_compile.load`` returns the class, whose
+blocks take the cache). ``save_pretrained`` of a converted model writes the same directory
+(``io.pretrained``).
 """
 from __future__ import annotations
 
@@ -65,14 +68,14 @@ def _hf_class(transformers, config, path: str):
     return transformers.AutoModel, "AutoModel"
 
 
-def _hf_config(path: str):
+def _hf_config(path: str, no_cache: bool = True):
     transformers = _require_transformers(path)
     try:
         with quiet_transformers():
             config = transformers.AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise MHCIOError(f"{path}/config.json: cannot read the model config: {first_line(exc)}") from None
-    if hasattr(config, "use_cache"):
+    if no_cache and hasattr(config, "use_cache"):
         config.use_cache = False  # a KV cache in the outputs cannot be captured by torch.export
     return transformers, config
 
@@ -131,9 +134,10 @@ def save_extras(source: Source, directory: Path) -> None:
 
 
 def rebuild(directory: Path, meta: dict, trust_pickle: bool) -> nn.Module:
-    transformers, config = _hf_config(str(directory))
+    transformers, config = _hf_config(str(directory), no_cache=False)  # convert keeps the class: caches work
     for k, v in ((meta.get("rebuild") or {}).get("config_overrides") or {}).items():
-        setattr(config, k, v)
+        if k != "use_cache":
+            setattr(config, k, v)
     model, _ = _hf_build(transformers, config, str(directory), weights=False)
     return model
 

@@ -1,0 +1,95 @@
+"""``save_pretrained`` of a converted Hugging Face model: an HF directory that ``mhc_compile.load``
+turns back into the same class.
+
+:func:`mhc_compile.convert` binds :func:`save_pretrained` on a ``transformers.PreTrainedModel``
+it converts (an instance attribute; the class is untouched). It runs the class's own
+``save_pretrained`` (``config.json``, ``generation_config.json``, safetensors weights, sharded
+when large; its keyword arguments pass through) and adds what the converted-directory format of
+``io.format`` needs: ``mhc.json`` (source kind ``hf``, MHCConfig, report) and
+``example_inputs.safetensors``. ``mhc convert`` on an HF directory writes the same files.
+
+Writes are atomic per file: everything goes to a temporary directory next to the destination
+first; then the old ``mhc.json`` is removed, each file is moved in with ``os.replace`` (stale
+weight shards of an older save are removed), and ``mhc.json`` comes last, so a crash leaves
+either the old output or a directory without ``mhc.json`` that :func:`mhc_compile.load`
+refuses, never a mix. Files the directory already holds (a Trainer checkpoint's optimizer
+state) are kept.
+
+``transformers`` alone loads such a directory as the *unconverted* model: ``from_pretrained``
+builds the plain class and drops the ``*.mhc.*`` weights as unexpected keys, which is a
+different function; load it with :func:`mhc_compile.load`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .atomic import _umask
+from .errors import MHCIOError, first_line
+from .format import INPUTS, MHC_JSON, dedup_state_dict, dumps, flatten_inputs, mhc_meta
+from .registry import Source
+
+_WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+
+
+def is_pretrained(model: nn.Module) -> bool:
+    """True for a ``transformers.PreTrainedModel`` (without importing transformers)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, getattr(transformers, "PreTrainedModel", ()))
+
+
+def bind_save_pretrained(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Make ``model.save_pretrained`` write a converted HF directory (``args``/``kwargs``: the
+    example inputs of the conversion, saved so :func:`mhc_compile.load` converts the same way)."""
+    tensors = {k: v for k, v in kwargs.items() if v is not None and hasattr(v, "shape")}
+    model.__dict__["_mhc_example"] = (tuple(args), tensors)
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    """The class's ``save_pretrained`` plus ``mhc.json`` and the example inputs (see the module)."""
+    if kwargs.get("push_to_hub"):
+        raise MHCIOError("save_pretrained(push_to_hub=True) of an mhc-converted model: save to a directory, "
+                         "then upload that directory (it holds mhc.json, which the hub upload would miss)")
+    dst = Path(save_directory)
+    if not kwargs.get("is_main_process", True):
+        return type(self).save_pretrained(self, str(dst), *args, **kwargs)
+    ex_args, ex_kwargs = self.__dict__["_mhc_example"]
+    config = self.config
+    source = Source("hf", str(dst), self, ex_args, ex_kwargs,
+                    {"architecture": type(self).__name__, "model_type": getattr(config, "model_type", None)})
+    meta = mhc_meta(source, self.mhc_config, self.mhc_report.to_dict())
+    meta["tied"] = dedup_state_dict(self.state_dict())[1]
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        type(self).save_pretrained(self, str(tmp), *args, **kwargs)
+        from safetensors.torch import save_file
+
+        save_file(flatten_inputs(ex_args, ex_kwargs), str(tmp / INPUTS))
+        (tmp / MHC_JSON).write_text(dumps(meta) + "\n")
+        _move_files(tmp, dst)
+    except OSError as exc:
+        raise MHCIOError(f"{dst}: cannot write: {exc.strerror or first_line(exc)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_files(tmp: Path, dst: Path) -> None:
+    new = {f.name for f in tmp.iterdir()}
+    (dst / MHC_JSON).unlink(missing_ok=True)
+    for f in dst.iterdir():  # weights of an older save that this one does not overwrite
+        if f.is_file() and f.name not in new and f.name.startswith(_WEIGHT_PREFIXES):
+            f.unlink()
+    for name in new:
+        os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors writes private files
+    for name in sorted(new - {MHC_JSON}):
+        os.replace(tmp / name, dst / name)
+    os.replace(tmp / MHC_JSON, dst / MHC_JSON)
