@@ -485,3 +485,26 @@ def is_pytree_container(a: Any) -> bool:
     import torch.utils._pytree as pytree
 
     return type(a) in pytree.SUPPORTED_NODES and not (isinstance(a, tuple) and hasattr(a, "_fields"))
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+@contextlib.contextmanager
+def forward_hooks_suspended(module: nn.Module) -> Iterator[None]:
+    """No forward (pre-)hook of ``module`` or its submodules runs inside: tracing a block again
+    in the middle of a real forward must not feed the caller's hooks (``transformers`` collects
+    ``output_hidden_states`` / ``output_attentions`` with forward hooks on the layers)."""
+    saved = []
+    for m in module.modules():
+        dicts = {name: getattr(m, name) for name in _HOOK_DICTS if isinstance(getattr(m, name, None), dict)}
+        saved.append((m, dicts))
+        for name, d in dicts.items():
+            object.__setattr__(m, name, type(d)())
+    try:
+        yield
+    finally:
+        for m, dicts in saved:
+            for name, d in dicts.items():
+                object.__setattr__(m, name, d)

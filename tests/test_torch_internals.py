@@ -302,3 +302,18 @@ def test_is_pytree_container_knows_registered_types():
     assert ti.is_pytree_container(Out(torch.ones(1)))
     assert ti.is_pytree_container({"a": 1}) and ti.is_pytree_container((1, 2))
     assert not ti.is_pytree_container(collections.namedtuple("P", "a")(1)) and not ti.is_pytree_container(torch.ones(1))
+
+
+def test_forward_hooks_suspended_silences_and_restores_every_hook():
+    """blocks.carry traces a block again mid-forward: the hook dicts it clears must be the ones
+    nn.Module runs, and they must come back."""
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    calls = []
+    seq.register_forward_hook(lambda m, a, o: calls.append("post"))
+    seq[0].register_forward_pre_hook(lambda m, a, k: calls.append("pre-kw"), with_kwargs=True)
+    seq[0].register_forward_hook(lambda m, a, k, o: calls.append("post-kw"), with_kwargs=True, always_call=True)
+    with ti.forward_hooks_suspended(seq):
+        seq(torch.ones(1, 2))
+    assert calls == []
+    seq(torch.ones(1, 2))
+    assert sorted(calls) == ["post", "post-kw", "pre-kw"]

@@ -269,7 +269,14 @@ def _set_training(mods: list, flags: list) -> None:
 
 
 def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, through: Sequence[str] = ()) -> BlockGraph:
-    """The block's forward as an FX graph (in ``training`` mode), with fake example values."""
+    """The block's forward as an FX graph (in ``training`` mode), with fake example values. No
+    forward hook of the block or its children runs meanwhile (a caller's hooks collecting
+    outputs must see the real call only)."""
+    with _ti.forward_hooks_suspended(block):
+        return _trace_block(block, call, mode, training, through)
+
+
+def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, through: Sequence[str]) -> BlockGraph:
     inlined = [block] + [block.get_submodule(p) for p in through]
     was = [m.training for m in inlined]
     _set_training(inlined, [training] * len(inlined))  # the inlined code only: leaves keep their own

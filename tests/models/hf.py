@@ -102,3 +102,85 @@ HF_FAMILIES = {
     "gpt_neox": (hf_gpt_neox, lambda: tokens(2, 8), lambda: tokens(3, 5), 2, 1),
     "t5": (hf_t5, lambda: t5_inputs(2, 8, 6), lambda: t5_inputs(3, 5, 7), 10, 2),
 }
+
+
+# ---------------------------------------------------------------- default configs (issue #14)
+# Built the way users get them: the config's defaults (use_cache=True, dropout, sdpa attention),
+# only the sizes shrunk. ``DEFAULT_CONFIG_MODELS`` maps a name to (builder, kind): "causal" and
+# "seq2seq" generate, "encoder" classifies token sequences, "vision" images.
+
+def default_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def default_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                        bos_token_id=0, eos_token_id=0))
+
+
+def default_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                        bos_token_id=0, eos_token_id=0))
+
+
+def default_mixtral():
+    """A mixture of experts: 4 experts, 2 per token."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                            num_local_experts=4, num_experts_per_tok=2, bos_token_id=0, eos_token_id=0))
+
+
+def default_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    # the token ids a pretrained T5 config.json carries
+    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                               num_decoder_layers=2, num_heads=2, decoder_start_token_id=0,
+                                               pad_token_id=0, eos_token_id=1))
+
+
+def default_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+
+
+def default_bert_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=64, num_labels=3))
+
+
+def default_vit_classifier():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                                               num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                               num_labels=3))
+
+
+DEFAULT_CONFIG_MODELS = {
+    "gpt2": (default_gpt2, "causal"),
+    "llama": (default_llama, "causal"),
+    "qwen2": (default_qwen2, "causal"),
+    "mixtral": (default_mixtral, "causal"),
+    "t5": (default_t5, "seq2seq"),
+    "bart": (default_bart, "seq2seq"),
+    "bert": (default_bert_classifier, "encoder"),
+    "vit": (default_vit_classifier, "vision"),
+}
