@@ -42,3 +42,13 @@ def test_quick_eager_run_writes_rows(bench, tmp_path):
     assert data["meta"]["copy_gbps"] > 0 and len(data["rows"]) == len(rows)
     text = md.read_text()
     assert text.count("\n| ") == len(rows) + 1 and "| site | fwd+bwd |" in text
+
+
+def test_retrace_bench_quick_runs():
+    """benchmarks/bench_retrace.py --quick: one point, every time positive."""
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("bench_retrace", SCRIPT.parent / "bench_retrace.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (row,) = mod.main(["--quick"])
+    assert row["layers"] == 2 and min(row["forward_ms"], row["first_new_ms"], row["cached_new_ms"]) > 0

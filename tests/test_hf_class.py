@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 import mhc_compile  # noqa: E402
 from mhc_compile import MHCConfig  # noqa: E402
 from tests._convert_checks import mhc_params, one_thread  # noqa: E402, F401 (one_thread: autouse fixture)
-from tests.models.hf import DEFAULT_CONFIG_MODELS, VOCAB, default_gpt2, default_llama  # noqa: E402
+from tests.models.hf import DEFAULT_CONFIG_MODELS, VOCAB, default_gpt2  # noqa: E402
 
 CFG = MHCConfig(streams=4)
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -214,6 +214,16 @@ def test_peft_lora_adapters_change_the_output_and_train_with_the_mhc_parameters(
 
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert sum(".mhc." in k for k in saved) == n_mhc
+    with torch.no_grad():  # the adapter (mHC included) on a freshly converted base gives the same logits
+        for p in pm2.parameters():
+            if p.requires_grad:  # adapters and mHC: what the adapter file holds
+                p.add_(0.05 * torch.randn_like(p))
+        pm2.eval()
+        want = pm2(input_ids=ids).logits
+        pm2.save_pretrained(str(tmp_path / "adapter"))
+        _, base, _, _, _ = _convert("llama")
+        again = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        torch.testing.assert_close(again(input_ids=ids).logits, want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
