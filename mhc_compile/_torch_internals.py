@@ -508,3 +508,19 @@ def forward_hooks_suspended(module: nn.Module) -> Iterator[None]:
         for m, dicts in saved:
             for name, d in dicts.items():
                 object.__setattr__(m, name, d)
+
+
+@contextlib.contextmanager
+def compiled_call_suspended(module: nn.Module) -> Iterator[None]:
+    """``module.compile()`` stores the compiled call in ``_compiled_call_impl``; inside, calling
+    the module runs its plain ``_call_impl`` again (``torch.fx`` refuses to trace a
+    dynamo-optimized function, and a block compiled per block is traced again on a new call
+    signature)."""
+    saved = module.__dict__.get("_compiled_call_impl")
+    if saved is not None:
+        module.__dict__["_compiled_call_impl"] = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            module.__dict__["_compiled_call_impl"] = saved

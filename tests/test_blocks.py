@@ -289,6 +289,29 @@ def test_per_block_compile(backend):
     assert any("mhc" in t for t in seen_ops), "the mHC ops stay the project's custom ops in the block graphs"
 
 
+def test_per_block_compile_of_a_deep_model_compiles_three_graphs():
+    """Middle layers share one generated forward, so block.compile() on a 10-layer model compiles
+    three graphs (first, middle, last layer): with one function per layer dynamo would hit its
+    recompile limit (8) and run the last layers eagerly."""
+    torch.manual_seed(0)
+    model, args = zoo.tiny_gpt(layers=10), zoo.token_inputs()
+    carried = convert(model, MHCConfig(streams=4, kernels="reference"), args)
+    _randomize(carried)
+    want = carried(*args)
+    graphs: list = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    for block in carried.blocks:
+        block.compile(backend=counting)
+    torch.testing.assert_close(carried(*args), want)
+    torch.testing.assert_close(carried(*args), want)
+    assert len(graphs) == 3
+
+
 def test_meta_init_convert_to_empty_load_reset():
     """meta init -> convert -> to_empty -> load the original weights -> reset: the original function."""
     torch.manual_seed(0)

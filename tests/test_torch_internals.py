@@ -317,3 +317,14 @@ def test_forward_hooks_suspended_silences_and_restores_every_hook():
     assert calls == []
     seq(torch.ones(1, 2))
     assert sorted(calls) == ["post", "post-kw", "pre-kw"]
+
+
+def test_compiled_call_suspended_runs_the_plain_call():
+    """blocks.trace: a block compiled with module.compile() is traced again with torch.fx."""
+    lin = torch.nn.Linear(2, 2)
+    lin.compile(backend="eager")
+    assert lin.__dict__.get("_compiled_call_impl") is not None, "module.compile() no longer sets _compiled_call_impl"
+    with ti.compiled_call_suspended(lin):
+        gm = torch.fx.symbolic_trace(torch.nn.Sequential(lin))
+        assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
+    assert lin.__dict__.get("_compiled_call_impl") is not None

@@ -271,8 +271,9 @@ def _set_training(mods: list, flags: list) -> None:
 def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, through: Sequence[str] = ()) -> BlockGraph:
     """The block's forward as an FX graph (in ``training`` mode), with fake example values. No
     forward hook of the block or its children runs meanwhile (a caller's hooks collecting
-    outputs must see the real call only)."""
-    with _ti.forward_hooks_suspended(block):
+    outputs must see the real call only), and a block compiled with ``block.compile()`` is
+    traced through its plain call."""
+    with _ti.forward_hooks_suspended(block), _ti.compiled_call_suspended(block):
         return _trace_block(block, call, mode, training, through)
 
 

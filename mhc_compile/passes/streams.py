@@ -28,7 +28,7 @@ from __future__ import annotations
 import operator
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import networkx as nx
 from torch import fx, nn
@@ -163,6 +163,26 @@ def _joinable(site: Site, t: Site, path: list) -> bool:
     return t.shape[-1] == site.shape[-1]  # the channels (static), whatever the leading dims
 
 
+def stream_wise_path(start: fx.Node, goal: Callable[[fx.Node, list], bool], site: Site, max_len: int = 8,
+                     order: Optional[dict] = None) -> Optional[tuple]:
+    """Breadth first from ``start`` through stream-wise ops (:func:`is_stream_wise` for ``site``),
+    at most ``max_len`` of them: ``(node, path)`` for the first node where ``goal(node, path)``
+    holds (``path`` the ops after ``start``, ending at the node), or None. ``order`` (node ->
+    position) visits users in graph order."""
+    queue, seen = deque([(start, [])]), {start}
+    while queue:
+        v, path = queue.popleft()
+        if goal(v, path):
+            return v, path
+        if len(path) >= max_len:
+            continue
+        for u in (sorted(v.users, key=order.__getitem__) if order is not None else list(v.users)):
+            if u not in seen and is_stream_wise(u, v, site):
+                seen.add(u)
+                queue.append((u, path + [u]))
+    return None
+
+
 def build_chains(graph: fx.Graph, detected: DetectResult, max_between: int = 8) -> list:
     """Link the detected sites into chains; sets ``site.chain`` / ``site.index_in_chain``."""
     sites = detected.sites
@@ -176,24 +196,15 @@ def build_chains(graph: fx.Graph, detected: DetectResult, max_between: int = 8) 
     prev: dict = {}
     between: dict = {}
     for site in sorted(sites, key=lambda s: order[s.add]):
-        found: Optional[tuple] = None
-        queue = deque([(site.add, [])])
-        seen = {site.add}
-        while queue and found is None:
-            v, path = queue.popleft()
+        def joins(v: fx.Node, path: list, site: Site = site) -> bool:
             t = by_x.get(v)
-            if t is not None and t is not site and id(t) not in prev and order[t.add] > order[site.add]:
-                if _joinable(site, t, path) and _dominates(idom, root, site.add, v):
-                    found = (t, path)
-                    break
-            if len(path) >= max_between:
-                continue
-            for u in sorted(v.users, key=lambda n: order[n]):
-                if u not in seen and is_stream_wise(u, v, site):
-                    seen.add(u)
-                    queue.append((u, path + [u]))
-        if found is not None:
-            t, path = found
+            return (t is not None and t is not site and id(t) not in prev and order[t.add] > order[site.add]
+                    and _joinable(site, t, path) and _dominates(idom, root, site.add, v))
+
+        hit = stream_wise_path(site.add, joins, site, max_between, order)
+        if hit is not None:
+            v, path = hit
+            t = by_x[v]
             nxt[id(site)] = t
             prev[id(t)] = site
             between[id(site)] = path
