@@ -133,7 +133,8 @@ class _Tokens(torch.utils.data.Dataset):
 
 def test_trainer_trains_the_converted_model(tmp_path):
     """Item 3: transformers.Trainer with labels in the batch: the loss goes down and every mHC
-    parameter moves."""
+    parameter moves; its checkpoint directory (save_pretrained inside Trainer) loads back with
+    mhc_compile.load, optimizer state kept beside it."""
     _, cm, _, _, _ = _convert("llama")
     data = _Tokens()
     batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
@@ -141,14 +142,25 @@ def test_trainer_trains_the_converted_model(tmp_path):
         before = cm(**batch).loss.item()
     start = {k: p.detach().clone() for k, p in mhc_params(cm).items()}
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12,
-                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                                          disable_tqdm=True, logging_strategy="no")
+                                          learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=12,
+                                          use_cpu=True, disable_tqdm=True, logging_strategy="no")
     transformers.Trainer(model=cm, args=args, train_dataset=data).train()
     cm.eval()
     with torch.no_grad():
         after = cm(**batch).loss.item()
     assert after < before - 0.1, (before, after)
     assert all(not torch.equal(start[k], p) for k, p in mhc_params(cm).items())
+    ckpt = tmp_path / "checkpoint-12"
+    assert (ckpt / "mhc.json").is_file() and (ckpt / "optimizer.pt").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(mhc_compile.load(ckpt)(**batch).logits, cm(**batch).logits, atol=0, rtol=0)
+    _, fresh, _, _, _ = _convert("llama")  # resume_from_checkpoint on a freshly converted model
+    more = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=14,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                          disable_tqdm=True, logging_strategy="no")
+    resumed = transformers.Trainer(model=fresh, args=more, train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 14
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
