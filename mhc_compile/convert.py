@@ -309,7 +309,8 @@ def convert(
     if reason:
         report = rewrite_graph(gm, config, provider)
         make_mode_switchable(gm, target.training)
-        names = install_whole_graph(target, gm, fixed={k: v for k, v in captured.items() if k not in kwargs})
+        names = install_whole_graph(target, gm, fixed={k: v for k, v in captured.items() if k not in kwargs},
+                                    example=(len(args), list(kwargs)))
         report.param_names = names
         report.form, report.form_reason = "whole-graph", reason
     else:

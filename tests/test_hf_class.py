@@ -320,3 +320,23 @@ def test_the_core_package_does_not_need_peft_or_accelerate():
         "print(c.mhc_report.num_sites)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "2", out.stderr[-2000:]
+
+
+def test_whole_graph_form_takes_the_example_arguments_and_says_so():
+    """HF ResNet stays in the whole-graph form (its stage blocks' sites do not match alone): the
+    class is kept, the example's arguments work by position or by name, others are refused with
+    the reason (never silently dropped)."""
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="basic",
+        num_labels=3)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    cm = mhc_compile.convert(model, CFG, (x,))
+    assert type(cm) is type(model) and cm.mhc_report.form == "whole-graph"
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x).logits, model(x).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cm(pixel_values=x).logits, model(x).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cm(x, labels=None).logits, model(x).logits, atol=1e-5, rtol=1e-4)
+        with pytest.raises(TypeError, match=r"whole-graph form .*takes the example's arguments only \(pixel_values\); "
+                                            r"got pixel_values, labels"):
+            cm(x, labels=torch.tensor([0, 1]))

@@ -10,6 +10,7 @@ not called); the report's ``form`` says which form a model has.
 """
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Optional
 
@@ -25,12 +26,14 @@ def _mhc_modules(gm: fx.GraphModule):
             yield path, mod
 
 
-def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[dict] = None) -> list:
+def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[dict] = None,
+                        example: tuple = (0, ())) -> list:
     """Register ``gm``'s mHC parameters on ``model`` and make ``model.forward`` run ``gm``.
 
     ``fixed``: keyword arguments the capture set that the example did not pass (``use_cache=False``):
     a call that leaves them out gets them, a call that passes another value is refused (the graph
-    has no KV cache to return)."""
+    has no KV cache to return). ``example``: (number of positional arguments, keyword names) of
+    the example; the graph takes those only, and another call is refused saying so."""
     names = []
     for path, mod in _mhc_modules(gm):
         container, cname = site_container(model, path)
@@ -38,12 +41,51 @@ def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[di
         names += [f"{cname}.{k}" for k in params]
     model.__dict__["_mhc_graph"] = gm  # not a submodule: the state dict stays the model's
     model.__dict__["_mhc_fixed"] = dict(fixed or {})
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    model.__dict__["_mhc_example_call"] = (positional[:example[0]], tuple(example[1]))
     model.forward = types.MethodType(_whole_graph_forward, model)
     return names
 
 
+def _as_example_call(self: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call arranged as the example was (its positional arguments by position, its keywords
+    by name); any other set of arguments is refused, saying which the graph takes."""
+    positional, names = self.__dict__["_mhc_example_call"]
+    fixed = self.__dict__["_mhc_fixed"]
+    sig = inspect.signature(type(self).forward)
+    try:
+        bound = sig.bind(self, *args, **kwargs).arguments
+    except TypeError as exc:
+        raise TypeError(f"{type(self).__name__}.forward: {exc}") from None
+    given: dict = {}
+    for name, value in list(bound.items())[1:]:
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            given.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL or value:
+            given[name] = value
+    want = set(positional) | set(names)
+    for name in list(given):  # an argument passed at its default value is no change
+        p = sig.parameters.get(name)
+        if name not in want and name not in fixed and p is not None and given[name] is p.default:
+            del given[name]
+    for name in want - set(given):  # an example argument left at its default
+        p = sig.parameters.get(name)
+        if p is not None and p.default is not inspect.Parameter.empty:
+            given[name] = p.default
+    if set(given) - set(fixed) != want:
+        raise TypeError(
+            f"{type(self).__name__} was converted in the whole-graph form ({self.mhc_report.form_reason}), whose "
+            f"graph takes the example's arguments only ({', '.join(positional + list(names)) or 'none'}); got "
+            f"{', '.join(given) or 'none'}. Call it that way, or convert with example inputs that include these "
+            "arguments.")
+    return tuple(given[n] for n in positional), {k: given[k] for k in (*names, *(k for k in fixed if k in given))}
+
+
 def _whole_graph_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     gm = self.__dict__["_mhc_graph"]
+    args, kwargs = _as_example_call(self, args, kwargs)
     for name, value in self.__dict__["_mhc_fixed"].items():
         if kwargs.get(name, value) != value:
             raise TypeError(
