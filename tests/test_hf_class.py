@@ -323,20 +323,60 @@ def test_the_core_package_does_not_need_peft_or_accelerate():
 
 
 def test_whole_graph_form_takes_the_example_arguments_and_says_so():
-    """HF ResNet stays in the whole-graph form (its stage blocks' sites do not match alone): the
-    class is kept, the example's arguments work by position or by name, others are refused with
-    the reason (never silently dropped)."""
+    """The whole-graph form (asked for here; the fallback when a block cannot carry the streams
+    alone): the class is kept, the example's arguments work by position or by name, others are
+    refused with the reason (never silently dropped)."""
     torch.manual_seed(0)
     model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
         num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="basic",
         num_labels=3)).eval()
     x = torch.randn(2, 3, 32, 32)
-    cm = mhc_compile.convert(model, CFG, (x,))
+    assert mhc_compile.convert(model, CFG, (x,)).mhc_report.form == "blocks"  # HF ResNet carries the streams
+    cm = mhc_compile.convert(model, CFG, (x,), form="whole-graph")
     assert type(cm) is type(model) and cm.mhc_report.form == "whole-graph"
     with torch.no_grad():
         torch.testing.assert_close(cm(x).logits, model(x).logits, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(cm(pixel_values=x).logits, model(x).logits, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(cm(x, labels=None).logits, model(x).logits, atol=1e-5, rtol=1e-4)
-        with pytest.raises(TypeError, match=r"whole-graph form .*takes the example's arguments only \(pixel_values\); "
+        with pytest.raises(TypeError, match=r"whole-graph form \(asked for.*takes the example's arguments only \(pixel_values\); "
                                             r"got pixel_values, labels"):
             cm(x, labels=torch.tensor([0, 1]))
+
+
+def _whole_graph_pair(name: str):
+    from tests.models.hf import hf_convnext, hf_resnet
+
+    if name in ("resnet", "convnext"):
+        torch.manual_seed(0)
+        model = (hf_resnet if name == "resnet" else hf_convnext)()
+        args, kwargs = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),), {}
+    else:
+        build, kind = DEFAULT_CONFIG_MODELS[name]
+        torch.manual_seed(0)
+        model = build().eval()
+        args, kwargs = _inputs(kind)
+    cfg = MHCConfig(streams=4, kernels="reference")
+    blocks = mhc_compile.convert(model, cfg, args, example_kwargs=kwargs)
+    whole = mhc_compile.convert(model, cfg, args, example_kwargs=kwargs, form="whole-graph")
+    return blocks, whole, args, kwargs
+
+
+@pytest.mark.parametrize("name", [*DEFAULT_CONFIG_MODELS, "resnet", "convnext"])
+def test_blocks_equal_the_whole_graph_at_trained_mhc_parameters(name):
+    """The stream-carrying layers (KV cache on, T5's position bias handed from layer to layer,
+    Mixtral's experts, ResNet/ConvNeXt stages) compute what the rewritten whole graph computes,
+    at random mHC parameters: outputs and every mHC gradient."""
+    blocks, whole, args, kwargs = _whole_graph_pair(name)
+    assert blocks.mhc_report.form == "blocks", blocks.mhc_report.form_reason
+    _perturb(blocks)
+    whole.load_state_dict(blocks.state_dict())
+    outs = []
+    for m in (blocks, whole):
+        out = m(*args, **kwargs)
+        main = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        main.square().mean().backward()
+        outs.append((main.detach(), {k: p.grad for k, p in mhc_params(m).items()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4)
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for k, g in outs[0][1].items():
+        torch.testing.assert_close(g, outs[1][1][k], atol=1e-5, rtol=1e-4, msg=k)

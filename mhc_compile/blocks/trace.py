@@ -194,8 +194,8 @@ class _ValueProxy(fx.Proxy):
 
 
 class _BlockTracer(fx.Tracer):
-    """Child modules are leaves, except the block itself and the modules on the way to a
-    residual add (``through``, paths relative to the block), whose code is inlined. The example
+    """Child modules are leaves, except the block itself, the modules on the way to a residual
+    add (``through``, paths relative to the block) and ``nn.Identity``, whose code is inlined. The example
     value of a node is worked out on fake tensors when the code asks a proxy for its dtype or
     device (:meth:`value_of`; None when it cannot be)."""
 
@@ -205,6 +205,8 @@ class _BlockTracer(fx.Tracer):
         self.mode, self.inputs, self.values = mode, inputs or {}, {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) is nn.Identity:  # inlined, so it vanishes as in the whole-model capture (a shortcut)
+            return False
         return module_qualified_name not in self.through
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
