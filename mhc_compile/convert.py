@@ -208,7 +208,8 @@ def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCCo
                    example_kwargs: Optional[dict] = None) -> ResidualReport:
     """Report the residual sites and chains of ``model`` without changing it."""
     config = MHCConfig.from_options(config)
-    gm = capture(model, example_inputs, example_kwargs=example_kwargs)
+    args, kwargs = _on_model_device(model, _as_tuple(example_inputs), _without_cache(model, dict(example_kwargs or {})))
+    gm = capture(model, args, example_kwargs=kwargs)
     detected, chains = analyze(gm.graph)
     return build_report(detected, chains, config, rewritten=False)
 
@@ -229,6 +230,16 @@ def rewrite_captured(model: nn.Module, gm: fx.GraphModule, config: MHCConfig,
 
 
 FORMS = ("auto", "blocks", "whole-graph")
+
+
+def _on_model_device(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example on the meta device when the model is (meta init): torch 2.11's export refuses
+    a meta embedding table looked up with CPU indices; later versions accept both."""
+    if next((p.device.type for p in model.parameters()), None) != "meta":
+        return args, kwargs
+    meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return tuple(torch.utils._pytree.tree_map(meta, a) for a in args), {
+        k: torch.utils._pytree.tree_map(meta, v) for k, v in kwargs.items()}
 
 
 def _without_cache(model: nn.Module, kwargs: dict) -> dict:
@@ -283,7 +294,8 @@ def convert(
     provider = param_provider or default_param_provider
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     captured = _without_cache(model, kwargs)
-    gm = capture(model, args, example_kwargs=captured)
+    cap_args, cap_kwargs = _on_model_device(model, args, captured)
+    gm = capture(model, cap_args, example_kwargs=cap_kwargs)
     detected, chains = analyze(gm.graph)
     if not chains:
         report = build_report(detected, chains, config, rewritten=False)
@@ -307,7 +319,7 @@ def convert(
         raise MHCCaptureError(f"mhc_compile.convert(form='blocks'): {type(model).__name__} cannot carry the "
                               f"streams through its blocks: {reason}. Use form='auto' for the whole-graph form.")
     if reason:
-        report = rewrite_graph(gm, config, provider)
+        report = rewrite_graph(gm, config, provider, analysis=(detected, chains))
         make_mode_switchable(gm, target.training)
         names = install_whole_graph(target, gm, fixed={k: v for k, v in captured.items() if k not in kwargs},
                                     example=(len(args), list(kwargs)))

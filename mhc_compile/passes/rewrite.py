@@ -419,19 +419,20 @@ def analyze(graph: fx.Graph) -> tuple:
 
 
 def rewrite_graph(gm: fx.GraphModule, config: Optional[MHCConfig] = None,
-                  param_provider: Optional[ParamProvider] = None) -> ResidualReport:
+                  param_provider: Optional[ParamProvider] = None, analysis: Optional[tuple] = None) -> ResidualReport:
     """Rewrite every residual chain of ``gm`` in place into n-stream mHC and recompile it.
 
     Works on aten-level (``torch.export``) and torch-level (Dynamo) graphs. Returns the report;
     ``report.rewritten`` is False (and ``gm`` untouched apart from making in-place adds
-    explicit) when no site was found.
+    explicit) when no site was found. ``analysis``: the :func:`analyze` of ``gm.graph`` when the
+    caller already has it (and has not changed the graph since).
     """
     config = MHCConfig() if config is None else config
     if not isinstance(config, MHCConfig):  # entry points build the config once; passes never rebuild it
         raise TypeError(f"rewrite_graph needs an MHCConfig, got {type(config).__name__}; "
                         "build one with MHCConfig.from_options(options) at the entry point")
     provider = param_provider or default_param_provider
-    detected, chains = analyze(gm.graph)
+    detected, chains = analysis if analysis is not None else analyze(gm.graph)
     names: list = []
     if not chains:
         return build_report(detected, chains, config, rewritten=False)
