@@ -224,6 +224,7 @@ def _per_block_recipe(model, idx, streams: int, compiler: str, device: str):
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+        _OWN_GROUP.append(True)  # main() destroys it: an importing caller's process stays clean
     mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (1,))
     for i, block in enumerate(model.blocks):
         block = checkpoint_wrapper(block)
@@ -340,7 +341,21 @@ def _umask() -> int:
     return mask
 
 
+_OWN_GROUP: list = []
+
+
 def main(argv=None) -> list[dict]:
+    try:
+        return _main(argv)
+    finally:
+        if _OWN_GROUP:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            _OWN_GROUP.clear()
+
+
+def _main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.worker:
         row = run_variant(**json.loads(args.worker))

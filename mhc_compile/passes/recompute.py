@@ -357,7 +357,7 @@ _SOURCE_HASH: list = []
 def _source_hash() -> str:
     if not _SOURCE_HASH:
         # the tags are written through _torch_internals: its source is part of the cache key too
-        src = Path(__file__).read_bytes() + Path(_ti.__file__).read_bytes()
+        src = Path(__file__).read_bytes() + b"".join(Path(f).read_bytes() for f in _ti.SOURCE_FILES)
         _SOURCE_HASH.append(hashlib.sha256(src).hexdigest()[:16])
     return _SOURCE_HASH[0]
 
