@@ -10,8 +10,9 @@ when the block is not the chain's first, and go out through its return when it i
 The rewritten graph becomes Python code bound as the block's ``forward`` (an instance
 attribute): the block keeps its class, submodules and parameters; the mHC parameters are
 registered on it (``blocks.0.attn.mhc.phi``), so ``fully_shard(block)``, checkpointing and
-``torch.compile(block)`` see them as the block's own. Each call checks the specialised
-arguments the trace assumed (:class:`BlockCallError` when they differ).
+``torch.compile(block)`` see them as the block's own. Each call is keyed by its signature
+(``blocks.signature``); a new one traces the block again with the block's own parameters
+(:class:`CarriedForward`), or raises :class:`BlockCallError` when it cannot carry the streams.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, analyz
 from ..passes.streams import stream_wise_path
 from .plan import BlockPart, BlockPlan, BlockSpec
 from .signature import BlockCallError, ForwardSignature, call_key, describe_key
-from .trace import BlockCall, BlockGraph, BlockTraceError, bind_call, buffers_kept, record_calls, snapshot, trace_block
+from .trace import BlockCall, BlockGraph, BlockTraceError, buffers_kept, call_from, record_calls, trace_block
 
 
 MAX_VARIANTS = 16   # traced graphs per block: more call signatures than this is a misuse
@@ -60,23 +61,22 @@ class CarriedForward:
         key = call_key(block.training, names, values)
         fn = self.variants.get(key)
         if fn is None:
-            fn = self._retrace(block, key, args, kwargs)
+            fn = self._retrace(block, key, names, values)
         return fn(block, *values)
 
     @torch.compiler.disable  # a per-block compiled forward runs the retrace eagerly, then goes on
-    def _retrace(self, block: nn.Module, key: tuple, args: tuple, kwargs: dict) -> Callable:
+    def _retrace(self, block: nn.Module, key: tuple, names: tuple, values: list) -> Callable:
         first = next(iter(self.variants), None)
         if len(self.variants) >= MAX_VARIANTS:
             raise BlockCallError(f"{self.path} was called with {MAX_VARIANTS} different argument signatures "
                                  f"(now {describe_key(key)}); a number or flag that changes on every call "
                                  "cannot be specialised. Pass it as a tensor.")
         try:
-            call = bind_call(block, args, kwargs)
-            mode = _ti.fake_mode()
-            values = {n: snapshot(v) for n, v in call.values.items()}
+            call = call_from(self.signature, names, values)  # the trace copies the cache objects it runs on
             if self.stream is not None:
-                values[self.stream[0]] = _unwidened(values[self.stream[0]].detach(), *self.stream[1:])
-            call = replace(call, values=values)
+                name = self.stream[0]
+                call = replace(call, values={**call.values, name: _unwidened(call.values[name].detach(), *self.stream[1:])})
+            mode = _ti.fake_mode()
             with buffers_kept(block), torch.no_grad():
                 prep = _prepare(trace_block(block, call, mode, block.training, self.spec.through), self.spec)
             fn, src = _rewrite_compile(block, prep, self.config, _live_provider(block), [],

@@ -24,7 +24,8 @@ import torch
 from torch import fx, nn
 
 from .. import _torch_internals as _ti
-from .signature import is_constant
+from ..messages import first_line
+from .signature import BlockCallError, ForwardSignature, is_constant
 
 
 class BlockTraceError(RuntimeError):
@@ -102,6 +103,11 @@ def buffers_kept(model: nn.Module):
                     b.copy_(saved[name])
 
 
+def _cause(exc: BaseException) -> str:
+    """``TypeName: first line`` of an exception, for the fallback reasons."""
+    return f"{type(exc).__name__}: {first_line(exc, 200)}"
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -119,8 +125,7 @@ def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kw
     try:
         _run_recording(model, args, kwargs, mode, device)
     except Exception as exc:  # noqa: BLE001 - reported as the fallback reason
-        raise BlockTraceError(f"the model did not run on the example ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+        raise BlockTraceError(f"the model did not run on the example ({_cause(exc)})") from exc
     finally:
         for h in hooks:
             h.remove()
@@ -136,27 +141,20 @@ def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kw
 def bind_call(block: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
     """The call bound to names: the forward's parameters, then the keyword arguments a
     ``**kwargs`` parameter received (each its own name, so the trace sees a real dict)."""
-    sig = inspect.signature(type(block).forward)
-    params = list(sig.parameters.values())[1:]
-    bound = sig.bind(block, *args, **kwargs)
-    bound.apply_defaults()
-    values: dict = {}
-    keyword: list = []
-    for p in params:
-        if p.kind is p.VAR_POSITIONAL:
-            if bound.arguments.get(p.name):
-                raise BlockTraceError(f"{type(block).__name__}.forward was called with *{p.name} values; a block "
-                                      "with variadic positional arguments is not traced alone")
-        elif p.kind is p.VAR_KEYWORD:
-            extra = dict(bound.arguments.get(p.name) or {})
-            values.update(extra)
-            keyword += list(extra)
-        else:
-            values[p.name] = bound.arguments[p.name]
-            if p.kind is not p.POSITIONAL_ONLY:
-                keyword.append(p.name)
-    constants = {n: v for n, v in values.items() if is_constant(v)}
-    return BlockCall(list(values), values, constants, keyword)
+    sig = ForwardSignature.of(block, type(block).__name__)
+    try:
+        names, values = sig.bind(args, kwargs)
+    except BlockCallError as exc:
+        raise BlockTraceError(str(exc)) from exc
+    return call_from(sig, names, values)
+
+
+def call_from(sig: ForwardSignature, names: tuple, values: list) -> BlockCall:
+    """The :class:`BlockCall` of a call :meth:`ForwardSignature.bind` has bound."""
+    positional_only = {n for n, kind, _ in sig.params if kind is inspect.Parameter.POSITIONAL_ONLY}
+    bound = dict(zip(names, values))
+    constants = {n: v for n, v in bound.items() if is_constant(v)}
+    return BlockCall(list(names), bound, constants, [n for n in names if n not in positional_only])
 
 
 class _Caller(nn.Module):
@@ -292,7 +290,7 @@ def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, t
         graph = tracer.trace(caller, concrete_args=dict(call.constants) or None)
     except Exception as exc:  # noqa: BLE001
         raise BlockTraceError(f"torch.fx could not trace {type(block).__name__}.forward alone "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+                              f"({_cause(exc)})") from exc
     finally:
         _set_training(inlined, was)
         if carried is not None:
@@ -335,12 +333,10 @@ def _propagate(gm: fx.GraphModule, mode: Any, values: list, what: str) -> None:
         fake_error = exc
     real = [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
     if any(isinstance(v, torch._subclasses.FakeTensor) or v.device.type == "meta" for v in real):
-        raise BlockTraceError(f"the traced {what}.forward did not run on the example ({type(fake_error).__name__}: "
-                              f"{str(fake_error).splitlines()[0][:200] if str(fake_error) else ''})") from fake_error
+        raise BlockTraceError(f"the traced {what}.forward did not run on the example ({_cause(fake_error)})") from fake_error
     devices = [v.device for v in real if v.device.type == "cuda"][:1]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             _RecordingInterpreter(gm, mode).run(*[snapshot(v) for v in values])
     except Exception as exc:  # noqa: BLE001
-        raise BlockTraceError(f"the traced {what}.forward did not run on the example ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+        raise BlockTraceError(f"the traced {what}.forward did not run on the example ({_cause(exc)})") from exc

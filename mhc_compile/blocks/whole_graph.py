@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..passes.placement import MHCSiteParams, attach, site_container
+from .signature import ForwardSignature
 
 
 def _mhc_modules(gm: fx.GraphModule):
@@ -41,9 +42,10 @@ def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[di
         names += [f"{cname}.{k}" for k in params]
     model.__dict__["_mhc_graph"] = gm  # not a submodule: the state dict stays the model's
     model.__dict__["_mhc_fixed"] = dict(fixed or {})
-    params = list(inspect.signature(type(model).forward).parameters.values())[1:]
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    model.__dict__["_mhc_example_call"] = (positional[:example[0]], tuple(example[1]))
+    sig = ForwardSignature.of(model, type(model).__name__)
+    positional = [n for n, kind, _ in sig.params
+                  if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    model.__dict__["_mhc_example_call"] = (sig, positional[:example[0]], tuple(example[1]))
     model.forward = types.MethodType(_whole_graph_forward, model)
     return names
 
@@ -51,29 +53,17 @@ def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[di
 def _as_example_call(self: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The call arranged as the example was (its positional arguments by position, its keywords
     by name); any other set of arguments is refused, saying which the graph takes."""
-    positional, names = self.__dict__["_mhc_example_call"]
+    sig, positional, names = self.__dict__["_mhc_example_call"]
     fixed = self.__dict__["_mhc_fixed"]
-    sig = inspect.signature(type(self).forward)
-    try:
-        bound = sig.bind(self, *args, **kwargs).arguments
-    except TypeError as exc:
-        raise TypeError(f"{type(self).__name__}.forward: {exc}") from None
-    given: dict = {}
-    for name, value in list(bound.items())[1:]:
-        kind = sig.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            given.update(value)
-        elif kind is not inspect.Parameter.VAR_POSITIONAL or value:
-            given[name] = value
     want = set(positional) | set(names)
-    for name in list(given):  # an argument passed at its default value is no change
-        p = sig.parameters.get(name)
-        if name not in want and name not in fixed and p is not None and given[name] is p.default:
-            del given[name]
-    for name in want - set(given):  # an example argument left at its default
-        p = sig.parameters.get(name)
-        if p is not None and p.default is not inspect.Parameter.empty:
-            given[name] = p.default
+    defaults = {n: d for n, _, d in sig.params}
+    given: dict = {}
+    for name, value in zip(*sig.bind(args, kwargs)):  # defaults applied
+        if name in fixed:
+            if name in kwargs or value is not defaults[name]:  # passed: checked against the capture's value
+                given[name] = value
+        elif name in want or name not in defaults or value is not defaults[name]:
+            given[name] = value  # an argument left (or passed) at its default is no change
     if set(given) - set(fixed) != want:
         raise TypeError(
             f"{type(self).__name__} was converted in the whole-graph form ({self.mhc_report.form_reason}), whose "

@@ -76,18 +76,30 @@ def unflatten_inputs(tensors: dict[str, torch.Tensor], num_args: Optional[int] =
     return tuple(pos.get(i) for i in range(count)), kwargs
 
 
+def tied_names(sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``name -> earlier name`` for every key whose tensor is the same view of the same storage
+    as an earlier key's (tied weights); nothing is copied."""
+    tied, seen = {}, {}
+    for k, v in sd.items():
+        if not v.numel():
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if key in seen:
+            tied[k] = seen[key]
+        else:
+            seen[key] = k
+    return tied
+
+
 def dedup_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors stored once: a key whose tensor is the same view of the same storage as an earlier
-    key's becomes an entry of ``tied`` (name -> name it is tied to)."""
-    out, tied, seen = {}, {}, {}
+    key's becomes an entry of ``tied`` (name -> name it is tied to, :func:`tied_names`)."""
+    tied = tied_names(sd)
+    out = {}
     for k, v in sd.items():
-        v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype) if v.numel() else None
-        if key is not None and key in seen:
-            tied[k] = seen[key]
+        if k in tied:
             continue
-        if key is not None:
-            seen[key] = k
+        v = v.detach()
         out[k] = v.contiguous().clone() if not v.is_contiguous() else v
     # safetensors refuses tensors that share memory even when they are different views
     ptrs: dict[int, str] = {}

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import MHCConfig
 from .conversion import Conversion, convert_source_with_report
 from .errors import MHCIOError, first_line
-from .format import (INPUTS, MHC_JSON, WEIGHTS, dedup_state_dict, num_positional, read_mhc_json, restore_tied,
+from .format import (INPUTS, MHC_JSON, WEIGHTS, num_positional, read_mhc_json, restore_tied, tied_names,
                      unflatten_inputs)
 from .registry import Source, get_source_kind
 from .sources.common import eval_mode
@@ -62,7 +62,7 @@ def read_weights(path: Path) -> dict:
 def _tie_missing(sd: dict, model: nn.Module) -> dict:
     """Fill the names a writer left out because their tensor is another name's (``lm_head.weight``
     tied to the embedding: ``save_pretrained`` stores it once) from the model's own ties."""
-    for name, target in dedup_state_dict(model.state_dict())[1].items():
+    for name, target in tied_names(model.state_dict()).items():
         if name not in sd and target in sd:
             sd[name] = sd[target]
         elif target not in sd and name in sd:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .atomic import _umask
 from .errors import MHCIOError, first_line
-from .format import INPUTS, MHC_JSON, dedup_state_dict, dumps, flatten_inputs, mhc_meta
+from .format import INPUTS, MHC_JSON, dumps, flatten_inputs, mhc_meta, tied_names
 from .registry import Source
 
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
@@ -66,7 +66,7 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: A
     source = Source("hf", str(dst), self, ex_args, ex_kwargs,
                     {"architecture": type(self).__name__, "model_type": getattr(config, "model_type", None)})
     meta = mhc_meta(source, self.mhc_config, self.mhc_report.to_dict())
-    meta["tied"] = dedup_state_dict(self.state_dict())[1]
+    meta["tied"] = tied_names(self.state_dict())
     dst.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
