@@ -33,6 +33,7 @@ import torch
 from torch import fx, nn
 
 from . import _torch_internals as _ti
+from .bound_args import bound_objects, describe, on_device
 from .config import MHCConfig
 from .messages import first_line
 from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
@@ -209,7 +210,8 @@ def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCCo
     """Report the residual sites and chains of ``model`` without changing it."""
     config = MHCConfig.from_options(config)
     args, kwargs = _on_model_device(model, _as_tuple(example_inputs), _without_cache(model, dict(example_kwargs or {})))
-    gm = capture(model, args, example_kwargs=kwargs)
+    with bound_objects(model, args, kwargs) as (args, kwargs, _):
+        gm = capture(model, args, example_kwargs=kwargs)
     detected, chains = analyze(gm.graph)
     return build_report(detected, chains, config, rewritten=False)
 
@@ -237,7 +239,7 @@ def _on_model_device(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     a meta embedding table looked up with CPU indices; later versions accept both."""
     if next((p.device.type for p in model.parameters()), None) != "meta":
         return args, kwargs
-    meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else on_device(v, torch.device("meta"))  # noqa: E731
     return tuple(torch.utils._pytree.tree_map(meta, a) for a in args), {
         k: torch.utils._pytree.tree_map(meta, v) for k, v in kwargs.items()}
 
@@ -295,7 +297,8 @@ def convert(
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     captured = _without_cache(model, kwargs)
     cap_args, cap_kwargs = _on_model_device(model, args, captured)
-    gm = capture(model, cap_args, example_kwargs=cap_kwargs)
+    with bound_objects(model, cap_args, cap_kwargs) as (cap_args, cap_kwargs, opaque):
+        gm = capture(model, cap_args, example_kwargs=cap_kwargs)  # opaque arguments: bound_args
     detected, chains = analyze(gm.graph)
     if not chains:
         report = build_report(detected, chains, config, rewritten=False)
@@ -318,6 +321,11 @@ def convert(
     if reason and form == "blocks":
         raise MHCCaptureError(f"mhc_compile.convert(form='blocks'): {type(model).__name__} cannot carry the "
                               f"streams through its blocks: {reason}. Use form='auto' for the whole-graph form.")
+    if reason and opaque:
+        raise MHCCaptureError(f"mhc_compile.convert: {type(model).__name__} cannot carry the streams through its "
+                              f"blocks ({reason}), and the whole-graph form cannot take the argument(s) "
+                              f"{describe(opaque)}: it would bake the example's value into the graph. Make "
+                              "the blocks traceable alone, or pass such arguments as tensors.")
     if reason:
         report = rewrite_graph(gm, config, provider, analysis=(detected, chains))
         make_mode_switchable(gm, target.training)
@@ -330,7 +338,10 @@ def convert(
         report.form, report.blocks = "blocks", [b.path for b in plan.blocks]
     target.mhc_report = report
     target.mhc_config = config
+    from . import engine_init
     from .io.pretrained import bind_save_pretrained, is_pretrained
+
+    engine_init.install(target)  # the model's own init (torchtitan, HF) resets the mHC parameters
 
     if is_pretrained(target):
         bind_save_pretrained(target, args, kwargs)

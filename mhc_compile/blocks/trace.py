@@ -28,6 +28,12 @@ from ..messages import first_line
 from .signature import BlockCallError, ForwardSignature, is_constant
 
 
+def on_device(value: Any, device: torch.device) -> Any:
+    from ..bound_args import on_device as move  # bound_args imports this package's signature module
+
+    return move(value, device)
+
+
 class BlockTraceError(RuntimeError):
     """A block's forward cannot be traced alone (the caller falls back, saying why)."""
 
@@ -53,7 +59,7 @@ def _fake_inputs(mode: Any, values: Sequence[Any], device: torch.device) -> list
     def fake(v):
         if isinstance(v, torch.Tensor):
             return mode.from_tensor(v.to(device) if device.type == "meta" else v)
-        return v
+        return on_device(v, device) if device.type == "meta" else v  # a BlockMask of a meta model
     return [torch.utils._pytree.tree_map(fake, v) for v in values]
 
 
