@@ -132,6 +132,49 @@ def test_titan_meta_to_empty_init_weights_restores_mhc_and_keeps_loaded_values(m
     _assert_at_init(conv)
 
 
+class _Scale:
+    """An argument export cannot take (neither tensor, constant nor pytree), like a BlockMask."""
+
+    def __init__(self, v: float):
+        self.v = v
+
+
+class _ObjBlock(torch.nn.Module):
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.norm, self.lin = torch.nn.LayerNorm(c), torch.nn.Linear(c, c)
+
+    def forward(self, x, obj):
+        return x + self.lin(self.norm(x)) * obj.v
+
+
+class _ObjNet(torch.nn.Module):
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_ObjBlock(c), _ObjBlock(c)])
+        self.head = torch.nn.Linear(c, 4)
+
+    def forward(self, x, obj, shift=None):
+        for block in self.blocks:
+            x = block(x, obj)
+        return self.head(x) if shift is None else self.head(x) + shift
+
+
+def test_opaque_positional_argument_is_bound_for_capture_and_passed_per_call():
+    torch.manual_seed(0)
+    model = _ObjNet().eval()
+    x = torch.randn(2, 5, 16)
+    conv = mhc_compile.convert(model, CFG, (x, _Scale(0.5)))
+    assert conv.mhc_report.form == "blocks" and not hasattr(model, "mhc_report")
+    assert "forward" not in model.__dict__  # the capture's binding is gone
+    with torch.no_grad():
+        for v in (0.5, 2.0):  # 2.0 was never seen: a baked-in example would give 0.5's output
+            err = float((conv(x, _Scale(v)) - model(x, _Scale(v))).abs().max())
+            assert err < 1e-5, (v, err)
+    with pytest.raises(mhc_compile.MHCCaptureError, match="whole-graph form cannot take"):
+        mhc_compile.convert(model, CFG, (x, _Scale(0.5)), form="whole-graph")
+
+
 # --- Hugging Face ----------------------------------------------------------------------------
 
 def _hf_llama():
