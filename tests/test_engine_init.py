@@ -252,6 +252,17 @@ def test_reset_parameters_on_replicated_and_sharded_dtensors_one_rank():
             for box in _containers(model):
                 box.reset_parameters()
             _assert_at_init(model)
+        with torch.device("meta"):  # sharded on meta: a reset before to_empty writes nothing, and does not fail
+            meta = tiny_titan()
+        meta = mhc_compile.convert(meta, CFG, example)
+        fully_shard(meta, mesh=mesh)
+        for box in _containers(meta):
+            box.reset_parameters()
+        meta.to_empty(device="cpu")
+        _fill_garbage(meta)
+        for box in _containers(meta):
+            box.reset_parameters()
+        _assert_at_init(meta)
     finally:
         if own:
             dist.destroy_process_group()
