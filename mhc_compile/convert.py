@@ -297,7 +297,9 @@ def convert(
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     captured = _without_cache(model, kwargs)
     cap_args, cap_kwargs = _on_model_device(model, args, captured)
-    with bound_objects(model, cap_args, cap_kwargs) as (cap_args, cap_kwargs, opaque):
+    with bound_objects(model, cap_args, cap_kwargs) as (cap_args, cap_kwargs, opaque), warnings.catch_warnings():
+        if opaque:  # sizes the bound example fixes (a BlockMask's length) bind the capture only, not the blocks
+            warnings.filterwarnings("ignore", message="mhc_compile: the model's code fixes some input sizes")
         gm = capture(model, cap_args, example_kwargs=cap_kwargs)  # opaque arguments: bound_args
     detected, chains = analyze(gm.graph)
     if not chains:
