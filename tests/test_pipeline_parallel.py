@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+TESTS = Path(__file__).resolve().parent
+EXAMPLES = TESTS.parent / "examples"
+for _p in (EXAMPLES, TESTS):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -51,18 +52,15 @@ def perturb(model: torch.nn.Module) -> None:
 
 
 def _worker(rank: int, world: int, schedule: str, out_dir: str) -> None:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    torch.set_num_threads(1)
-    store = os.path.join(out_dir, "rendezvous")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    for p in (EXAMPLES, TESTS):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    from _gloo import gloo_group
+
+    with gloo_group(rank, world, out_dir):
         td = importlib.import_module("train_distributed")
         out = td.train_pipeline(_args(schedule), rank, world, data=_data(), prepare=perturb)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

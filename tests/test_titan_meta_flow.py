@@ -183,13 +183,10 @@ def _run(rank: int, world: int, out_dir: str) -> None:
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
-    store = os.path.join(out_dir, "rendezvous")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    from _gloo import gloo_group
+
+    with gloo_group(rank, world, out_dir):
         _run(rank, world, out_dir)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _rel(a, b) -> float:
