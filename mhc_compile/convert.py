@@ -33,8 +33,9 @@ import torch
 from torch import fx, nn
 
 from . import _torch_internals as _ti
-from .bound_args import bound_objects, describe, on_device
+from .bound_args import bound_objects, describe
 from .config import MHCConfig
+from .flex_mask import on_device
 from .messages import first_line
 from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
 from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph

@@ -124,7 +124,7 @@ def test_titan_meta_to_empty_init_weights_restores_mhc_and_keeps_loaded_values(m
         err = float((conv(tokens, attention_masks=masks) - real(tokens, attention_masks=masks)).abs().max())
     loss = F.cross_entropy(conv(tokens, attention_masks=masks).flatten(0, 1), tokens.flatten())
     loss.backward()
-    print(f"titan meta flow: {n} mHC tensors at init, |conv - orig| {err:.3g}, loss {float(loss):.4f}")
+    print(f"titan meta flow: {n} mHC tensors at init, |conv - orig| {err:.3g}, loss {float(loss.detach()):.4f}")
     assert err < 1e-5 and torch.isfinite(loss)
     # a checkpoint loaded after init is not reset by anything but an init call
     _perturb(conv, seed=3)

@@ -25,13 +25,8 @@ from torch import fx, nn
 
 from .. import _torch_internals as _ti
 from ..messages import first_line
+from ..flex_mask import on_device
 from .signature import BlockCallError, ForwardSignature, is_constant
-
-
-def on_device(value: Any, device: torch.device) -> Any:
-    from ..bound_args import on_device as move  # bound_args imports this package's signature module
-
-    return move(value, device)
 
 
 class BlockTraceError(RuntimeError):
