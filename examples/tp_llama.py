@@ -120,4 +120,6 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, dtensor_stre
                 "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
+    if getattr(model, "mhc_report", None) is None:  # the plain model (train_distributed --variant plain)
+        return model
     return mhc_compile.parallelize_mhc(model, tp_mesh, sequence_parallel=sp)

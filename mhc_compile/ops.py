@@ -168,12 +168,13 @@ def _coeffs_setup(ctx, inputs, output):
 
 
 def _coeffs_bwd(ctx, g_pre, g_post, g_res):
-    x = ctx.saved_tensors[0]
+    saved = ctx.saved_tensors  # once: checkpointing refuses a second unpack
+    x = saved[0]
     n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
     g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
     g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
     g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
-    grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *ctx.saved_tensors, *ctx.args)
+    grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *saved, *ctx.args)
     return (*grads, None, None, None, None)
 
 
