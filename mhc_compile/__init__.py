@@ -10,8 +10,16 @@ from .report import ResidualReport
 from . import diagnostics
 from .backend import materialize
 from .io import load
-from .parallel import MHCParallel, MHCParallelError, parallelize_mhc
+from .parallel import MHCParallelError
 
 __all__ = ["MHCConfig", "MHCConfigError", "convert", "find_residuals", "ResidualReport", "MHCCaptureError", "reference", "ops", "diagnostics", "materialize", "load",
            "parallelize_mhc", "MHCParallel", "MHCParallelError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("parallelize_mhc", "MHCParallel"):  # need torch.distributed: imported on first use
+        from . import parallel
+
+        return getattr(parallel, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

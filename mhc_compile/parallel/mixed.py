@@ -108,11 +108,12 @@ def _like(t: Optional[torch.Tensor], ref: "DTensor") -> Optional[torch.Tensor]:
             raise MHCParallelError(f"mHC op inputs live on two meshes ({t.device_mesh} and {ref.device_mesh})")
         return t
     lead = ref.ndim - 2
-    local = ref.to_local().shape[:lead]
-    if t.dim() < lead or tuple(t.shape[:lead]) != tuple(local):
+    with torch.no_grad():
+        local = tuple(ref.to_local().shape)
+    if t.dim() < lead or tuple(t.shape[:lead]) != local[:lead]:
         raise MHCParallelError(
             f"a plain tensor of shape {tuple(t.shape)} meets a DTensor stream of local shape "
-            f"{tuple(ref.to_local().shape)} ({ref.placements}) in an mHC op: its layout is unknown. "
+            f"{local} ({ref.placements}) in an mHC op: its layout is unknown. "
             "Return the block's branch outputs as DTensors (use_local_output=False) or as the local "
             "shard of the stream's token layout")
     shape = tuple(ref.shape[:lead]) + tuple(t.shape[lead:])
