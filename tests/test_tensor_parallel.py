@@ -398,20 +398,22 @@ def test_local_streams_with_dtensor_parameters(mesh1, monkeypatch):
 
 
 def test_dtensor_stream_with_plain_parameters_raises(mesh1):
-    from torch.distributed.tensor import Shard, distribute_tensor
+    """A DTensor stream meeting plain mHC parameters raises (never a silent partial gradient); a plain
+    branch output next to a DTensor stream is taken as its local shard only when the shapes agree."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from mhc_compile import ops
     from mhc_compile.parallel import MHCParallelError
 
     x = distribute_tensor(torch.randn(2, 3, N, CH, dtype=torch.float64), mesh1, [Shard(1)])
     p, q = _site_params(1), _site_params(2)
     with pytest.raises(MHCParallelError, match="parallelize_mhc"):
         _chain(x, torch.randn(2, 3, CH, dtype=torch.float64), p, q, torch.randn(N, dtype=torch.float64))
-    # a plain branch output of another token shape than the stream's local one is refused
-    from torch.distributed.tensor import Replicate
     rep = lambda t: torch.nn.Parameter(distribute_tensor(t, mesh1, [Replicate()]))
+    hp, ho, hr = ops.coeffs(x, *(rep(p[k]) for k in ("phi", "alpha", "b_pre", "b_post", "b_res")), kernels="reference")
+    h_out = torch.randn(2, 3, CH, dtype=torch.float64)
+    out = ops.post_res(x, h_out, ho, hr, kernels="reference")  # the local shard of the same token layout
+    assert out.placements == (Shard(1),)
     with pytest.raises(MHCParallelError, match="layout is unknown"):
-        from mhc_compile import ops
-        hp, ho, hr = ops.coeffs(x, *(rep(p[k]) for k in ("phi", "alpha", "b_pre", "b_post", "b_res")),
-                                kernels="reference")
         ops.post_res(x, torch.randn(2, 5, CH, dtype=torch.float64), ho, hr, kernels="reference")
 
 
