@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import reference
 from .config import KERNELS
+from .parallel.mixed import align as _align, token_zeros  # plain tensors and DTensors (parallel/mixed.py)
 
 # x dtypes the fused coefficient kernels (coeffs, boundary) run; see _fused_triton
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -163,10 +164,17 @@ def _coeffs_setup(ctx, inputs, output):
     x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels = inputs
     ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res)
     ctx.args = (iters, eps, variant, kernels)
+    ctx.set_materialize_grads(False)  # autograd's zeros for an unused output of a DTensor op are plain
 
 
 def _coeffs_bwd(ctx, g_pre, g_post, g_res):
-    grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *ctx.saved_tensors, *ctx.args)
+    saved = ctx.saved_tensors  # once: checkpointing refuses a second unpack
+    x = saved[0]
+    n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
+    g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
+    g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
+    g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
+    grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *saved, *ctx.args)
     return (*grads, None, None, None, None)
 
 
@@ -348,17 +356,17 @@ def _boundary_setup(ctx, inputs, output):
     *tensors, iters, eps, variant, kernels = inputs
     ctx.save_for_backward(*tensors)  # inputs only: x_next and the coefficients are recomputed
     ctx.args = (iters, eps, variant, kernels)
+    ctx.set_materialize_grads(False)  # unused outputs come as None (filled below, laid out like x)
 
 
 def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
     saved = ctx.saved_tensors
     x, h_out = saved[0], saved[1]
-    cd = reference.compute_dtype(x.dtype)
-    lead, n = x.shape[:-2], x.shape[-2]
+    cd, n = reference.compute_dtype(x.dtype), x.shape[-2]
     g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
-    g_pre = x.new_zeros((*lead, n), dtype=cd) if g_pre is None else g_pre
-    g_post = x.new_zeros((*lead, n), dtype=cd) if g_post is None else g_post
-    g_res = x.new_zeros((*lead, n, n), dtype=cd) if g_res is None else g_res
+    g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
+    g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
+    g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
     g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
     grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
     return (*grads, None, None, None, None)
@@ -373,6 +381,7 @@ def coeffs(
     iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """H_pre, H_post, H_res for streams ``x``; dynamic ones through ``mhc::coeffs``."""
+    (x,), (phi, alpha, b_pre, b_post, b_res) = _align((x,), (phi, alpha, b_pre, b_post, b_res))
     if not dynamic:
         outs = reference.coeffs(x, None, None, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=False)
         if _RECORDERS and not torch.compiler.is_compiling():
@@ -383,11 +392,13 @@ def coeffs(
 
 def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
     """h_in = sum_i H_pre[i] X[i]."""
+    (x, h_pre), _ = _align((x, h_pre), ())
     return torch.ops.mhc.pre(x, h_pre, kernels)
 
 
 def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str = "auto") -> Tensor:
     """X' = H_res X + H_post h_out."""
+    (x, h_out, h_post, h_res), _ = _align((x, h_out, h_post, h_res), ())
     return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
 
 
@@ -403,6 +414,8 @@ def boundary(
     site l+1's coefficients, and site l+1's branch input. The fused Triton version reads
     ``x`` and ``h_out`` once.
     """
+    (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res) = _align(
+        (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res))
     if dynamic:
         if phi is None or alpha is None:
             raise ValueError("dynamic coefficients need phi and alpha")
@@ -414,4 +427,15 @@ def boundary(
 
 
 expand = reference.expand
-collapse = reference.collapse
+
+
+def collapse(x: Tensor, mode: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
+    """End of a stream (``reference.collapse``), with a learned weight aligned to the stream's kind."""
+    (x,), (weight,) = _align((x,), (weight,))
+    return reference.collapse(x, mode, weight)
+
+
+if torch.distributed.is_available():  # DTensor sharding rules of the ops above
+    from .parallel import sharding as _sharding
+
+    _sharding.register()

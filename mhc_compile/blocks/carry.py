@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from .. import _torch_internals as _ti
 from ..config import MHCConfig
+from ..parallel.guard import check_block
 from ..passes.placement import safe_name, site_container
 from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, analyze, rewrite_chain_part
 from ..passes.streams import stream_wise_path
@@ -57,6 +58,7 @@ class CarriedForward:
     source: dict = field(default_factory=dict)     # call key -> its Python source
 
     def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        check_block(block)  # tensor parallel with plain mHC parameters: raise, never a partial gradient
         names, values = self.signature.bind(args, kwargs)
         key = call_key(block.training, names, values)
         fn = self.variants.get(key)
