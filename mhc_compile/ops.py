@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import reference
 from .config import KERNELS
+from .site_grad import SiteGrad, eager_needs_grad, site_of
 
 # x dtypes the fused coefficient kernels (coeffs, boundary) run; see _fused_triton
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -104,6 +105,35 @@ def _flat_coeff(h: Tensor, tail: int) -> Tensor:
     return h.reshape(-1, *h.shape[h.dim() - tail :]).contiguous()
 
 
+# ============================================================================ one dX per site (eager)
+# A site's streams X feed three ops: coeffs, pre, and post_res (or the boundary into the next
+# site). Left to autograd, their three dX are summed by two separate adds (6n C*e bytes per
+# token). With the Triton kernels, in eager autograd on plain tensors, pre and post_res/boundary
+# hand their part to the site's coeffs backward (``site_grad.SiteGrad``), which always runs after
+# them (its outputs feed both) and sums everything into the one dX its gx kernel writes (EXTRA:
+# g_add + H_pre * g_hin, in fp32, rounded once). The reference path, traced and compiled graphs
+# and DTensors keep autograd's adds.
+def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad):
+    """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
+    and post_res/boundary, summed in fp32 by the gx kernel and written once."""
+    from .kernels.coeffs import coeffs_backward
+
+    x, phi, alpha, b_pre, b_post, b_res = ctx.saved_tensors
+    iters, eps, variant, _ = ctx.args
+    g_add, g_hin, h_pre = box.g_add, box.g_hin, box.h_pre
+    box.g_add = box.g_hin = box.h_pre = None
+    extra = (
+        torch.zeros_like(x) if g_add is None else g_add,
+        x.new_zeros(x.shape[:-2] + x.shape[-1:]) if g_hin is None else g_hin,
+        g_pre.new_zeros(g_pre.shape) if h_pre is None else h_pre,
+    )
+    gx, *rest = coeffs_backward(
+        _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant, extra=extra,
+    )
+    return (gx.reshape(x.shape), *rest)
+
+
 # ============================================================================ coeffs
 @torch.library.custom_op("mhc::coeffs", mutates_args=())
 def _coeffs(
@@ -163,10 +193,20 @@ def _coeffs_setup(ctx, inputs, output):
     x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels = inputs
     ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res)
     ctx.args = (iters, eps, variant, kernels)
+    ctx.site = None
+    if _fused_triton(kernels, x, phi, alpha, b_pre, b_post, b_res) and eager_needs_grad(x) \
+            and all(type(o) is torch.Tensor for o in output):
+        ctx.site = SiteGrad(x, output)
+        for o in output:
+            o._mhc_site_grad = ctx.site
 
 
 def _coeffs_bwd(ctx, g_pre, g_post, g_res):
-    grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *ctx.saved_tensors, *ctx.args)
+    box = ctx.site
+    if box is not None and (box.g_add is not None or box.g_hin is not None):
+        grads = _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box)
+    else:
+        grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *ctx.saved_tensors, *ctx.args)
     return (*grads, None, None, None, None)
 
 
@@ -208,10 +248,20 @@ def _pre_setup(ctx, inputs, output):
     x, h_pre, kernels = inputs
     ctx.save_for_backward(x, h_pre)
     ctx.kernels = kernels
+    ctx.site = site_of(x, h_pre=h_pre)
 
 
 def _pre_bwd(ctx, grad):
-    gx, gh = torch.ops.mhc.pre_backward(grad, *ctx.saved_tensors, ctx.kernels)
+    x, h_pre = ctx.saved_tensors
+    if ctx.site is not None and ctx.site.open():
+        # H_pre's gradient only (a mailbox means Triton); dX = H_pre * grad is added by the
+        # site's coeffs backward
+        from .kernels.pre import pre_backward
+
+        _, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1), write_gx=False)
+        ctx.site.add(g_hin=grad, h_pre=h_pre)
+        return None, gh.reshape(h_pre.shape), None
+    gx, gh = torch.ops.mhc.pre_backward(grad, x, h_pre, ctx.kernels)
     return gx, gh, None
 
 
@@ -261,10 +311,14 @@ def _post_res_setup(ctx, inputs, output):
     x, h_out, h_post, h_res, kernels = inputs
     ctx.save_for_backward(x, h_out, h_post, h_res)
     ctx.kernels = kernels
+    ctx.site = site_of(x, h_post=h_post, h_res=h_res)
 
 
 def _post_res_bwd(ctx, grad):
     grads = torch.ops.mhc.post_res_backward(grad, *ctx.saved_tensors, ctx.kernels)
+    if ctx.site is not None and ctx.site.open():
+        ctx.site.add(g_add=grads[0])  # summed into dX by the site's coeffs backward
+        return (None, *grads[1:], None)
     return (*grads, None)
 
 
@@ -348,6 +402,7 @@ def _boundary_setup(ctx, inputs, output):
     *tensors, iters, eps, variant, kernels = inputs
     ctx.save_for_backward(*tensors)  # inputs only: x_next and the coefficients are recomputed
     ctx.args = (iters, eps, variant, kernels)
+    ctx.site = site_of(tensors[0], h_post=tensors[2], h_res=tensors[3])  # site l's mailbox
 
 
 def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
@@ -361,6 +416,9 @@ def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
     g_res = x.new_zeros((*lead, n, n), dtype=cd) if g_res is None else g_res
     g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
     grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
+    if ctx.site is not None and ctx.site.open():
+        ctx.site.add(g_add=grads[0])  # summed into site l's dX by its coeffs backward
+        return (None, *grads[1:], None, None, None, None)
     return (*grads, None, None, None, None)
 
 

@@ -6,7 +6,7 @@ configuration switched on (``on_gpu`` patched to True) and the kernels replaced 
 and bind every recorded launch to its kernel's own signature: the same positional arguments
 and constexprs as the kernel declares, none missing, none unknown, and tile sizes ``tl.dot``
 accepts. ``kernels.aot`` compiles from the same ``launch_config`` functions
-(tests/test_kernel_coeffs.py::test_gpu_kernels_compile_for_sm90_without_a_gpu). Also: ``ops``
+(tests/test_kernel_aot.py::test_sm90_no_spills). Also: ``ops``
 is the one place that sends float64 to the reference, and the launchers refuse it.
 """
 import inspect

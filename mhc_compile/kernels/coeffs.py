@@ -223,6 +223,10 @@ def launch_config(n: int, variant: str, gpu: bool) -> tuple[dict, dict, int]:
     bt, bk, warps = fwd_blocks(n, gpu)
     consts = dict(logit_consts(n, variant, gpu), BT=bt, BK=bk)
     x_consts = {k: consts[k] for k in ("N", "NP", "W", "BT", "BK", "DOT_P")}
+    if gpu and bt == 64:
+        # the gx kernel holds dp, x, gx and the EXTRA tiles at once: 64-token tiles spill on sm_90
+        # (fp32 x, n = 3, 4; tests/test_kernel_aot.py); 32 fit (<= 246 registers, 2 CTAs per SM)
+        x_consts["BT"] = 32
     return consts, x_consts, warps
 
 
@@ -303,7 +307,8 @@ def coeffs_backward(
         gp, go, gr, x, *p32, dp, s, part, T, K, J, float(eps), int(iters), **consts, num_warps=warps,
     )
     kblocks = triton.cdiv(K, bk)
-    splits = gphi_splits(tblocks, kblocks, dev)
+    x_tblocks = triton.cdiv(T, x_consts["BT"])
+    splits = gphi_splits(x_tblocks, kblocks, dev)
     gphi_part = torch.empty((splits, K, J), dtype=torch.float32, device=dev)
     if extra is not None:
         g_add, g_hin, h_pre = extra
@@ -313,7 +318,7 @@ def coeffs_backward(
     else:
         g_add = g_hin = h_pre = s  # unused dummies
     _coeffs_bwd_x_kernel[(kblocks, splits)](
-        x, p32[0], dp, s, gx, gphi_part, g_add, g_hin, h_pre, T, K, J, C, tblocks, splits,
+        x, p32[0], dp, s, gx, gphi_part, g_add, g_hin, h_pre, T, K, J, C, x_tblocks, splits,
         **x_consts, EXTRA=extra is not None, num_warps=warps,
     )
     gphi = gphi_part[0] if splits == 1 else gphi_part.sum(0)
