@@ -120,16 +120,11 @@ def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad):
 
     x, phi, alpha, b_pre, b_post, b_res = ctx.saved_tensors
     iters, eps, variant, _ = ctx.args
-    g_add, g_hin, h_pre = box.g_add, box.g_hin, box.h_pre
-    box.g_add = box.g_hin = box.h_pre = None
-    extra = (
-        torch.zeros_like(x) if g_add is None else g_add,
-        x.new_zeros(x.shape[:-2] + x.shape[-1:]) if g_hin is None else g_hin,
-        g_pre.new_zeros(g_pre.shape) if h_pre is None else h_pre,
-    )
+    g_add, g_hin, h_pre, g_mix, h_mix = box.take()
     gx, *rest = coeffs_backward(
         _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
-        _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant, extra=extra,
+        _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+        extra=(g_add, g_hin, h_pre), mix=None if g_mix is None else (g_mix, h_mix),
     )
     return (gx.reshape(x.shape), *rest)
 
@@ -203,7 +198,7 @@ def _coeffs_setup(ctx, inputs, output):
 
 def _coeffs_bwd(ctx, g_pre, g_post, g_res):
     box = ctx.site
-    if box is not None and (box.g_add is not None or box.g_hin is not None):
+    if box is not None and box.pending():
         grads = _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box)
     else:
         grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *ctx.saved_tensors, *ctx.args)
@@ -315,9 +310,21 @@ def _post_res_setup(ctx, inputs, output):
 
 
 def _post_res_bwd(ctx, grad):
+    site = ctx.site
+    if site is not None and site.g_mix is None and site.open():
+        # everything but dX (a mailbox means Triton): the site's coeffs backward adds H_res^T grad
+        from .kernels.post_res import post_res_backward
+
+        x, h_out, h_post, h_res = ctx.saved_tensors
+        _, gho, ghp, ghr = post_res_backward(
+            _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
+            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), write_gx=False,
+        )
+        site.add(g_mix=grad, h_mix=h_res)
+        return None, gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape), None
     grads = torch.ops.mhc.post_res_backward(grad, *ctx.saved_tensors, ctx.kernels)
-    if ctx.site is not None and ctx.site.open():
-        ctx.site.add(g_add=grads[0])  # summed into dX by the site's coeffs backward
+    if site is not None and site.open():
+        site.add(g_add=grads[0])  # a second post_res on the site: its dX, summed by coeffs
         return (None, *grads[1:], None)
     return (*grads, None)
 
@@ -415,9 +422,23 @@ def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
     g_post = x.new_zeros((*lead, n), dtype=cd) if g_post is None else g_post
     g_res = x.new_zeros((*lead, n, n), dtype=cd) if g_res is None else g_res
     g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
+    site = ctx.site
+    if site is not None and site.g_mix is None and _fused_triton(ctx.args[3], x, *saved[2:]) \
+            and h_out.dtype == x.dtype and site.open():
+        # the boundary kernels' own rule: hand over dX'; site l's coeffs backward adds
+        # H_res^T dX' into its dX
+        from .kernels.boundary import boundary_backward
+
+        c = x.shape[-1]
+        flat = (_flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+                g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
+                _flat_coeff(saved[2], 1), _flat_coeff(saved[3], 2), *saved[4:])
+        gxn, *grads = boundary_backward(*flat, *ctx.args[:3], write_gx=False)
+        site.add(g_mix=gxn, h_mix=saved[3])
+        return (None, *(g.reshape(t.shape) for g, t in zip(grads, saved[1:])), None, None, None, None)
     grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
-    if ctx.site is not None and ctx.site.open():
-        ctx.site.add(g_add=grads[0])  # summed into site l's dX by its coeffs backward
+    if site is not None and site.open():
+        site.add(g_add=grads[0])  # summed into site l's dX by its coeffs backward
         return (None, *grads[1:], None, None, None, None)
     return (*grads, None, None, None, None)
 

@@ -28,8 +28,17 @@ class SiteGrad:
         self.clear()
 
     def clear(self) -> None:
-        self.g_add = self.g_hin = self.h_pre = None
+        self.g_add = self.g_hin = self.h_pre = self.g_mix = self.h_mix = None
         self.queued = False
+
+    def take(self) -> tuple:
+        """(g_add, g_hin, h_pre, g_mix, h_mix) handed over so far; empties the box."""
+        out = (self.g_add, self.g_hin, self.h_pre, self.g_mix, self.h_mix)
+        self.g_add = self.g_hin = self.h_pre = self.g_mix = self.h_mix = None
+        return out
+
+    def pending(self) -> bool:
+        return self.g_add is not None or self.g_hin is not None or self.g_mix is not None
 
     def reads(self, x: Tensor, **coeffs: Tensor) -> bool:
         """Whether an op on ``x`` with these coefficients (by name: h_pre, h_post, h_res) reads
@@ -43,7 +52,13 @@ class SiteGrad:
             self.queued = at_backward_end(self.clear)
         return self.queued
 
-    def add(self, g_add: Optional[Tensor] = None, g_hin: Optional[Tensor] = None, h_pre: Optional[Tensor] = None) -> None:
+    def add(self, g_add: Optional[Tensor] = None, g_hin: Optional[Tensor] = None, h_pre: Optional[Tensor] = None,
+            g_mix: Optional[Tensor] = None, h_mix: Optional[Tensor] = None) -> None:
+        """Hand over a dX (g_add), the pre-mix's incoming gradient (g_hin with its H_pre), or the
+        post_res mix's (g_mix with its H_res; one per pass: a second post_res hands over g_add)."""
+        if g_mix is not None:
+            assert self.g_mix is None, "one post_res mix per site and pass"
+            self.g_mix, self.h_mix = g_mix, h_mix
         if g_add is not None:
             self.g_add = g_add if self.g_add is None else self.g_add + g_add
         if g_hin is not None:

@@ -328,7 +328,7 @@ for n in (1, 3, 8):
             if flag in fn.arg_names:
                 consts[flag] = False
         if "WRITE_GX" in fn.arg_names:
-            consts["WRITE_GX"] = True
+            consts["WRITE_GX"] = True  # the heavier variant
         sig, attrs = {}, {}
         for i, a in enumerate(fn.arg_names):
             if a in consts:

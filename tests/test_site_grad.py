@@ -73,9 +73,10 @@ def test_grads_equal_reference_autograd(kernels, form, handovers):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
-    # site: post_res and pre hand over; block2: the boundary and pre of site 1 (site 2's X is
-    # read inside the boundary op, its post_res has no mailbox); the reference keeps autograd's adds
-    assert sorted(handovers) == ([["g_add"], ["g_hin", "h_pre"]] if kernels == "triton" else [])
+    # post_res (site) or the boundary (block2) hands over the gradient of its mix (coeffs computes
+    # H_res^T g), pre its incoming gradient; site 2's X in block2 is read inside the boundary op, so
+    # its post_res has no mailbox; the reference keeps autograd's adds
+    assert sorted(handovers) == ([["g_hin", "h_pre"], ["g_mix", "h_mix"]] if kernels == "triton" else [])
 
 
 def test_partial_pass_does_not_leak_into_the_next(handovers):
@@ -87,7 +88,7 @@ def test_partial_pass_does_not_leak_into_the_next(handovers):
     outs = {}
     out = _site(x, p, "triton", outs)
     torch.autograd.grad(out, [outs["h_out"]], torch.randn_like(out), retain_graph=True)
-    assert handovers == [["g_add"]]
+    assert handovers == [["g_mix", "h_mix"]]
     (gx,) = torch.autograd.grad(outs["ho"].square().sum(), [x])
     xr = x0.clone().requires_grad_()
     _, ho_ref, _ = reference.coeffs(xr, *p, iters=20, eps=1e-6)

@@ -101,9 +101,11 @@ def compile_coeffs(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int 
     for fn, kconsts, ptrs in (
         (coeffs._coeffs_fwd_kernel, consts, {"x_ptr": xt}),
         (coeffs._coeffs_bwd_dh_kernel, consts, {"x_ptr": xt}),
-        (coeffs._coeffs_bwd_x_kernel, dict(x_consts, EXTRA=True), {"x_ptr": xt, "gx_ptr": xt, "gadd_ptr": xt, "ghin_ptr": xt}),
+        (coeffs._coeffs_bwd_x_kernel, dict(x_consts, GADD=True, GPRE=True, GMIX=True),
+         {"x_ptr": xt, "gx_ptr": xt, "gadd_ptr": xt, "ghin_ptr": xt, "gmix_ptr": xt}),
     ):
-        kints = ints if kconsts["BT"] == consts["BT"] else _launch_ints(n, T, C, kconsts["BT"], consts["BK"])
+        kints = ints if fn is not coeffs._coeffs_bwd_x_kernel else _launch_ints(
+            n, T, C, x_consts["BT"], x_consts["NP"] * x_consts["BC"])
         k = compile_kernel(fn, ptrs, {"eps": "fp32"}, kconsts, warps, 3, arch, kints)
         out[fn.__name__] = resources(k)
     return out

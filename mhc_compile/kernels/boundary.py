@@ -210,12 +210,14 @@ def boundary_backward(
     g_xn: Tensor, g_hp: Tensor, g_ho: Tensor, g_hr: Tensor, g_hin: Tensor,
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
     phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-    iters: int, eps: float, variant: str,
+    iters: int, eps: float, variant: str, write_gx: bool = True,
 ) -> tuple[Tensor, ...]:
     """(gx, gh_out, gh_post, gh_res, gphi, galpha, gb_pre, gb_post, gb_res), each shaped like its input.
 
     Recomputes X' and H_pre (fused forward), then chains the pre, coeffs and post_res backward
-    kernels. Same dtypes as :func:`boundary_forward`.
+    kernels. Same dtypes as :func:`boundary_forward`. ``write_gx=False``: the first element is
+    dX' (T, n, C) instead of gx, and gx = H_res^T dX' is not computed (the caller adds it into
+    its own dX: ops' site mailbox).
     """
     _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     T, n, C = x.shape
@@ -231,5 +233,5 @@ def boundary_backward(
         grads[1].float() + ghp_pre, grads[2], grads[3], xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         extra=(grads[0], grads[4], hp),
     )
-    gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res)
-    return gx, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
+    gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res, write_gx=write_gx)
+    return gx if write_gx else gxn, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
