@@ -127,13 +127,15 @@ class ByteCounter:
         orig_load, orig_store = builder.create_masked_load, builder.create_masked_store
         orig_call = executor.__call__
 
-        def load(b, ptrs, mask, other, cache_policy, is_volatile):
+        # (ptrs, mask, ...) and (ptrs, value, mask, ...): the cache arguments after them differ
+        # between triton versions (3.6: cache_modifier, eviction_policy; 3.9: cache_policy)
+        def load(b, ptrs, mask, *rest, **kw):
             counter._attribute(ptrs.data, mask.data, ptrs.get_element_ty().primitive_bitwidth // 8)
-            return orig_load(b, ptrs, mask, other, cache_policy, is_volatile)
+            return orig_load(b, ptrs, mask, *rest, **kw)
 
-        def store(b, ptrs, value, mask, cache_policy):
+        def store(b, ptrs, value, mask, *rest, **kw):
             counter._attribute(ptrs.data, mask.data, ptrs.get_element_ty().primitive_bitwidth // 8)
-            return orig_store(b, ptrs, value, mask, cache_policy)
+            return orig_store(b, ptrs, value, mask, *rest, **kw)
 
         def call(ex, *args, **kwargs):
             name = getattr(ex.fn, "__name__", "kernel")

@@ -31,6 +31,13 @@ class SiteGrad:
         self.g_add = self.g_hin = self.h_pre = self.g_mix = self.h_mix = None
         self.queued = False
 
+    # a copied or pickled coefficient tensor is no site's output: it carries no mailbox
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
     def take(self) -> tuple:
         """(g_add, g_hin, h_pre, g_mix, h_mix) handed over so far; empties the box."""
         out = (self.g_add, self.g_hin, self.h_pre, self.g_mix, self.h_mix)

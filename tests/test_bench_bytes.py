@@ -89,3 +89,33 @@ def test_bytes_per_site_n4(bench, path):
     got = {p: (rows[p]["units"], rows[p]["triton"], rows[p]["torch"]) for p in ("fwd", "bwd")}
     assert got == EXPECTED[path], (got, rows["bwd"]["kernels"])
     assert rows["fwd+bwd"]["floor"] == 25
+
+
+def test_converted_model_runs_the_block2_path(bench, bytecount, monkeypatch):
+    """What bench_bytes counts as `block2` is what a converted pre-norm GPT's blocks run: the same
+    Triton launches, in order, forward and backward, per layer, and the site mailbox joins each
+    layer's first-site dX (the boundary's and pre's hand-overs)."""
+    import mhc_compile
+    from mhc_compile import MHCConfig, site_grad
+    from mhc_compile.models import TinyGPT
+
+    handed = []
+    orig = site_grad.SiteGrad.add
+    monkeypatch.setattr(site_grad.SiteGrad, "add", lambda self, **kw: (handed.append(kw), orig(self, **kw))[1])
+    layers, T = 2, 8
+    model = TinyGPT(vocab=64, dim=32, layers=layers, heads=2, max_len=16)
+    idx = torch.randint(0, 64, (1, T))
+    converted = mhc_compile.convert(model, MHCConfig(streams=4, kernels="triton"), (idx,))
+    with bytecount.ByteCounter(T, 32) as fwd:
+        out = converted(idx)
+    with bytecount.ByteCounter(T, 32) as bwd:
+        out.float().square().sum().backward()
+    joined = len(handed)
+    rows = {r["pass"]: r for r in bench.count_path("block2", 4, T=T, C=32)}
+
+    def triton(kernels):
+        return [k for k in kernels if k.startswith("triton:")]
+
+    assert triton(fwd.kernels) == triton(rows["fwd"]["kernels"]) * layers
+    assert triton(bwd.kernels) == triton(rows["bwd"]["kernels"]) * layers
+    assert joined == 2 * layers

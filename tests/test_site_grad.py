@@ -125,3 +125,16 @@ def test_float64_gradcheck_through_the_site():
     x = torch.randn(2, n, c, dtype=torch.float64, requires_grad=True)
     p = _params(6, n, c, torch.float64)
     assert torch.autograd.gradcheck(lambda x, *p: _site(x, p, "triton"), (x, *p), eps=1e-6, atol=1e-5)
+
+
+def test_coefficients_copy_and_pickle_without_the_mailbox():
+    """A copied or pickled coefficient tensor is no site's output: its mailbox becomes None."""
+    import copy
+    import pickle
+
+    x = torch.randn(2, N, C, requires_grad=True)
+    hp, _, _ = torch.ops.mhc.coeffs(x, *_params(7), 20, 1e-6, "mhc", "triton")
+    box = hp._mhc_site_grad
+    assert isinstance(box, site_grad.SiteGrad) and box.reads(x, h_pre=hp)
+    assert copy.deepcopy(box) is None and pickle.loads(pickle.dumps(box)) is None
+    assert pickle.loads(pickle.dumps({"box": box})) == {"box": None}

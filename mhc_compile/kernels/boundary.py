@@ -142,14 +142,14 @@ def launch_config(n: int, C: int, variant: str, gpu: bool) -> tuple[dict, int, i
     ``kernels.aot`` launch and compile from this one place.
 
     GPU: a K chunk of n_pad*BLOCK_C = 64 keeps the fp32 dot operands (BLOCK_T x 64 and 64 x W)
-    small; with 8 warps and 2 pipeline stages the sm_90 AOT compile (with a launch's divisibility)
-    shows 124 registers at n = 4 (2 CTAs per SM), 16 KiB of shared memory and no spills for
-    n <= 4, also at a decode T = 8 (a chunk of 128 spilled there; tests/test_kernel_aot.py).
-    Untuned on hardware.
+    small (a chunk of 128 spilled at a decode T = 8); 4 warps at n = 3, 4 (8 warps held 128
+    registers and spilled 16 B at n = 3 with triton 3.6), 8 otherwise (4 spilled at n = 1, 2),
+    2 pipeline stages: no spills for n <= 4 in the sm_90 AOT compile with a launch's
+    divisibility (tests/test_kernel_aot.py, triton 3.6 and 3.9). Untuned on hardware.
     Interpreter: small blocks (its cost is per op)."""
     if gpu:
         np_, _, _ = logit_layout(n)
-        bt, bc, warps = 16, max(8, min(64 // np_, triton.next_power_of_2(C))), 8
+        bt, bc, warps = 16, max(8, min(64 // np_, triton.next_power_of_2(C))), 4 if np_ == 4 else 8
     else:
         bt, bc, warps = 16, 16, 1
     return dict(logit_consts(n, variant, gpu), BT=bt, BC=bc), warps, 2
