@@ -108,11 +108,11 @@ def _flat_coeff(h: Tensor, tail: int) -> Tensor:
 # ============================================================================ one dX per site (eager)
 # A site's streams X feed three ops: coeffs, pre, and post_res (or the boundary into the next
 # site). Left to autograd, their three dX are summed by two separate adds (6n C*e bytes per
-# token). With the Triton kernels, in eager autograd on plain tensors, pre and post_res/boundary
-# hand their part to the site's coeffs backward (``site_grad.SiteGrad``), which always runs after
-# them (its outputs feed both) and sums everything into the one dX its gx kernel writes (EXTRA:
-# g_add + H_pre * g_hin, in fp32, rounded once). The reference path, traced and compiled graphs
-# and DTensors keep autograd's adds.
+# token). With the Triton kernels, in eager autograd on plain tensors, pre hands its incoming
+# gradient g_hin and post_res/boundary the gradient g of their mix to the site's coeffs backward
+# (``site_grad.SiteGrad``), which always runs after them (its outputs feed both); its gx kernel
+# adds H_pre * g_hin and H_res^T g in fp32 and writes the one dX (neither pre nor post_res
+# writes one). The reference path, traced and compiled graphs and DTensors keep autograd's adds.
 def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad):
     """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
     and post_res/boundary, summed in fp32 by the gx kernel and written once."""
