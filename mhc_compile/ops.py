@@ -106,13 +106,8 @@ def _flat_coeff(h: Tensor, tail: int) -> Tensor:
 
 
 # ============================================================================ one dX per site (eager)
-# A site's streams X feed three ops: coeffs, pre, and post_res (or the boundary into the next
-# site). Left to autograd, their three dX are summed by two separate adds (6n C*e bytes per
-# token). With the Triton kernels, in eager autograd on plain tensors, pre hands its incoming
-# gradient g_hin and post_res/boundary the gradient g of their mix to the site's coeffs backward
-# (``site_grad.SiteGrad``), which always runs after them (its outputs feed both); its gx kernel
-# adds H_pre * g_hin and H_res^T g in fp32 and writes the one dX (neither pre nor post_res
-# writes one). The reference path, traced and compiled graphs and DTensors keep autograd's adds.
+# pre and post_res/boundary hand their gradients to the site's coeffs backward, whose gx kernel
+# writes the site's one dX (no autograd adds; Triton, eager, plain tensors: see site_grad).
 def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad):
     """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
     and post_res/boundary, summed in fp32 by the gx kernel and written once."""
@@ -281,18 +276,24 @@ def _(x, h_out, h_post, h_res, kernels):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -> tuple:
+    """The Triton post_res backward, gradients shaped like the inputs (gx None without write_gx)."""
+    from .kernels.post_res import post_res_backward
+
+    gx, gho, ghp, ghr = post_res_backward(
+        _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
+        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), write_gx=write_gx,
+    )
+    gx = None if gx is None else gx.reshape(x.shape)
+    return gx, gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
+
+
 @torch.library.custom_op("mhc::post_res_backward", mutates_args=())
 def _post_res_backward(
     grad: Tensor, x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if use_triton(x, kernels):
-        from .kernels.post_res import post_res_backward
-
-        gx, gho, ghp, ghr = post_res_backward(
-            _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
-            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2),
-        )
-        return gx.reshape(x.shape), gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
+        return _post_res_bwd_triton(grad, x, h_out, h_post, h_res)
     grads = reference.post_res_mix_backward(grad, x, h_out, h_post, h_res)
     return tuple(g.contiguous() for g in grads)
 
@@ -313,15 +314,9 @@ def _post_res_bwd(ctx, grad):
     site = ctx.site
     if site is not None and site.g_mix is None and site.open():
         # everything but dX (a mailbox means Triton): the site's coeffs backward adds H_res^T grad
-        from .kernels.post_res import post_res_backward
-
-        x, h_out, h_post, h_res = ctx.saved_tensors
-        _, gho, ghp, ghr = post_res_backward(
-            _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
-            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), write_gx=False,
-        )
-        site.add(g_mix=grad, h_mix=h_res)
-        return None, gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape), None
+        _, gho, ghp, ghr = _post_res_bwd_triton(grad, *ctx.saved_tensors, write_gx=False)
+        site.add(g_mix=grad, h_mix=ctx.saved_tensors[3])
+        return None, gho, ghp, ghr, None
     grads = torch.ops.mhc.post_res_backward(grad, *ctx.saved_tensors, ctx.kernels)
     if site is not None and site.open():
         site.add(g_add=grads[0])  # a second post_res on the site: its dX, summed by coeffs
@@ -373,6 +368,22 @@ def _(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, var
     )
 
 
+def _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, *rest,
+                         write_gx: bool = True) -> tuple:
+    """The Triton boundary backward (``rest``: phi, alpha, b_pre, b_post, b_res, iters, eps,
+    variant), gradients shaped like the inputs; without write_gx the first is dX', not dX."""
+    from .kernels.boundary import boundary_backward
+
+    c = x.shape[-1]
+    grads = boundary_backward(
+        _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
+        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, write_gx=write_gx,
+    )
+    like = (x, h_out, h_post, h_res, *rest[:5])
+    return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
+
+
 @torch.library.custom_op("mhc::boundary_backward", mutates_args=())
 def _boundary_backward(
     g_x_next: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_h_in: Tensor,
@@ -381,16 +392,8 @@ def _boundary_backward(
     iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _fused_triton(kernels, x, h_post, h_res, phi, alpha, b_pre, b_post, b_res) and h_out.dtype == x.dtype:
-        from .kernels.boundary import boundary_backward
-
-        c = x.shape[-1]
-        grads = boundary_backward(
-            _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
-            g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
-            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
-        )
-        like = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
-        return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
+        return _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res,
+                                    phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     grads = reference.boundary_backward(
         g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
     )
@@ -427,15 +430,9 @@ def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
             and h_out.dtype == x.dtype and site.open():
         # the boundary kernels' own rule: hand over dX'; site l's coeffs backward adds
         # H_res^T dX' into its dX
-        from .kernels.boundary import boundary_backward
-
-        c = x.shape[-1]
-        flat = (_flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
-                g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
-                _flat_coeff(saved[2], 1), _flat_coeff(saved[3], 2), *saved[4:])
-        gxn, *grads = boundary_backward(*flat, *ctx.args[:3], write_gx=False)
+        gxn, *grads = _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args[:3], write_gx=False)
         site.add(g_mix=gxn, h_mix=saved[3])
-        return (None, *(g.reshape(t.shape) for g, t in zip(grads, saved[1:])), None, None, None, None)
+        return (None, *grads, None, None, None, None)
     grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
     if site is not None and site.open():
         site.add(g_add=grads[0])  # summed into site l's dX by its coeffs backward
