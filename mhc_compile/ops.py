@@ -41,6 +41,7 @@ from torch import Tensor
 from . import reference
 from .config import KERNELS
 from .parallel.mixed import align as _align, token_zeros  # plain tensors and DTensors (parallel/mixed.py)
+from .site_grad import SiteGrad, eager_needs_grad, site_of
 
 # x dtypes the fused coefficient kernels (coeffs, boundary) run; see _fused_triton
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -105,6 +106,25 @@ def _flat_coeff(h: Tensor, tail: int) -> Tensor:
     return h.reshape(-1, *h.shape[h.dim() - tail :]).contiguous()
 
 
+# ============================================================================ one dX per site (eager)
+# pre and post_res/boundary hand their gradients to the site's coeffs backward, whose gx kernel
+# writes the site's one dX (no autograd adds; Triton, eager, plain tensors: see site_grad).
+def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad, saved: tuple):
+    """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
+    and post_res/boundary, summed in fp32 by the gx kernel and written once."""
+    from .kernels.coeffs import coeffs_backward
+
+    x, phi, alpha, b_pre, b_post, b_res = saved
+    iters, eps, variant, _ = ctx.args
+    g_add, g_hin, h_pre, g_mix, h_mix = box.take()
+    gx, *rest = coeffs_backward(
+        _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+        extra=(g_add, g_hin, h_pre), mix=None if g_mix is None else (g_mix, h_mix),
+    )
+    return (gx.reshape(x.shape), *rest)
+
+
 # ============================================================================ coeffs
 @torch.library.custom_op("mhc::coeffs", mutates_args=())
 def _coeffs(
@@ -165,6 +185,12 @@ def _coeffs_setup(ctx, inputs, output):
     ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res)
     ctx.args = (iters, eps, variant, kernels)
     ctx.set_materialize_grads(False)  # autograd's zeros for an unused output of a DTensor op are plain
+    ctx.site = None
+    if _fused_triton(kernels, x, phi, alpha, b_pre, b_post, b_res) and eager_needs_grad(x) \
+            and all(type(o) is torch.Tensor for o in output):
+        ctx.site = SiteGrad(x, output)
+        for o in output:
+            o._mhc_site_grad = ctx.site
 
 
 def _coeffs_bwd(ctx, g_pre, g_post, g_res):
@@ -174,7 +200,11 @@ def _coeffs_bwd(ctx, g_pre, g_post, g_res):
     g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
     g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
     g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
-    grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *saved, *ctx.args)
+    box = ctx.site
+    if box is not None and box.pending():
+        grads = _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box, saved)
+    else:
+        grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *saved, *ctx.args)
     return (*grads, None, None, None, None)
 
 
@@ -216,10 +246,20 @@ def _pre_setup(ctx, inputs, output):
     x, h_pre, kernels = inputs
     ctx.save_for_backward(x, h_pre)
     ctx.kernels = kernels
+    ctx.site = site_of(x, h_pre=h_pre)
 
 
 def _pre_bwd(ctx, grad):
-    gx, gh = torch.ops.mhc.pre_backward(grad, *ctx.saved_tensors, ctx.kernels)
+    x, h_pre = ctx.saved_tensors
+    if ctx.site is not None and ctx.site.open():
+        # H_pre's gradient only (a mailbox means Triton); dX = H_pre * grad is added by the
+        # site's coeffs backward
+        from .kernels.pre import pre_backward
+
+        _, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1), write_gx=False)
+        ctx.site.add(g_hin=grad, h_pre=h_pre)
+        return None, gh.reshape(h_pre.shape), None
+    gx, gh = torch.ops.mhc.pre_backward(grad, x, h_pre, ctx.kernels)
     return gx, gh, None
 
 
@@ -244,18 +284,24 @@ def _(x, h_out, h_post, h_res, kernels):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -> tuple:
+    """The Triton post_res backward, gradients shaped like the inputs (gx None without write_gx)."""
+    from .kernels.post_res import post_res_backward
+
+    gx, gho, ghp, ghr = post_res_backward(
+        _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
+        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), write_gx=write_gx,
+    )
+    gx = None if gx is None else gx.reshape(x.shape)
+    return gx, gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
+
+
 @torch.library.custom_op("mhc::post_res_backward", mutates_args=())
 def _post_res_backward(
     grad: Tensor, x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if use_triton(x, kernels):
-        from .kernels.post_res import post_res_backward
-
-        gx, gho, ghp, ghr = post_res_backward(
-            _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
-            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2),
-        )
-        return gx.reshape(x.shape), gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
+        return _post_res_bwd_triton(grad, x, h_out, h_post, h_res)
     grads = reference.post_res_mix_backward(grad, x, h_out, h_post, h_res)
     return tuple(g.contiguous() for g in grads)
 
@@ -269,10 +315,20 @@ def _post_res_setup(ctx, inputs, output):
     x, h_out, h_post, h_res, kernels = inputs
     ctx.save_for_backward(x, h_out, h_post, h_res)
     ctx.kernels = kernels
+    ctx.site = site_of(x, h_post=h_post, h_res=h_res)
 
 
 def _post_res_bwd(ctx, grad):
+    site = ctx.site
+    if site is not None and site.g_mix is None and site.open():
+        # everything but dX (a mailbox means Triton): the site's coeffs backward adds H_res^T grad
+        _, gho, ghp, ghr = _post_res_bwd_triton(grad, *ctx.saved_tensors, write_gx=False)
+        site.add(g_mix=grad, h_mix=ctx.saved_tensors[3])
+        return None, gho, ghp, ghr, None
     grads = torch.ops.mhc.post_res_backward(grad, *ctx.saved_tensors, ctx.kernels)
+    if site is not None and site.open():
+        site.add(g_add=grads[0])  # a second post_res on the site: its dX, summed by coeffs
+        return (None, *grads[1:], None)
     return (*grads, None)
 
 
@@ -320,6 +376,22 @@ def _(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, var
     )
 
 
+def _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, *rest,
+                         write_gx: bool = True) -> tuple:
+    """The Triton boundary backward (``rest``: phi, alpha, b_pre, b_post, b_res, iters, eps,
+    variant), gradients shaped like the inputs; without write_gx the first is dX', not dX."""
+    from .kernels.boundary import boundary_backward
+
+    c = x.shape[-1]
+    grads = boundary_backward(
+        _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
+        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, write_gx=write_gx,
+    )
+    like = (x, h_out, h_post, h_res, *rest[:5])
+    return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
+
+
 @torch.library.custom_op("mhc::boundary_backward", mutates_args=())
 def _boundary_backward(
     g_x_next: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_h_in: Tensor,
@@ -328,16 +400,8 @@ def _boundary_backward(
     iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _fused_triton(kernels, x, h_post, h_res, phi, alpha, b_pre, b_post, b_res) and h_out.dtype == x.dtype:
-        from .kernels.boundary import boundary_backward
-
-        c = x.shape[-1]
-        grads = boundary_backward(
-            _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
-            g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
-            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
-        )
-        like = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
-        return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
+        return _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res,
+                                    phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     grads = reference.boundary_backward(
         g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
     )
@@ -357,6 +421,7 @@ def _boundary_setup(ctx, inputs, output):
     ctx.save_for_backward(*tensors)  # inputs only: x_next and the coefficients are recomputed
     ctx.args = (iters, eps, variant, kernels)
     ctx.set_materialize_grads(False)  # unused outputs come as None (filled below, laid out like x)
+    ctx.site = site_of(tensors[0], h_post=tensors[2], h_res=tensors[3])  # site l's mailbox
 
 
 def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
@@ -368,7 +433,18 @@ def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
     g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
     g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
     g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
+    site = ctx.site
+    if site is not None and site.g_mix is None and _fused_triton(ctx.args[3], x, *saved[2:]) \
+            and h_out.dtype == x.dtype and site.open():
+        # the boundary kernels' own rule: hand over dX'; site l's coeffs backward adds
+        # H_res^T dX' into its dX
+        gxn, *grads = _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args[:3], write_gx=False)
+        site.add(g_mix=gxn, h_mix=saved[3])
+        return (None, *grads, None, None, None, None)
     grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
+    if site is not None and site.open():
+        site.add(g_add=grads[0])  # summed into site l's dX by its coeffs backward
+        return (None, *grads[1:], None, None, None, None)
     return (*grads, None, None, None, None)
 
 
