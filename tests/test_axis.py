@@ -15,6 +15,7 @@ import torch
 
 import mhc_compile
 from mhc_compile import MHCConfig
+from mhc_compile.cli.render import build_view, to_text
 from mhc_compile.passes.detect import detect_sites
 from tests._convert_checks import one_thread  # noqa: F401 (autouse fixture)
 from tests._invariants import causality_leak, forms_differ, generate_agrees, locality_leak, perturb_mhc, runs_at
@@ -99,6 +100,10 @@ def test_sam_mixes_over_its_channels_and_window_attention_stays_local(sam):
     rep = cm.mhc_report
     assert rep.form == "blocks" and [(s.feature_axis, s.channels) for s in rep.sites] == [(3, 32)] * 4, str(rep)
     assert cm.get_parameter("vision_encoder.layers.0.attn.mhc.phi").shape == (4 * 32, 24)
+    table = str(rep).splitlines()
+    assert table[2].split()[4:6] == ["axis", "C"] and table[4].split()[4:6] == ["3", "32"], str(rep)
+    text = to_text(build_view(rep, CFG))  # what `mhc inspect` prints
+    assert "axis  C " in text and " 3     32 " in text, text
     assert locality_leak(model, px, slice(0, 1), slice(8, 16), row_dim=2) == 0.0
     assert locality_leak(model, px, slice(1, 2), slice(8, 16), row_dim=2) > 0.1  # the test can fail
     trained = perturb_mhc(_copy(cm))
