@@ -192,3 +192,47 @@ def test_conflicting_uses_refuse_the_site():
     rep = mhc_compile.find_residuals(Block(), (torch.randn(2, 4, 4, 8),))
     assert rep.num_sites == 0
     assert any("ambiguous" in t.reason and "conv" in t.reason for t in rep.not_taken), rep.not_taken
+
+
+class _WindowedHWC(torch.nn.Module):
+    """A (B, H, W, C) residual with 2x2 window attention-like mixing (a linear over each window's
+    4 positions) and an MLP: rows 0-1 of the output read rows 0-1 of the input only."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(c), torch.nn.LayerNorm(c)
+        self.mix, self.mlp = torch.nn.Linear(4, 4), torch.nn.Linear(c, c)
+
+    def forward(self, x):  # (B, 4, 4, C)
+        b, h, w, c = x.shape
+        win = self.ln1(x).view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4)
+        win = self.mix(win).view(b, h // 2, w // 2, c, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, h, w, c)
+        x = x + win
+        return x + self.mlp(self.ln2(x))
+
+
+def test_backend_reads_the_axis_of_a_channels_last_stream_from_the_dynamo_graph():
+    """Through torch.compile(backend="mhc") (Dynamo's torch-level graph): the sites mix over C =
+    8 on dim 3, and at trained mHC parameters the window rows stay local."""
+    from mhc_compile import backend as B
+
+    torch._dynamo.reset()
+    B.clear_records()
+    torch.manual_seed(0)
+    model, x = _WindowedHWC().eval(), torch.randn(2, 4, 4, 8)
+    compiled = torch.compile(model, backend="mhc", options={"inner": "eager", "streams": 4})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    sites = [s for r in B.records() for s in r.report.sites]
+    assert [(s.feature_axis, s.channels) for s in sites] == [(3, 8), (3, 8)], sites
+    perturb_mhc(model)  # the backend registers the mHC parameters on the compiled module
+    assert _hwc_leak(model, x) == 0.0 and _hwc_leak(compiled, x) == 0.0
+    torch._dynamo.reset()
+
+
+def _hwc_leak(model, x):
+    other = x.clone()
+    other[:, 2:] = torch.randn(other[:, 2:].shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(x), model(other)
+    return ((a - b)[:, :2].abs().max() / a.abs().max()).item()
