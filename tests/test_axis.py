@@ -236,3 +236,43 @@ def _hwc_leak(model, x):
     with torch.no_grad():
         a, b = model(x), model(other)
     return ((a - b)[:, :2].abs().max() / a.abs().max()).item()
+
+
+def test_a_branch_that_permutes_to_channels_last_first_mixes_over_dim_1():
+    """(B, C, H, W) stream whose branch permutes to channels-last before its norm and linear (the
+    permute is seen through): dim 1, C = 8; at trained mHC parameters a pixel still reads only
+    its own position (the branch is pointwise), as in the original."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            for _ in range(2):
+                x = x + self.fc(self.ln(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 8, 4, 4)
+    cm = mhc_compile.convert(model, CFG, (x,))
+    assert [(s.feature_axis, s.channels) for s in cm.mhc_report.sites] == [(1, 8), (1, 8)], str(cm.mhc_report)
+    perturb_mhc(cm)
+    assert locality_leak(cm, x, slice(0, 2), slice(2, 4), row_dim=2) == 0.0
+
+
+def test_a_branch_contracting_two_dims_together_is_refused():
+    """A (B, T, 4, C) input whose branch flattens (4, C) and contracts them in one linear (a
+    multi-stream state the graph does not show being expanded): no single channel axis, refused."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32, 32)
+
+        def forward(self, x):  # (B, T, 4, 8)
+            return x + self.fc(x.flatten(2)).unflatten(2, (4, 8))
+
+    gm = torch.fx.symbolic_trace(Block())
+    torch.fx.passes.shape_prop.ShapeProp(gm).propagate(torch.randn(2, 5, 4, 8))
+    found = detect_sites(gm.graph)
+    assert not found.sites
+    assert any("several stream dims" in t.reason for t in found.not_taken), found.not_taken
