@@ -156,6 +156,9 @@ def test_native_hyper_connections_are_not_widened_again(name, axis):
         assert rep.num_sites == 0 and [(n.axis, n.streams) for n in rep.native] == [(axis, 4)]
         assert "native hyper-connections: " in str(rep) and rep.to_dict()["native"][0]["axis"] == axis
         assert any("native hyper-connections" in t.reason for t in rep.not_taken)
+        from mhc_compile.cli.main import _why_none  # what `mhc convert` says when nothing is left
+
+        assert "4 streams on dim 2" in _why_none(rep)
     if axis < 0:
         assert "config.hc_count = 4" in lines[0] and "attn_hyper_connection" in lines[0], lines[0]
 
