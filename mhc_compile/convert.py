@@ -33,7 +33,9 @@ import torch
 from torch import fx, nn
 
 from . import _torch_internals as _ti
+from .bound_args import bound_objects, describe
 from .config import MHCConfig
+from .flex_mask import on_device
 from .messages import first_line
 from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
 from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph
@@ -211,7 +213,8 @@ def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCCo
     config = MHCConfig.from_options(config)
     args, kwargs = _on_model_device(model, _as_tuple(example_inputs), _without_cache(model, dict(example_kwargs or {})))
     native = native_from_modules(model)
-    gm = capture(model, args, example_kwargs=kwargs) if native is None else _capture_native(model, args, kwargs, native)
+    with bound_objects(model, args, kwargs) as (args, kwargs, _):
+        gm = capture(model, args, example_kwargs=kwargs) if native is None else _capture_native(model, args, kwargs, native)
     if isinstance(gm, NativeStreamsReport):
         return ResidualReport(streams=config.streams, native=[gm])
     detected, chains = analyze(gm.graph)
@@ -260,7 +263,7 @@ def _on_model_device(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     a meta embedding table looked up with CPU indices; later versions accept both."""
     if next((p.device.type for p in model.parameters()), None) != "meta":
         return args, kwargs
-    meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else on_device(v, torch.device("meta"))  # noqa: E731
     return tuple(torch.utils._pytree.tree_map(meta, a) for a in args), {
         k: torch.utils._pytree.tree_map(meta, v) for k, v in kwargs.items()}
 
@@ -319,8 +322,11 @@ def convert(
     captured = _without_cache(model, kwargs)
     cap_args, cap_kwargs = _on_model_device(model, args, captured)
     native = native_from_modules(model)
-    gm = (capture(model, cap_args, example_kwargs=cap_kwargs) if native is None
-          else _capture_native(model, cap_args, cap_kwargs, native))
+    with bound_objects(model, cap_args, cap_kwargs) as (cap_args, cap_kwargs, opaque), warnings.catch_warnings():
+        if opaque:  # sizes the bound example fixes (a BlockMask's length) bind the capture only, not the blocks
+            warnings.filterwarnings("ignore", message="mhc_compile: the model's code fixes some input sizes")
+        gm = (capture(model, cap_args, example_kwargs=cap_kwargs) if native is None  # opaque arguments: bound_args
+              else _capture_native(model, cap_args, cap_kwargs, native))
     if isinstance(gm, NativeStreamsReport):
         _say_native(model, [gm], unchanged=True)
         return model
@@ -349,6 +355,11 @@ def convert(
     if reason and form == "blocks":
         raise MHCCaptureError(f"mhc_compile.convert(form='blocks'): {type(model).__name__} cannot carry the "
                               f"streams through its blocks: {reason}. Use form='auto' for the whole-graph form.")
+    if reason and opaque:
+        raise MHCCaptureError(f"mhc_compile.convert: {type(model).__name__} cannot carry the streams through its "
+                              f"blocks ({reason}), and the whole-graph form cannot take the argument(s) "
+                              f"{describe(opaque)}: it would bake the example's value into the graph. Make "
+                              "the blocks traceable alone, or pass such arguments as tensors.")
     if reason:
         report = rewrite_graph(gm, config, provider, analysis=(detected, chains))
         make_mode_switchable(gm, target.training)
@@ -361,7 +372,10 @@ def convert(
         report.form, report.blocks = "blocks", [b.path for b in plan.blocks]
     target.mhc_report = report
     target.mhc_config = config
+    from . import engine_init
     from .io.pretrained import bind_save_pretrained, is_pretrained
+
+    engine_init.install(target)  # the model's own init (torchtitan, HF) resets the mHC parameters
 
     if is_pretrained(target):
         bind_save_pretrained(target, args, kwargs)
