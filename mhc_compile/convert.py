@@ -39,7 +39,8 @@ from .flex_mask import on_device
 from .messages import first_line
 from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
 from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph
-from .report import ResidualReport
+from .passes.native import native_from_modules
+from .report import NativeStreamsReport, ResidualReport, rename_symbols, symbol_names
 
 
 class MHCCaptureError(RuntimeError):
@@ -211,10 +212,32 @@ def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCCo
     """Report the residual sites and chains of ``model`` without changing it."""
     config = MHCConfig.from_options(config)
     args, kwargs = _on_model_device(model, _as_tuple(example_inputs), _without_cache(model, dict(example_kwargs or {})))
+    native = native_from_modules(model)
     with bound_objects(model, args, kwargs) as (args, kwargs, _):
-        gm = capture(model, args, example_kwargs=kwargs)
+        gm = capture(model, args, example_kwargs=kwargs) if native is None else _capture_native(model, args, kwargs, native)
+    if isinstance(gm, NativeStreamsReport):
+        return ResidualReport(streams=config.streams, native=[gm])
     detected, chains = analyze(gm.graph)
     return build_report(detected, chains, config, rewritten=False)
+
+
+def _capture_native(model: nn.Module, args: tuple, kwargs: dict, native: NativeStreamsReport):
+    """For a model whose config and modules say it already has hyper-connections
+    (``native_from_modules``): one static capture, whose graph says which axis carries the
+    streams, or ``native`` when it cannot be captured (Qwen4-Exp)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return capture(model, args, dynamic=False, example_kwargs=kwargs)
+    except MHCCaptureError:
+        return native
+
+
+def _say_native(model: nn.Module, native: list, unchanged: bool) -> None:
+    """One warning line per native multi-stream state (which modules, which axis)."""
+    for n in native:
+        warnings.warn(f"mhc_compile.convert: {type(model).__name__}: {rename_symbols(n.message, symbol_names([n.message]))}"
+                      + ("; returning the model unchanged" if unchanged else ""), stacklevel=3)
 
 
 def rewrite_captured(model: nn.Module, gm: fx.GraphModule, config: MHCConfig,
@@ -298,13 +321,21 @@ def convert(
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     captured = _without_cache(model, kwargs)
     cap_args, cap_kwargs = _on_model_device(model, args, captured)
+    native = native_from_modules(model)
     with bound_objects(model, cap_args, cap_kwargs) as (cap_args, cap_kwargs, opaque), warnings.catch_warnings():
         if opaque:  # sizes the bound example fixes (a BlockMask's length) bind the capture only, not the blocks
             warnings.filterwarnings("ignore", message="mhc_compile: the model's code fixes some input sizes")
-        gm = capture(model, cap_args, example_kwargs=cap_kwargs)  # opaque arguments: bound_args
+        gm = (capture(model, cap_args, example_kwargs=cap_kwargs) if native is None  # opaque arguments: bound_args
+              else _capture_native(model, cap_args, cap_kwargs, native))
+    if isinstance(gm, NativeStreamsReport):
+        _say_native(model, [gm], unchanged=True)
+        return model
     detected, chains = analyze(gm.graph)
+    report = build_report(detected, chains, config, rewritten=False)
+    _say_native(model, report.native, unchanged=not chains)
+    if report.native and not chains:
+        return model
     if not chains:
-        report = build_report(detected, chains, config, rewritten=False)
         reasons = "; ".join(f"{t.node}: {t.reason}" for t in report.not_taken[:5])
         warnings.warn(
             f"mhc_compile.convert: no residual site found in {type(model).__name__}; returning the model unchanged"

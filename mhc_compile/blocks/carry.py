@@ -176,8 +176,9 @@ class _Prepared:
 
 def _prepare(bg: BlockGraph, spec: BlockSpec) -> _Prepared:
     """Match the block graph's sites to the plan's; give them the model's names and positions."""
-    detected, chains = analyze(bg.graph_module.graph)
     want = [(part, s) for part in spec.parts for s in part.sites]
+    axes = {s.feature_axis for _, s in want}  # the model's graph saw what the block's leaf modules hide
+    detected, chains = analyze(bg.graph_module.graph, axis_hint=axes.pop() if len(axes) == 1 else None)
     got = sorted((s for c in chains for s in c.sites), key=lambda s: detected.sites.index(s))
     if len(got) != len(want):
         raise BlockRewriteError(f"its own graph has {len(got)} residual sites where the model's graph has {len(want)}")
