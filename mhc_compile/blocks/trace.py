@@ -33,6 +33,10 @@ class BlockTraceError(RuntimeError):
     """A block's forward cannot be traced alone (the caller falls back, saying why)."""
 
 
+class BlockRandomError(BlockTraceError):
+    """A block's forward draws random numbers in Python in this mode (LayerDrop in training)."""
+
+
 @dataclass
 class BlockCall:
     """One example call of a block: its arguments bound to its forward's parameter names."""
@@ -58,7 +62,7 @@ def _fake_inputs(mode: Any, values: Sequence[Any], device: torch.device) -> list
     return [torch.utils._pytree.tree_map(fake, v) for v in values]
 
 
-def _run_recording(model: nn.Module, args: Sequence[Any], kwargs: dict, mode: Any, device: torch.device) -> None:
+def run_example(model: nn.Module, args: Sequence[Any], kwargs: dict, mode: Any, device: torch.device) -> None:
     """One forward of ``model`` on the example: real (so the blocks see exactly the arguments a
     real call gives them: a library may build a mask under fake tensors that it skips on real
     ones), with every buffer restored afterwards; on fake tensors for a meta-device model."""
@@ -124,7 +128,7 @@ def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kw
     device = _device_of(model)
     mode = _ti.fake_mode()
     try:
-        _run_recording(model, args, kwargs, mode, device)
+        run_example(model, args, kwargs, mode, device)
     except Exception as exc:  # noqa: BLE001 - reported as the fallback reason
         raise BlockTraceError(f"the model did not run on the example ({_cause(exc)})") from exc
     finally:
@@ -211,6 +215,11 @@ class _BlockTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        raise fx.proxy.TraceError(
+            f"its Python code branches on a tensor's value ({obj.node.name}: data-dependent control flow, "
+            "e.g. a check of an attention mask's contents), which one traced graph cannot follow")
+
     def create_arg(self, a: Any) -> Any:
         """A pytree container other than a plain tuple/list/dict (a ``ModelOutput``, which
         ``torch.fx`` would turn into a plain dict) is rebuilt as its own type."""
@@ -274,8 +283,21 @@ def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, th
     forward hook of the block or its children runs meanwhile (a caller's hooks collecting
     outputs must see the real call only), and a block compiled with ``block.compile()`` is
     traced through its plain call."""
-    with _ti.forward_hooks_suspended(block), _ti.compiled_call_suspended(block):
+    with _ti.forward_hooks_suspended(block), _ti.compiled_call_suspended(block), _carried_suspended(block):
         return _trace_block(block, call, mode, training, through)
+
+
+@contextlib.contextmanager
+def _carried_suspended(block: nn.Module):
+    """A converted block traced again, and the converted blocks it calls (an entry block's
+    layers), run their class's forward meanwhile: the graph being traced is the original one."""
+    carried = {m: m.__dict__.pop("forward") for m in block.modules()
+               if "forward" in m.__dict__ and (m is block or "_mhc_carry" in m.__dict__)}
+    try:
+        yield
+    finally:
+        for m, fn in carried.items():
+            m.__dict__["forward"] = fn
 
 
 def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, through: Sequence[str]) -> BlockGraph:
@@ -283,19 +305,19 @@ def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, t
     was = [m.training for m in inlined]
     _set_training(inlined, [training] * len(inlined))  # the inlined code only: leaves keep their own
     caller = _caller(block, call)
-    carried = block.__dict__.pop("forward", None)  # a converted block is traced again: its class's forward
     try:
         inputs = {n: snapshot(v) for n, v in call.values.items() if n not in call.constants}
         inputs = dict(zip(inputs, _fake_inputs(mode, list(inputs.values()), _device_of(block))))
         tracer = _BlockTracer(set(through), mode, inputs)
-        graph = tracer.trace(caller, concrete_args=dict(call.constants) or None)
+        with _no_python_random(type(block).__name__):
+            graph = tracer.trace(caller, concrete_args=dict(call.constants) or None)
+    except BlockTraceError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise BlockTraceError(f"torch.fx could not trace {type(block).__name__}.forward alone "
                               f"({_cause(exc)})") from exc
     finally:
         _set_training(inlined, was)
-        if carried is not None:
-            block.__dict__["forward"] = carried
     for node in graph.nodes:  # targets relative to the block
         if node.op in ("call_module", "get_attr") and str(node.target).startswith("block."):
             node.target = str(node.target)[len("block."):]
@@ -306,6 +328,44 @@ def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, t
                               f"{len(call.names)} arguments")
     _propagate(gm, mode, [call.values[n] for n in call.names], type(block).__name__)
     return BlockGraph(gm, call, training)
+
+
+def _random_states() -> list:
+    """The torch (CPU), Python and numpy random states."""
+    import random
+
+    import numpy
+
+    return [torch.random.get_rng_state(), random.getstate(), numpy.random.get_state()]
+
+
+def _same_random_state(a: list, b: list) -> bool:
+    return torch.equal(a[0], b[0]) and a[1] == b[1] and a[2][0] == b[2][0] and bool((a[2][1] == b[2][1]).all()) \
+        and a[2][2:] == b[2][2:]
+
+
+@contextlib.contextmanager
+def _no_python_random(what: str):
+    """Refuse a trace that drew random numbers in Python: ``torch.rand([]) < p`` (LayerDrop) or
+    ``np.random.random()`` decides once at trace time, and the graph would keep that one draw
+    for every call. The random states are restored either way."""
+    import random
+
+    import numpy
+
+    before = _random_states()
+    try:
+        yield
+    finally:
+        after = _random_states()
+        torch.random.set_rng_state(before[0])
+        random.setstate(before[1])
+        numpy.random.set_state(before[2])
+    if not _same_random_state(before, after):
+        raise BlockRandomError(
+            f"{what}.forward draws random numbers in Python while it runs (a random choice such as LayerDrop's "
+            "`torch.rand([]) < p`), which a traced graph would fix to one draw for every call; turn it off "
+            "(for HF models config.layerdrop = 0.0) before converting, or use the model in the other mode")
 
 
 class _RecordingInterpreter(fx.Interpreter):

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
+from ..messages import first_line
 from ..passes.placement import MHCSiteParams, attach, site_container
 from .signature import ForwardSignature
 
@@ -87,4 +88,15 @@ def _whole_graph_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         gm.train(self.training)
     state = dict(self.named_parameters(remove_duplicate=False))
     state.update(self.named_buffers(remove_duplicate=False))
-    return torch.func.functional_call(gm, state, args, kwargs, tie_weights=True, strict=False)
+    try:
+        return torch.func.functional_call(gm, state, args, kwargs, tie_weights=True, strict=False)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        if not any(k in str(exc) for k in _GUARD_MESSAGES):
+            raise
+        raise TypeError(
+            f"{type(self).__name__} was converted in the whole-graph form ({self.mhc_report.form_reason}), whose "
+            f"graph was captured for the example's input sizes and does not take these ({first_line(exc, 200)}). "
+            "Call it with the example's sizes, or convert with example inputs of the sizes you need.") from exc
+
+
+_GUARD_MESSAGES = ("Guard failed", "Expected input at")  # what an exported program's input checks raise
