@@ -77,34 +77,48 @@ def _wav2vec2(**overrides):
     return default_wav2vec2_ctc(**overrides).eval()
 
 
-def test_wav2vec2_ctc_blocks_equal_the_whole_graph_at_other_lengths_and_masks():
+def _padded(b, t, keep):
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, keep:] = 0
+    return mask
+
+
+def test_wav2vec2_ctc_blocks_equal_the_whole_graph_at_other_lengths():
     model = _wav2vec2()
     x = _audio(2, 400)
     blocks, whole = _pair(model, (x,))
     rep = blocks.mhc_report
     assert (rep.num_sites, len(rep.chains)) == (5, 1)
     assert rep.blocks == ["wav2vec2.encoder", "wav2vec2.encoder.layers.0", "wav2vec2.encoder.layers.1"]
+    other = _audio(3, 720, seed=2)
     with torch.no_grad():
         _close(blocks(x), whole(x))
-        other = _audio(3, 720, seed=2)
         assert blocks(other).logits.shape == model(other).logits.shape
         out = blocks(other, output_hidden_states=True)
         assert len(out.hidden_states) == 3 and torch.isfinite(out.logits).all()
         assert out.hidden_states[1].shape[-2:] == (4, 32)  # between two blocks: the n streams
-        # a padding mask: the encoder (the chain's entry block) zeroes the padded frames in place and
-        # checks the mask in Python, which torch.fx cannot trace: refused, saying so
-        mask = torch.ones(3, 720, dtype=torch.long)
-        mask[0, 500:] = 0
-        with pytest.raises(BlockCallError, match="could not trace Wav2Vec2Encoder.forward alone"):
-            blocks(other, attention_mask=mask)
-    init = mhc_compile.convert(model, CFG, (x,))  # at init the blocks form is the original, at any length
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_wav2vec2_ctc_padding_mask(norm):
+    """attention_mask: the encoder (the chain's entry block) zeroes the padded frames in place and
+    builds the attention mask with HF's mask helper, which is called, not traced (it checks the
+    mask's contents in Python). Blocks equal the whole graph captured with a mask at perturbed
+    mHC parameters, and the original at init at another length. ``layer``: the stable-layer-norm
+    encoder of wav2vec2-large-lv60 / XLS-R, whose processors return masks."""
+    model = _wav2vec2(feat_extract_norm=norm, do_stable_layer_norm=norm == "layer")
+    x, mask = _audio(2, 400), _padded(2, 400, 300)
+    blocks, whole = _pair(model, (x,), {"attention_mask": mask})
     with torch.no_grad():
-        _close(init(other), model(other))
+        _close(blocks(x, attention_mask=mask), whole(x, attention_mask=mask))
+        init = mhc_compile.convert(model, CFG, (x,))
+        other, omask = _audio(3, 720, seed=2), _padded(3, 720, 500)
+        _close(init(other, attention_mask=omask), model(other, attention_mask=omask))
 
 
 def test_wav2vec2_ctc_trains_with_labels_and_refuses_layerdrop_in_training():
-    """A Trainer-style step: training mode, labels by keyword, CTC loss and gradients (no
-    attention_mask: the documented call for group-norm Wav2Vec2 such as wav2vec2-base). With the default LayerDrop (a Python random choice per layer) the training call
+    """A Trainer-style step: training mode, labels and a padding mask by keyword, CTC loss and
+    gradients. With the default LayerDrop (a Python random choice per layer) the training call
     is refused, saying how to turn it off; eval still works."""
     x = _audio(2, 400)
     labels = torch.randint(1, 16, (2, 5), generator=torch.Generator().manual_seed(4))
@@ -123,7 +137,7 @@ def test_wav2vec2_ctc_trains_with_labels_and_refuses_layerdrop_in_training():
         warnings.simplefilter("ignore")
         cm = _perturb(mhc_compile.convert(model, CFG, (x,)))
     cm.train()
-    out = cm(input_values=x, labels=labels)
+    out = cm(input_values=x, attention_mask=_padded(2, 400, 300), labels=labels)
     out.loss.backward()
     grads = {k: p.grad for k, p in mhc_params(cm).items()}
     assert torch.isfinite(out.loss) and len(grads) == 5 * 5
@@ -236,3 +250,25 @@ def test_a_truly_fixed_size_model_still_warns():
     _, msgs = _size_warnings(tiny_mixer().eval(), (torch.randn(2, 3, 16, 16),))
     assert len(msgs) == 1 and "static: input 0 dim 2 (size 16), input 0 dim 3 (size 16)" in msgs[0], msgs
     assert "L['img'].size()[2]" in msgs[0]
+
+
+# ----------------------------------------------------------------------------- the whole-graph form
+def test_whole_graph_form_captures_again_for_other_sizes_and_arguments():
+    """Another image size (the captured program guards the example's) and output_hidden_states
+    capture the model again with its own mHC parameters: equal to the blocks form at perturbed
+    parameters; another batch at that size reuses the graph. The hidden states between two
+    layers are the collapsed streams here (the mean of the blocks form's n streams)."""
+    torch.manual_seed(0)
+    model = default_dinov2().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    blocks, whole = _pair(model, (x,))
+    other, again = torch.randn(3, 3, 48, 40), torch.randn(4, 3, 48, 40)
+    with torch.no_grad():
+        _close(whole(other), blocks(other))
+        n = len(whole.__dict__["_mhc_variants"])
+        _close(whole(again), blocks(again))
+        assert len(whole.__dict__["_mhc_variants"]) == n
+        a, b = whole(x, output_hidden_states=True), blocks(x, output_hidden_states=True)
+        _close(a, b)
+        assert len(a.hidden_states) == len(b.hidden_states) == 3
+        _close(a.hidden_states[1], b.hidden_states[1].mean(-2))

@@ -32,7 +32,8 @@ from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, analyz
 from ..passes.streams import stream_wise_path
 from .plan import BlockPart, BlockPlan, BlockSpec
 from .signature import BlockCallError, ForwardSignature, call_key, describe_key
-from .trace import BlockCall, BlockGraph, BlockRandomError, BlockTraceError, buffers_kept, call_from, record_calls, trace_block
+from .trace import (BlockCall, BlockGraph, BlockRandomError, BlockTraceError, buffers_kept, call_from, record_calls,
+                    trace_block)
 
 
 MAX_VARIANTS = 16   # traced graphs per block: more call signatures than this is a misuse

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -184,9 +185,35 @@ def _caller(block: nn.Module, call: BlockCall) -> nn.Module:
 _CONCRETE_ATTRS = ("dtype", "device")
 
 
+def mhc_after_setitem(value: Any, done: Any) -> Any:
+    """``value`` after the item assignment ``done`` (its node orders later reads after it)."""
+    return value
+
+
+def _mask_builders() -> tuple:
+    """Library functions that build attention masks with Python branches on the mask's contents
+    (HF's ``create_bidirectional_mask`` skips an all-ones mask): called, not traced into, when an
+    entry block builds its own mask (Wav2Vec2's encoder). Only when transformers is loaded."""
+    import sys
+
+    mod = sys.modules.get("transformers.masking_utils")
+    names = ("create_bidirectional_mask", "create_causal_mask", "create_sliding_window_causal_mask",
+             "create_chunked_causal_mask")
+    return tuple(getattr(mod, n) for n in names if mod is not None and callable(getattr(mod, n, None)))
+
+
 class _ValueProxy(fx.Proxy):
     """A proxy whose ``.dtype`` / ``.device`` are the example's (``if h.dtype == torch.float16:``
-    in T5 and BART layers): the trace is specialised to them, as the call key records."""
+    in T5 and BART layers): the trace is specialised to them, as the call key records.
+
+    An item assignment (``hidden_states[~mask] = 0`` in Wav2Vec2's encoder) is recorded as
+    ``operator.setitem`` then :func:`mhc_after_setitem`, which the proxy stands for from then
+    on: later reads come after the assignment in the data flow (a chain starting there expands
+    the assigned value), and the caller's tensor is still changed in place, as in the original."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        done = self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+        self.node = self.tracer.create_proxy("call_function", mhc_after_setitem, (self, done), {}).node
 
     def __getattr__(self, k: str) -> Any:
         if k in _CONCRETE_ATTRS:
@@ -203,7 +230,7 @@ class _BlockTracer(fx.Tracer):
     device (:meth:`value_of`; None when it cannot be)."""
 
     def __init__(self, through: set, mode: Any = None, inputs: Optional[dict] = None):
-        super().__init__()
+        super().__init__(autowrap_functions=_mask_builders())
         self.through = {"block", *(f"block.{p}" for p in through)}
         self.mode, self.inputs, self.values = mode, inputs or {}, {}
 
@@ -226,7 +253,20 @@ class _BlockTracer(fx.Tracer):
         if type(a) not in (tuple, list, dict) and not isinstance(a, fx.Proxy) and _ti.is_pytree_container(a):
             leaves, spec = torch.utils._pytree.tree_flatten(a)
             return self.create_node("call_function", _rebuilder(spec), tuple(self.create_arg(x) for x in leaves), {})
+        if not isinstance(a, (fx.Proxy, torch.Tensor, nn.Module, type)) and not is_constant(a) \
+                and type(a) not in (tuple, list, dict, slice):
+            path = self._attribute_path(a)  # a module's config handed to a mask builder: that very object
+            if path is not None:
+                return self.create_node("get_attr", path, (), {})
         return super().create_arg(a)
+
+    def _attribute_path(self, obj: Any) -> Optional[str]:
+        """``block.config`` when ``obj`` is an attribute of a module of the traced tree."""
+        for name, mod in self.root.named_modules():
+            for attr, value in vars(mod).items():
+                if value is obj and not attr.startswith("_"):
+                    return f"{name}.{attr}" if name else attr
+        return None
 
     def value_of(self, node: fx.Node) -> Any:
         if node not in self.values:
@@ -397,7 +437,9 @@ def _propagate(gm: fx.GraphModule, mode: Any, values: list, what: str) -> None:
         raise BlockTraceError(f"the traced {what}.forward did not run on the example ({_cause(fake_error)})") from fake_error
     devices = [v.device for v in real if v.device.type == "cuda"][:1]
     try:
+        fresh = [torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, snapshot(v))
+                 for v in values]  # an item assignment in the block must not reach the caller's tensors
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            _RecordingInterpreter(gm, mode).run(*[snapshot(v) for v in values])
+            _RecordingInterpreter(gm, mode).run(*fresh)
     except Exception as exc:  # noqa: BLE001
         raise BlockTraceError(f"the traced {what}.forward did not run on the example ({_cause(exc)})") from exc
