@@ -52,11 +52,17 @@ def _audio(b, t, seed=1):
 
 
 # ----------------------------------------------------------------------------- DINOv2
-def test_dinov2_blocks_equal_the_whole_graph_and_take_other_sizes_and_hidden_states():
+@pytest.fixture(scope="module")
+def dinov2():
+    """(original, example, blocks form, whole-graph form), perturbed mHC parameters in both."""
     torch.manual_seed(0)
     model = default_dinov2().eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    blocks, whole = _pair(model, (x,))
+    return (model, x, *_pair(model, (x,)))
+
+
+def test_dinov2_blocks_equal_the_whole_graph_and_take_other_sizes_and_hidden_states(dinov2):
+    model, x, blocks, whole = dinov2
     rep = blocks.mhc_report
     assert (rep.num_sites, len(rep.chains)) == (4, 1) and {s.kind for s in rep.sites} == {"layer_scale"}
     assert rep.blocks == ["encoder.layer.0", "encoder.layer.1"]
@@ -83,10 +89,15 @@ def _padded(b, t, keep):
     return mask
 
 
-def test_wav2vec2_ctc_blocks_equal_the_whole_graph_at_other_lengths():
-    model = _wav2vec2()
-    x = _audio(2, 400)
-    blocks, whole = _pair(model, (x,))
+@pytest.fixture(scope="module")
+def wav2vec2():
+    """(original with the default config, example, blocks form, whole-graph form), perturbed."""
+    model, x = _wav2vec2(), _audio(2, 400)
+    return (model, x, *_pair(model, (x,)))
+
+
+def test_wav2vec2_ctc_blocks_equal_the_whole_graph_at_other_lengths(wav2vec2):
+    model, x, blocks, whole = wav2vec2
     rep = blocks.mhc_report
     assert (rep.num_sites, len(rep.chains)) == (5, 1)
     assert rep.blocks == ["wav2vec2.encoder", "wav2vec2.encoder.layers.0", "wav2vec2.encoder.layers.1"]
@@ -116,20 +127,19 @@ def test_wav2vec2_ctc_padding_mask(norm):
         _close(init(other, attention_mask=omask), model(other, attention_mask=omask))
 
 
-def test_wav2vec2_ctc_trains_with_labels_and_refuses_layerdrop_in_training():
+def test_wav2vec2_ctc_trains_with_labels_and_refuses_layerdrop_in_training(wav2vec2):
     """A Trainer-style step: training mode, labels and a padding mask by keyword, CTC loss and
     gradients. With the default LayerDrop (a Python random choice per layer) the training call
     is refused, saying how to turn it off; eval still works."""
     x = _audio(2, 400)
     labels = torch.randint(1, 16, (2, 5), generator=torch.Generator().manual_seed(4))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cm = mhc_compile.convert(_wav2vec2(), CFG, (x,))
-    assert cm.mhc_report.form == "blocks"
+    cm = wav2vec2[2]  # default config: LayerDrop 0.1
     cm.train()
-    with pytest.raises(BlockCallError, match="layerdrop = 0.0"):
-        cm(x, labels=labels)
-    cm.eval()
+    try:
+        with pytest.raises(BlockCallError, match="layerdrop = 0.0"):
+            cm(x, labels=labels)
+    finally:
+        cm.eval()
     assert torch.isfinite(cm(x).logits).all()
 
     model = _wav2vec2(layerdrop=0.0)
@@ -253,15 +263,12 @@ def test_a_truly_fixed_size_model_still_warns():
 
 
 # ----------------------------------------------------------------------------- the whole-graph form
-def test_whole_graph_form_captures_again_for_other_sizes_and_arguments():
+def test_whole_graph_form_captures_again_for_other_sizes_and_arguments(dinov2):
     """Another image size (the captured program guards the example's) and output_hidden_states
     capture the model again with its own mHC parameters: equal to the blocks form at perturbed
     parameters; another batch at that size reuses the graph. The hidden states between two
     layers are the collapsed streams here (the mean of the blocks form's n streams)."""
-    torch.manual_seed(0)
-    model = default_dinov2().eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    blocks, whole = _pair(model, (x,))
+    _, x, blocks, whole = dinov2
     other, again = torch.randn(3, 3, 48, 40), torch.randn(4, 3, 48, 40)
     with torch.no_grad():
         _close(whole(other), blocks(other))
