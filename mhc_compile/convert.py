@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -37,6 +37,7 @@ from .bound_args import bound_objects, describe
 from .config import MHCConfig
 from .flex_mask import on_device
 from .messages import first_line
+from .sizes import fixed_sizes
 from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
 from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph
 from .passes.native import native_from_modules
@@ -77,7 +78,7 @@ def _tensor_leaves(args: Sequence[Any], kwargs: dict) -> list:
 
 
 def _static_dims(ep: Any, args: Sequence[Any], kwargs: dict, level: str) -> list:
-    """'input I dim D (size S)' for every dim of ``level`` that export kept static anyway."""
+    """(input I, dim D, size S) for every dim of ``level`` that export kept static anyway."""
     leaves = _tensor_leaves(args, kwargs)
     user = set(ep.graph_signature.user_inputs)
     vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
@@ -89,17 +90,17 @@ def _static_dims(ep: Any, args: Sequence[Any], kwargs: dict, level: str) -> list
             continue
         for d in _dynamic_dims(leaf, level):
             if d < val.dim() and not isinstance(val.shape[d], torch.SymInt) and int(val.shape[d]) != 1:
-                out.append(f"input {i} dim {d} (size {int(val.shape[d])})")
+                out.append((i, d, int(val.shape[d])))
     return out
 
 
 def _kept_static(args: Sequence[Any], kwargs: dict) -> list:
-    """'input I dim D (size S)' for the dims dynamic at level 'all' but not at level 'batch'."""
+    """(input I, dim D, size S) for the dims dynamic at level 'all' but not at level 'batch'."""
     out = []
     for i, leaf in enumerate(_tensor_leaves(args, kwargs)):
         if isinstance(leaf, torch.Tensor):
             batch = set(_dynamic_dims(leaf, "batch"))
-            out += [f"input {i} dim {d} (size {leaf.shape[d]})" for d in _dynamic_dims(leaf) if d not in batch]
+            out += [(i, d, int(leaf.shape[d])) for d in _dynamic_dims(leaf) if d not in batch]
     return out
 
 
@@ -118,17 +119,18 @@ def _guards_failing_at_double(model: nn.Module, ep: Any, args: Sequence[Any], kw
     return _ti.export_guards_failing(ep, doubled)
 
 
-def _warn_sizes(static: list, guards: list) -> None:
+def _warn_sizes(static: list, guards: list, stacklevel: int = 4) -> None:
     """Warn, naming them, about the input dims the converted model cannot vary."""
     if not static and not guards:
         return
+    static = [f"input {i} dim {d} (size {size})" for i, d, size in static]
     parts = ([f"static: {', '.join(static)}"] if static else []) + (
         [f"because of the size guards {'; '.join(g[:160] for g in guards[:3])}"] if guards else [])
     warnings.warn(
         "mhc_compile: the model's code fixes some input sizes (a literal size in a view, a fixed "
         "number of patches, ...), so the converted model accepts only the example's sizes there: "
         f"{' '.join(parts)}. The other batch, sequence and spatial dims are dynamic.",
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 
@@ -153,10 +155,14 @@ def _dynamic_shapes(model: nn.Module, args: Sequence[Any], kwargs: Optional[dict
 
 
 def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
-            example_kwargs: Optional[dict] = None) -> fx.GraphModule:
+            example_kwargs: Optional[dict] = None, on_sizes: Optional[Callable] = None) -> fx.GraphModule:
     """Export ``model`` (non-strict; the model is read, not changed) and return the unlifted
     GraphModule. Its parameters are the model's own tensors: rewrite a copy of the model's
-    parameters, not the model, when the caller keeps using both."""
+    parameters, not the model, when the caller keeps using both.
+
+    ``on_sizes(static, guards)`` receives the dims the program keeps static ((input, dim, size)
+    triples) and the size guards that fix them, instead of the default warning (``convert``
+    checks them on the converted model first)."""
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     if dynamic and any(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 for a in (*args, *kwargs.values())):
@@ -166,7 +172,7 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
             stacklevel=3,
         )
     # an already-captured program (a .pt2's module) keeps the sizes it was exported with: no news
-    say = _warn_sizes if not isinstance(model, fx.GraphModule) else (lambda static, guards: None)
+    say = (on_sizes or _warn_sizes) if not isinstance(model, fx.GraphModule) else (lambda static, guards: None)
     errors: list = []
     tied = None  # (program, failing guards) of an all-dynamic export the model's code ties down
     for level in (["all", "batch", None] if dynamic else [None]):
@@ -322,10 +328,11 @@ def convert(
     captured = _without_cache(model, kwargs)
     cap_args, cap_kwargs = _on_model_device(model, args, captured)
     native = native_from_modules(model)
-    with bound_objects(model, cap_args, cap_kwargs) as (cap_args, cap_kwargs, opaque), warnings.catch_warnings():
-        if opaque:  # sizes the bound example fixes (a BlockMask's length) bind the capture only, not the blocks
-            warnings.filterwarnings("ignore", message="mhc_compile: the model's code fixes some input sizes")
-        gm = (capture(model, cap_args, example_kwargs=cap_kwargs) if native is None  # opaque arguments: bound_args
+    sizes: list = []  # the dims the capture keeps static, checked on the converted model before warning
+    with bound_objects(model, cap_args, cap_kwargs) as (cap_args, cap_kwargs, opaque):
+        # opaque arguments (bound_args): sizes their example fixes (a BlockMask's length) bind the capture only
+        gm = (capture(model, cap_args, example_kwargs=cap_kwargs,
+                      on_sizes=lambda *found: None if opaque else sizes.append(found)) if native is None
               else _capture_native(model, cap_args, cap_kwargs, native))
     if isinstance(gm, NativeStreamsReport):
         _say_native(model, [gm], unchanged=True)
@@ -372,6 +379,8 @@ def convert(
         report.form, report.blocks = "blocks", [b.path for b in plan.blocks]
     target.mhc_report = report
     target.mhc_config = config
+    for static, guards in sizes:  # only the dims the converted model really cannot vary
+        _warn_sizes(*fixed_sizes(target, args, kwargs, static, guards), stacklevel=3)
     from . import engine_init
     from .io.pretrained import bind_save_pretrained, is_pretrained
 

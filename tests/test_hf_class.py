@@ -322,10 +322,11 @@ def test_the_core_package_does_not_need_peft_or_accelerate():
     assert out.stdout.strip() == "2", out.stderr[-2000:]
 
 
-def test_whole_graph_form_takes_the_example_arguments_and_says_so():
+def test_whole_graph_form_takes_the_example_arguments_and_captures_others():
     """The whole-graph form (asked for here; the fallback when a block cannot carry the streams
-    alone): the class is kept, the example's arguments work by position or by name, others are
-    refused with the reason (never silently dropped)."""
+    alone): the class is kept, the example's arguments work by position or by name; other
+    arguments (labels) and other sizes capture the model again for that call signature, with
+    the same mHC parameters."""
     torch.manual_seed(0)
     model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
         num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="basic",
@@ -338,9 +339,11 @@ def test_whole_graph_form_takes_the_example_arguments_and_says_so():
         torch.testing.assert_close(cm(x).logits, model(x).logits, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(cm(pixel_values=x).logits, model(x).logits, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(cm(x, labels=None).logits, model(x).logits, atol=1e-5, rtol=1e-4)
-        with pytest.raises(TypeError, match=r"whole-graph form \(asked for.*takes the example's arguments only \(pixel_values\); "
-                                            r"got pixel_values, labels"):
-            cm(x, labels=torch.tensor([0, 1]))
+        labels = torch.tensor([0, 1])
+        torch.testing.assert_close(cm(x, labels=labels).loss, model(x, labels=labels).loss, atol=1e-5, rtol=1e-4)
+        other = torch.randn(3, 3, 48, 40)
+        torch.testing.assert_close(cm(other).logits, model(other).logits, atol=1e-5, rtol=1e-4)
+        assert len(cm.__dict__["_mhc_variants"]) >= 1
 
 
 def _whole_graph_pair(name: str):

@@ -33,7 +33,8 @@ from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, analyz
 from ..passes.streams import stream_wise_path
 from .plan import BlockPart, BlockPlan, BlockSpec
 from .signature import BlockCallError, ForwardSignature, call_key, describe_key
-from .trace import BlockCall, BlockGraph, BlockTraceError, buffers_kept, call_from, record_calls, trace_block
+from .trace import (BlockCall, BlockGraph, BlockRandomError, BlockTraceError, buffers_kept, call_from, record_calls,
+                    trace_block)
 
 
 MAX_VARIANTS = 16   # traced graphs per block: more call signatures than this is a misuse
@@ -158,12 +159,22 @@ def _ends(graph: fx.Graph, chain, part: BlockPart) -> ChainEnds:
         else:
             raise BlockRewriteError("the chain's hidden state does not come in through an argument")
     if part.stream_out:
-        out = next(n for n in graph.nodes if n.op == "output")
+        out = _entry_call(graph, part.into) if part.into else next(n for n in graph.nodes if n.op == "output")
         hit = stream_wise_path(last.add, lambda v, _: v in out.all_input_nodes, last)
         if hit is None:
-            raise BlockRewriteError("the block does not return its last residual's value")
+            raise BlockRewriteError(f"the block does not {'pass' if part.into else 'return'} its last residual's "
+                                    f"value{f' to {part.into}' if part.into else ''}")
         ends.stream_out, ends.trail = True, hit[1]
+        ends.out_node = out if part.into else None
     return ends
+
+
+def _entry_call(graph: fx.Graph, child: str) -> fx.Node:
+    """The one call of the child block ``child`` in an entry block's graph."""
+    calls = [n for n in graph.nodes if n.op == "call_module" and str(n.target) == child]
+    if len(calls) != 1:
+        raise BlockRewriteError(f"it calls the next block {child!r} {len(calls)} times itself, not once")
+    return calls[0]
 
 
 @dataclass
@@ -172,6 +183,12 @@ class _Prepared:
 
     graph: BlockGraph
     chains: list                     # [(Chain, ChainEnds)]
+
+
+def _same_kind(block_kind: str, model_kind: str) -> bool:
+    """A layer scale that is its own module (DINOv2's ``Dinov2LayerScale``) is a leaf in the
+    block's trace, so the block sees a plain residual where the model's graph sees ``x + γ·f(x)``."""
+    return block_kind == model_kind or {block_kind, model_kind} == {"residual", "layer_scale"}
 
 
 def _prepare(bg: BlockGraph, spec: BlockSpec) -> _Prepared:
@@ -184,7 +201,7 @@ def _prepare(bg: BlockGraph, spec: BlockSpec) -> _Prepared:
         raise BlockRewriteError(f"its own graph has {len(got)} residual sites where the model's graph has {len(want)}")
     part_of: dict = {}
     for site, (part, ws) in zip(got, want):
-        if (site.kind, site.channels, site.feature_axis) != (ws.kind, ws.channels, ws.feature_axis):
+        if not _same_kind(site.kind, ws.kind) or (site.channels, site.feature_axis) != (ws.channels, ws.feature_axis):
             raise BlockRewriteError(f"site {site.add.name} is a {site.kind} over {site.channels} channels in the block, "
                                     f"a {ws.kind} over {ws.channels} in the model")
         site.name, site.index_in_chain = _relative(ws.name, spec.path), ws.index_in_chain
@@ -212,12 +229,19 @@ def _block_provider(provider: ParamProvider, path: str) -> ParamProvider:
 
 
 def _prepare_block(model: nn.Module, spec: BlockSpec, call: BlockCall, mode) -> dict:
-    """{training: _Prepared}: one traced graph per mode, or one for both when they are the same."""
+    """{training: _Prepared}: one traced graph per mode, or one for both when they are the same;
+    None for the other mode when its forward draws random numbers in Python (LayerDrop)."""
     block = model.get_submodule(spec.path) if spec.path else model
     out: dict = {}
     sources: list = []
     for training in (block.training, not block.training):
-        bg = trace_block(block, call, mode, training, spec.through)
+        try:
+            bg = trace_block(block, call, mode, training, spec.through)
+        except BlockRandomError:
+            if training == block.training:
+                raise
+            out[training] = None  # traced again when called in that mode, which raises saying why
+            continue
         src = bg.graph_module.graph.python_code(root_module="self").src
         if src in sources:
             continue
@@ -249,15 +273,18 @@ def _install(block: nn.Module, spec: BlockSpec, call: BlockCall, prepared: dict,
     """Rewrite the prepared graphs (registering the mHC parameters on ``block``) and bind the code."""
     path = spec.path or type(block).__name__
     carry = CarriedForward(path, spec, config, ForwardSignature.of(block, path),
-                           _stream_argument(next(iter(prepared.values())), call))
+                           _stream_argument(next(p for p in prepared.values() if p is not None), call))
     provider = _block_provider(provider, spec.path)
     block_names: list = []
     values = [call.values[n] for n in call.names]
     fns: dict = {}
     for training, prep in prepared.items():
-        fns[training] = _rewrite_compile(block, prep, config, provider, block_names,
-                                         f"{spec.path or 'root'} training={training}")
+        if prep is not None:
+            fns[training] = _rewrite_compile(block, prep, config, provider, block_names,
+                                             f"{spec.path or 'root'} training={training}")
     for training in (False, True):
+        if prepared.get(training, "same") is None:
+            continue  # LayerDrop-like randomness in this mode: its call retraces and raises
         fn, src = fns.get(training) or next(iter(fns.values()))
         key = call_key(training, tuple(call.names), values)
         carry.variants[key], carry.source[key] = fn, src

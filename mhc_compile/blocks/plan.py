@@ -9,6 +9,11 @@ the streams. That is only the same model when the parent does nothing with the h
 between two blocks: every reader of the value that passes from one block to the next must lie in
 one of the two blocks. When a chain breaks one of these rules the plan says why in ``fallback``
 and the model keeps the whole-graph form.
+
+An *entry* block is a module that holds a chain's first sites and calls the blocks of the rest
+itself (Wav2Vec2's encoder: ``x + pos_conv(x)``, a norm, then its layers): it expands the
+streams and hands them to its first child block's call (``BlockPart.into``) instead of
+returning them; the children are leaves of its trace.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class BlockPart:
     sites: list                  # BlockSite, in execution order
     stream_in: bool              # the block receives the streams (it is not the chain's first block)
     stream_out: bool             # the block returns the streams (it is not the chain's last block)
+    into: str = ""               # entry block: the child block (relative path) whose call takes the streams
 
 
 @dataclass
@@ -74,15 +80,29 @@ def _inside(node, *paths: str) -> bool:
     return any(p == "" or p in stack for p in paths)
 
 
-def _block_paths(chain: Chain) -> list:
-    """Each site's block: its add's module cut one level below the chain's common module."""
-    parts = [module_path(s.add).split(".") if module_path(s.add) else [] for s in chain.sites]
+def _cut(paths: list) -> list:
+    """Each add's module cut one level below the lowest module common to all of them."""
+    parts = [p.split(".") if p else [] for p in paths]
     common = 0
     while all(len(p) > common for p in parts) and len({p[common] for p in parts}) == 1:
         common += 1
     if all(len(p) == common for p in parts):  # every add in one module: that module
         return [".".join(p) for p in parts]
     return [".".join(p[:common + 1]) for p in parts]
+
+
+def _under(path: str, parent: str) -> bool:
+    return parent == "" or path.startswith(parent + ".")
+
+
+def _block_paths(chain: Chain) -> list:
+    """Each site's block: its add's module cut one level below the chain's common module; the
+    first sites' own module when it holds them and every later add (an entry block)."""
+    paths = [module_path(s.add) for s in chain.sites]
+    k = next((i for i, p in enumerate(paths) if p != paths[0]), len(paths))
+    if k < len(paths) and all(_under(p, paths[0]) for p in paths[k:]):
+        return paths[:k] + _cut(paths[k:])
+    return _cut(paths)
 
 
 def _groups(chain: Chain) -> list:
@@ -122,9 +142,9 @@ def plan_blocks(chains: list) -> BlockPlan:
         if len(set(paths)) != len(paths):
             plan.fallback = f"chain {chain.index} enters module {paths[0]!r} twice (a block called more than once)"
             return plan
-        for a in paths:
+        for i, a in enumerate(paths):
             for b in paths:
-                if a != b and (a == "" or b.startswith(a + ".")):
+                if a != b and _under(b, a) and not (i == 0 and len(paths) > 1 and _under(paths[1], a)):
                     plan.fallback = (f"chain {chain.index} runs through {a or 'the root'!r} and its submodule "
                                      f"{b!r}: the residual adds are at two levels of the module tree")
                     return plan
@@ -137,7 +157,9 @@ def plan_blocks(chains: list) -> BlockPlan:
             sites = [BlockSite(chain.sites[k].name, chain.sites[k].index_in_chain, chain.sites[k].kind,
                                chain.sites[k].channels, chain.sites[k].feature_axis,
                                module_path(chain.sites[k].add)) for k in idx]
-            part = BlockPart(chain.index, sites, stream_in=g > 0, stream_out=g + 1 < len(groups))
+            into = groups[g + 1][0] if g + 1 < len(groups) and _under(groups[g + 1][0], path) else ""
+            part = BlockPart(chain.index, sites, stream_in=g > 0, stream_out=g + 1 < len(groups),
+                             into=into[len(path) + 1:] if path else into)
             spec = specs.setdefault(path, BlockSpec(path))
             spec.parts.append(part)
     for spec in specs.values():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -31,6 +32,10 @@ from .signature import BlockCallError, ForwardSignature, is_constant
 
 class BlockTraceError(RuntimeError):
     """A block's forward cannot be traced alone (the caller falls back, saying why)."""
+
+
+class BlockRandomError(BlockTraceError):
+    """A block's forward draws random numbers in Python in this mode (LayerDrop in training)."""
 
 
 @dataclass
@@ -58,7 +63,7 @@ def _fake_inputs(mode: Any, values: Sequence[Any], device: torch.device) -> list
     return [torch.utils._pytree.tree_map(fake, v) for v in values]
 
 
-def _run_recording(model: nn.Module, args: Sequence[Any], kwargs: dict, mode: Any, device: torch.device) -> None:
+def run_example(model: nn.Module, args: Sequence[Any], kwargs: dict, mode: Any, device: torch.device) -> None:
     """One forward of ``model`` on the example: real (so the blocks see exactly the arguments a
     real call gives them: a library may build a mask under fake tensors that it skips on real
     ones), with every buffer restored afterwards; on fake tensors for a meta-device model."""
@@ -124,7 +129,7 @@ def record_calls(model: nn.Module, paths: Sequence[str], args: Sequence[Any], kw
     device = _device_of(model)
     mode = _ti.fake_mode()
     try:
-        _run_recording(model, args, kwargs, mode, device)
+        run_example(model, args, kwargs, mode, device)
     except Exception as exc:  # noqa: BLE001 - reported as the fallback reason
         raise BlockTraceError(f"the model did not run on the example ({_cause(exc)})") from exc
     finally:
@@ -180,9 +185,35 @@ def _caller(block: nn.Module, call: BlockCall) -> nn.Module:
 _CONCRETE_ATTRS = ("dtype", "device")
 
 
+def mhc_after_setitem(value: Any, done: Any) -> Any:
+    """``value`` after the item assignment ``done`` (its node orders later reads after it)."""
+    return value
+
+
+def _mask_builders() -> tuple:
+    """Library functions that build attention masks with Python branches on the mask's contents
+    (HF's ``create_bidirectional_mask`` skips an all-ones mask): called, not traced into, when an
+    entry block builds its own mask (Wav2Vec2's encoder). Only when transformers is loaded."""
+    import sys
+
+    mod = sys.modules.get("transformers.masking_utils")
+    names = ("create_bidirectional_mask", "create_causal_mask", "create_sliding_window_causal_mask",
+             "create_chunked_causal_mask")
+    return tuple(getattr(mod, n) for n in names if mod is not None and callable(getattr(mod, n, None)))
+
+
 class _ValueProxy(fx.Proxy):
     """A proxy whose ``.dtype`` / ``.device`` are the example's (``if h.dtype == torch.float16:``
-    in T5 and BART layers): the trace is specialised to them, as the call key records."""
+    in T5 and BART layers): the trace is specialised to them, as the call key records.
+
+    An item assignment (``hidden_states[~mask] = 0`` in Wav2Vec2's encoder) is recorded as
+    ``operator.setitem`` then :func:`mhc_after_setitem`, which the proxy stands for from then
+    on: later reads come after the assignment in the data flow (a chain starting there expands
+    the assigned value), and the caller's tensor is still changed in place, as in the original."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        done = self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+        self.node = self.tracer.create_proxy("call_function", mhc_after_setitem, (self, done), {}).node
 
     def __getattr__(self, k: str) -> Any:
         if k in _CONCRETE_ATTRS:
@@ -199,7 +230,7 @@ class _BlockTracer(fx.Tracer):
     device (:meth:`value_of`; None when it cannot be)."""
 
     def __init__(self, through: set, mode: Any = None, inputs: Optional[dict] = None):
-        super().__init__()
+        super().__init__(autowrap_functions=_mask_builders())
         self.through = {"block", *(f"block.{p}" for p in through)}
         self.mode, self.inputs, self.values = mode, inputs or {}, {}
 
@@ -211,13 +242,31 @@ class _BlockTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        raise fx.proxy.TraceError(
+            f"its Python code branches on a tensor's value ({obj.node.name}: data-dependent control flow, "
+            "e.g. a check of an attention mask's contents), which one traced graph cannot follow")
+
     def create_arg(self, a: Any) -> Any:
         """A pytree container other than a plain tuple/list/dict (a ``ModelOutput``, which
         ``torch.fx`` would turn into a plain dict) is rebuilt as its own type."""
         if type(a) not in (tuple, list, dict) and not isinstance(a, fx.Proxy) and _ti.is_pytree_container(a):
             leaves, spec = torch.utils._pytree.tree_flatten(a)
             return self.create_node("call_function", _rebuilder(spec), tuple(self.create_arg(x) for x in leaves), {})
+        if not isinstance(a, (fx.Proxy, torch.Tensor, nn.Module, type)) and not is_constant(a) \
+                and type(a) not in (tuple, list, dict, slice):
+            path = self._attribute_path(a)  # a module's config handed to a mask builder: that very object
+            if path is not None:
+                return self.create_node("get_attr", path, (), {})
         return super().create_arg(a)
+
+    def _attribute_path(self, obj: Any) -> Optional[str]:
+        """``block.config`` when ``obj`` is an attribute of a module of the traced tree."""
+        for name, mod in self.root.named_modules():
+            for attr, value in vars(mod).items():
+                if value is obj and not attr.startswith("_"):
+                    return f"{name}.{attr}" if name else attr
+        return None
 
     def value_of(self, node: fx.Node) -> Any:
         if node not in self.values:
@@ -274,8 +323,21 @@ def trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, th
     forward hook of the block or its children runs meanwhile (a caller's hooks collecting
     outputs must see the real call only), and a block compiled with ``block.compile()`` is
     traced through its plain call."""
-    with _ti.forward_hooks_suspended(block), _ti.compiled_call_suspended(block):
+    with _ti.forward_hooks_suspended(block), _ti.compiled_call_suspended(block), _carried_suspended(block):
         return _trace_block(block, call, mode, training, through)
+
+
+@contextlib.contextmanager
+def _carried_suspended(block: nn.Module):
+    """A converted block traced again, and the converted blocks it calls (an entry block's
+    layers), run their class's forward meanwhile: the graph being traced is the original one."""
+    carried = {m: m.__dict__.pop("forward") for m in block.modules()
+               if "forward" in m.__dict__ and (m is block or "_mhc_carry" in m.__dict__)}
+    try:
+        yield
+    finally:
+        for m, fn in carried.items():
+            m.__dict__["forward"] = fn
 
 
 def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, through: Sequence[str]) -> BlockGraph:
@@ -283,19 +345,19 @@ def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, t
     was = [m.training for m in inlined]
     _set_training(inlined, [training] * len(inlined))  # the inlined code only: leaves keep their own
     caller = _caller(block, call)
-    carried = block.__dict__.pop("forward", None)  # a converted block is traced again: its class's forward
     try:
         inputs = {n: snapshot(v) for n, v in call.values.items() if n not in call.constants}
         inputs = dict(zip(inputs, _fake_inputs(mode, list(inputs.values()), _device_of(block))))
         tracer = _BlockTracer(set(through), mode, inputs)
-        graph = tracer.trace(caller, concrete_args=dict(call.constants) or None)
+        with _no_python_random(type(block).__name__):
+            graph = tracer.trace(caller, concrete_args=dict(call.constants) or None)
+    except BlockTraceError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise BlockTraceError(f"torch.fx could not trace {type(block).__name__}.forward alone "
                               f"({_cause(exc)})") from exc
     finally:
         _set_training(inlined, was)
-        if carried is not None:
-            block.__dict__["forward"] = carried
     for node in graph.nodes:  # targets relative to the block
         if node.op in ("call_module", "get_attr") and str(node.target).startswith("block."):
             node.target = str(node.target)[len("block."):]
@@ -306,6 +368,44 @@ def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, t
                               f"{len(call.names)} arguments")
     _propagate(gm, mode, [call.values[n] for n in call.names], type(block).__name__)
     return BlockGraph(gm, call, training)
+
+
+def _random_states() -> list:
+    """The torch (CPU), Python and numpy random states."""
+    import random
+
+    import numpy
+
+    return [torch.random.get_rng_state(), random.getstate(), numpy.random.get_state()]
+
+
+def _same_random_state(a: list, b: list) -> bool:
+    return torch.equal(a[0], b[0]) and a[1] == b[1] and a[2][0] == b[2][0] and bool((a[2][1] == b[2][1]).all()) \
+        and a[2][2:] == b[2][2:]
+
+
+@contextlib.contextmanager
+def _no_python_random(what: str):
+    """Refuse a trace that drew random numbers in Python: ``torch.rand([]) < p`` (LayerDrop) or
+    ``np.random.random()`` decides once at trace time, and the graph would keep that one draw
+    for every call. The random states are restored either way."""
+    import random
+
+    import numpy
+
+    before = _random_states()
+    try:
+        yield
+    finally:
+        after = _random_states()
+        torch.random.set_rng_state(before[0])
+        random.setstate(before[1])
+        numpy.random.set_state(before[2])
+    if not _same_random_state(before, after):
+        raise BlockRandomError(
+            f"{what}.forward draws random numbers in Python while it runs (a random choice such as LayerDrop's "
+            "`torch.rand([]) < p`), which a traced graph would fix to one draw for every call; turn it off "
+            "(for HF models config.layerdrop = 0.0) before converting, or use the model in the other mode")
 
 
 class _RecordingInterpreter(fx.Interpreter):
@@ -337,7 +437,9 @@ def _propagate(gm: fx.GraphModule, mode: Any, values: list, what: str) -> None:
         raise BlockTraceError(f"the traced {what}.forward did not run on the example ({_cause(fake_error)})") from fake_error
     devices = [v.device for v in real if v.device.type == "cuda"][:1]
     try:
+        fresh = [torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, snapshot(v))
+                 for v in values]  # an item assignment in the block must not reach the caller's tensors
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            _RecordingInterpreter(gm, mode).run(*[snapshot(v) for v in values])
+            _RecordingInterpreter(gm, mode).run(*fresh)
     except Exception as exc:  # noqa: BLE001
         raise BlockTraceError(f"the traced {what}.forward did not run on the example ({_cause(exc)})") from exc

@@ -7,18 +7,28 @@ export graph through ``torch.func.functional_call`` with the model's own paramet
 so ``.to()``, optimizers, ``load_state_dict`` and ``.train()``/``.eval()`` act on the model.
 Per-block FSDP2, checkpointing and compile do not apply to this form (the blocks' forwards are
 not called); the report's ``form`` says which form a model has.
+
+A call with other arguments than the example's (``labels=``, ``attention_mask=``,
+``output_hidden_states=True``), or at sizes the captured program's guards refuse, captures the
+model's own forward again for that call signature and rewrites it with the model's registered
+mHC parameters (the same sites are required, else a ``TypeError`` says what differs), as the
+blocks form traces a block again. ``use_cache=True`` stays refused: the graph returns no cache.
 """
 from __future__ import annotations
 
 import inspect
 import types
+import warnings
 from typing import Any, Optional
 
 import torch
 from torch import fx, nn
 
+from ..messages import first_line
 from ..passes.placement import MHCSiteParams, attach, site_container
-from .signature import ForwardSignature
+from .signature import ForwardSignature, call_key, describe_key
+
+MAX_VARIANTS = 16   # captured graphs per model: more call signatures or sizes than this is a misuse
 
 
 def _mhc_modules(gm: fx.GraphModule):
@@ -42,6 +52,7 @@ def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[di
         names += [f"{cname}.{k}" for k in params]
     model.__dict__["_mhc_graph"] = gm  # not a submodule: the state dict stays the model's
     model.__dict__["_mhc_fixed"] = dict(fixed or {})
+    model.__dict__["_mhc_variants"] = []  # [(call key, rewritten graph)] for other calls
     sig = ForwardSignature.of(model, type(model).__name__)
     positional = [n for n, kind, _ in sig.params
                   if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -50,9 +61,9 @@ def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[di
     return names
 
 
-def _as_example_call(self: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The call arranged as the example was (its positional arguments by position, its keywords
-    by name); any other set of arguments is refused, saying which the graph takes."""
+def _given(self: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name: the example's, the required ones, and any passed at other
+    than its default (an argument left, or passed, at its default is no change)."""
     sig, positional, names = self.__dict__["_mhc_example_call"]
     fixed = self.__dict__["_mhc_fixed"]
     want = set(positional) | set(names)
@@ -63,28 +74,100 @@ def _as_example_call(self: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
             if name in kwargs or value is not defaults[name]:  # passed: checked against the capture's value
                 given[name] = value
         elif name in want or name not in defaults or value is not defaults[name]:
-            given[name] = value  # an argument left (or passed) at its default is no change
-    if set(given) - set(fixed) != want:
-        raise TypeError(
-            f"{type(self).__name__} was converted in the whole-graph form ({self.mhc_report.form_reason}), whose "
-            f"graph takes the example's arguments only ({', '.join(positional + list(names)) or 'none'}); got "
-            f"{', '.join(given) or 'none'}. Call it that way, or convert with example inputs that include these "
-            "arguments.")
-    return tuple(given[n] for n in positional), {k: given[k] for k in (*names, *(k for k in fixed if k in given))}
+            given[name] = value
+    return given
 
 
 def _whole_graph_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    gm = self.__dict__["_mhc_graph"]
-    args, kwargs = _as_example_call(self, args, kwargs)
-    for name, value in self.__dict__["_mhc_fixed"].items():
-        if kwargs.get(name, value) != value:
+    _, positional, names = self.__dict__["_mhc_example_call"]
+    fixed = self.__dict__["_mhc_fixed"]
+    given = _given(self, args, kwargs)
+    for name, value in fixed.items():
+        if given.get(name, value) != value:
             raise TypeError(
                 f"{type(self).__name__} was converted in the whole-graph form ({self.mhc_report.form_reason}), "
-                f"whose graph was captured with {name}={value!r}; it cannot be called with {name}={kwargs[name]!r}. "
-                "The whole-graph form takes the example's arguments only (no KV cache, no generate()).")
-        kwargs[name] = value
+                f"whose graph was captured with {name}={value!r}; it cannot be called with {name}={given[name]!r}. "
+                "The whole-graph form has no KV cache (no generate()).")
+    call = {**given, **fixed}
+    if set(given) - set(fixed) == set(positional) | set(names):  # the example's arguments: its graph
+        try:
+            return _run(self, self.__dict__["_mhc_graph"], tuple(given[n] for n in positional),
+                        {k: v for k, v in call.items() if k not in positional})
+        except _SizeGuardFailed:
+            pass  # other sizes than the capture allows: a graph of their own
+    return _run_variant(self, call)
+
+
+class _SizeGuardFailed(Exception):
+    """The call's input sizes fail the captured program's guards."""
+
+
+_GUARD_MESSAGES = ("Guard failed", "Expected input at")  # what an exported program's input checks raise
+
+
+def _run(self: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
     if gm.training != self.training:
         gm.train(self.training)
     state = dict(self.named_parameters(remove_duplicate=False))
     state.update(self.named_buffers(remove_duplicate=False))
-    return torch.func.functional_call(gm, state, args, kwargs, tie_weights=True, strict=False)
+    try:
+        return torch.func.functional_call(gm, state, args, kwargs, tie_weights=True, strict=False)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        if any(k in str(exc) for k in _GUARD_MESSAGES):
+            raise _SizeGuardFailed(first_line(exc, 200)) from exc
+        raise
+
+
+def _run_variant(self: nn.Module, call: dict) -> Any:
+    """Run the graph captured for this call signature (argument names, constants, tensor dtypes),
+    capturing and rewriting it on first use with the model's own mHC parameters; one signature
+    may hold several graphs when sizes fail the guards of the ones before."""
+    variants = self.__dict__["_mhc_variants"]
+    key = call_key(False, tuple(call), list(call.values()))
+    for k, gm in variants:
+        if k == key:
+            try:
+                return _run(self, gm, (), call)
+            except _SizeGuardFailed:
+                continue
+    if len(variants) >= MAX_VARIANTS:
+        raise TypeError(f"{type(self).__name__} (whole-graph form) was called with {MAX_VARIANTS} different "
+                        f"argument signatures or sizes (now {describe_key(key)}); a number or flag that changes on "
+                        "every call cannot be specialised. Pass it as a tensor.")
+    gm = _capture_variant(self, call)
+    self.__dict__["_mhc_variants"].append((key, gm))  # fetched again: export restores the module's attributes
+    return _run(self, gm, (), call)
+
+
+def _capture_variant(self: nn.Module, call: dict) -> fx.GraphModule:
+    """The model's own forward captured for ``call`` and rewritten with its registered mHC
+    parameters; refused when the capture does not find the same sites."""
+    from ..convert import capture
+    from ..passes.mode_switch import make_mode_switchable
+    from ..passes.rewrite import BlockRewriteError, rewrite_graph
+    from .carry import _live_provider
+
+    if any(p.device.type == "meta" for p in self.parameters()):
+        raise TypeError(f"{type(self).__name__} (whole-graph form) is on the meta device: load its weights before "
+                        f"calling it with other arguments or sizes than the example's ({', '.join(call)})")
+    carried = self.__dict__.pop("forward")
+    try:
+        # sizes: another capture when a call's fail this one's guards; grad on, so the graph trains
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            gm = capture(self, (), example_kwargs=call, on_sizes=lambda *found: None)
+    finally:
+        self.__dict__["forward"] = carried
+    why = ""
+    try:
+        report = rewrite_graph(gm, self.mhc_config, _live_provider(self))
+        got, want = [s.name for s in report.sites], [s.name for s in self.mhc_report.sites]
+        if got != want:
+            why = f"its sites are {got}, the conversion's {want}"
+    except BlockRewriteError as exc:
+        why = str(exc)
+    if why:
+        raise TypeError(f"{type(self).__name__} (whole-graph form) was called with {', '.join(call)}; captured "
+                        f"with these arguments its graph cannot take the converted residuals: {why}")
+    make_mode_switchable(gm, self.training)
+    return gm

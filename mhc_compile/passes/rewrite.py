@@ -162,13 +162,15 @@ class ChainEnds:
     ``lead`` the stream-wise ops from it to the chain's first skip operand. ``stream_out``: the
     output returns the streams at the chain's end, after the stream-wise ops ``trail`` from the
     last add (no collapse). ``collapse_weight``: register the chain's learned collapse weight
-    (the graph holds the chain's end)."""
+    (the graph holds the chain's end). ``out_node``: the node that reads the streams instead of
+    the output (the call of the next block, in a block that calls it)."""
 
     stream_in: Optional[fx.Node] = None
     lead: list = field(default_factory=list)
     stream_out: bool = False
     trail: list = field(default_factory=list)
     collapse_weight: bool = True
+    out_node: Optional[fx.Node] = None  # takes the streams instead of the output (an entry block's child call)
 
 
 class BlockRewriteError(RuntimeError):
@@ -234,7 +236,7 @@ def _return_streams(st: _ChainRewrite, e: _Emitter, X: fx.Node) -> None:
     last = st.chain.sites[-1].add
     final = st.ends.trail[-1] if st.ends.trail else last
     X = _apply_stream_wise(st, e, X, st.ends.trail)
-    out = next(n for n in st.graph.nodes if n.op == "output")
+    out = st.ends.out_node or next(n for n in st.graph.nodes if n.op == "output")
     if final not in out.all_input_nodes:
         raise BlockRewriteError(f"the block does not return the value of its last residual ({final.name})")
     out.replace_input_with(final, X)
@@ -303,12 +305,12 @@ def _apply_stream_wise(st: _ChainRewrite, e: _Emitter, X: fx.Node, gap: list, in
     other reader.
     """
     for op_node in gap:
-        if internal:  # emit where the op was: the size arguments it reads exist there
-            e.cursor = op_node.prev
         if view_kind(op_node, op_node.args[0]) is not None:
-            args, kwargs = restate(op_node, X, st.config.streams)
+            args, kwargs = restate(op_node, X, st.config.streams)  # may add size nodes before op_node
         else:
             args, kwargs = tuple(X if a is _stream_arg(op_node) else a for a in op_node.args), dict(op_node.kwargs)
+        if internal:  # emit where the op was: the size arguments it reads exist there
+            e.cursor = op_node.prev
         X = e.node(op_node.op, op_node.target, args, kwargs)
         if internal:
             st.stream_of[op_node] = X

@@ -19,6 +19,7 @@ torch-level (Dynamo) spellings.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import torch
@@ -112,6 +113,17 @@ def view_kind(node: fx.Node, stream: fx.Node) -> Optional[str]:
     return None
 
 
+def _size_items(node: fx.Node, shape: list) -> list:
+    """The target shape as a list of sizes. A shape given as one ``torch.Size`` value (OPT's
+    ``x.view(shape)`` with ``shape = x.shape`` taken earlier) is split into ``getitem`` nodes,
+    inserted before ``node`` (the caller emits the restated op after them)."""
+    if len(shape) != 1 or not isinstance(shape[0], fx.Node):
+        return shape
+    size = shape[0]
+    with node.graph.inserting_before(node):
+        return [node.graph.call_function(operator.getitem, (size, i)) for i in range(len(_shape(node_val(node))))]
+
+
 def restate(node: fx.Node, X: fx.Node, n: int) -> tuple[tuple, dict]:
     """(args, kwargs) that apply ``node``'s op to the n-stream tensor ``X`` (stream axis before C)."""
     kind = view_kind(node, node.args[0])
@@ -119,7 +131,7 @@ def restate(node: fx.Node, X: fx.Node, n: int) -> tuple[tuple, dict]:
     if kind in ("same", "cast"):
         return (X, *node.args[1:]), dict(node.kwargs)
     if kind == "reshape":
-        shape = _rest(node)
+        shape = _size_items(node, _rest(node))
         return (X, [*shape[:-1], n, shape[-1]]), {}
     if kind == "permute":
         dims = [_norm(d, rank) for d in _rest(node)]

@@ -184,3 +184,34 @@ DEFAULT_CONFIG_MODELS = {
     "bert": (default_bert_classifier, "encoder"),
     "vit": (default_vit_classifier, "vision"),
 }
+
+
+# ---------------------------------------------------------------- families that used to fall back (issue #22)
+# Default config values, only the sizes shrunk.
+
+def default_dinov2():
+    """Layer scale as its own module (``Dinov2LayerScale``)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(Dinov2Config(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64))
+
+
+def default_wav2vec2_ctc(**overrides):
+    """The encoder adds a positional conv embedding (a residual at the encoder's level) before its
+    layers; a feature encoder (convs) in front; LayerDrop 0.1 and SpecAugment by default."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    cfg = dict(vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+               num_conv_pos_embedding_groups=2, pad_token_id=0)
+    return Wav2Vec2ForCTC(Wav2Vec2Config(**{**cfg, **overrides}))
+
+
+def default_opt():
+    """Flattens to (B*T, C) for the MLP and views back with a ``torch.Size`` taken earlier."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,
+                                    pad_token_id=1, bos_token_id=0, eos_token_id=2))
