@@ -16,7 +16,8 @@ Dispatch (the ``kernels`` argument, one of ``config.KERNELS``, from ``MHCConfig.
 This module is the one place that picks the reference or the Triton kernels; the kernel
 launchers only launch:
     "reference" -> plain torch (``mhc_compile.reference``) on any device;
-    "auto"      -> Triton kernels for CUDA tensors, reference elsewhere;
+    "auto"      -> Triton kernels for CUDA tensors, the fused C++ kernels of ``kernels_cpu`` for
+                   CPU tensors (the reference where they cannot be built), reference elsewhere;
     "triton"    -> Triton kernels everywhere; on CPU that is the Triton interpreter, which
                    needs ``TRITON_INTERPRET=1`` set before triton is imported.
 The coeffs and boundary kernels compute in float32: float64 inputs (gradcheck), and a boundary
@@ -94,6 +95,22 @@ def _fused_triton(kernels: str, x: Tensor, *tensors: Tensor) -> bool:
     return use_triton(x, kernels) and x.dtype in _FUSED_DTYPES and all(t.dtype != torch.float64 for t in tensors)
 
 
+def _cpu(kernels: str, x: Tensor, *tensors: Tensor) -> bool:
+    """Whether an op runs the fused CPU kernels (``kernels_cpu``): "auto", every tensor on CPU."""
+    if kernels != "auto" or x.device.type != "cpu":
+        return False
+    from . import kernels_cpu
+    from .kernels_cpu import launch
+
+    return launch.supported(x, *tensors) and kernels_cpu.available()
+
+
+def _cpu_launch():
+    from .kernels_cpu import launch
+
+    return launch
+
+
 def _flat3(x: Tensor) -> Tensor:
     """(..., n, C) -> (T, n, C) contiguous."""
     return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
@@ -116,6 +133,8 @@ def _coeffs(
         lead, n = x.shape[:-2], x.shape[-2]
         hp, ho, hr = coeffs_forward(_flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
         return _record((hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)))
+    if _cpu(kernels, x, phi, alpha, b_pre, b_post, b_res):
+        return _record(_cpu_launch().coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant))
     outs = reference.coeffs(
         x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True
     )
@@ -147,7 +166,8 @@ def _coeffs_backward(
             _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         )
         return (gx.reshape(x.shape), *rest)
-
+    if _cpu(kernels, x, phi, alpha, b_pre, b_post, b_res):
+        return _cpu_launch().coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     grads = reference.coeffs_backward(
         g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant
     )
@@ -180,6 +200,8 @@ def _pre(x: Tensor, h_pre: Tensor, kernels: str) -> Tensor:
         from .kernels.pre import pre_forward
 
         return pre_forward(_flat3(x), _flat_coeff(h_pre, 1)).reshape(*x.shape[:-2], x.shape[-1])
+    if _cpu(kernels, x, h_pre):
+        return _cpu_launch().pre_forward(x, h_pre)
     return reference.pre_mix(x, h_pre).contiguous()
 
 
@@ -195,6 +217,8 @@ def _pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor, kernels: str) -> tuple
 
         gx, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1))
         return gx.reshape(x.shape), gh.reshape(h_pre.shape)
+    if _cpu(kernels, x, h_pre, grad):
+        return _cpu_launch().pre_backward(grad, x, h_pre)
     gx, gh = reference.pre_mix_backward(grad, x, h_pre)
     return gx.contiguous(), gh.contiguous()
 
@@ -228,6 +252,8 @@ def _post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: 
             _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(), _flat_coeff(h_post, 1), _flat_coeff(h_res, 2)
         )
         return out.reshape(x.shape)
+    if h_out.dtype == x.dtype and _cpu(kernels, x, h_out, h_post, h_res):
+        return _cpu_launch().post_res_forward(x, h_out, h_post, h_res)
     return reference.post_res_mix(x, h_out, h_post, h_res).contiguous()
 
 
@@ -248,6 +274,8 @@ def _post_res_backward(
             _flat_coeff(h_post, 1), _flat_coeff(h_res, 2),
         )
         return gx.reshape(x.shape), gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
+    if h_out.dtype == x.dtype and _cpu(kernels, x, grad, h_out, h_post, h_res):
+        return _cpu_launch().post_res_backward(grad, x, h_out, h_post, h_res)
     grads = reference.post_res_mix_backward(grad, x, h_out, h_post, h_res)
     return tuple(g.contiguous() for g in grads)
 
@@ -290,6 +318,8 @@ def _boundary(
             phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         )
         outs = (xn.reshape(x.shape), hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n), hin.reshape(*lead, c))
+    elif h_out.dtype == x.dtype and _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res):
+        outs = _cpu_launch().boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     else:
         outs = tuple(
             o.contiguous()
@@ -330,6 +360,10 @@ def _boundary_backward(
         )
         like = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
         return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
+    if h_out.dtype == x.dtype and _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res):
+        return _cpu_launch().boundary_backward(
+            g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
+        )
     grads = reference.boundary_backward(
         g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
     )

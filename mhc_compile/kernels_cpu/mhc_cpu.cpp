@@ -1,0 +1,454 @@
+// Fused CPU kernels for the mHC ops (mhc_compile.kernels_cpu). Built at first use with
+// torch.utils.cpp_extension.load; registered as torch.ops.mhc_cpu.*. The math is that of
+// mhc_compile/reference.py: coefficients and the whole Sinkhorn loop in the compute type
+// (float for half/bfloat16/float inputs, double for double), mixing accumulated in it and rounded
+// once to the stream dtype. Every kernel is one pass, parallel over tokens (at::parallel_for).
+//
+// Layout: streams x (T, n, C) contiguous; per-token coefficients (Tc, n) / (Tc, n, n) with Tc in
+// {1, T} (Tc = 1: one broadcast set, e.g. static coefficients); gradients of coefficients are
+// returned per token (T, ...) and reduced by the caller.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr double kSpread = 50.0;  // reference.SINKHORN_LOGIT_SPREAD
+
+inline int64_t grain(int64_t work_per_token) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_token));
+}
+
+template <typename T>
+inline T sigm(T v) { return T(1) / (T(1) + std::exp(-v)); }
+
+// sum_c a[c] b[c]: four independent 32-byte accumulators (GCC/Clang vector extensions), so it
+// vectorises without -ffast-math; the summation order is fixed, so results are deterministic.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t C) {
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int64_t W = 32 / sizeof(T);
+  V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t c = 0;
+  for (; c + 4 * W <= C; c += 4 * W) {
+    V a0, a1, a2, a3, b0, b1, b2, b3;
+    std::memcpy(&a0, a + c, 32); std::memcpy(&b0, b + c, 32);
+    std::memcpy(&a1, a + c + W, 32); std::memcpy(&b1, b + c + W, 32);
+    std::memcpy(&a2, a + c + 2 * W, 32); std::memcpy(&b2, b + c + 2 * W, 32);
+    std::memcpy(&a3, a + c + 3 * W, 32); std::memcpy(&b3, b + c + 3 * W, 32);
+    s0 += a0 * b0; s1 += a1 * b1; s2 += a2 * b2; s3 += a3 * b3;
+  }
+  V s = (s0 + s1) + (s2 + s3);
+  T out = 0;
+  for (int64_t k = 0; k < W; ++k) out += s[k];
+  for (; c < C; ++c) out += a[c] * b[c];
+  return out;
+}
+
+// Calls f(std::integral_constant<int, N>) with N = n for n in 1..8 (loops over n unroll), else N = 0.
+template <typename F>
+inline void with_n(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
+// One Sinkhorn step on m (n x n): A = m / colsum(m) (into A), row sums into r, M = A / rowsum(A)
+// (into M); c receives the column sums. A and M may alias m.
+template <typename acc, int N>
+inline void sk_step(const acc* m, acc* c, acc* A, acc* r, acc* M, int64_t n_rt) {
+  const int64_t n = N ? N : n_rt;
+  for (int64_t j = 0; j < n; ++j) c[j] = m[j];
+  for (int64_t i = 1; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) c[j] += m[i * n + j];
+  for (int64_t i = 0; i < n; ++i) {
+    acc sum = 0;
+    for (int64_t j = 0; j < n; ++j) { A[i * n + j] = m[i * n + j] / c[j]; sum += A[i * n + j]; }
+    r[i] = sum;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) M[i * n + j] = A[i * n + j] / r[i];
+}
+
+// exp(clamp(L - max(L), -SPREAD)) into m0; returns max(L)
+template <typename acc, int N>
+inline acc sk_start(const acc* L, acc* m0, int64_t n_rt) {
+  const int64_t nn = (N ? N : n_rt) * (N ? N : n_rt);
+  acc mx = L[0];
+  for (int64_t k = 1; k < nn; ++k) mx = std::max(mx, L[k]);
+  for (int64_t k = 0; k < nn; ++k) m0[k] = std::exp(std::max(L[k] - mx, acc(-kSpread)));
+  return mx;
+}
+
+// Per token: r = sqrt(mean(flat^2) + eps), h_raw = proj / r, h = h_raw (tanh(h_raw) for hc),
+// z = alpha_segment * h + b. Writes h_raw, h, z (K = 2n+n^2 each); returns r.
+template <typename acc>
+inline acc logits(const acc* flat, int64_t nc, const acc* proj, const acc* alpha, const acc* bp, const acc* bo,
+                  const acc* br, int64_t n, double eps, bool hc, acc* h_raw, acc* h, acc* z) {
+  const acc r = std::sqrt(dot(flat, flat, nc) / acc(nc) + acc(eps));
+  const int64_t K = 2 * n + n * n;
+  for (int64_t k = 0; k < K; ++k) {
+    h_raw[k] = proj[k] / r;
+    h[k] = hc ? std::tanh(h_raw[k]) : h_raw[k];
+    const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
+    const acc bias = seg == 0 ? bp[k] : (seg == 1 ? bo[k - n] : br[k - 2 * n]);
+    z[k] = alpha[seg] * h[k] + bias;
+  }
+  return r;
+}
+
+// mhc::coeffs on one token's logits z: H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn (hc: z itself).
+template <typename acc, int N>
+inline void activate(const acc* z, int64_t n, int64_t iters, bool hc, acc* hp, acc* ho, acc* hr, acc* col, acc* row) {
+  const int64_t nn = n * n;
+  if (hc) {
+    for (int64_t i = 0; i < n; ++i) { hp[i] = z[i]; ho[i] = z[n + i]; }
+    for (int64_t k = 0; k < nn; ++k) hr[k] = z[2 * n + k];
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    hp[i] = sigm(z[i]);
+    ho[i] = acc(2) * sigm(z[n + i]);
+  }
+  sk_start<acc, N>(z + 2 * n, hr, n);
+  for (int64_t it = 0; it < iters; ++it) sk_step<acc, N>(hr, col, hr, row, hr, n);
+}
+
+// Forward of dynamic mhc::coeffs after the projection: flat = vec(X) (T, nC) and proj = flat . phi
+// (T, K), both in the compute type -> H_pre (T,n), H_post (T,n), H_res (T,n,n).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coeffs_fwd(
+    const at::Tensor& flat_, const at::Tensor& proj_, const at::Tensor& alpha_, const at::Tensor& bp_,
+    const at::Tensor& bo_, const at::Tensor& br_, double eps, int64_t n, int64_t iters, bool hc) {
+  at::Tensor flat = flat_.contiguous(), proj = proj_.contiguous(), alpha = alpha_.contiguous();
+  at::Tensor bp = bp_.contiguous(), bo = bo_.contiguous(), br = br_.contiguous();
+  const int64_t T = flat.size(0), NC = flat.size(1), nn = n * n, K = 2 * n + nn;
+  TORCH_CHECK(proj.size(0) == T && proj.size(1) == K && alpha.numel() == 3 && bp.numel() == n && bo.numel() == n &&
+              br.numel() == nn, "mhc_cpu::coeffs_fwd: shapes do not match (T, 2n+n^2)");
+  at::Tensor hp = at::empty({T, n}, flat.options()), ho = at::empty({T, n}, flat.options());
+  at::Tensor hr = at::empty({T, n, n}, flat.options());
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "mhc_cpu_coeffs_fwd", [&] {
+    using acc = scalar_t;
+    const acc *fp = flat.data_ptr<acc>(), *pj = proj.data_ptr<acc>(), *al = alpha.data_ptr<acc>();
+    const acc *bpp = bp.data_ptr<acc>(), *bop = bo.data_ptr<acc>(), *brp = br.data_ptr<acc>();
+    acc *pp = hp.data_ptr<acc>(), *op = ho.data_ptr<acc>(), *rp = hr.data_ptr<acc>();
+    with_n(n, [&](auto NC_) {
+      constexpr int N = decltype(NC_)::value;
+      at::parallel_for(0, T, grain(iters * nn * 4 + NC), [&](int64_t b, int64_t e) {
+        std::vector<acc> col(n), row(n), h_raw(K), h(K), z(K);
+        for (int64_t t = b; t < e; ++t) {
+          logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
+          activate<acc, N>(z.data(), n, iters, hc, pp + t * n, op + t * n, rp + t * nn, col.data(), row.data());
+        }
+      });
+    });
+  });
+  return {hp, ho, hr};
+}
+
+// Backward of coeffs_fwd. Returns (dh_r (T,K), coef (T,1), g_alpha (3), g_b_pre (n), g_b_post (n),
+// g_b_res (n,n)) with dh = d loss / d h_raw, dh_r = dh / r and coef = (dh . h_raw) / (nC r^2), so that
+// d loss / d flat = dh_r . phi^T - coef * flat and d loss / d phi = flat^T . dh_r (the caller's GEMMs).
+// The token sums (biases, alpha) are reduced in token order after the parallel part: deterministic.
+std::vector<at::Tensor> coeffs_bwd(
+    const at::Tensor& gp_, const at::Tensor& go_, const at::Tensor& gr_, const at::Tensor& flat_,
+    const at::Tensor& proj_, const at::Tensor& alpha_, const at::Tensor& bp_, const at::Tensor& bo_,
+    const at::Tensor& br_, double eps, int64_t n, int64_t iters, bool hc) {
+  at::Tensor gp = gp_.contiguous(), go = go_.contiguous(), gr = gr_.contiguous();
+  at::Tensor flat = flat_.contiguous(), proj = proj_.contiguous(), alpha = alpha_.contiguous();
+  at::Tensor bp = bp_.contiguous(), bo = bo_.contiguous(), br = br_.contiguous();
+  const int64_t T = flat.size(0), NC = flat.size(1), nn = n * n, K = 2 * n + nn;
+  TORCH_CHECK(proj.size(0) == T && proj.size(1) == K && gp.numel() == T * n && go.numel() == T * n &&
+              gr.numel() == T * nn, "mhc_cpu::coeffs_bwd: shapes do not match (T, 2n+n^2)");
+  at::Tensor dh_r = at::empty({T, K}, flat.options()), coef = at::empty({T, 1}, flat.options());
+  at::Tensor dz_all = at::empty({T, K}, flat.options()), dzh_all = at::empty({T, K}, flat.options());
+  at::Tensor g_alpha = at::empty({3}, flat.options()), g_bp = at::empty({n}, flat.options());
+  at::Tensor g_bo = at::empty({n}, flat.options()), g_br = at::empty({n, n}, flat.options());
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "mhc_cpu_coeffs_bwd", [&] {
+    using acc = scalar_t;
+    const acc *fp = flat.data_ptr<acc>(), *pj = proj.data_ptr<acc>(), *al = alpha.data_ptr<acc>();
+    const acc *bpp = bp.data_ptr<acc>(), *bop = bo.data_ptr<acc>(), *brp = br.data_ptr<acc>();
+    const acc *gpp = gp.data_ptr<acc>(), *gop = go.data_ptr<acc>(), *grp = gr.data_ptr<acc>();
+    acc *dhp = dh_r.data_ptr<acc>(), *cp = coef.data_ptr<acc>(), *dzp = dz_all.data_ptr<acc>(), *dzhp = dzh_all.data_ptr<acc>();
+    with_n(n, [&](auto NC_) {
+      constexpr int N = decltype(NC_)::value;
+      at::parallel_for(0, T, grain(iters * nn * 10 + NC), [&](int64_t b, int64_t e) {
+        // Sinkhorn replay, per iteration k: column sums c_k, A_k = M_{k-1}/c_k, row sums r_k, M_k = A_k/r_k
+        std::vector<acc> cs(iters * n), rs(iters * n), As(iters * nn), Ms(iters * nn), m0(nn), g(nn), s(n);
+        std::vector<acc> h_raw(K), h(K), z(K);
+        for (int64_t t = b; t < e; ++t) {
+          const acc* ft = fp + t * NC;
+          const acc r = logits(ft, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
+          acc* dz = dzp + t * K;
+          if (hc) {
+            for (int64_t i = 0; i < n; ++i) { dz[i] = gpp[t * n + i]; dz[n + i] = gop[t * n + i]; }
+            for (int64_t k = 0; k < nn; ++k) dz[2 * n + k] = grp[t * nn + k];
+          } else {
+            for (int64_t i = 0; i < n; ++i) {
+              const acc sp = sigm(z[i]), so = sigm(z[n + i]);
+              dz[i] = gpp[t * n + i] * sp * (acc(1) - sp);
+              dz[n + i] = acc(2) * gop[t * n + i] * so * (acc(1) - so);
+            }
+            const acc* L = z.data() + 2 * n;
+            const acc mx = sk_start<acc, N>(L, m0.data(), n);
+            const acc* prev = m0.data();
+            for (int64_t it = 0; it < iters; ++it) {
+              sk_step<acc, N>(prev, &cs[it * n], &As[it * nn], &rs[it * n], &Ms[it * nn], n);
+              prev = &Ms[it * nn];
+            }
+            acc* gg = g.data();
+            for (int64_t k = 0; k < nn; ++k) gg[k] = grp[t * nn + k];
+            const int64_t nk = N ? N : n;
+            for (int64_t it = iters - 1; it >= 0; --it) {
+              const acc *c = &cs[it * n], *rr = &rs[it * n], *A = &As[it * nn], *M = &Ms[it * nn];
+              for (int64_t i = 0; i < nk; ++i) {
+                acc sum = 0;
+                for (int64_t j = 0; j < nk; ++j) sum += gg[i * nk + j] * M[i * nk + j];
+                for (int64_t j = 0; j < nk; ++j) gg[i * nk + j] = (gg[i * nk + j] - sum) / rr[i];
+              }
+              acc* sj = s.data();
+              for (int64_t j = 0; j < nk; ++j) sj[j] = gg[j] * A[j];
+              for (int64_t i = 1; i < nk; ++i)
+                for (int64_t j = 0; j < nk; ++j) sj[j] += gg[i * nk + j] * A[i * nk + j];
+              for (int64_t i = 0; i < nk; ++i)
+                for (int64_t j = 0; j < nk; ++j) gg[i * nk + j] = (gg[i * nk + j] - sj[j]) / c[j];
+            }
+            acc* dr = dz + 2 * n;
+            acc total = 0, ties = 0;
+            for (int64_t k = 0; k < nn; ++k) {
+              dr[k] = (L[k] - mx >= acc(-kSpread)) ? gg[k] * m0[k] : acc(0);
+              total += dr[k];
+              ties += (L[k] == mx) ? acc(1) : acc(0);
+            }
+            for (int64_t k = 0; k < nn; ++k)
+              if (L[k] == mx) dr[k] -= total / ties;  // max subtraction: -sum(dz) to the argmax (ties share)
+          }
+          acc* dh = dhp + t * K;
+          acc* dzh = dzhp + t * K;
+          acc sdh = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
+            dzh[k] = dz[k] * h[k];
+            acc d = al[seg] * dz[k];
+            if (hc) d = d * (acc(1) - h[k] * h[k]);
+            sdh += d * h_raw[k];
+            dh[k] = d / r;
+          }
+          cp[t] = sdh / (acc(NC) * r * r);
+        }
+      });
+    });
+    // token sums in token order
+    std::vector<acc> sb(K, acc(0)), sa(K, acc(0));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) { sb[k] += dzp[t * K + k]; sa[k] += dzhp[t * K + k]; }
+    acc* ga = g_alpha.data_ptr<acc>();
+    ga[0] = ga[1] = ga[2] = 0;
+    for (int64_t k = 0; k < K; ++k) ga[k < n ? 0 : (k < 2 * n ? 1 : 2)] += sa[k];
+    for (int64_t i = 0; i < n; ++i) { g_bp.data_ptr<acc>()[i] = sb[i]; g_bo.data_ptr<acc>()[i] = sb[n + i]; }
+    for (int64_t k = 0; k < nn; ++k) g_br.data_ptr<acc>()[k] = sb[2 * n + k];
+  });
+  return {dh_r, coef, g_alpha, g_bp, g_bo, g_br};
+}
+
+#define MHC_DISPATCH(x, name, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
+
+inline int64_t cstride(const at::Tensor& h, int64_t T, int64_t per) {
+  TORCH_CHECK(h.size(0) == 1 || h.size(0) == T, "mhc_cpu: coefficients must have 1 or T rows");
+  return h.size(0) == 1 ? 0 : per;
+}
+
+// h_in[t, c] = sum_i hp[t, i] x[t, i, c]
+at::Tensor pre_fwd(const at::Tensor& x_, const at::Tensor& hp_) {
+  at::Tensor x = x_.contiguous(), hp = hp_.contiguous();
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2), sh = cstride(hp, T, n);
+  at::Tensor out = at::empty({T, C}, x.options());
+  MHC_DISPATCH(x, "mhc_cpu_pre_fwd", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const acc* hpp = hp.data_ptr<acc>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
+      std::vector<acc> buf(C);
+      for (int64_t t = b; t < e; ++t) {
+        const scalar_t* xt = xp + t * n * C;
+        const acc* h = hpp + t * sh;
+        for (int64_t c = 0; c < C; ++c) buf[c] = h[0] * acc(xt[c]);
+        for (int64_t i = 1; i < n; ++i) {
+          const acc hi = h[i];
+          const scalar_t* xi = xt + i * C;
+          for (int64_t c = 0; c < C; ++c) buf[c] += hi * acc(xi[c]);
+        }
+        scalar_t* o = outp + t * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c]);
+      }
+    });
+  });
+  return out;
+}
+
+// gx[t, i, c] = hp[t, i] g[t, c];  ghp[t, i] = sum_c g[t, c] x[t, i, c]   (ghp per token)
+std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& hp_) {
+  at::Tensor g = g_.contiguous(), x = x_.contiguous(), hp = hp_.contiguous();
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2), sh = cstride(hp, T, n);
+  at::Tensor gx = at::empty({T, n, C}, x.options()), gh = at::empty({T, n}, hp.options());
+  MHC_DISPATCH(x, "mhc_cpu_pre_bwd", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
+    const acc* hpp = hp.data_ptr<acc>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    acc* ghp = gh.data_ptr<acc>();
+    at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
+      std::vector<acc> gb(C), xb(C);
+      for (int64_t t = b; t < e; ++t) {
+        const scalar_t* gt = gp + t * C;
+        for (int64_t c = 0; c < C; ++c) gb[c] = acc(gt[c]);
+        const acc* h = hpp + t * sh;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* xi = xp + (t * n + i) * C;
+          scalar_t* o = gxp + (t * n + i) * C;
+          const acc hi = h[i];
+          for (int64_t c = 0; c < C; ++c) {
+            o[c] = scalar_t(hi * gb[c]);
+            xb[c] = acc(xi[c]);
+          }
+          ghp[t * n + i] = dot(gb.data(), xb.data(), C);
+        }
+      }
+    });
+  });
+  return {gx, gh};
+}
+
+// out[t, i, c] = sum_j hr[t, i, j] x[t, j, c] + ho[t, i] h_out[t, c]
+at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at::Tensor& ho_, const at::Tensor& hr_) {
+  at::Tensor x = x_.contiguous(), hout = hout_.contiguous(), ho = ho_.contiguous(), hr = hr_.contiguous();
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
+  const int64_t so = cstride(ho, T, n), sr = cstride(hr, T, n * n);
+  TORCH_CHECK(hout.scalar_type() == x.scalar_type(), "mhc_cpu::post_res_fwd: h_out dtype must be x's");
+  at::Tensor out = at::empty({T, n, C}, x.options());
+  MHC_DISPATCH(x, "mhc_cpu_post_res_fwd", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *hop = hout.data_ptr<scalar_t>();
+    const acc *hpo = ho.data_ptr<acc>(), *hrp = hr.data_ptr<acc>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain(n * n * C), [&](int64_t b, int64_t e) {
+      std::vector<acc> xa(n * C), ha(C), buf(C);
+      for (int64_t t = b; t < e; ++t) {
+        const scalar_t* xt = xp + t * n * C;
+        for (int64_t k = 0; k < n * C; ++k) xa[k] = acc(xt[k]);
+        for (int64_t c = 0; c < C; ++c) ha[c] = acc(hop[t * C + c]);
+        const acc *R = hrp + t * sr, *P = hpo + t * so;
+        for (int64_t i = 0; i < n; ++i) {
+          const acc r0 = R[i * n];
+          for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
+          for (int64_t j = 1; j < n; ++j) {
+            const acc rij = R[i * n + j];
+            const acc* xj = &xa[j * C];
+            for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
+          }
+          const acc pi = P[i];
+          scalar_t* o = outp + (t * n + i) * C;
+          for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c] + pi * ha[c]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// gx[t,j,c] = sum_i hr[t,i,j] g[t,i,c]; gout[t,c] = sum_i ho[t,i] g[t,i,c];
+// gpost[t,i] = sum_c g[t,i,c] h_out[t,c]; gres[t,i,j] = sum_c g[t,i,c] x[t,j,c]   (per token)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_res_bwd(
+    const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& hout_, const at::Tensor& ho_, const at::Tensor& hr_) {
+  at::Tensor g = g_.contiguous(), x = x_.contiguous(), hout = hout_.contiguous(), ho = ho_.contiguous(), hr = hr_.contiguous();
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
+  const int64_t so = cstride(ho, T, n), sr = cstride(hr, T, n * n);
+  TORCH_CHECK(hout.scalar_type() == x.scalar_type() && g.scalar_type() == x.scalar_type(),
+              "mhc_cpu::post_res_bwd: grad and h_out dtype must be x's");
+  at::Tensor gx = at::empty({T, n, C}, x.options()), gout = at::empty({T, C}, x.options());
+  at::Tensor gpost = at::empty({T, n}, ho.options()), gres = at::empty({T, n, n}, hr.options());
+  MHC_DISPATCH(x, "mhc_cpu_post_res_bwd", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const scalar_t *gp = g.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *hop = hout.data_ptr<scalar_t>();
+    const acc *hpo = ho.data_ptr<acc>(), *hrp = hr.data_ptr<acc>();
+    scalar_t *gxp = gx.data_ptr<scalar_t>(), *gop = gout.data_ptr<scalar_t>();
+    acc *gpp = gpost.data_ptr<acc>(), *grp = gres.data_ptr<acc>();
+    at::parallel_for(0, T, grain(n * n * C * 2), [&](int64_t b, int64_t e) {
+      std::vector<acc> ga(n * C), xa(n * C), ha(C), buf(C);
+      for (int64_t t = b; t < e; ++t) {
+        const scalar_t *gt = gp + t * n * C, *xt = xp + t * n * C;
+        for (int64_t k = 0; k < n * C; ++k) { ga[k] = acc(gt[k]); xa[k] = acc(xt[k]); }
+        for (int64_t c = 0; c < C; ++c) ha[c] = acc(hop[t * C + c]);
+        const acc *R = hrp + t * sr, *P = hpo + t * so;
+        for (int64_t j = 0; j < n; ++j) {  // gx row j
+          const acc r0 = R[j];
+          for (int64_t c = 0; c < C; ++c) buf[c] = r0 * ga[c];
+          for (int64_t i = 1; i < n; ++i) {
+            const acc rij = R[i * n + j];
+            const acc* gi = &ga[i * C];
+            for (int64_t c = 0; c < C; ++c) buf[c] += rij * gi[c];
+          }
+          scalar_t* o = gxp + (t * n + j) * C;
+          for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c]);
+        }
+        {
+          const acc p0 = P[0];
+          for (int64_t c = 0; c < C; ++c) buf[c] = p0 * ga[c];
+          for (int64_t i = 1; i < n; ++i) {
+            const acc pi = P[i];
+            const acc* gi = &ga[i * C];
+            for (int64_t c = 0; c < C; ++c) buf[c] += pi * gi[c];
+          }
+          scalar_t* o = gop + t * C;
+          for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c]);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const acc* gi = &ga[i * C];
+          gpp[t * n + i] = dot(gi, ha.data(), C);
+          for (int64_t j = 0; j < n; ++j) grp[(t * n + i) * n + j] = dot(gi, &xa[j * C], C);
+        }
+      }
+    });
+  });
+  return {gx, gout, gpost, gres};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mhc_cpu, m) {
+  m.def("coeffs_fwd(Tensor flat, Tensor proj, Tensor alpha, Tensor b_pre, Tensor b_post, Tensor b_res, float eps, int n, "
+        "int iters, bool hc) -> (Tensor, Tensor, Tensor)");
+  m.def("coeffs_bwd(Tensor g_pre, Tensor g_post, Tensor g_res, Tensor flat, Tensor proj, Tensor alpha, Tensor b_pre, "
+        "Tensor b_post, Tensor b_res, float eps, int n, int iters, bool hc) -> Tensor[]");
+  m.def("pre_fwd(Tensor x, Tensor h_pre) -> Tensor");
+  m.def("pre_bwd(Tensor grad, Tensor x, Tensor h_pre) -> (Tensor, Tensor)");
+  m.def("post_res_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res) -> Tensor");
+  m.def("post_res_bwd(Tensor grad, Tensor x, Tensor h_out, Tensor h_post, Tensor h_res) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mhc_cpu, CPU, m) {
+  m.impl("coeffs_fwd", &coeffs_fwd);
+  m.impl("coeffs_bwd", &coeffs_bwd);
+  m.impl("pre_fwd", &pre_fwd);
+  m.impl("pre_bwd", &pre_bwd);
+  m.impl("post_res_fwd", &post_res_fwd);
+  m.impl("post_res_bwd", &post_res_bwd);
+}
