@@ -83,11 +83,11 @@ def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, i
     gp, go, gr = (g.to(cd).expand(*x.shape[:-2], *g.shape[g.dim() - k :]).reshape(t, *g.shape[g.dim() - k :])
                   for g, k in ((g_pre, 1), (g_post, 1), (g_res, 2)))
     dh_r, coef, g_alpha, g_bp, g_bo, g_br = _ops().coeffs_bwd(gp, go, gr, flat, proj, *small, eps, n, iters, hc)
-    g_phi = torch.mm(flat.t(), dh_r)
+    g_phi = torch.mm(dh_r.t(), flat).t()  # (K, T) @ (T, nC): MKL runs it 2x faster than flat^T @ dh_r
     g_flat = torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0)
     return (
         g_flat.reshape(x.shape).to(x.dtype),
-        g_phi.to(phi.dtype),
+        g_phi.to(phi.dtype, memory_format=torch.contiguous_format),
         g_alpha.to(alpha.dtype),
         g_bp.reshape(b_pre.shape).to(b_pre.dtype),
         g_bo.reshape(b_post.shape).to(b_post.dtype),

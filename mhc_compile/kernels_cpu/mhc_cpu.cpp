@@ -80,13 +80,43 @@ inline void sk_step(const acc* m, acc* c, acc* A, acc* r, acc* M, int64_t n_rt) 
   for (int64_t i = 1; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) c[j] += m[i * n + j];
   for (int64_t i = 0; i < n; ++i) {
-    acc sum = 0;
+    acc sum{};
     for (int64_t j = 0; j < n; ++j) { A[i * n + j] = m[i * n + j] / c[j]; sum += A[i * n + j]; }
     r[i] = sum;
   }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) M[i * n + j] = A[i * n + j] / r[i];
 }
+
+// Backward through the Sinkhorn steps, last to first, in place on g (n x n), from the stored
+// column sums cs, row sums rs, A and M of every step (sk_step's outputs); s is n scratch.
+template <typename acc, int N>
+inline void sk_backward(acc* g, const acc* cs, const acc* rs, const acc* As, const acc* Ms, acc* s, int64_t iters,
+                        int64_t n_rt) {
+  const int64_t n = N ? N : n_rt, nn = n * n;
+  for (int64_t it = iters - 1; it >= 0; --it) {
+    const acc *c = cs + it * n, *r = rs + it * n, *A = As + it * nn, *M = Ms + it * nn;
+    for (int64_t i = 0; i < n; ++i) {  // M = A / rowsum(A)
+      acc sum{};
+      for (int64_t j = 0; j < n; ++j) sum += g[i * n + j] * M[i * n + j];
+      for (int64_t j = 0; j < n; ++j) g[i * n + j] = (g[i * n + j] - sum) / r[i];
+    }
+    for (int64_t j = 0; j < n; ++j) s[j] = g[j] * A[j];  // A = M_prev / colsum(M_prev)
+    for (int64_t i = 1; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) s[j] += g[i * n + j] * A[i * n + j];
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) g[i * n + j] = (g[i * n + j] - s[j]) / c[j];
+  }
+}
+
+// W tokens side by side, one per lane of a 32-byte vector: the Sinkhorn loops of W tokens run as
+// vector divisions (the same IEEE operations in the same order as the one-token path, so the
+// results are identical to it).
+template <typename T>
+struct Lanes {
+  typedef T V __attribute__((vector_size(32)));
+  static constexpr int W = 32 / sizeof(T);
+};
 
 // exp(clamp(L - max(L), -SPREAD)) into m0; returns max(L)
 template <typename acc, int N>
@@ -153,7 +183,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coeffs_fwd(
       constexpr int N = decltype(NC_)::value;
       at::parallel_for(0, T, grain(iters * nn * 4 + NC), [&](int64_t b, int64_t e) {
         std::vector<acc> col(n), row(n), h_raw(K), h(K), z(K);
-        for (int64_t t = b; t < e; ++t) {
+        using V = typename Lanes<acc>::V;
+        constexpr int W = Lanes<acc>::W;
+        std::vector<V> mv(nn), colv(n), rowv(n);
+        int64_t t = b;
+        if (!hc) {
+          for (; t + W <= e; t += W) {  // W tokens at once: gates per token, Sinkhorn in lanes
+            for (int l = 0; l < W; ++l) {
+              const int64_t tl = t + l;
+              logits(fp + tl * NC, NC, pj + tl * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
+              for (int64_t i = 0; i < n; ++i) {
+                pp[tl * n + i] = sigm(z[i]);
+                op[tl * n + i] = acc(2) * sigm(z[n + i]);
+              }
+              acc* m = rp + tl * nn;
+              sk_start<acc, N>(z.data() + 2 * n, m, n);
+              for (int64_t k = 0; k < nn; ++k) mv[k][l] = m[k];
+            }
+            for (int64_t it = 0; it < iters; ++it) sk_step<V, N>(mv.data(), colv.data(), mv.data(), rowv.data(), mv.data(), n);
+            for (int l = 0; l < W; ++l)
+              for (int64_t k = 0; k < nn; ++k) rp[(t + l) * nn + k] = mv[k][l];
+          }
+        }
+        for (; t < e; ++t) {
           logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
           activate<acc, N>(z.data(), n, iters, hc, pp + t * n, op + t * n, rp + t * nn, col.data(), row.data());
         }
@@ -190,68 +242,88 @@ std::vector<at::Tensor> coeffs_bwd(
     with_n(n, [&](auto NC_) {
       constexpr int N = decltype(NC_)::value;
       at::parallel_for(0, T, grain(iters * nn * 10 + NC), [&](int64_t b, int64_t e) {
+        using V = typename Lanes<acc>::V;
+        constexpr int W = Lanes<acc>::W;
+        // per lane: logits and their pieces, the Sinkhorn start m0 and its max, then g
+        std::vector<acc> h_raw(W * K), h(W * K), z(W * K), rr(W), mx(W), m0(W * nn), g(W * nn), s(n);
         // Sinkhorn replay, per iteration k: column sums c_k, A_k = M_{k-1}/c_k, row sums r_k, M_k = A_k/r_k
-        std::vector<acc> cs(iters * n), rs(iters * n), As(iters * nn), Ms(iters * nn), m0(nn), g(nn), s(n);
-        std::vector<acc> h_raw(K), h(K), z(K);
-        for (int64_t t = b; t < e; ++t) {
-          const acc* ft = fp + t * NC;
-          const acc r = logits(ft, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
-          acc* dz = dzp + t * K;
+        std::vector<acc> cs(iters * n), rs(iters * n), As(iters * nn), Ms(iters * nn);
+        std::vector<V> csv, rsv, Asv, Msv, m0v, gv, sv;
+        if (!hc) csv.resize(iters * n), rsv.resize(iters * n), Asv.resize(iters * nn), Msv.resize(iters * nn),
+                 m0v.resize(nn), gv.resize(nn), sv.resize(n);
+
+        auto prepare = [&](int64_t t, int l) {  // logits, gate gradients, Sinkhorn start of token t into lane l
+          acc *zl = &z[l * K], *dz = dzp + t * K;
+          rr[l] = logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, &h_raw[l * K], &h[l * K], zl);
           if (hc) {
             for (int64_t i = 0; i < n; ++i) { dz[i] = gpp[t * n + i]; dz[n + i] = gop[t * n + i]; }
             for (int64_t k = 0; k < nn; ++k) dz[2 * n + k] = grp[t * nn + k];
-          } else {
-            for (int64_t i = 0; i < n; ++i) {
-              const acc sp = sigm(z[i]), so = sigm(z[n + i]);
-              dz[i] = gpp[t * n + i] * sp * (acc(1) - sp);
-              dz[n + i] = acc(2) * gop[t * n + i] * so * (acc(1) - so);
+            return;
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            const acc sp = sigm(zl[i]), so = sigm(zl[n + i]);
+            dz[i] = gpp[t * n + i] * sp * (acc(1) - sp);
+            dz[n + i] = acc(2) * gop[t * n + i] * so * (acc(1) - so);
+          }
+          mx[l] = sk_start<acc, N>(zl + 2 * n, &m0[l * nn], n);
+          for (int64_t k = 0; k < nn; ++k) g[l * nn + k] = grp[t * nn + k];
+        };
+        auto finish = [&](int64_t t, int l) {  // d logits of the Sinkhorn start, then dh_r, coef, dz*h
+          acc* dz = dzp + t * K;
+          const acc *zl = &z[l * K], *hl = &h[l * K], *hrl = &h_raw[l * K];
+          if (!hc) {
+            const acc* L = zl + 2 * n;
+            acc* dr = dz + 2 * n;
+            acc total = 0, ties = 0;
+            for (int64_t k = 0; k < nn; ++k) {
+              dr[k] = (L[k] - mx[l] >= acc(-kSpread)) ? g[l * nn + k] * m0[l * nn + k] : acc(0);
+              total += dr[k];
+              ties += (L[k] == mx[l]) ? acc(1) : acc(0);
             }
-            const acc* L = z.data() + 2 * n;
-            const acc mx = sk_start<acc, N>(L, m0.data(), n);
+            for (int64_t k = 0; k < nn; ++k)
+              if (L[k] == mx[l]) dr[k] -= total / ties;  // max subtraction: -sum(dz) to the argmax (ties share)
+          }
+          acc *dh = dhp + t * K, *dzh = dzhp + t * K;
+          acc sdh = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
+            dzh[k] = dz[k] * hl[k];
+            acc d = al[seg] * dz[k];
+            if (hc) d = d * (acc(1) - hl[k] * hl[k]);
+            sdh += d * hrl[k];
+            dh[k] = d / rr[l];
+          }
+          cp[t] = sdh / (acc(NC) * rr[l] * rr[l]);
+        };
+
+        int64_t t = b;
+        if (!hc) {
+          for (; t + W <= e; t += W) {
+            for (int l = 0; l < W; ++l) prepare(t + l, l);
+            for (int64_t k = 0; k < nn; ++k)
+              for (int l = 0; l < W; ++l) { m0v[k][l] = m0[l * nn + k]; gv[k][l] = g[l * nn + k]; }
+            const V* prev = m0v.data();
+            for (int64_t it = 0; it < iters; ++it) {
+              sk_step<V, N>(prev, &csv[it * n], &Asv[it * nn], &rsv[it * n], &Msv[it * nn], n);
+              prev = &Msv[it * nn];
+            }
+            sk_backward<V, N>(gv.data(), csv.data(), rsv.data(), Asv.data(), Msv.data(), sv.data(), iters, n);
+            for (int64_t k = 0; k < nn; ++k)
+              for (int l = 0; l < W; ++l) g[l * nn + k] = gv[k][l];
+            for (int l = 0; l < W; ++l) finish(t + l, l);
+          }
+        }
+        for (; t < e; ++t) {
+          prepare(t, 0);
+          if (!hc) {
             const acc* prev = m0.data();
             for (int64_t it = 0; it < iters; ++it) {
               sk_step<acc, N>(prev, &cs[it * n], &As[it * nn], &rs[it * n], &Ms[it * nn], n);
               prev = &Ms[it * nn];
             }
-            acc* gg = g.data();
-            for (int64_t k = 0; k < nn; ++k) gg[k] = grp[t * nn + k];
-            const int64_t nk = N ? N : n;
-            for (int64_t it = iters - 1; it >= 0; --it) {
-              const acc *c = &cs[it * n], *rr = &rs[it * n], *A = &As[it * nn], *M = &Ms[it * nn];
-              for (int64_t i = 0; i < nk; ++i) {
-                acc sum = 0;
-                for (int64_t j = 0; j < nk; ++j) sum += gg[i * nk + j] * M[i * nk + j];
-                for (int64_t j = 0; j < nk; ++j) gg[i * nk + j] = (gg[i * nk + j] - sum) / rr[i];
-              }
-              acc* sj = s.data();
-              for (int64_t j = 0; j < nk; ++j) sj[j] = gg[j] * A[j];
-              for (int64_t i = 1; i < nk; ++i)
-                for (int64_t j = 0; j < nk; ++j) sj[j] += gg[i * nk + j] * A[i * nk + j];
-              for (int64_t i = 0; i < nk; ++i)
-                for (int64_t j = 0; j < nk; ++j) gg[i * nk + j] = (gg[i * nk + j] - sj[j]) / c[j];
-            }
-            acc* dr = dz + 2 * n;
-            acc total = 0, ties = 0;
-            for (int64_t k = 0; k < nn; ++k) {
-              dr[k] = (L[k] - mx >= acc(-kSpread)) ? gg[k] * m0[k] : acc(0);
-              total += dr[k];
-              ties += (L[k] == mx) ? acc(1) : acc(0);
-            }
-            for (int64_t k = 0; k < nn; ++k)
-              if (L[k] == mx) dr[k] -= total / ties;  // max subtraction: -sum(dz) to the argmax (ties share)
+            sk_backward<acc, N>(g.data(), cs.data(), rs.data(), As.data(), Ms.data(), s.data(), iters, n);
           }
-          acc* dh = dhp + t * K;
-          acc* dzh = dzhp + t * K;
-          acc sdh = 0;
-          for (int64_t k = 0; k < K; ++k) {
-            const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
-            dzh[k] = dz[k] * h[k];
-            acc d = al[seg] * dz[k];
-            if (hc) d = d * (acc(1) - h[k] * h[k]);
-            sdh += d * h_raw[k];
-            dh[k] = d / r;
-          }
-          cp[t] = sdh / (acc(NC) * r * r);
+          finish(t, 0);
         }
       });
     });
