@@ -87,7 +87,7 @@ def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, i
     g_flat = torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0)
     return (
         g_flat.reshape(x.shape).to(x.dtype),
-        g_phi.to(phi.dtype, memory_format=torch.contiguous_format),
+        g_phi.contiguous().to(phi.dtype),
         g_alpha.to(alpha.dtype),
         g_bp.reshape(b_pre.shape).to(b_pre.dtype),
         g_bo.reshape(b_post.shape).to(b_post.dtype),
