@@ -74,25 +74,33 @@ def coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, 
     return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)
 
 
-def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str):
-    """``mhc::coeffs_backward``: gradients (x, phi, alpha, b_pre, b_post, b_res)."""
-    hc = _check_variant(variant)
-    n = x.shape[-2]
-    flat, proj, phi_c, small = _project(x, phi, alpha, b_pre, b_post, b_res)
-    cd, t = flat.dtype, flat.shape[0]
-    gp, go, gr = (g.to(cd).expand(*x.shape[:-2], *g.shape[g.dim() - k :]).reshape(t, *g.shape[g.dim() - k :])
-                  for g, k in ((g_pre, 1), (g_post, 1), (g_res, 2)))
-    dh_r, coef, g_alpha, g_bp, g_bo, g_br = _ops().coeffs_bwd(gp, go, gr, flat, proj, *small, eps, n, iters, hc)
+def _gate_grads(g_pre, g_post, g_res, lead, n: int, cd):
+    """The H_pre, H_post, H_res gradients per token, (T, n), (T, n), (T, n, n) in the compute dtype."""
+    return tuple(g.to(cd).expand(*lead, *tail).reshape(-1, *tail) for g, tail in ((g_pre, (n,)), (g_post, (n,)), (g_res, (n, n))))
+
+
+def _param_grads(dh_r, flat, g_alpha, g_bp, g_bo, g_br, phi, alpha, b_pre, b_post, b_res):
+    """(phi, alpha, b_pre, b_post, b_res) gradients in the parameters' shapes and dtypes."""
     g_phi = torch.mm(dh_r.t(), flat).t()  # (K, T) @ (T, nC): MKL runs it 2x faster than flat^T @ dh_r
-    g_flat = torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0)
     return (
-        g_flat.reshape(x.shape).to(x.dtype),
         g_phi.contiguous().to(phi.dtype),
         g_alpha.to(alpha.dtype),
         g_bp.reshape(b_pre.shape).to(b_pre.dtype),
         g_bo.reshape(b_post.shape).to(b_post.dtype),
         g_br.reshape(b_res.shape).to(b_res.dtype),
     )
+
+
+def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str):
+    """``mhc::coeffs_backward``: gradients (x, phi, alpha, b_pre, b_post, b_res)."""
+    hc = _check_variant(variant)
+    n = x.shape[-2]
+    flat, proj, phi_c, small = _project(x, phi, alpha, b_pre, b_post, b_res)
+    gates = _gate_grads(g_pre, g_post, g_res, x.shape[:-2], n, flat.dtype)
+    dh_r, coef, *small_grads = _ops().coeffs_bwd(*gates, flat, proj, *small, eps, n, iters, hc)
+    g_flat = torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0)
+    return (g_flat.reshape(x.shape).to(x.dtype),
+            *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))
 
 
 # ----------------------------------------------------------------------------- pre / post_res
@@ -149,16 +157,18 @@ def boundary_backward(
     g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str
 ):
     """``mhc::boundary_backward``: gradients (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res),
-    chained as :func:`mhc_compile.reference.boundary_backward` (x_next and H_pre recomputed)."""
-    cd = compute_dtype(x.dtype)
+    the chain of :func:`mhc_compile.reference.boundary_backward` (x_next and H_pre recomputed) with one
+    projection GEMM shared by H_pre and the coeffs backward, and the three x_next gradients (the
+    next streams', pre's, coeffs') summed in one pass (``boundary_gx``)."""
+    hc = _check_variant(variant)
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     xn = post_res_forward(x, h_out, h_post, h_res)
-    hp = coeffs_forward(xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)[0]
-    gxn_pre, ghp_pre = pre_backward(g_hin, xn, hp)
-    gxn_c, *gparams = coeffs_backward(
-        g_hp.to(cd) + ghp_pre.to(cd), g_ho, g_hr, xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
-    )
-    if x.dtype == cd:
-        gxn = g_xn.to(cd) + gxn_pre + gxn_c
-    else:
-        gxn = (g_xn.to(cd) + gxn_pre.to(cd) + gxn_c.to(cd)).to(x.dtype)
-    return (*post_res_backward(gxn, x, h_out, h_post, h_res), *gparams)
+    flat, proj, phi_c, small = _project(xn, phi, alpha, b_pre, b_post, b_res)
+    hp = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)[0]
+    g_hin = g_hin.reshape(-1, c).to(x.dtype)
+    gp, go, gr = _gate_grads(g_hp, g_ho, g_hr, lead, n, flat.dtype)
+    gp = gp + _ops().pre_grad_h(g_hin, _flat3(xn))
+    dh_r, coef, *small_grads = _ops().coeffs_bwd(gp, go, gr, flat, proj, *small, eps, n, iters, hc)
+    gxn = _ops().boundary_gx(torch.mm(dh_r, phi_c.t()), _flat3(xn), coef, _flat3(g_xn).to(x.dtype), g_hin, hp)
+    return (*post_res_backward(gxn.reshape(x.shape), x, h_out, h_post, h_res),
+            *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))

@@ -409,6 +409,67 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& g_, const at::Tenso
   return {gx, gh};
 }
 
+// ghp[t, i] = sum_c g[t, c] x[t, i, c]: the H_pre gradient of pre alone (the boundary backward
+// folds pre's x gradient into boundary_gx instead of writing it).
+at::Tensor pre_grad_h(const at::Tensor& g_, const at::Tensor& x_) {
+  at::Tensor g = g_.contiguous(), x = x_.contiguous();
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
+  TORCH_CHECK(g.numel() == T * C && g.scalar_type() == x.scalar_type(), "mhc_cpu::pre_grad_h: grad must be (T, C) in x's dtype");
+  at::Tensor gh = at::empty({T, n}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  MHC_DISPATCH(x, "mhc_cpu_pre_grad_h", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
+    acc* ghp = gh.data_ptr<acc>();
+    at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
+      std::vector<acc> gb(C), xb(C);
+      for (int64_t t = b; t < e; ++t) {
+        for (int64_t c = 0; c < C; ++c) gb[c] = acc(gp[t * C + c]);
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* xi = xp + (t * n + i) * C;
+          for (int64_t c = 0; c < C; ++c) xb[c] = acc(xi[c]);
+          ghp[t * n + i] = dot(gb.data(), xb.data(), C);
+        }
+      }
+    });
+  });
+  return gh;
+}
+
+// The x_next gradient of a boundary in one pass, rounded as reference.boundary_backward does:
+// gx[t,i,c] = r(g_xn + r(hp[t,i] g_hin[t,c]) + r(gmm[t,i*C+c] - coef[t] flat[t,i*C+c])), r() the
+// rounding to x's dtype; gmm = dh_r . phi^T (T, nC) and coef (T, 1) in the compute type.
+at::Tensor boundary_gx(const at::Tensor& gmm_, const at::Tensor& x_, const at::Tensor& coef_, const at::Tensor& gxn_,
+                       const at::Tensor& ghin_, const at::Tensor& hp_) {
+  at::Tensor gmm = gmm_.contiguous(), x = x_.contiguous(), coef = coef_.contiguous(), gxn = gxn_.contiguous();
+  at::Tensor ghin = ghin_.contiguous(), hp = hp_.contiguous();
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
+  TORCH_CHECK(gmm.numel() == T * n * C && coef.numel() == T && gxn.numel() == T * n * C && ghin.numel() == T * C &&
+              hp.numel() == T * n && gxn.scalar_type() == x.scalar_type() && ghin.scalar_type() == x.scalar_type(),
+              "mhc_cpu::boundary_gx: shapes or dtypes do not match x (T, n, C)");
+  at::Tensor out = at::empty({T, n, C}, x.options());
+  MHC_DISPATCH(x, "mhc_cpu_boundary_gx", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *gxp = gxn.data_ptr<scalar_t>(), *ghp = ghin.data_ptr<scalar_t>();
+    const acc *gm = gmm.data_ptr<acc>(), *cp = coef.data_ptr<acc>(), *hpp = hp.data_ptr<acc>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const acc ct = cp[t];
+        for (int64_t i = 0; i < n; ++i) {
+          const acc hi = hpp[t * n + i];
+          const int64_t base = (t * n + i) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc pre_term = acc(scalar_t(hi * acc(ghp[t * C + c])));
+            const acc c_term = acc(scalar_t(gm[base + c] - ct * acc(xp[base + c])));
+            op[base + c] = scalar_t(acc(gxp[base + c]) + pre_term + c_term);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // out[t, i, c] = sum_j hr[t, i, j] x[t, j, c] + ho[t, i] h_out[t, c]
 at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at::Tensor& ho_, const at::Tensor& hr_) {
   at::Tensor x = x_.contiguous(), hout = hout_.contiguous(), ho = ho_.contiguous(), hr = hr_.contiguous();
@@ -512,6 +573,8 @@ TORCH_LIBRARY(mhc_cpu, m) {
         "Tensor b_post, Tensor b_res, float eps, int n, int iters, bool hc) -> Tensor[]");
   m.def("pre_fwd(Tensor x, Tensor h_pre) -> Tensor");
   m.def("pre_bwd(Tensor grad, Tensor x, Tensor h_pre) -> (Tensor, Tensor)");
+  m.def("pre_grad_h(Tensor grad, Tensor x) -> Tensor");
+  m.def("boundary_gx(Tensor gmm, Tensor x, Tensor coef, Tensor g_x_next, Tensor g_h_in, Tensor h_pre) -> Tensor");
   m.def("post_res_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res) -> Tensor");
   m.def("post_res_bwd(Tensor grad, Tensor x, Tensor h_out, Tensor h_post, Tensor h_res) -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -521,6 +584,8 @@ TORCH_LIBRARY_IMPL(mhc_cpu, CPU, m) {
   m.impl("coeffs_bwd", &coeffs_bwd);
   m.impl("pre_fwd", &pre_fwd);
   m.impl("pre_bwd", &pre_bwd);
+  m.impl("pre_grad_h", &pre_grad_h);
+  m.impl("boundary_gx", &boundary_gx);
   m.impl("post_res_fwd", &post_res_fwd);
   m.impl("post_res_bwd", &post_res_bwd);
 }
