@@ -1,6 +1,6 @@
 """Fused CPU kernels for the mHC ops: a small C++ extension built at first use, and its launchers.
 
-``mhc_cpu.cpp`` (next to this file) holds one-pass kernels, parallel over tokens with torch's
+``coeffs.cpp`` and ``mix.cpp`` (next to this file, helpers in ``common.h``) hold one-pass kernels, parallel over tokens with torch's
 intra-op threads: the gate activations with the whole Sinkhorn loop and their backward (the 20
 iterations replayed per token in registers-sized buffers), ``pre`` and ``post_res`` with their
 backward. The dense part of ``coeffs`` (RMS, the phi projection and their gradients) stays in
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("mhc_cpu.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp")
+_HEADERS = (_DIR / "common.h",)
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once the build was tried, "error": str when it failed
 
@@ -55,8 +57,10 @@ def available() -> bool:
             from torch.utils.cpp_extension import load
 
             flags = ["-O3", *_arch_flags()]
-            tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-            load(f"mhc_cpu_{tag}", sources=[str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
+            blob = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS)) + " ".join(flags).encode()
+            tag = hashlib.sha256(blob).hexdigest()[:12]  # a new name whenever the sources or flags change
+            load(f"mhc_cpu_{tag}", sources=[str(f) for f in _SOURCES], extra_cflags=flags, is_python_module=False,
+                 verbose=False)
             _state["ok"] = True
         except Exception as e:  # no compiler / ninja / headers: the reference runs instead
             _state.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")

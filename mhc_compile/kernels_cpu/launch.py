@@ -1,4 +1,4 @@
-"""The ``mhc::`` ops on CPU from the fused kernels of ``mhc_cpu.cpp`` plus a few aten calls.
+"""The ``mhc::`` ops on CPU from the fused kernels of ``coeffs.cpp`` / ``mix.cpp`` plus a few aten calls.
 
 Every function takes and returns the shapes of the ``mhc::`` op it implements (streams
 ``(..., n, C)``, coefficients ``(..., n)`` / ``(..., n, n)``, possibly broadcast) and follows the
