@@ -32,10 +32,10 @@ coefficients fp32 (4 bytes), n streams, C channels:
 plus, once per call (not per token), phi nC(2n+n^2)*4 read in every pass that uses it and its
 gradient written in the backward. Floors ignore the L2-resident re-reads a kernel may do.
 
-Timing: ``triton.testing.do_bench`` (median, L2 flushed between reps) on CUDA; on CPU the
-median of a few wall-clock runs (``--quick`` smoke mode, Triton interpreter). Ratios:
-``vs_triton`` = t_impl / t_triton of the same row (above 1: the Triton kernels are faster);
-``x_floor`` = t / byte-floor time.
+Timing: CUDA-graph replay (``do_bench_cudagraph``, median) where a callable can be captured, else
+``do_bench`` (field ``timer``); on CPU the median of a few wall-clock runs (``--quick``). Rows are
+written as they finish, triton/eager rows first, so a killed run keeps what it measured.
+``vs_triton`` = t_impl / t_triton of the same row (above 1: Triton faster); ``x_floor`` = t / floor.
 
 Usage (H100):
   python benchmarks/bench_kernels.py                                  # full sweep, bf16
@@ -49,10 +49,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchio import write_atomic  # noqa: E402
 
 OPS = ("coeffs", "pre", "post_res", "boundary", "site")
 IMPLS = ("triton", "eager", "inductor", "liger")
@@ -89,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms (CUDA)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms (CUDA)")
     p.add_argument("--cpu-reps", type=int, default=3, help="timed runs per row on CPU")
+    p.add_argument("--no-cudagraph", action="store_true", help="time with do_bench only (no CUDA graph replay)")
+    p.add_argument("--cases", default=None,
+                   help="comma list of NxC (e.g. 4x1024,4x2048,2x1024) measured in this order; overrides "
+                        "--streams/--channels. All triton and eager rows come first, then liger, then inductor")
     p.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth copy (default 1024 MiB on CUDA, 16 on CPU)")
     p.add_argument("--json", default=None, help="write the rows and the setup as JSON to this path")
     p.add_argument("--markdown", default=None, help="write the rows as a markdown table to this path")
@@ -109,11 +115,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ============================================================================ timing
 def make_timer(device, args) -> Callable[[Callable[[], object]], float]:
-    """A function fn -> median milliseconds per call."""
+    """A function fn -> median milliseconds per call. On CUDA, fn is replayed from a CUDA graph
+    (``do_bench_cudagraph``: kernel time without Python launch overhead) when it can be captured,
+    else timed with ``do_bench``; ``timer.used`` names the last method."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        import torch
+        from triton.testing import do_bench, do_bench_cudagraph
 
-        return lambda fn: float(do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))
+        def cuda_time(fn):
+            if not args.no_cudagraph:
+                try:
+                    ms = float(do_bench_cudagraph(fn, rep=args.rep, return_mode="median"))
+                    cuda_time.used = "cudagraph"
+                    return ms
+                except Exception as e:  # capture refused (a host sync, an allocator limit): plain timing
+                    torch.cuda.synchronize()
+                    print(f"cuda graph capture failed ({type(e).__name__}): timing without graphs", file=sys.stderr)
+            cuda_time.used = "do_bench"
+            return float(do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))
+
+        cuda_time.used = "do_bench"
+        return cuda_time
 
     def cpu_time(fn):
         fn()  # warm (compilation, interpreter caches)
@@ -124,6 +146,7 @@ def make_timer(device, args) -> Callable[[Callable[[], object]], float]:
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    cpu_time.used = "wall"
     return cpu_time
 
 
@@ -343,26 +366,34 @@ def run_case(op: str, case: Case, impls, timer, copy_bw: float, elem: int) -> li
             continue
         for pas in passes:
             try:
-                times[(impl, pas)] = timer(calls[pas])
+                times[(impl, pas)] = (timer(calls[pas]), timer.used)
             except Exception as e:
                 times[(impl, pas)] = _error(e)
     for pas in passes:
         nbytes = op_bytes(op, pas, case.T, case.n, case.C, elem)
         floor_ms = nbytes / copy_bw * 1e3
-        t_triton = times.get(("triton", pas))
         for impl in impls:
             if (impl, pas) not in times:
                 continue
             t = times[(impl, pas)]
             row = {"op": op, "pass": pas, "T": case.T, "n": case.n, "C": case.C, "impl": impl,
-                   "bytes": nbytes, "floor_ms": floor_ms}
-            if isinstance(t, float):
-                gbps = nbytes / (t * 1e-3) / 1e9
-                row.update(ms=t, gbps=gbps, frac_copy=gbps * 1e9 / copy_bw, x_floor=t / floor_ms,
-                           vs_triton=(t / t_triton) if isinstance(t_triton, float) else None, error=None)
+                   "bytes": nbytes, "floor_ms": floor_ms, "vs_triton": None}
+            if isinstance(t, tuple):
+                ms, used = t
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                row.update(ms=ms, timer=used, gbps=gbps, frac_copy=gbps * 1e9 / copy_bw, x_floor=ms / floor_ms, error=None)
             else:
-                row.update(ms=None, gbps=None, frac_copy=None, x_floor=None, vs_triton=None, error=t)
+                row.update(ms=None, timer=None, gbps=None, frac_copy=None, x_floor=None, error=t)
             rows.append(row)
+    return rows
+
+
+def link_triton(rows: list[dict]) -> list[dict]:
+    """Fill ``vs_triton`` (t_impl / t_triton of the same op, pass, n, C) where both were measured."""
+    tri = {(r["op"], r["pass"], r["n"], r["C"]): r["ms"] for r in rows if r["impl"] == "triton" and r["ms"]}
+    for r in rows:
+        t = tri.get((r["op"], r["pass"], r["n"], r["C"]))
+        r["vs_triton"] = r["ms"] / t if (t and r["ms"]) else None
     return rows
 
 
@@ -403,20 +434,6 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench_", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ============================================================================ main
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
@@ -451,24 +468,31 @@ def main(argv=None) -> list[dict]:
     print(f"# {meta['device']}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write, {copy_mib} MiB); "
           f"T={args.tokens} {args.dtype}; impls {','.join(args.impls)}", flush=True)
 
+    if args.cases:
+        cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",") if c]
+    else:
+        cases = [(n, C) for C in args.channels for n in args.streams]
+    groups = [g for g in (["triton", "eager"], ["liger"], ["inductor"]) if any(i in args.impls for i in g)]
     rows: list[dict] = []
-    for C in args.channels:
-        for n in args.streams:
+    for group in groups:  # the fused kernels first: a run cut short keeps their rows
+        impls = [i for i in args.impls if i in group]
+        for n, C in cases:
             case = Case(args.tokens, n, C, dtype, device)
             for op in args.ops:
-                new = run_case(op, case, args.impls, timer, copy_bw, case.x.element_size())
+                new = run_case(op, case, impls, timer, copy_bw, case.x.element_size())
                 rows.extend(new)
+                link_triton(rows)
                 print(format_table(new), flush=True)  # progress; the full table follows at the end
+                if args.json:  # every finished row on disk: a killed run keeps what it measured
+                    write_atomic(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
+                if args.markdown:
+                    write_atomic(args.markdown, format_markdown(rows, meta))
             del case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
     print()
     print(format_table(rows))
-    if args.json:
-        _write_atomic(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if args.markdown:
-        _write_atomic(args.markdown, format_markdown(rows, meta))
     return rows
 
 

@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node=2 examples/train_distributed.py --strategy ddp  --steps 50
     torchrun --nproc_per_node=8 examples/train_distributed.py --strategy fsdp --device cuda --dim 1024 --layers 12
+    torchrun --nproc_per_node=2 examples/train_distributed.py --pp 2 --pp-schedule 1f1b --layers 4
+    torchrun --nproc_per_node=4 examples/train_distributed.py --strategy fsdp-blocks --tp 2 --steps 50
 
 Each rank builds the same plain GPT (same seed), converts it with ``mhc_compile.convert`` (the
 mHC parameters are ordinary ``nn.Parameter``s, so DDP and FSDP2 treat them like any other
@@ -14,6 +16,15 @@ weight), wraps it, and trains on its slice of every global batch. Strategies:
 * ``fsdp-blocks``: the per-block recipe: ``checkpoint_wrapper`` and ``fully_shard`` on every
   block, then the root (the converted GPT's blocks carry the n streams, so each block is its
   own unit: gathered before its forward, resharded after).
+
+``--pp N`` (:func:`train_pipeline`) splits the converted GPT into N pipeline stages, one per rank
+(``torch.distributed.pipelining``, GPipe or 1F1B); the ``(B, T, n, C)`` stream crosses the stage
+boundaries.
+
+``--tp N`` (with ``fsdp`` / ``fsdp-blocks``) is 2-D parallel on a (world/N, N) mesh: tensor parallel
+with SequenceParallel inside each group of N ranks (the torchtitan-style Llama and plan of
+``tp_llama.py``, ending with ``mhc_compile.parallelize_mhc``), FSDP2 over the other dim; each data-
+parallel rank takes its slice of the global batch, the N ranks of a TP group the same slice.
 
 :func:`train` is also used by ``tests/test_distributed.py`` (gloo, 2 ranks on CPU) to check that
 DDP / FSDP2 give the same losses and parameters as a single process.
@@ -36,8 +47,13 @@ from tinygpt import GPT, get_batch, load_corpus, make_variant, param_groups, spl
 
 def build(args) -> torch.nn.Module:
     torch.manual_seed(args.seed)
-    gpt = GPT(c=args.dim, layers=args.layers, heads=args.heads, seq=args.seq)
     example = torch.zeros(2, args.seq, dtype=torch.long)
+    if args.model == "llama":  # the torchtitan-style Llama that --tp shards
+        from tp_llama import TPLlama
+
+        llama = TPLlama(vocab=256, c=args.dim, layers=args.layers, heads=args.heads)
+        return make_variant(llama, args.variant, args.streams, example, builder="convert", kernels=args.kernels)
+    gpt = GPT(c=args.dim, layers=args.layers, heads=args.heads, seq=args.seq)
     return make_variant(gpt, args.variant, args.streams, example, builder=args.builder, kernels=args.kernels)
 
 
@@ -53,11 +69,15 @@ def train(args, rank: int = 0, world: int = 1, strategy: str = "none", data: Opt
     tensor}, "local_numel": parameter elements held by this rank, "total_numel": all of them}.
 
     ``strategy``: "none" (one process, whole batch), "ddp" or "fsdp" (FSDP2). The global batch
-    ``args.batch`` is split evenly across ranks; gradients are averaged, so every strategy
-    optimises the same global mean loss.
+    ``args.batch`` is split evenly across the data-parallel ranks (all ranks, or world/tp with
+    ``args.tp``); gradients are averaged, so every strategy optimises the same global mean loss.
     """
-    if args.batch % world:
-        raise ValueError(f"--batch {args.batch} must be divisible by the world size {world}")
+    tp = args.tp if strategy != "none" else 1
+    if world % tp:
+        raise ValueError(f"--tp {tp} must divide the world size {world}")
+    dp_world, dp_rank = world // tp, rank // tp   # rank = dp_rank * tp + tp_rank on the (dp, tp) mesh
+    if args.batch % dp_world:
+        raise ValueError(f"--batch {args.batch} must be divisible by the data-parallel size {dp_world}")
     device = torch.device(args.device if args.device != "cuda" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
     if data is None:
         data = split(load_corpus(args.corpus_bytes))[0]
@@ -77,13 +97,21 @@ def train(args, rank: int = 0, world: int = 1, strategy: str = "none", data: Opt
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(device.type, (world,))
+        if tp > 1:  # TP + SP inside each group of tp ranks (mHC parameters replicated), FSDP2 across them
+            from tp_llama import apply_tp
+
+            mesh2 = init_device_mesh(device.type, (dp_world, tp), mesh_dim_names=("dp", "tp"))
+            apply_tp(model, mesh2["tp"], sequence_parallel=True)
+            mesh = mesh2["dp"]
+        else:
+            mesh = init_device_mesh(device.type, (world,))
         if strategy == "fsdp-blocks":
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-            for i, block in enumerate(model.blocks):
-                model.blocks[i] = checkpoint_wrapper(block)
-                fully_shard(model.blocks[i], mesh=mesh)
+            blocks = model.layers if hasattr(model, "layers") else model.blocks
+            for i, block in (blocks.items() if hasattr(blocks, "items") else enumerate(blocks)):
+                blocks[i] = checkpoint_wrapper(block)
+                fully_shard(blocks[i], mesh=mesh)
         fully_shard(model, mesh=mesh)
         wrapped = model
         peak = _watch_unsharded(model)
@@ -93,17 +121,17 @@ def train(args, rank: int = 0, world: int = 1, strategy: str = "none", data: Opt
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
-    per = args.batch // world
+    per = args.batch // dp_world
     losses = []
     for x, y in global_batches(args, data):
-        x, y = x[rank * per : (rank + 1) * per].to(device), y[rank * per : (rank + 1) * per].to(device)
+        x, y = x[dp_rank * per : (dp_rank + 1) * per].to(device), y[dp_rank * per : (dp_rank + 1) * per].to(device)
         loss = F.cross_entropy(wrapped(x).float().flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         logged = loss.detach().clone()
         if world > 1:
-            dist.all_reduce(logged, op=dist.ReduceOp.SUM)
+            dist.all_reduce(logged, op=dist.ReduceOp.SUM)  # the tp ranks of a group hold the same loss
             logged /= world
         losses.append(float(logged))
     sharded = all(hasattr(p, "to_local") for p in model.parameters())
@@ -119,6 +147,87 @@ def train(args, rank: int = 0, world: int = 1, strategy: str = "none", data: Opt
             "all_sharded": sharded, "peak_unsharded_bytes": peak["max"] if strategy.startswith("fsdp") or
             strategy == "none" else None,
             "block_bytes": [sum(p.numel() * p.element_size() for p in b.parameters()) for b in getattr(model, "blocks", [])]}
+
+
+class GPTStage(torch.nn.Module):
+    """One pipeline stage of the converted GPT: the embedding (first stage), blocks ``lo..hi-1``
+    and the final norm and head (last stage). Submodules keep their names in the whole model
+    (``blocks.3.attn.mhc.phi``), so a stage's parameters compare by name with one process. The
+    converted blocks carry the n streams, so between stages the activation sent is the
+    ``(B, T, n, C)`` stream (the chain's first block expands, its last collapses)."""
+
+    def __init__(self, model: torch.nn.Module, lo: int, hi: int, first: bool, last: bool):
+        super().__init__()
+        self.tok, self.pos = (model.tok, model.pos) if first else (None, None)
+        self.blocks = torch.nn.ModuleDict({str(i): model.blocks[i] for i in range(lo, hi)})
+        self.ln_f, self.head = (model.ln_f, model.head) if last else (None, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tok is not None:
+            x = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+        for block in self.blocks.values():
+            x = block(x)
+        return self.head(self.ln_f(x)) if self.head is not None else x
+
+
+def pipeline_stage(model: torch.nn.Module, rank: int, stages: int) -> GPTStage:
+    """Rank ``rank``'s stage of ``model`` split into ``stages`` contiguous runs of blocks."""
+    layers = len(model.blocks)
+    if not 1 <= stages <= layers:
+        raise ValueError(f"--pp {stages}: needs 1..{layers} stages for {layers} blocks")
+    cuts = [round(i * layers / stages) for i in range(stages + 1)]
+    return GPTStage(model, cuts[rank], cuts[rank + 1], rank == 0, rank == stages - 1)
+
+
+def train_pipeline(args, rank: int = 0, world: int = 1, data: Optional[torch.Tensor] = None,
+                   prepare=None) -> dict:
+    """Pipeline-parallel training (``torch.distributed.pipelining``, ``--pp world``): the converted
+    GPT split into ``world`` stages, one per rank, ``args.microbatches`` microbatches per global
+    batch, schedule ``args.pp_schedule`` (GPipe or 1F1B). ``world == 1`` runs the whole model on
+    the whole batch (the single-process reference). ``prepare(model)`` runs on the whole model
+    before the split (the tests perturb the mHC parameters there). Returns {"losses", "grads" (of
+    the first step), "params"} for this rank's stage, by their names in the whole model."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    device = torch.device(args.device if args.device != "cuda" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
+    if data is None:
+        data = split(load_corpus(args.corpus_bytes))[0]
+    model = build(args)
+    if prepare is not None:
+        prepare(model)
+    part = pipeline_stage(model, rank, world).to(device) if world > 1 else model.to(device)
+    loss_fn = lambda out, y: F.cross_entropy(out.float().flatten(0, 1), y.flatten())  # noqa: E731
+    schedule = None
+    if world > 1:
+        stage = PipelineStage(part, rank, world, device)
+        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.pp_schedule]
+        schedule = kind(stage, n_microbatches=args.microbatches, loss_fn=loss_fn)
+    opt = torch.optim.AdamW(param_groups(part, args.weight_decay), lr=args.lr)
+    losses, grads = [], {}
+    for step, (x, y) in enumerate(global_batches(args, data)):
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        if schedule is None:
+            loss = loss_fn(part(x), y)
+            loss.backward()
+            logged = loss.detach().float().reshape(1)
+        else:
+            got: list = []
+            if rank == 0:
+                schedule.step(x)
+            elif rank == world - 1:
+                schedule.step(target=y, losses=got)
+            else:
+                schedule.step()
+            # the mean of the equal-sized microbatches' mean losses is the global mean loss
+            logged = torch.stack(got).detach().float().mean().reshape(1) if got else torch.zeros(1, device=device)
+            dist.broadcast(logged, src=world - 1)
+        if step == 0:
+            grads = {n: p.grad.detach().cpu().clone() for n, p in part.named_parameters() if p.grad is not None}
+        opt.step()
+        losses.append(float(logged))
+    params = {n: p.detach().cpu().clone() for n, p in part.named_parameters()}
+    return {"losses": losses, "grads": grads, "params": params}
 
 
 def _watch_unsharded(model: torch.nn.Module) -> dict:
@@ -141,6 +250,10 @@ def parse_args(argv=None):
     ap.add_argument("--strategy", default="ddp", choices=("ddp", "ddp-compile", "fsdp", "fsdp-blocks", "none"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variant", default="mhc", choices=("plain", "hc", "mhc"))
+    ap.add_argument("--model", default="gpt", choices=("gpt", "llama"),
+                    help="gpt: tinygpt.GPT; llama: tp_llama.TPLlama (torchtitan's module names; --tp needs it)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (TP + SequenceParallel, FSDP2 over the "
+                    "other world/tp ranks; needs --strategy fsdp or fsdp-blocks, implies --model llama)")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--builder", default="auto", choices=("auto", "convert", "hand"))
     ap.add_argument("--kernels", default="auto", choices=("auto", "triton", "reference"))
@@ -154,12 +267,24 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (one per rank; --strategy is then unused)")
+    ap.add_argument("--pp-schedule", default="1f1b", choices=("gpipe", "1f1b"))
+    ap.add_argument("--microbatches", type=int, default=4, help="microbatches per global batch (with --pp)")
+    args = ap.parse_args(argv)
+    if args.tp > 1 and args.pp > 1:
+        ap.error("--tp and --pp do not compose in this example yet: use one of them")
+    if args.pp > 1 and args.model != "gpt":
+        ap.error("--pp splits the GPT: use --model gpt")
+    if args.tp > 1:
+        if args.strategy not in ("fsdp", "fsdp-blocks", "none"):
+            ap.error("--tp composes with FSDP2: use --strategy fsdp or fsdp-blocks")
+        args.model = "llama"
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    distributed = "RANK" in os.environ and args.strategy != "none"
+    distributed = "RANK" in os.environ and (args.strategy != "none" or args.pp > 1)
     if distributed:
         backend = "nccl" if args.device == "cuda" else "gloo"
         dist.init_process_group(backend)
@@ -168,8 +293,13 @@ def main(argv=None) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     else:
         rank, world = 0, 1
+    if args.pp > 1 and world != args.pp:
+        raise SystemExit(f"--pp {args.pp} needs {args.pp} ranks (torchrun --nproc_per_node={args.pp}), got {world}")
     try:
-        out = train(args, rank, world, args.strategy if distributed else "none")
+        if args.pp > 1:
+            out = train_pipeline(args, rank, world)
+        else:
+            out = train(args, rank, world, args.strategy if distributed else "none")
         if rank == 0:
             for i, loss in enumerate(out["losses"]):
                 if i % 10 == 0 or i == len(out["losses"]) - 1:

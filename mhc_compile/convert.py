@@ -33,11 +33,14 @@ import torch
 from torch import fx, nn
 
 from . import _torch_internals as _ti
+from .bound_args import bound_objects, describe
 from .config import MHCConfig
+from .flex_mask import on_device
 from .messages import first_line
 from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
 from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph
-from .report import ResidualReport
+from .passes.native import native_from_modules
+from .report import NativeStreamsReport, ResidualReport, rename_symbols, symbol_names
 
 
 class MHCCaptureError(RuntimeError):
@@ -209,9 +212,32 @@ def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCCo
     """Report the residual sites and chains of ``model`` without changing it."""
     config = MHCConfig.from_options(config)
     args, kwargs = _on_model_device(model, _as_tuple(example_inputs), _without_cache(model, dict(example_kwargs or {})))
-    gm = capture(model, args, example_kwargs=kwargs)
+    native = native_from_modules(model)
+    with bound_objects(model, args, kwargs) as (args, kwargs, _):
+        gm = capture(model, args, example_kwargs=kwargs) if native is None else _capture_native(model, args, kwargs, native)
+    if isinstance(gm, NativeStreamsReport):
+        return ResidualReport(streams=config.streams, native=[gm])
     detected, chains = analyze(gm.graph)
     return build_report(detected, chains, config, rewritten=False)
+
+
+def _capture_native(model: nn.Module, args: tuple, kwargs: dict, native: NativeStreamsReport):
+    """For a model whose config and modules say it already has hyper-connections
+    (``native_from_modules``): one static capture, whose graph says which axis carries the
+    streams, or ``native`` when it cannot be captured (Qwen4-Exp)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return capture(model, args, dynamic=False, example_kwargs=kwargs)
+    except MHCCaptureError:
+        return native
+
+
+def _say_native(model: nn.Module, native: list, unchanged: bool) -> None:
+    """One warning line per native multi-stream state (which modules, which axis)."""
+    for n in native:
+        warnings.warn(f"mhc_compile.convert: {type(model).__name__}: {rename_symbols(n.message, symbol_names([n.message]))}"
+                      + ("; returning the model unchanged" if unchanged else ""), stacklevel=3)
 
 
 def rewrite_captured(model: nn.Module, gm: fx.GraphModule, config: MHCConfig,
@@ -237,7 +263,7 @@ def _on_model_device(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     a meta embedding table looked up with CPU indices; later versions accept both."""
     if next((p.device.type for p in model.parameters()), None) != "meta":
         return args, kwargs
-    meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else on_device(v, torch.device("meta"))  # noqa: E731
     return tuple(torch.utils._pytree.tree_map(meta, a) for a in args), {
         k: torch.utils._pytree.tree_map(meta, v) for k, v in kwargs.items()}
 
@@ -295,10 +321,21 @@ def convert(
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     captured = _without_cache(model, kwargs)
     cap_args, cap_kwargs = _on_model_device(model, args, captured)
-    gm = capture(model, cap_args, example_kwargs=cap_kwargs)
+    native = native_from_modules(model)
+    with bound_objects(model, cap_args, cap_kwargs) as (cap_args, cap_kwargs, opaque), warnings.catch_warnings():
+        if opaque:  # sizes the bound example fixes (a BlockMask's length) bind the capture only, not the blocks
+            warnings.filterwarnings("ignore", message="mhc_compile: the model's code fixes some input sizes")
+        gm = (capture(model, cap_args, example_kwargs=cap_kwargs) if native is None  # opaque arguments: bound_args
+              else _capture_native(model, cap_args, cap_kwargs, native))
+    if isinstance(gm, NativeStreamsReport):
+        _say_native(model, [gm], unchanged=True)
+        return model
     detected, chains = analyze(gm.graph)
+    report = build_report(detected, chains, config, rewritten=False)
+    _say_native(model, report.native, unchanged=not chains)
+    if report.native and not chains:
+        return model
     if not chains:
-        report = build_report(detected, chains, config, rewritten=False)
         reasons = "; ".join(f"{t.node}: {t.reason}" for t in report.not_taken[:5])
         warnings.warn(
             f"mhc_compile.convert: no residual site found in {type(model).__name__}; returning the model unchanged"
@@ -318,6 +355,11 @@ def convert(
     if reason and form == "blocks":
         raise MHCCaptureError(f"mhc_compile.convert(form='blocks'): {type(model).__name__} cannot carry the "
                               f"streams through its blocks: {reason}. Use form='auto' for the whole-graph form.")
+    if reason and opaque:
+        raise MHCCaptureError(f"mhc_compile.convert: {type(model).__name__} cannot carry the streams through its "
+                              f"blocks ({reason}), and the whole-graph form cannot take the argument(s) "
+                              f"{describe(opaque)}: it would bake the example's value into the graph. Make "
+                              "the blocks traceable alone, or pass such arguments as tensors.")
     if reason:
         report = rewrite_graph(gm, config, provider, analysis=(detected, chains))
         make_mode_switchable(gm, target.training)
@@ -330,7 +372,10 @@ def convert(
         report.form, report.blocks = "blocks", [b.path for b in plan.blocks]
     target.mhc_report = report
     target.mhc_config = config
+    from . import engine_init
     from .io.pretrained import bind_save_pretrained, is_pretrained
+
+    engine_init.install(target)  # the model's own init (torchtitan, HF) resets the mHC parameters
 
     if is_pretrained(target):
         bind_save_pretrained(target, args, kwargs)

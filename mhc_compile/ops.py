@@ -41,6 +41,8 @@ from torch import Tensor
 
 from . import reference
 from .config import KERNELS
+from .parallel.mixed import align as _align, token_zeros  # plain tensors and DTensors (parallel/mixed.py)
+from .site_grad import SiteGrad, eager_needs_grad, site_of
 
 # x dtypes the fused coefficient kernels (coeffs, boundary) run; see _fused_triton
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,20 +97,14 @@ def _fused_triton(kernels: str, x: Tensor, *tensors: Tensor) -> bool:
     return use_triton(x, kernels) and x.dtype in _FUSED_DTYPES and all(t.dtype != torch.float64 for t in tensors)
 
 
-def _cpu(kernels: str, x: Tensor, *tensors: Tensor) -> bool:
-    """Whether an op runs the fused CPU kernels (``kernels_cpu``): "auto", every tensor on CPU."""
+def _cpu(kernels: str, x: Tensor, *tensors: Tensor):
+    """``kernels_cpu.launch`` when an op runs the fused CPU kernels ("auto", every tensor on CPU,
+    the extension built), else None."""
     if kernels != "auto" or x.device.type != "cpu":
-        return False
-    from . import kernels_cpu
-    from .kernels_cpu import launch
+        return None
+    from .kernels_cpu import available, launch
 
-    return launch.supported(x, *tensors) and kernels_cpu.available()
-
-
-def _cpu_launch():
-    from .kernels_cpu import launch
-
-    return launch
+    return launch if launch.supported(x, *tensors) and available() else None
 
 
 def _flat3(x: Tensor) -> Tensor:
@@ -119,6 +115,25 @@ def _flat3(x: Tensor) -> Tensor:
 def _flat_coeff(h: Tensor, tail: int) -> Tensor:
     """Flatten the token dims of a coefficient tensor; static ones keep a single broadcast row."""
     return h.reshape(-1, *h.shape[h.dim() - tail :]).contiguous()
+
+
+# ============================================================================ one dX per site (eager)
+# pre and post_res/boundary hand their gradients to the site's coeffs backward, whose gx kernel
+# writes the site's one dX (no autograd adds; Triton, eager, plain tensors: see site_grad).
+def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad, saved: tuple):
+    """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
+    and post_res/boundary, summed in fp32 by the gx kernel and written once."""
+    from .kernels.coeffs import coeffs_backward
+
+    x, phi, alpha, b_pre, b_post, b_res = saved
+    iters, eps, variant, _ = ctx.args
+    g_add, g_hin, h_pre, g_mix, h_mix = box.take()
+    gx, *rest = coeffs_backward(
+        _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+        extra=(g_add, g_hin, h_pre), mix=None if g_mix is None else (g_mix, h_mix),
+    )
+    return (gx.reshape(x.shape), *rest)
 
 
 # ============================================================================ coeffs
@@ -133,8 +148,8 @@ def _coeffs(
         lead, n = x.shape[:-2], x.shape[-2]
         hp, ho, hr = coeffs_forward(_flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
         return _record((hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)))
-    if _cpu(kernels, x, phi, alpha, b_pre, b_post, b_res):
-        return _record(_cpu_launch().coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant))
+    if (cpu := _cpu(kernels, x, phi, alpha, b_pre, b_post, b_res)):
+        return _record(cpu.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant))
     outs = reference.coeffs(
         x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True
     )
@@ -166,8 +181,8 @@ def _coeffs_backward(
             _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         )
         return (gx.reshape(x.shape), *rest)
-    if _cpu(kernels, x, phi, alpha, b_pre, b_post, b_res):
-        return _cpu_launch().coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    if (cpu := _cpu(kernels, x, phi, alpha, b_pre, b_post, b_res)):
+        return cpu.coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     grads = reference.coeffs_backward(
         g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant
     )
@@ -183,10 +198,27 @@ def _coeffs_setup(ctx, inputs, output):
     x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels = inputs
     ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res)
     ctx.args = (iters, eps, variant, kernels)
+    ctx.set_materialize_grads(False)  # autograd's zeros for an unused output of a DTensor op are plain
+    ctx.site = None
+    if _fused_triton(kernels, x, phi, alpha, b_pre, b_post, b_res) and eager_needs_grad(x) \
+            and all(type(o) is torch.Tensor for o in output):
+        ctx.site = SiteGrad(x, output)
+        for o in output:
+            o._mhc_site_grad = ctx.site
 
 
 def _coeffs_bwd(ctx, g_pre, g_post, g_res):
-    grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *ctx.saved_tensors, *ctx.args)
+    saved = ctx.saved_tensors  # once: checkpointing refuses a second unpack
+    x = saved[0]
+    n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
+    g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
+    g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
+    g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
+    box = ctx.site
+    if box is not None and box.pending():
+        grads = _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box, saved)
+    else:
+        grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *saved, *ctx.args)
     return (*grads, None, None, None, None)
 
 
@@ -200,8 +232,8 @@ def _pre(x: Tensor, h_pre: Tensor, kernels: str) -> Tensor:
         from .kernels.pre import pre_forward
 
         return pre_forward(_flat3(x), _flat_coeff(h_pre, 1)).reshape(*x.shape[:-2], x.shape[-1])
-    if _cpu(kernels, x, h_pre):
-        return _cpu_launch().pre_forward(x, h_pre)
+    if (cpu := _cpu(kernels, x, h_pre)):
+        return cpu.pre_forward(x, h_pre)
     return reference.pre_mix(x, h_pre).contiguous()
 
 
@@ -217,8 +249,8 @@ def _pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor, kernels: str) -> tuple
 
         gx, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1))
         return gx.reshape(x.shape), gh.reshape(h_pre.shape)
-    if _cpu(kernels, x, h_pre, grad):
-        return _cpu_launch().pre_backward(grad, x, h_pre)
+    if (cpu := _cpu(kernels, x, h_pre, grad)):
+        return cpu.pre_backward(grad, x, h_pre)
     gx, gh = reference.pre_mix_backward(grad, x, h_pre)
     return gx.contiguous(), gh.contiguous()
 
@@ -232,10 +264,20 @@ def _pre_setup(ctx, inputs, output):
     x, h_pre, kernels = inputs
     ctx.save_for_backward(x, h_pre)
     ctx.kernels = kernels
+    ctx.site = site_of(x, h_pre=h_pre)
 
 
 def _pre_bwd(ctx, grad):
-    gx, gh = torch.ops.mhc.pre_backward(grad, *ctx.saved_tensors, ctx.kernels)
+    x, h_pre = ctx.saved_tensors
+    if ctx.site is not None and ctx.site.open():
+        # H_pre's gradient only (a mailbox means Triton); dX = H_pre * grad is added by the
+        # site's coeffs backward
+        from .kernels.pre import pre_backward
+
+        _, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1), write_gx=False)
+        ctx.site.add(g_hin=grad, h_pre=h_pre)
+        return None, gh.reshape(h_pre.shape), None
+    gx, gh = torch.ops.mhc.pre_backward(grad, x, h_pre, ctx.kernels)
     return gx, gh, None
 
 
@@ -252,8 +294,8 @@ def _post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: 
             _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(), _flat_coeff(h_post, 1), _flat_coeff(h_res, 2)
         )
         return out.reshape(x.shape)
-    if h_out.dtype == x.dtype and _cpu(kernels, x, h_out, h_post, h_res):
-        return _cpu_launch().post_res_forward(x, h_out, h_post, h_res)
+    if h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, h_out, h_post, h_res)):
+        return cpu.post_res_forward(x, h_out, h_post, h_res)
     return reference.post_res_mix(x, h_out, h_post, h_res).contiguous()
 
 
@@ -262,20 +304,26 @@ def _(x, h_out, h_post, h_res, kernels):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -> tuple:
+    """The Triton post_res backward, gradients shaped like the inputs (gx None without write_gx)."""
+    from .kernels.post_res import post_res_backward
+
+    gx, gho, ghp, ghr = post_res_backward(
+        _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
+        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), write_gx=write_gx,
+    )
+    gx = None if gx is None else gx.reshape(x.shape)
+    return gx, gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
+
+
 @torch.library.custom_op("mhc::post_res_backward", mutates_args=())
 def _post_res_backward(
     grad: Tensor, x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if use_triton(x, kernels):
-        from .kernels.post_res import post_res_backward
-
-        gx, gho, ghp, ghr = post_res_backward(
-            _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
-            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2),
-        )
-        return gx.reshape(x.shape), gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
-    if h_out.dtype == x.dtype and _cpu(kernels, x, grad, h_out, h_post, h_res):
-        return _cpu_launch().post_res_backward(grad, x, h_out, h_post, h_res)
+        return _post_res_bwd_triton(grad, x, h_out, h_post, h_res)
+    if h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, grad, h_out, h_post, h_res)):
+        return cpu.post_res_backward(grad, x, h_out, h_post, h_res)
     grads = reference.post_res_mix_backward(grad, x, h_out, h_post, h_res)
     return tuple(g.contiguous() for g in grads)
 
@@ -289,10 +337,20 @@ def _post_res_setup(ctx, inputs, output):
     x, h_out, h_post, h_res, kernels = inputs
     ctx.save_for_backward(x, h_out, h_post, h_res)
     ctx.kernels = kernels
+    ctx.site = site_of(x, h_post=h_post, h_res=h_res)
 
 
 def _post_res_bwd(ctx, grad):
+    site = ctx.site
+    if site is not None and site.g_mix is None and site.open():
+        # everything but dX (a mailbox means Triton): the site's coeffs backward adds H_res^T grad
+        _, gho, ghp, ghr = _post_res_bwd_triton(grad, *ctx.saved_tensors, write_gx=False)
+        site.add(g_mix=grad, h_mix=ctx.saved_tensors[3])
+        return None, gho, ghp, ghr, None
     grads = torch.ops.mhc.post_res_backward(grad, *ctx.saved_tensors, ctx.kernels)
+    if site is not None and site.open():
+        site.add(g_add=grads[0])  # a second post_res on the site: its dX, summed by coeffs
+        return (None, *grads[1:], None)
     return (*grads, None)
 
 
@@ -318,8 +376,8 @@ def _boundary(
             phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         )
         outs = (xn.reshape(x.shape), hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n), hin.reshape(*lead, c))
-    elif h_out.dtype == x.dtype and _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res):
-        outs = _cpu_launch().boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    elif h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
+        outs = cpu.boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     else:
         outs = tuple(
             o.contiguous()
@@ -342,6 +400,22 @@ def _(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, var
     )
 
 
+def _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, *rest,
+                         write_gx: bool = True) -> tuple:
+    """The Triton boundary backward (``rest``: phi, alpha, b_pre, b_post, b_res, iters, eps,
+    variant), gradients shaped like the inputs; without write_gx the first is dX', not dX."""
+    from .kernels.boundary import boundary_backward
+
+    c = x.shape[-1]
+    grads = boundary_backward(
+        _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
+        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, write_gx=write_gx,
+    )
+    like = (x, h_out, h_post, h_res, *rest[:5])
+    return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
+
+
 @torch.library.custom_op("mhc::boundary_backward", mutates_args=())
 def _boundary_backward(
     g_x_next: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_h_in: Tensor,
@@ -350,18 +424,10 @@ def _boundary_backward(
     iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _fused_triton(kernels, x, h_post, h_res, phi, alpha, b_pre, b_post, b_res) and h_out.dtype == x.dtype:
-        from .kernels.boundary import boundary_backward
-
-        c = x.shape[-1]
-        grads = boundary_backward(
-            _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
-            g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
-            _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
-        )
-        like = (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
-        return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
-    if h_out.dtype == x.dtype and _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res):
-        return _cpu_launch().boundary_backward(
+        return _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res,
+                                    phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    if h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
+        return cpu.boundary_backward(
             g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
         )
     grads = reference.boundary_backward(
@@ -382,19 +448,31 @@ def _boundary_setup(ctx, inputs, output):
     *tensors, iters, eps, variant, kernels = inputs
     ctx.save_for_backward(*tensors)  # inputs only: x_next and the coefficients are recomputed
     ctx.args = (iters, eps, variant, kernels)
+    ctx.set_materialize_grads(False)  # unused outputs come as None (filled below, laid out like x)
+    ctx.site = site_of(tensors[0], h_post=tensors[2], h_res=tensors[3])  # site l's mailbox
 
 
 def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
     saved = ctx.saved_tensors
     x, h_out = saved[0], saved[1]
-    cd = reference.compute_dtype(x.dtype)
-    lead, n = x.shape[:-2], x.shape[-2]
+    cd, n = reference.compute_dtype(x.dtype), x.shape[-2]
     g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
-    g_pre = x.new_zeros((*lead, n), dtype=cd) if g_pre is None else g_pre
-    g_post = x.new_zeros((*lead, n), dtype=cd) if g_post is None else g_post
-    g_res = x.new_zeros((*lead, n, n), dtype=cd) if g_res is None else g_res
+    g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
+    g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
+    g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
     g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
+    site = ctx.site
+    if site is not None and site.g_mix is None and _fused_triton(ctx.args[3], x, *saved[2:]) \
+            and h_out.dtype == x.dtype and site.open():
+        # the boundary kernels' own rule: hand over dX'; site l's coeffs backward adds
+        # H_res^T dX' into its dX
+        gxn, *grads = _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args[:3], write_gx=False)
+        site.add(g_mix=gxn, h_mix=saved[3])
+        return (None, *grads, None, None, None, None)
     grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
+    if site is not None and site.open():
+        site.add(g_add=grads[0])  # summed into site l's dX by its coeffs backward
+        return (None, *grads[1:], None, None, None, None)
     return (*grads, None, None, None, None)
 
 
@@ -407,6 +485,7 @@ def coeffs(
     iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """H_pre, H_post, H_res for streams ``x``; dynamic ones through ``mhc::coeffs``."""
+    (x,), (phi, alpha, b_pre, b_post, b_res) = _align((x,), (phi, alpha, b_pre, b_post, b_res))
     if not dynamic:
         outs = reference.coeffs(x, None, None, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=False)
         if _RECORDERS and not torch.compiler.is_compiling():
@@ -417,11 +496,13 @@ def coeffs(
 
 def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
     """h_in = sum_i H_pre[i] X[i]."""
+    (x, h_pre), _ = _align((x, h_pre), ())
     return torch.ops.mhc.pre(x, h_pre, kernels)
 
 
 def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str = "auto") -> Tensor:
     """X' = H_res X + H_post h_out."""
+    (x, h_out, h_post, h_res), _ = _align((x, h_out, h_post, h_res), ())
     return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
 
 
@@ -437,6 +518,8 @@ def boundary(
     site l+1's coefficients, and site l+1's branch input. The fused Triton version reads
     ``x`` and ``h_out`` once.
     """
+    (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res) = _align(
+        (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res))
     if dynamic:
         if phi is None or alpha is None:
             raise ValueError("dynamic coefficients need phi and alpha")
@@ -448,4 +531,15 @@ def boundary(
 
 
 expand = reference.expand
-collapse = reference.collapse
+
+
+def collapse(x: Tensor, mode: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
+    """End of a stream (``reference.collapse``), with a learned weight aligned to the stream's kind."""
+    (x,), (weight,) = _align((x,), (weight,))
+    return reference.collapse(x, mode, weight)
+
+
+if torch.distributed.is_available():  # DTensor sharding rules of the ops above
+    from .parallel import sharding as _sharding
+
+    _sharding.register()

@@ -74,6 +74,17 @@ class NotTakenReport:
     reason: str
 
 
+@dataclass
+class NativeStreamsReport:
+    """A residual state that already carries a stream axis (native hyper-connections): left alone."""
+
+    axis: int                # the stream axis of the state (-1: known from the config/modules only)
+    streams: int
+    shape: list
+    modules: list            # module paths of the adds on the state
+    message: str             # the one line convert and the table print
+
+
 class ReportVersionError(ValueError):
     """A stored report dict was written by a newer mhc-compile (or is not a report at all)."""
 
@@ -100,6 +111,7 @@ class ResidualReport:
     form: str = ""
     form_reason: str = ""        # why the whole-graph form was kept ('' for 'blocks')
     blocks: list = field(default_factory=list)   # module paths of the blocks that carry a chain
+    native: list = field(default_factory=list)   # NativeStreamsReport: states already multi-stream
 
     @property
     def num_sites(self) -> int:
@@ -124,6 +136,7 @@ class ResidualReport:
             "form": self.form,
             "form_reason": self.form_reason,
             "blocks": list(self.blocks),
+            "native": [asdict(n) for n in self.native],
         }
 
     @classmethod
@@ -151,6 +164,7 @@ class ResidualReport:
                 form=str(data.get("form", "")),
                 form_reason=str(data.get("form_reason", "")),
                 blocks=list(data.get("blocks") or []),
+                native=[NativeStreamsReport(**n) for n in data.get("native") or []],
             )
         except (KeyError, TypeError) as exc:
             raise ReportVersionError(f"malformed residual report dict: {exc}") from exc
@@ -160,14 +174,15 @@ class ResidualReport:
 
     def symbol_names(self) -> dict[str, str]:
         """Readable names of the dynamic-size symbols in the site shapes and the adds' reasons."""
-        return symbol_names([d for s in self.sites for d in s.shape] + [t.reason for t in self.not_taken])
+        return symbol_names([d for s in self.sites for d in s.shape] + [n.message for n in self.native]
+                            + [t.reason for t in self.not_taken])
 
     def to_table(self) -> str:
         names = self.symbol_names()
-        head = ["#", "site", "kind", "shape", "chain", "pos", "home"]
+        head = ["#", "site", "kind", "shape", "axis", "C", "chain", "pos", "home"]
         rows = [[str(s.index), s.name or s.module_path or s.add, s.kind,
-                 shape_text(s.shape, names), str(s.chain), str(s.index_in_chain),
-                 str(s.home_stream)] for s in self.sites]
+                 shape_text(s.shape, names), str(s.feature_axis), str(s.channels), str(s.chain),
+                 str(s.index_in_chain), str(s.home_stream)] for s in self.sites]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         out = [f"mHC residual report: {self.num_sites} site(s) in {self.num_chains} chain(s), "
@@ -177,6 +192,7 @@ class ResidualReport:
                        f"{', ...' if len(self.blocks) > 4 else ''})")
         elif self.form:
             out.append(f"form: {self.form}" + (f" ({self.form_reason})" if self.form_reason else ""))
+        out += [f"native hyper-connections: {rename_symbols(n.message, names)}" for n in self.native]
         if rows:
             out += [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
         if names:

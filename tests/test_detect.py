@@ -11,7 +11,7 @@ from torch import fx, nn
 import mhc_compile
 from mhc_compile import MHCConfig
 from mhc_compile.passes import build_chains, detect_sites, rewrite_graph
-from mhc_compile.passes.detect import feature_axis, normalize_path
+from mhc_compile.passes.detect import normalize_path
 from tests._convert_checks import one_thread, rel_err  # noqa: F401
 from tests.models.zoo import tiny_gpt, token_inputs
 
@@ -193,8 +193,7 @@ def test_channel_first_mixes_over_channels():
         assert rel_err(cm(*x2), model(*x2)) <= 1e-5
 
 
-def test_feature_axis_rule():
-    assert [feature_axis(r) for r in (1, 2, 3, 4, 5)] == [0, 1, 2, 1, 1]
+def test_normalize_path():
     assert normalize_path("L['self'].blocks[3].attn") == "blocks.3.attn"
     assert normalize_path("getattr(L['self'].layers, '0').mlp") == "layers.0.mlp"
 

@@ -327,6 +327,8 @@ for n in (1, 3, 8):
         for flag in ("H_STATIC", "POST_STATIC", "RES_STATIC"):
             if flag in fn.arg_names:
                 consts[flag] = False
+        if "WRITE_GX" in fn.arg_names:
+            consts["WRITE_GX"] = True  # the heavier variant
         sig, attrs = {}, {}
         for i, a in enumerate(fn.arg_names):
             if a in consts:

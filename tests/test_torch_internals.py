@@ -166,6 +166,26 @@ def test_dispatch_mode_base_sees_aten_calls():
     assert y.item() == 6.0
 
 
+def test_at_backward_end_runs_after_the_pass():
+    order = []
+
+    class F(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            order.append(("queued", ti.at_backward_end(lambda: order.append("end"))))
+            return g * 2
+
+    x = torch.ones(3, requires_grad=True)
+    (F.apply(x) * 3).sum().backward()
+    assert order == [("queued", True), "end"] and x.grad.tolist() == [6.0] * 3
+    assert ti.at_backward_end(lambda: order.append("never")) is False  # outside a backward pass
+    assert order[-1] == "end"
+
+
 def _mm_count_in_backward(tag: bool) -> int:
     """Compile (x @ w).tanh().sum() with AOTAutograd + the min-cut partitioner; with ``tag`` the mm
     and tanh are tagged MUST_RECOMPUTE through set_recompute_tag, so the backward replays the mm."""

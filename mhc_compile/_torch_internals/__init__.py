@@ -24,6 +24,8 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
   higher-order op and its body submodule): :func:`checkpoint_body`;
 * operator identity of FX targets (``torch._ops.OpOverload``, its ``namespace`` and ``_schema``):
   :func:`op_namespace`, :func:`op_schema_name`;
+* the autograd engine's end-of-pass callbacks (``Variable._execution_engine.queue_callback``):
+  :func:`at_backward_end`, used by ``ops`` to drop a site's gradient mailbox after each pass;
 * the base class of a ``__torch_dispatch__`` mode (``torch.utils._python_dispatch``):
   :func:`dispatch_mode_base`, used by ``diagnostics.record_streams``;
 * fake tensors for tracing a block without compute (``torch._subclasses.FakeTensorMode`` and
@@ -79,6 +81,7 @@ from .tracing import (
     op_namespace,
     op_schema_name,
     dispatch_mode_base,
+    at_backward_end,
     fake_mode,
     fake_propagate,
     fx_patches_reverted,
@@ -119,6 +122,7 @@ __all__ = [
     "op_namespace",
     "op_schema_name",
     "dispatch_mode_base",
+    "at_backward_end",
     "fake_mode",
     "fake_propagate",
     "fx_patches_reverted",

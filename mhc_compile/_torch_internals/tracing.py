@@ -173,3 +173,17 @@ def compiled_call_suspended(module: nn.Module) -> Iterator[None]:
     finally:
         if saved is not None:
             module.__dict__["_compiled_call_impl"] = saved
+
+
+def at_backward_end(fn) -> bool:
+    """Run ``fn()`` once the autograd pass now running ends (the engine's final callbacks,
+    ``Variable._execution_engine.queue_callback``). False, and ``fn`` is not queued, outside a
+    backward pass or when the engine lacks the hook; callers must then not rely on it."""
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    if engine is None or not hasattr(engine, "queue_callback"):
+        return False
+    try:
+        engine.queue_callback(fn)
+    except RuntimeError:  # "Final callbacks can only be installed during backward pass"
+        return False
+    return True

@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from .. import _torch_internals as _ti
 from ..config import MHCConfig
+from ..parallel.guard import check_block
 from ..passes.placement import safe_name, site_container
 from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, analyze, rewrite_chain_part
 from ..passes.streams import stream_wise_path
@@ -57,6 +58,7 @@ class CarriedForward:
     source: dict = field(default_factory=dict)     # call key -> its Python source
 
     def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        check_block(block)  # tensor parallel with plain mHC parameters: raise, never a partial gradient
         names, values = self.signature.bind(args, kwargs)
         key = call_key(block.training, names, values)
         fn = self.variants.get(key)
@@ -174,8 +176,9 @@ class _Prepared:
 
 def _prepare(bg: BlockGraph, spec: BlockSpec) -> _Prepared:
     """Match the block graph's sites to the plan's; give them the model's names and positions."""
-    detected, chains = analyze(bg.graph_module.graph)
     want = [(part, s) for part in spec.parts for s in part.sites]
+    axes = {s.feature_axis for _, s in want}  # the model's graph saw what the block's leaf modules hide
+    detected, chains = analyze(bg.graph_module.graph, axis_hint=axes.pop() if len(axes) == 1 else None)
     got = sorted((s for c in chains for s in c.sites), key=lambda s: detected.sites.index(s))
     if len(got) != len(want):
         raise BlockRewriteError(f"its own graph has {len(got)} residual sites where the model's graph has {len(want)}")

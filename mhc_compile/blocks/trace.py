@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from .. import _torch_internals as _ti
 from ..messages import first_line
+from ..flex_mask import on_device
 from .signature import BlockCallError, ForwardSignature, is_constant
 
 
@@ -53,7 +54,7 @@ def _fake_inputs(mode: Any, values: Sequence[Any], device: torch.device) -> list
     def fake(v):
         if isinstance(v, torch.Tensor):
             return mode.from_tensor(v.to(device) if device.type == "meta" else v)
-        return v
+        return on_device(v, device) if device.type == "meta" else v  # a BlockMask of a meta model
     return [torch.utils._pytree.tree_map(fake, v) for v in values]
 
 

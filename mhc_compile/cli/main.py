@@ -244,6 +244,8 @@ def convert(src, dst, streams, config_options, state_dict, input_shapes, input_d
 
 
 def _why_none(report: ResidualReport) -> str:
+    if report.native:
+        return "; ".join(n.message for n in report.native)
     if report.not_taken:
         return f"{len(report.not_taken)} adds seen, none is a residual"
     return "the graph has no add of same-shaped tensors"

@@ -74,7 +74,8 @@ def _plain(val: Any) -> Any:
 
 def _symbol_names(view: dict) -> dict[str, str]:
     """Readable names (s0, s1, ...) of the dynamic-size symbols in the view's shapes and reasons."""
-    return symbol_names([d for s in view["sites"] for d in s["shape"]] + [r["reason"] for r in view["rejected"]])
+    return symbol_names([d for s in view["sites"] for d in s["shape"]] + list(view.get("native", []))
+                        + [r["reason"] for r in view["rejected"]])
 
 
 def _count_params(model: Optional[nn.Module]) -> int:
@@ -139,6 +140,7 @@ def build_view(report: Any, config: Any, model: Optional[nn.Module] = None, conv
             "shape": shape,
             "dtype": str(_get(s, "dtype", default="") or ""),
             "features": int(feat or 0),
+            "axis": _get(s, "feature_axis", default=-1),
             "chain": _get(s, "chain", default=0),
             "home_stream": _get(s, "home_stream", default=i % n),
             "skip_ops": _plain(_get(s, "skip_ops", default=[])),
@@ -178,6 +180,7 @@ def build_view(report: Any, config: Any, model: Optional[nn.Module] = None, conv
         "sites": sites,
         "chains": chains,
         "rejected": rejected,
+        "native": [str(_get(x, "message", default="")) for x in (rdict.get("native") or [])],
         "params": {"original": orig, "added": added, "percent": (100.0 * added / orig) if orig else None},
         "cost_per_token": total,
     }
@@ -215,14 +218,15 @@ def to_text(view: dict) -> str:
     out.append("")
     names = _symbol_names(view)
     if view["sites"]:
-        rows = [[s["index"], s["site"], s["module"] or "-", s["kind"], shape_text(s["shape"], names), s["chain"],
-                 s["home_stream"]] for s in view["sites"]]
+        rows = [[s["index"], s["site"], s["module"] or "-", s["kind"], shape_text(s["shape"], names), s["axis"],
+                 s["features"], s["chain"], s["home_stream"]] for s in view["sites"]]
         out.append(f"residual sites ({len(view['sites'])}):")
-        out += _table(rows, ["#", "site (add)", "module path", "kind", "shape", "chain", "home stream"])
+        out += _table(rows, ["#", "site (add)", "module path", "kind", "shape", "axis", "C", "chain", "home stream"])
         if names:
             out.append(dynamic_legend(names))
-    else:
+    elif not view.get("native"):
         out.append("residual sites: none found (the model has no residual add x + f(x) to rewrite)")
+    out += [f"native hyper-connections: {rename_symbols(m, names)}" for m in view.get("native", [])]
     out.append("")
     for c in view["chains"]:
         span = " -> ".join(str(i) for i in c["sites"])

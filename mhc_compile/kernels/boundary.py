@@ -141,13 +141,15 @@ def launch_config(n: int, C: int, variant: str, gpu: bool) -> tuple[dict, int, i
     channels; ``gpu``: compiled for CUDA rather than the interpreter. The wrappers below and
     ``kernels.aot`` launch and compile from this one place.
 
-    GPU: a K chunk of n_pad*BLOCK_C = 128 keeps the fp32 dot operands (BLOCK_T x 128 and
-    128 x W) small; with 8 warps and 2 pipeline stages the sm_90 AOT compile shows <= 80 KiB
-    shared memory and at most a few hundred bytes of spills (n = 8). Untuned on hardware.
+    GPU: a K chunk of n_pad*BLOCK_C = 64 keeps the fp32 dot operands (BLOCK_T x 64 and 64 x W)
+    small (a chunk of 128 spilled at a decode T = 8); 4 warps at n = 3, 4 (8 warps held 128
+    registers and spilled 16 B at n = 3 with triton 3.6), 8 otherwise (4 spilled at n = 1, 2),
+    2 pipeline stages: no spills for n <= 4 in the sm_90 AOT compile with a launch's
+    divisibility (tests/test_kernel_aot.py, triton 3.6 and 3.9). Untuned on hardware.
     Interpreter: small blocks (its cost is per op)."""
     if gpu:
         np_, _, _ = logit_layout(n)
-        bt, bc, warps = 16, max(8, min(128 // np_, triton.next_power_of_2(C))), 8
+        bt, bc, warps = 16, max(8, min(64 // np_, triton.next_power_of_2(C))), 4 if np_ == 4 else 8
     else:
         bt, bc, warps = 16, 16, 1
     return dict(logit_consts(n, variant, gpu), BT=bt, BC=bc), warps, 2
@@ -208,12 +210,14 @@ def boundary_backward(
     g_xn: Tensor, g_hp: Tensor, g_ho: Tensor, g_hr: Tensor, g_hin: Tensor,
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
     phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-    iters: int, eps: float, variant: str,
+    iters: int, eps: float, variant: str, write_gx: bool = True,
 ) -> tuple[Tensor, ...]:
     """(gx, gh_out, gh_post, gh_res, gphi, galpha, gb_pre, gb_post, gb_res), each shaped like its input.
 
     Recomputes X' and H_pre (fused forward), then chains the pre, coeffs and post_res backward
-    kernels. Same dtypes as :func:`boundary_forward`.
+    kernels. Same dtypes as :func:`boundary_forward`. ``write_gx=False``: the first element is
+    dX' (T, n, C) instead of gx, and gx = H_res^T dX' is not computed (the caller adds it into
+    its own dX: ops' site mailbox).
     """
     _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     T, n, C = x.shape
@@ -229,5 +233,5 @@ def boundary_backward(
         grads[1].float() + ghp_pre, grads[2], grads[3], xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         extra=(grads[0], grads[4], hp),
     )
-    gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res)
-    return gx, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
+    gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res, write_gx=write_gx)
+    return gx if write_gx else gxn, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr

@@ -24,7 +24,9 @@ Kernels and grids (T tokens, BT = BLOCK_T):
               reverse-mode through column- and row-normalisation. Writes dp = dh / r (T, W)
               fp32, the per-token RMS term s = -<dh, h> / (K r^2), and per-block partial sums
               of galpha and the bias gradients (summed over blocks in torch).
-              kernel 2, grid (cdiv(K, BK), S): gx = dp . phi^T + s * x over x chunks, and
+              kernel 2, grid (cdiv(C, BC), S): gx = dp . phi^T + s * x over chunks of BC
+              channels of every stream (the flat columns i * C + c), plus the dX of the
+              streams' other consumers (pre-mix, post_res mix, a given dX) summed in fp32, and
               gphi partials x^T dp over S token splits (summed in torch; deterministic, no
               atomics).
 Bytes per token (x element size e): forward reads n*C*e, writes (2n + n^2)*4. Backward reads
@@ -165,25 +167,34 @@ def _coeffs_bwd_dh_kernel(
 @triton.jit
 def _coeffs_bwd_x_kernel(
     x_ptr, phi_ptr, dp_ptr, s_ptr, gx_ptr, gphi_part_ptr,
-    gadd_ptr, ghin_ptr, hp_ptr,
+    gadd_ptr, ghin_ptr, hp_ptr, gmix_ptr, hmix_ptr,
     T, K, J, C, tblocks, splits,
-    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    DOT_P: tl.constexpr, EXTRA: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    DOT_P: tl.constexpr, GADD: tl.constexpr, GPRE: tl.constexpr, GMIX: tl.constexpr,
 ):
-    """gx = dp . phi^T + s * x for one BK chunk of the flat axis, and its gphi partial.
+    """gx = dp . phi^T + s * x for one chunk of channels c of every stream (the flat columns
+    k = i * C + c, i < N: a (BT, NP * BC) tile), and its gphi partial.
 
-    EXTRA (the boundary's backward): also add gadd[t, k] + hp[t, k // C] * ghin[t, k % C], the
-    incoming gradient of X' and the pre-mix's gradient, so dX' is summed in fp32 and written once.
+    Extra terms of the streams' other consumers, summed in fp32 and written once:
+    GADD gadd[t, i, c] (a dX computed elsewhere); GPRE hp[t, i] * ghin[t, c] (the pre-mix's dX,
+    ghin loaded once per chunk for all streams); GMIX sum_r hmix[t, r, i] * gmix[t, r, c] (the
+    post_res mix's dX = H_res^T g, from its incoming gradient g, loaded once).
     """
-    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    k = pid_k * BK + tl.arange(0, BK)
-    km = k < K
-    k64 = k.to(tl.int64)
+    kk = tl.arange(0, NP * BC)
+    i = kk // BC
+    c = pid_c * BC + kk % BC
+    km = (i < N) & (c < C)
+    k64 = i.to(tl.int64) * C + c
+    cc = pid_c * BC + tl.arange(0, BC)  # the chunk's channels, once
+    ccm = cc < C
+    ii = tl.arange(0, NP)
+    iim = ii < N
     jcol, jvalid = colmap(N, NP, W)
     col = tl.arange(0, W)
     phT = tl.load(phi_ptr + k64[None, :] * J + jcol[:, None], mask=jvalid[:, None] & km[None, :], other=0.0)
-    gphi = tl.zeros((BK, W), dtype=tl.float32)
+    gphi = tl.zeros((NP * BC, W), dtype=tl.float32)
     for tb in range(pid_s, tblocks, splits):
         t = tb * BT + tl.arange(0, BT)
         tm = t < T
@@ -194,11 +205,21 @@ def _coeffs_bwd_x_kernel(
         dp = tl.load(dp_ptr + t64[:, None] * W + col[None, :], mask=tm[:, None], other=0.0)
         s = tl.load(s_ptr + t, mask=tm, other=0.0)
         gx = tl.dot(dp, phT, input_precision=DOT_P) + s[:, None] * xt
-        if EXTRA:
-            ga = tl.load(gadd_ptr + t64[:, None] * K + k64[None, :], mask=mx, other=0.0).to(tl.float32)
-            gh = tl.load(ghin_ptr + t64[:, None] * C + (k % C)[None, :], mask=mx, other=0.0).to(tl.float32)
-            hp = tl.load(hp_ptr + t64[:, None] * N + (k // C)[None, :], mask=mx, other=0.0)
-            gx += ga + hp * gh
+        if GADD:
+            gx += tl.load(gadd_ptr + t64[:, None] * K + k64[None, :], mask=mx, other=0.0).to(tl.float32)
+        m2 = tm[:, None] & ccm[None, :]
+        mi = tm[:, None] & iim[None, :]
+        if GPRE:
+            gh = tl.load(ghin_ptr + t64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(tl.float32)
+            hp = tl.load(hp_ptr + t64[:, None] * N + ii[None, :], mask=mi, other=0.0)
+            gx += tl.reshape(hp[:, :, None] * gh[:, None, :], (BT, NP * BC))
+        if GMIX:
+            mixed = tl.zeros((BT, NP, BC), dtype=tl.float32)
+            for r in tl.static_range(N):
+                g_r = tl.load(gmix_ptr + (t64[:, None] * N + r) * C + cc[None, :], mask=m2, other=0.0).to(tl.float32)
+                h_r = tl.load(hmix_ptr + t64[:, None] * (N * N) + r * N + ii[None, :], mask=mi, other=0.0)
+                mixed += h_r[:, :, None] * g_r[:, None, :]  # H_res[t, r, i] g[t, r, c]
+            gx += tl.reshape(mixed, (BT, NP * BC))
         tl.store(gx_ptr + t64[:, None] * K + k64[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mx)
         gphi += tl.dot(tl.trans(xt), dp, input_precision=DOT_P)
     base = gphi_part_ptr + pid_s.to(tl.int64) * K * J
@@ -217,17 +238,23 @@ def fwd_blocks(n: int, gpu: bool) -> tuple[int, int, int]:
 
 
 def launch_config(n: int, variant: str, gpu: bool) -> tuple[dict, dict, int]:
-    """(constexprs of the forward and dh kernels, constexprs of the gx kernel but EXTRA,
+    """(constexprs of the forward and dh kernels, constexprs of the gx kernel but GADD/GPRE/GMIX,
     num_warps) for ``n`` streams; ``gpu``: compiled for CUDA rather than the interpreter.
     The wrappers below and ``kernels.aot`` launch and compile from this one place."""
     bt, bk, warps = fwd_blocks(n, gpu)
     consts = dict(logit_consts(n, variant, gpu), BT=bt, BK=bk)
-    x_consts = {k: consts[k] for k in ("N", "NP", "W", "BT", "BK", "DOT_P")}
+    x_consts = {k: consts[k] for k in ("N", "NP", "W", "BT", "DOT_P")}
+    # the gx kernel's chunk: BC channels of every stream, NP * BC columns (>= 16 for tl.dot)
+    x_consts["BC"] = max(16 // consts["NP"], bk // consts["NP"], 8 if gpu else 1)
+    if gpu and bt == 64:
+        # the gx kernel holds dp, x, gx and the extra tiles at once: 64-token tiles spill on sm_90
+        # (fp32 x, n = 3, 4; tests/test_kernel_aot.py); 32 fit
+        x_consts["BT"] = 32
     return consts, x_consts, warps
 
 
 def gphi_splits(tblocks: int, kblocks: int, device: torch.device) -> int:
-    """Token splits S of the gx kernel's grid (cdiv(K, BK), S): each writes one gphi partial."""
+    """Token splits S of the gx kernel's grid (cdiv(C, BC), S): each writes one gphi partial."""
     if not on_gpu(device):
         return min(tblocks, 2)
     return max(1, min(tblocks, triton.cdiv(4 * num_sms(device), kblocks), 32))
@@ -272,15 +299,19 @@ def coeffs_backward(
     g_pre: Tensor, g_post: Tensor, g_res: Tensor,
     x: Tensor, phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
     iters: int, eps: float, variant: str,
-    gx: Optional[Tensor] = None, extra: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    gx: Optional[Tensor] = None, extra: Optional[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = None,
+    mix: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, ...]:
     """(gx (T, n, C) in x's dtype, gphi, galpha, gb_pre, gb_post, gb_res) shaped like the params.
 
     Recomputes everything from the inputs (nothing saved from the forward). ``gx``: optional
     preallocated contiguous output. Same dtypes as :func:`coeffs_forward`.
 
-    ``extra = (g_add (T, n, C), g_hin (T, C), h_pre (T, n))`` (used by the boundary backward):
-    gx then also includes ``g_add + h_pre[i] * g_hin``, summed in fp32 and rounded once.
+    The streams' other consumers' gradients, added into gx in fp32 and rounded once:
+    ``extra = (g_add (T, n, C) or None, g_hin (T, C) or None, h_pre (T, n))`` adds
+    ``g_add + h_pre[i] * g_hin`` (the boundary backward; ops' site mailbox);
+    ``mix = (g (T, n, C), h_res (T, n, n))`` adds ``H_res^T g``, the post_res mix's dX from its
+    incoming gradient (ops' site mailbox, with post_res's backward skipping its own dX).
     """
     T, n, C = _check(x, phi, alpha, b_pre, b_post, b_res)
     consts, x_consts, warps = launch_config(n, variant, on_gpu(x.device))
@@ -294,7 +325,7 @@ def coeffs_backward(
     K, J = n * C, 2 * n + n * n
     if T == 0:
         return (gx, *(torch.zeros_like(p) for p in params))
-    np_, g, w, bt, bk = (consts[k] for k in ("NP", "G", "W", "BT", "BK"))
+    np_, g, w, bt = (consts[k] for k in ("NP", "G", "W", "BT"))
     tblocks = triton.cdiv(T, bt)
     dp = torch.empty((T, w), dtype=torch.float32, device=dev)
     s = torch.empty((T,), dtype=torch.float32, device=dev)
@@ -302,19 +333,20 @@ def coeffs_backward(
     _coeffs_bwd_dh_kernel[(tblocks,)](
         gp, go, gr, x, *p32, dp, s, part, T, K, J, float(eps), int(iters), **consts, num_warps=warps,
     )
-    kblocks = triton.cdiv(K, bk)
-    splits = gphi_splits(tblocks, kblocks, dev)
+    cblocks = triton.cdiv(C, x_consts["BC"])
+    x_tblocks = triton.cdiv(T, x_consts["BT"])
+    splits = gphi_splits(x_tblocks, cblocks, dev)
     gphi_part = torch.empty((splits, K, J), dtype=torch.float32, device=dev)
-    if extra is not None:
-        g_add, g_hin, h_pre = extra
-        g_add = g_add.reshape(T, n, C).contiguous()
-        g_hin = g_hin.reshape(T, C).contiguous()
-        h_pre = h_pre.reshape(T, n).to(torch.float32).contiguous()
-    else:
-        g_add = g_hin = h_pre = s  # unused dummies
-    _coeffs_bwd_x_kernel[(kblocks, splits)](
-        x, p32[0], dp, s, gx, gphi_part, g_add, g_hin, h_pre, T, K, J, C, tblocks, splits,
-        **x_consts, EXTRA=extra is not None, num_warps=warps,
+    g_add, g_hin, h_pre = extra if extra is not None else (None, None, None)
+    g_mix, h_mix = mix if mix is not None else (None, None)
+    g_add = s if g_add is None else g_add.reshape(T, n, C).contiguous()  # s: an unread dummy
+    h_pre = s if g_hin is None else h_pre.reshape(T, n).to(torch.float32).contiguous()
+    g_hin = s if g_hin is None else g_hin.reshape(T, C).contiguous()
+    h_mix = s if g_mix is None else h_mix.reshape(T, n, n).to(torch.float32).contiguous()
+    g_mix = s if g_mix is None else g_mix.reshape(T, n, C).contiguous()
+    _coeffs_bwd_x_kernel[(cblocks, splits)](
+        x, p32[0], dp, s, gx, gphi_part, g_add, g_hin, h_pre, g_mix, h_mix, T, K, J, C, x_tblocks, splits,
+        **x_consts, GADD=g_add is not s, GPRE=g_hin is not s, GMIX=g_mix is not s, num_warps=warps,
     )
     gphi = gphi_part[0] if splits == 1 else gphi_part.sum(0)
     tot = part.sum(0)

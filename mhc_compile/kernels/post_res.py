@@ -71,7 +71,7 @@ def _post_res_bwd_kernel(
     T, C, C_CHUNK, stride_hp, stride_hr,
     N: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    POST_STATIC: tl.constexpr, RES_STATIC: tl.constexpr, ACC: tl.constexpr,
+    POST_STATIC: tl.constexpr, RES_STATIC: tl.constexpr, ACC: tl.constexpr, WRITE_GX: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -102,11 +102,12 @@ def _post_res_bwd_kernel(
         # gh_post[t, i] += sum_c g[t, i, c] h_out[t, c]
         ghp += tl.sum(g * ho[None, :, :], axis=2)
         for s in tl.static_range(N):
-            # gx[t, s, c] = sum_i h_res[t, i, s] g[t, i, c]   (column s of h_res)
-            col = tl.load(hr_ptr + t64[None, :] * stride_hr + k[:, None] * N + s, mask=kt_mask, other=0.0).to(ACC)
-            gxs = tl.sum(col[:, :, None] * g, axis=0)
-            row_offs = (t64[:, None] * N + s) * C + c[None, :]
-            tl.store(gx_ptr + row_offs, gxs.to(gx_ptr.dtype.element_ty), mask=tc_mask)
+            if WRITE_GX:  # False: the coeffs backward computes H_res^T g into its own dX (ops)
+                # gx[t, s, c] = sum_i h_res[t, i, s] g[t, i, c]   (column s of h_res)
+                col = tl.load(hr_ptr + t64[None, :] * stride_hr + k[:, None] * N + s, mask=kt_mask, other=0.0).to(ACC)
+                gxs = tl.sum(col[:, :, None] * g, axis=0)
+                row_offs = (t64[:, None] * N + s) * C + c[None, :]
+                tl.store(gx_ptr + row_offs, gxs.to(gx_ptr.dtype.element_ty), mask=tc_mask)
             # gh_res[t, s, j] += sum_c g[t, s, c] x[t, j, c]   (row s of the gradient); stream s of
             # the g tile is picked in registers (the stream axis lives inside each thread)
             gs = tl.sum(tl.where(k[:, None, None] == s, g, 0.0), axis=0)
@@ -172,25 +173,28 @@ def post_res_backward(
     h_res: torch.Tensor,
     gx: Optional[torch.Tensor] = None,
     gh_out: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    write_gx: bool = True,
+) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gx like x, gh_out like h_out, gh_post like h_post, gh_res like h_res).
 
     Coefficient gradients accumulate in fp32 over C (and over tokens for static, one-row
     coefficients) and come back in the coefficients' dtype. ``gx``/``gh_out``: optional
-    preallocated outputs (tests poison them).
+    preallocated outputs (tests poison them). ``write_gx=False``: gx is neither written nor
+    returned (None): the caller adds ``H_res^T g`` into its own dX.
     """
     post_static, res_static = _check(x, h_out, h_post, h_res)
     x, h_out, h_post, h_res = (t.contiguous() for t in (x, h_out, h_post, h_res))
     T, n, C = x.shape
     g = g.reshape(T, n, C).contiguous()
-    if gx is None:
+    if gx is None and write_gx:
         gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if gh_out is None:
         gh_out = torch.empty_like(h_out, memory_format=torch.contiguous_format)
     acc = acc_dtype(x.dtype, h_out.dtype, h_post.dtype, h_res.dtype)
     acc_t = torch.float64 if acc == tl.float64 else torch.float32
     if T == 0 or C == 0:
-        gx.zero_()
+        if gx is not None:
+            gx.zero_()
         gh_out.zero_()
         return gx, gh_out, torch.zeros_like(h_post), torch.zeros_like(h_res)
     block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size(), backward=True)
@@ -198,10 +202,10 @@ def post_res_backward(
     ghp_part = torch.empty((splits, t_blocks if post_static else T, n), dtype=acc_t, device=x.device)
     ghr_part = torch.empty((splits, t_blocks if res_static else T, n, n), dtype=acc_t, device=x.device)
     _post_res_bwd_kernel[(t_blocks, splits)](
-        g, x, h_out, h_post, h_res, gx, gh_out, ghp_part, ghr_part,
+        g, x, h_out, h_post, h_res, x if gx is None else gx, gh_out, ghp_part, ghr_part,
         T, C, chunk, 0 if post_static else n, 0 if res_static else n * n,
         N=n, N_PAD=next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c,
-        POST_STATIC=post_static, RES_STATIC=res_static, ACC=acc, num_warps=warps,
+        POST_STATIC=post_static, RES_STATIC=res_static, ACC=acc, WRITE_GX=gx is not None, num_warps=warps,
     )
     gh_post = sum_partials(ghp_part, post_static, h_post.shape).to(h_post.dtype)
     gh_res = sum_partials(ghr_part, res_static, h_res.shape).to(h_res.dtype)

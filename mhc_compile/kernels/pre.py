@@ -54,7 +54,7 @@ def _pre_bwd_kernel(
     T, C, C_CHUNK, stride_h,
     N: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    H_STATIC: tl.constexpr, ACC: tl.constexpr,
+    H_STATIC: tl.constexpr, ACC: tl.constexpr, WRITE_GX: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -74,8 +74,9 @@ def _pre_bwd_kernel(
         g = tl.load(g_ptr + t64[:, None] * C + c[None, :], mask=tm[:, None] & cm[None, :], other=0.0).to(ACC)
         x_offs, x_mask = stream_tile(t64, tm, i, im, c, cm, N, C)
         x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(ACC)
-        gx = h[:, :, None] * g[None, :, :]
-        tl.store(gx_ptr + x_offs, gx.to(gx_ptr.dtype.element_ty), mask=x_mask)
+        if WRITE_GX:  # False: only the coefficient gradient (ops hands g to the coeffs backward)
+            gx = h[:, :, None] * g[None, :, :]
+            tl.store(gx_ptr + x_offs, gx.to(gx_ptr.dtype.element_ty), mask=x_mask)
         gh3 += x * g[None, :, :]
     gh = tl.sum(gh3, axis=2)  # (N_PAD, BLOCK_T)
 
@@ -124,30 +125,32 @@ def pre_forward(x: torch.Tensor, h_pre: torch.Tensor, out: Optional[torch.Tensor
 
 
 def pre_backward(
-    g: torch.Tensor, x: torch.Tensor, h_pre: torch.Tensor, gx: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    g: torch.Tensor, x: torch.Tensor, h_pre: torch.Tensor, gx: Optional[torch.Tensor] = None, write_gx: bool = True
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """(gx (T, n, C) in x's dtype, gh_pre shaped like h_pre in h_pre's dtype, fp32-accumulated).
 
-    ``gx``: optional preallocated contiguous output (for poisoning tests).
+    ``gx``: optional preallocated contiguous output (for poisoning tests). ``write_gx=False``:
+    gx is neither written nor returned (None): the caller adds ``h_pre * g`` into its own dX.
     """
     static = _check(x, h_pre)
     x = x.contiguous()
     h_pre = h_pre.contiguous()
     T, n, C = x.shape
     g = g.reshape(T, C).contiguous()
-    if gx is None:
+    if gx is None and write_gx:
         gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     acc_t = torch.float64 if acc_dtype(x.dtype, h_pre.dtype) == tl.float64 else torch.float32
     if T == 0 or C == 0:
-        gx.zero_()
+        if gx is not None:
+            gx.zero_()
         return gx, torch.zeros_like(h_pre)
     block_t, block_c, warps = mix_blocks(T, n, C, x.device, x.element_size(), backward=True)
     t_blocks, splits, chunk = mix_bwd_grid(T, C, block_t, block_c, x.device)
     rows = t_blocks if static else T
     part = torch.empty((splits, rows, n), dtype=acc_t, device=x.device)
     _pre_bwd_kernel[(t_blocks, splits)](
-        g, x, h_pre, gx, part, T, C, chunk, 0 if static else n,
+        g, x, h_pre, x if gx is None else gx, part, T, C, chunk, 0 if static else n,
         N=n, N_PAD=next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c,
-        H_STATIC=static, ACC=acc_dtype(x.dtype, h_pre.dtype), num_warps=warps,
+        H_STATIC=static, ACC=acc_dtype(x.dtype, h_pre.dtype), WRITE_GX=gx is not None, num_warps=warps,
     )
     return gx, sum_partials(part, static, h_pre.shape).to(h_pre.dtype)

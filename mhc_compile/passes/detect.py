@@ -27,9 +27,11 @@ Special forms:
 * a site whose f contains another site's add (a residual around residuals) is not taken, and
   of several sites reading the same skip operand only the first is taken.
 
-Feature axis (the axis the streams mix over): rank-4 and rank-5 activations are channel-first
-conv activations (N, C, H, W[, D]) and use dim 1; rank 1-3 tensors use the last dim. The rewrite
-moves the feature axis last around the mHC ops, so the stream tensor is (..., n, C).
+Feature axis (the axis the streams mix over): derived per site from what the branch and the
+skip side do with the stream (``axis``: a linear contracts the last dim, a conv reads dim 1, ...);
+a site whose axis cannot be known or whose uses disagree is not taken, with the reason. An add
+on a state that already carries a stream axis (native hyper-connections, ``native``) is not a
+site. The rewrite moves the feature axis last around the mHC ops, so the stream tensor is (..., n, C).
 
 Every add with two tensor operands that is not taken is reported with a reason.
 """
@@ -44,7 +46,7 @@ import torch
 from torch import fx
 
 from .nodes import (  # noqa: F401 (re-exported: the passes and tests read nodes through detect too)
-    _SHAPE_ONLY_NAMES, carries_tensor, feature_axis, module_path, module_stack, node_val, normalize_path,
+    _SHAPE_ONLY_NAMES, carries_tensor, module_path, module_stack, node_val, normalize_path,
     same_shape, target_name, tensor_info,
 )
 
@@ -67,6 +69,7 @@ _VIEW_NAMES = {
 }
 from mhc_compile.passes.work_ops import HEAVY_NAMES as _HEAVY_NAMES  # noqa: E402
 from mhc_compile.passes.stream_views import view_kind  # noqa: E402
+from mhc_compile.passes import axis as _axis, native as _native  # noqa: E402
 
 
 
@@ -138,6 +141,7 @@ class DetectResult:
     sites: list
     not_taken: list
     dataflow: Any = field(repr=False, default=None)
+    native: list = field(default_factory=list)   # native.NativeStreams: states already multi-stream
 
 
 # ----------------------------------------------------------------------------- data-flow graph
@@ -249,9 +253,11 @@ def _branch_path(region: set, add_path: str, kind: str) -> str:
     return max(good, key=lambda p: (p.count("."), counts[p], p))
 
 
-def detect_sites(graph: fx.Graph) -> DetectResult:
+def detect_sites(graph: fx.Graph, axis_hint: Optional[int] = None) -> DetectResult:
     """Find the residual sites of ``graph`` (see the module docstring for the rules).
 
+    ``axis_hint``: the channel axis the whole model's graph found for these sites, used where
+    this graph cannot tell (a block traced with opaque leaf modules; the caller checks agreement).
     In-place adds are first made explicit with :func:`normalize_inplace` (semantics-preserving).
     Steps: classify every add (:func:`_classify_add`), merge parallel branches
     (:func:`_merge_parallel`), drop nested residuals and shared skips (:func:`_select_sites`),
@@ -264,10 +270,16 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
     order = {n: i for i, n in enumerate(graph.nodes)}
     candidates: list[Site] = []
     not_taken: list[NotTaken] = []
+    native = _native.find_native_streams(graph, reach.desc, lambda n: not _is_param_node(n))
     for node in graph.nodes:
         if not is_add(node):
             continue
-        found = _classify_add(node, reach)
+        state = _native.state_of(native, node)
+        if state is not None:
+            not_taken.append(_not_taken(node, f"on a state that already carries {state.streams} streams on dim "
+                                              f"{state.axis} (native hyper-connections): not widened again"))
+            continue
+        found = _classify_add(node, reach, axis_hint)
         if isinstance(found, Site):
             candidates.append(found)
         elif found is not None:
@@ -276,7 +288,8 @@ def detect_sites(graph: fx.Graph) -> DetectResult:
         _merge_parallel(site, reach)
     taken = _select_sites(candidates, order, not_taken)
     _finish_sites(taken)
-    return DetectResult(sites=taken, not_taken=_final_not_taken(not_taken, taken), dataflow=g)
+    return DetectResult(sites=taken, not_taken=_final_not_taken(not_taken, taken), dataflow=g, native=native)
+
 
 
 def _not_taken(node: fx.Node, reason: str) -> NotTaken:
@@ -333,8 +346,6 @@ def _skip_source(skip: fx.Node, other: fx.Node, reach: _Reach, depth: int = 4):
         kind = view_kind(node, src)
         if kind is None:
             return None
-        if kind not in ("same", "cast") and not (_channel_last_value(src) and _channel_last_value(node)):
-            return None  # a reshape on the skip path must keep a channel-last value channel-last
         path.insert(0, node)
         if src in reach.anc(other):
             return src, path
@@ -342,12 +353,7 @@ def _skip_source(skip: fx.Node, other: fx.Node, reach: _Reach, depth: int = 4):
     return None
 
 
-def _channel_last_value(node: fx.Node) -> bool:
-    info = tensor_info(node)
-    return info is not None and feature_axis(info[2]) == info[2] - 1
-
-
-def _classify_add(node: fx.Node, reach: _Reach):
+def _classify_add(node: fx.Node, reach: _Reach, hint: Optional[int] = None):
     """A candidate Site for the add ``node``, a reason it is not one, or None (not reported)."""
     a, b, alpha = add_operands(node)
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
@@ -372,11 +378,32 @@ def _classify_add(node: fx.Node, reach: _Reach):
     if not any(_is_heavy(n) for n in region):
         return "branch does no work (elementwise only: no matmul, linear, conv, attention, embedding, pooling, FFT or scan)"
     info = tensor_info(skip)
+    fa = _site_axis(x, skip, node, region, skip_path)
+    if isinstance(fa, str) and hint is not None and fa.startswith(_axis.UNKNOWN) and hint < info[2]:
+        fa = hint  # a block graph whose leaf modules hide the evidence: the model's graph saw it
+    if isinstance(fa, str):
+        return fa
     return Site(
         add=node, x=x, branches=[(y, scale)], region=region, inner_adds=[], shape=info[0],
-        dtype=info[1], feature_axis=feature_axis(info[2]), module_path=module_path(node),
+        dtype=info[1], feature_axis=fa, module_path=module_path(node),
         branch_path="", inplace=is_inplace_add(node), skip_path=skip_path,
     )
+
+
+def _site_axis(x: fx.Node, skip: fx.Node, add: fx.Node, region: set, skip_path: list):
+    """The site's channel axis (a dim of the skip operand), or why it cannot be known (``axis``).
+    A reshape on the skip path keeps the channels last: both sides must then say the last dim."""
+    ev = _axis.gather(x, skip, add, region)
+    reshaped = any(view_kind(p, p.args[0]) not in ("same", "cast") for p in skip_path)
+    if not reshaped:
+        return _axis.decide(ev)
+    bx = _axis.decide(_axis.Evidence(branch=ev.branch))
+    if isinstance(bx, str):
+        return bx
+    ranks = (tensor_info(x)[2], tensor_info(skip)[2])
+    if bx != ranks[0] - 1 or any(next(iter(d)) != ranks[1] - 1 for d, _ in ev.skip if len(d) == 1):
+        return "the skip path reshapes the stream, which keeps the channels only when they are the last dim"
+    return ranks[1] - 1
 
 
 def _parallel_branch(site: Site, outer: fx.Node, reach: _Reach) -> Optional[tuple]:

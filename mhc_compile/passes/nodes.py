@@ -1,6 +1,6 @@
 """What an FX node is, in the words the passes use: its operation's short name
 (:func:`target_name`), its recorded example value (:func:`node_val`, :func:`tensor_info`), whether
-it carries tensor data (:func:`carries_tensor`), its feature axis, and the module path it runs in
+it carries tensor data (:func:`carries_tensor`), and the module path it runs in
 (:func:`module_path`, from ``nn_module_stack`` with Dynamo's spellings made dotted).
 
 One home for node naming: detection, streams, rewrite and rendering read nodes through these.
@@ -102,11 +102,6 @@ def carries_tensor(node: fx.Node) -> bool:
     if isinstance(v, (list, tuple)):
         return any(isinstance(e, torch.Tensor) or hasattr(e, "dtype") for e in v)
     return False
-
-
-def feature_axis(rank: int) -> int:
-    """Channel-first conv activations (rank 4/5) mix over dim 1; rank 1-3 over the last dim."""
-    return 1 if rank >= 4 else rank - 1
 
 
 _ROOT_PREFIXES = [

@@ -67,7 +67,8 @@ class MHCSiteParams(nn.Module):
     A plain container; ``forward`` returns its first input unchanged so that a container
     attached to an ``nn.Sequential`` does not change what the sequence computes.
     :meth:`reset_parameters` restores the function-preserving init (the meta-device flow:
-    build on meta, convert, ``to_empty``, load the original weights, reset).
+    build on meta, convert, ``to_empty``, load the original weights, reset), on plain and
+    DTensor (sharded, replicated) parameters alike, before or after ``fully_shard``.
     """
 
     init_recipe: Optional[InitRecipe] = None
@@ -84,10 +85,28 @@ class MHCSiteParams(nn.Module):
         for key, value in self.init_recipe.values().items():
             p = self._parameters.get(safe_name(key))
             if p is not None:
-                p.copy_(value.to(dtype=p.dtype, device=p.device))
+                _write_init(p, value)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}: {tuple(p.shape)}" for k, p in self._parameters.items())
+
+
+def _write_init(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the full init ``value`` into ``p``: a plain tensor, or a DTensor of any mesh and
+    placements (FSDP2's ``Shard(0)``, a TP ``Replicate()``, both), whose local part receives its
+    own slice of ``value``. No collective: every rank computes the same value and keeps its part."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(p, DTensor):
+        p.copy_(value.to(dtype=p.dtype, device=p.device))
+        return
+    local = p.to_local()
+    if local.is_meta:  # sharded on the meta device, before to_empty: nothing to write yet
+        return
+    mesh = p.device_mesh
+    full = value.to(dtype=p.dtype, device=mesh.device_type)
+    part = distribute_tensor(full, mesh, p.placements, src_data_rank=None).to_local()
+    local.copy_(part.to(local.device))
 
 
 def safe_name(part: str) -> str:

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from .. import ops, reference
 from ..config import MHCConfig
-from ..report import ChainReport, NotTakenReport, ResidualReport, SiteReport
+from ..report import ChainReport, NativeStreamsReport, NotTakenReport, ResidualReport, SiteReport
 from .detect import DetectResult, Site, detect_sites, node_val
 from .placement import InitRecipe, SiteInit, attach, safe_path, site_container
 from .stream_views import restate, view_kind
@@ -406,12 +406,15 @@ def build_report(detected: DetectResult, chains: list, config: MHCConfig, rewrit
         if config.collapse == "learned":
             rep.params_added += n
     rep.not_taken = [NotTakenReport(t.node, t.module_path, t.reason) for t in detected.not_taken]
+    rep.native = [NativeStreamsReport(s.axis, s.streams, [str(d) for d in s.shape], s.modules(), s.describe())
+                  for s in detected.native]
     return rep
 
 
-def analyze(graph: fx.Graph) -> tuple:
-    """Detect sites and build chains; returns (DetectResult, chains) with names assigned."""
-    detected = detect_sites(graph)
+def analyze(graph: fx.Graph, axis_hint: Optional[int] = None) -> tuple:
+    """Detect sites and build chains; returns (DetectResult, chains) with names assigned.
+    ``axis_hint``: see :func:`detect.detect_sites`."""
+    detected = detect_sites(graph, axis_hint)
     chains = build_chains(graph, detected)
     ordered = sorted((s for c in chains for s in c.sites), key=lambda s: detected.sites.index(s))
     assign_names(ordered)

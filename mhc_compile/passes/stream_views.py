@@ -12,8 +12,9 @@ applied to every stream at once by restating it on ``X`` with the stream axis ke
 * ``contiguous`` / ``clone`` / ``alias`` and casts (``to``, ``_to_copy``, ``float``, ...) -> as is.
 
 This covers a decoder layer that flattens its hidden states to ``(B*T, C)`` for the MLP, and the
-window partition / reverse (and shift) of windowed attention. Channel-first conv activations
-(rank 4/5, channels on dim 1) only get the shape-preserving ops. Works on aten (export) and
+window partition / reverse (and shift) of windowed attention. A stream whose channel axis (read
+from the graph, ``axis``) is not last, such as a conv net's (N, C, H, W), only gets the
+shape-preserving ops. Works on aten (export) and
 torch-level (Dynamo) spellings.
 """
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""A small torchtitan-style Llama and its tensor-parallel plan, for ``train_distributed.py --tp``.
+
+:class:`TPLlama` has torchtitan's module names (``tok_embeddings``, ``layers.<i>.attention_norm``,
+``attention.{wq,wk,wv,wo}``, ``ffn_norm``, ``feed_forward.{w1,w2,w3}``, ``norm``, ``output``) and
+attention that works on any number of local heads, so Colwise/Rowwise sharding applies as is.
+
+:func:`apply_tp` is the usual ``torch.distributed.tensor.parallel`` recipe (the PyTorch TP
+tutorial's, torchtitan's before 0.3): Colwise/Rowwise on the projections, and with
+``sequence_parallel`` SequenceParallel on the norms and ``Shard(1)`` activations between blocks;
+then ``mhc_compile.parallelize_mhc`` makes the mHC parameters replicated DTensors on the TP mesh.
+``dtensor_stream=True`` keeps the activations DTensors between modules (``use_local_output=False``,
+what torchtitan 0.3 does), so the converted blocks get a DTensor stream.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mhc_compile
+
+
+class Attention(nn.Module):
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.head_dim = c // heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(c, c, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[0], x.shape[1]
+        q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(c, 2 * c, bias=False), nn.Linear(c, 2 * c, bias=False)
+        self.w2 = nn.Linear(2 * c, c, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.attention_norm, self.ffn_norm = nn.RMSNorm(c), nn.RMSNorm(c)
+        self.attention, self.feed_forward = Attention(c, heads), FeedForward(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class TPLlama(nn.Module):
+    def __init__(self, vocab: int = 256, c: int = 64, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, c)
+        self.layers = nn.ModuleDict({str(i): Block(c, heads) for i in range(layers)})
+        self.norm, self.output = nn.RMSNorm(c), nn.Linear(c, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h)
+        return self.output(self.norm(h))
+
+
+def _no_parallel():
+    """torchtitan's ``NoParallel``: a module run whole on every TP rank, its parameters replicated
+    DTensors (so ``clip_grad_norm_`` and foreach optimizers see one kind of parameter), its input
+    and output local tensors."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.parallel import ParallelStyle
+    from torch.distributed.tensor import distribute_module
+
+    class NoParallel(ParallelStyle):
+        def _apply(self, module, mesh):
+            def inputs(mod, args, mesh):
+                return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False)
+                             if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a for a in args)
+
+            return distribute_module(module, mesh, input_fn=inputs, output_fn=lambda mod, out, mesh: out.to_local())
+
+    return NoParallel()
+
+
+def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, dtensor_stream: bool = False) -> nn.Module:
+    """Tensor parallel (and SequenceParallel) on a converted :class:`TPLlama`, then the mHC parameters
+    replicated on ``tp_mesh``. The logits come back whole (``Replicate``) on every TP rank."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    if dtensor_stream and not sequence_parallel:
+        raise ValueError("dtensor_stream needs sequence_parallel (a replicated DTensor stream would meet plain norms)")
+    sp, local = sequence_parallel, not dtensor_stream
+    act = Shard(1) if sp else Replicate()
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=act, use_local_output=local),
+        "norm": SequenceParallel() if sp else _no_parallel(),
+        "output": ColwiseParallel(input_layouts=act, output_layouts=Replicate()),
+    })
+    for block in model.layers.values():
+        plan = {
+            "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=act, use_local_output=local),
+            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=act, use_local_output=local),
+        }
+        if not sp:
+            plan.update({"attention_norm": _no_parallel(), "ffn_norm": _no_parallel()})
+        else:
+            plan.update({
+                "attention_norm": SequenceParallel(),
+                "attention": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "ffn_norm": SequenceParallel(),
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp_mesh, plan)
+    if getattr(model, "mhc_report", None) is None:  # the plain model (train_distributed --variant plain)
+        return model
+    return mhc_compile.parallelize_mhc(model, tp_mesh, sequence_parallel=sp)

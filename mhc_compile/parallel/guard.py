@@ -1,0 +1,42 @@
+"""The guard a stream-carrying block runs on every call (``blocks/carry.py``): tensor parallel
+with plain mHC parameters raises :class:`MHCParallelError`, never a silent partial gradient.
+
+Under SequenceParallel with local activations (``torch.distributed.tensor.parallel`` styles,
+``use_local_output=True``) the stream a block passes on is a plain tensor holding this rank's
+tokens, and nothing in the mHC ops' inputs says so. The block's weights do: SequenceParallel
+makes its norm weights replicated DTensors on the TP mesh (torchtitan makes every unsharded
+weight one). So a block holding a non-mHC parameter that is a DTensor replicated on every mesh dim,
+while one of its mHC parameters is a plain tensor, raises and names ``parallelize_mhc``.
+(FSDP2 parameters are ``Shard`` on their mesh and are not taken for TP; during the forward FSDP2
+has already swapped in the unsharded ones.) A DTensor stream meeting plain mHC parameters raises
+in the op itself (``parallel/mixed.py``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..passes.placement import MHCSiteParams
+from .mixed import HELPER, DTensor, MHCParallelError, Replicate
+
+
+def check_block(block: nn.Module) -> None:
+    """Raise when ``block`` is tensor parallel (a replicated DTensor weight outside its mHC
+    containers) while one of its mHC parameters is a plain tensor (module docstring)."""
+    if DTensor is None:
+        return
+    plain, tp = None, None
+    for mname, mod in block.named_modules():
+        for name, p in mod._parameters.items():
+            if p is None:
+                continue
+            if isinstance(mod, MHCSiteParams):
+                if plain is None and not isinstance(p, DTensor):
+                    plain = f"{mname}.{name}" if mname else name
+            elif tp is None and isinstance(p, DTensor) and all(isinstance(pl, Replicate) for pl in p.placements):
+                tp = (f"{mname}.{name}" if mname else name, p.device_mesh)
+    if plain is not None and tp is not None:
+        raise MHCParallelError(
+            f"this block is tensor parallel ({tp[0]} is a replicated DTensor on {tp[1]}) but its mHC parameter "
+            f"{plain!r} is a plain tensor: under SequenceParallel each rank would train it on its own tokens "
+            "only (a partial gradient, parameters drifting apart across ranks), and clip_grad_norm_ / foreach "
+            f"optimizers refuse the mix. Call {HELPER} after the TP plan and before fully_shard")
