@@ -16,7 +16,8 @@ Dispatch (the ``kernels`` argument, one of ``config.KERNELS``, from ``MHCConfig.
 This module is the one place that picks the reference or the Triton kernels; the kernel
 launchers only launch:
     "reference" -> plain torch (``mhc_compile.reference``) on any device;
-    "auto"      -> Triton kernels for CUDA tensors, reference elsewhere;
+    "auto"      -> Triton kernels for CUDA tensors, the fused C++ kernels of ``kernels_cpu`` for
+                   CPU tensors (the reference where they cannot be built), reference elsewhere;
     "triton"    -> Triton kernels everywhere; on CPU that is the Triton interpreter, which
                    needs ``TRITON_INTERPRET=1`` set before triton is imported.
 The coeffs and boundary kernels compute in float32: float64 inputs (gradcheck), and a boundary
@@ -96,6 +97,16 @@ def _fused_triton(kernels: str, x: Tensor, *tensors: Tensor) -> bool:
     return use_triton(x, kernels) and x.dtype in _FUSED_DTYPES and all(t.dtype != torch.float64 for t in tensors)
 
 
+def _cpu(kernels: str, x: Tensor, *tensors: Tensor):
+    """``kernels_cpu.launch`` when an op runs the fused CPU kernels ("auto", every tensor on CPU,
+    the extension built), else None."""
+    if kernels != "auto" or x.device.type != "cpu":
+        return None
+    from .kernels_cpu import available, launch
+
+    return launch if launch.supported(x, *tensors) and available() else None
+
+
 def _flat3(x: Tensor) -> Tensor:
     """(..., n, C) -> (T, n, C) contiguous."""
     return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
@@ -137,6 +148,8 @@ def _coeffs(
         lead, n = x.shape[:-2], x.shape[-2]
         hp, ho, hr = coeffs_forward(_flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
         return _record((hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)))
+    if (cpu := _cpu(kernels, x, phi, alpha, b_pre, b_post, b_res)):
+        return _record(cpu.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant))
     outs = reference.coeffs(
         x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=True
     )
@@ -168,7 +181,8 @@ def _coeffs_backward(
             _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         )
         return (gx.reshape(x.shape), *rest)
-
+    if (cpu := _cpu(kernels, x, phi, alpha, b_pre, b_post, b_res)):
+        return cpu.coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     grads = reference.coeffs_backward(
         g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant
     )
@@ -218,6 +232,8 @@ def _pre(x: Tensor, h_pre: Tensor, kernels: str) -> Tensor:
         from .kernels.pre import pre_forward
 
         return pre_forward(_flat3(x), _flat_coeff(h_pre, 1)).reshape(*x.shape[:-2], x.shape[-1])
+    if (cpu := _cpu(kernels, x, h_pre)):
+        return cpu.pre_forward(x, h_pre)
     return reference.pre_mix(x, h_pre).contiguous()
 
 
@@ -233,6 +249,8 @@ def _pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor, kernels: str) -> tuple
 
         gx, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1))
         return gx.reshape(x.shape), gh.reshape(h_pre.shape)
+    if (cpu := _cpu(kernels, x, h_pre, grad)):
+        return cpu.pre_backward(grad, x, h_pre)
     gx, gh = reference.pre_mix_backward(grad, x, h_pre)
     return gx.contiguous(), gh.contiguous()
 
@@ -276,6 +294,8 @@ def _post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: 
             _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(), _flat_coeff(h_post, 1), _flat_coeff(h_res, 2)
         )
         return out.reshape(x.shape)
+    if h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, h_out, h_post, h_res)):
+        return cpu.post_res_forward(x, h_out, h_post, h_res)
     return reference.post_res_mix(x, h_out, h_post, h_res).contiguous()
 
 
@@ -302,6 +322,8 @@ def _post_res_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if use_triton(x, kernels):
         return _post_res_bwd_triton(grad, x, h_out, h_post, h_res)
+    if h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, grad, h_out, h_post, h_res)):
+        return cpu.post_res_backward(grad, x, h_out, h_post, h_res)
     grads = reference.post_res_mix_backward(grad, x, h_out, h_post, h_res)
     return tuple(g.contiguous() for g in grads)
 
@@ -354,6 +376,8 @@ def _boundary(
             phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         )
         outs = (xn.reshape(x.shape), hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n), hin.reshape(*lead, c))
+    elif h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
+        outs = cpu.boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     else:
         outs = tuple(
             o.contiguous()
@@ -402,6 +426,10 @@ def _boundary_backward(
     if _fused_triton(kernels, x, h_post, h_res, phi, alpha, b_pre, b_post, b_res) and h_out.dtype == x.dtype:
         return _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res,
                                     phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    if h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
+        return cpu.boundary_backward(
+            g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
+        )
     grads = reference.boundary_backward(
         g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
     )

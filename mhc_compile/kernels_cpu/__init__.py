@@ -1,0 +1,79 @@
+"""Fused CPU kernels for the mHC ops: a small C++ extension built at first use, and its launchers.
+
+``coeffs.cpp`` and ``mix.cpp`` (next to this file, helpers in ``common.h``) hold one-pass kernels, parallel over tokens with torch's
+intra-op threads: the gate activations with the whole Sinkhorn loop and their backward (the 20
+iterations replayed per token in registers-sized buffers), ``pre`` and ``post_res`` with their
+backward. The dense part of ``coeffs`` (RMS, the phi projection and their gradients) stays in
+aten (one GEMM each way). :mod:`.launch` composes them into the ``mhc::`` ops' implementations.
+
+The extension is compiled once per machine with ``torch.utils.cpp_extension.load`` (about 10 s,
+cached in torch's extension directory, ``TORCH_EXTENSIONS_DIR``) the first time a CPU tensor
+reaches an ``mhc::`` op under ``kernels="auto"``. Where it cannot be built (no C++ compiler or
+ninja), :func:`available` is False, a warning says so once, and ``ops.py`` runs the plain-torch
+reference instead: same numbers, slower. ``MHC_CPU_KERNELS=0`` skips the build.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_DIR = Path(__file__).parent
+_SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp")
+_HEADERS = (_DIR / "common.h",)
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool once the build was tried, "error": str when it failed
+
+
+def _arch_flags() -> list[str]:
+    """Vector ISA flags for the host, from torch's own CPU capability probe (never -march=native)."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old or unusual builds
+        return []
+    if cap.startswith("AVX512"):
+        return ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if cap == "AVX2":
+        return ["-mavx2", "-mfma"]
+    return []
+
+
+def available() -> bool:
+    """Whether the fused CPU kernels are loaded (building them on the first call)."""
+    ok = _state.get("ok")
+    if ok is not None:
+        return ok
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        if os.environ.get("MHC_CPU_KERNELS", "1") == "0":
+            _state.update(ok=False, error="MHC_CPU_KERNELS=0")
+            return False
+        try:
+            from torch.utils.cpp_extension import load
+
+            flags = ["-O3", *_arch_flags()]
+            blob = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS)) + " ".join(flags).encode()
+            tag = hashlib.sha256(blob).hexdigest()[:12]  # a new name whenever the sources or flags change
+            load(f"mhc_cpu_{tag}", sources=[str(f) for f in _SOURCES], extra_cflags=flags, is_python_module=False,
+                 verbose=False)
+            _state["ok"] = True
+        except Exception as e:  # no compiler / ninja / headers: the reference runs instead
+            _state.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            warnings.warn(
+                "mhc-compile: the fused CPU kernels could not be built "
+                f"({_state['error']}); CPU mHC ops run the plain-torch reference (same numbers, slower). "
+                "Install a C++ compiler and ninja to build them, or set MHC_CPU_KERNELS=0 to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return _state["ok"]
+
+
+def build_error() -> str | None:
+    """Why the kernels are not available (None when they are, or the build was not tried yet)."""
+    return _state.get("error")

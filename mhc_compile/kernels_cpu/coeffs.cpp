@@ -1,0 +1,296 @@
+// mhc::coeffs on CPU after the projection GEMM: RMS, logits, gates and the Sinkhorn loop (forward),
+// and its backward with the Sinkhorn replay; plus the schema of every torch.ops.mhc_cpu op.
+#include "common.h"
+
+namespace mhc_cpu {
+namespace {
+
+// One Sinkhorn step on m (n x n): A = m / colsum(m) (into A), row sums into r, M = A / rowsum(A)
+// (into M); c receives the column sums. A and M may alias m.
+template <typename acc, int N>
+inline void sk_step(const acc* m, acc* c, acc* A, acc* r, acc* M, int64_t n_rt) {
+  const int64_t n = N ? N : n_rt;
+  for (int64_t j = 0; j < n; ++j) c[j] = m[j];
+  for (int64_t i = 1; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) c[j] += m[i * n + j];
+  for (int64_t i = 0; i < n; ++i) {
+    acc sum{};
+    for (int64_t j = 0; j < n; ++j) { A[i * n + j] = m[i * n + j] / c[j]; sum += A[i * n + j]; }
+    r[i] = sum;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) M[i * n + j] = A[i * n + j] / r[i];
+}
+
+// Backward through the Sinkhorn steps, last to first, in place on g (n x n), from the stored
+// column sums cs, row sums rs, A and M of every step (sk_step's outputs); s is n scratch.
+template <typename acc, int N>
+inline void sk_backward(acc* g, const acc* cs, const acc* rs, const acc* As, const acc* Ms, acc* s, int64_t iters,
+                        int64_t n_rt) {
+  const int64_t n = N ? N : n_rt, nn = n * n;
+  for (int64_t it = iters - 1; it >= 0; --it) {
+    const acc *c = cs + it * n, *r = rs + it * n, *A = As + it * nn, *M = Ms + it * nn;
+    for (int64_t i = 0; i < n; ++i) {  // M = A / rowsum(A)
+      acc sum{};
+      for (int64_t j = 0; j < n; ++j) sum += g[i * n + j] * M[i * n + j];
+      for (int64_t j = 0; j < n; ++j) g[i * n + j] = (g[i * n + j] - sum) / r[i];
+    }
+    for (int64_t j = 0; j < n; ++j) s[j] = g[j] * A[j];  // A = M_prev / colsum(M_prev)
+    for (int64_t i = 1; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) s[j] += g[i * n + j] * A[i * n + j];
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) g[i * n + j] = (g[i * n + j] - s[j]) / c[j];
+  }
+}
+
+// W tokens side by side, one per lane of a 32-byte vector: the Sinkhorn loops of W tokens run as
+// vector divisions (the same IEEE operations in the same order as the one-token path, so the
+// results are identical to it).
+template <typename T>
+struct Lanes {
+  typedef T V __attribute__((vector_size(32)));
+  static constexpr int W = 32 / sizeof(T);
+};
+
+// exp(clamp(L - max(L), -SPREAD)) into m0; returns max(L)
+template <typename acc, int N>
+inline acc sk_start(const acc* L, acc* m0, int64_t n_rt) {
+  const int64_t nn = (N ? N : n_rt) * (N ? N : n_rt);
+  acc mx = L[0];
+  for (int64_t k = 1; k < nn; ++k) mx = std::max(mx, L[k]);
+  for (int64_t k = 0; k < nn; ++k) m0[k] = std::exp(std::max(L[k] - mx, acc(-kSpread)));
+  return mx;
+}
+
+// Per token: r = sqrt(mean(flat^2) + eps), h_raw = proj / r, h = h_raw (tanh(h_raw) for hc),
+// z = alpha_segment * h + b. Writes h_raw, h, z (K = 2n+n^2 each); returns r.
+template <typename acc>
+inline acc logits(const acc* flat, int64_t nc, const acc* proj, const acc* alpha, const acc* bp, const acc* bo,
+                  const acc* br, int64_t n, double eps, bool hc, acc* h_raw, acc* h, acc* z) {
+  const acc r = std::sqrt(dot(flat, flat, nc) / acc(nc) + acc(eps));
+  const int64_t K = 2 * n + n * n;
+  for (int64_t k = 0; k < K; ++k) {
+    h_raw[k] = proj[k] / r;
+    h[k] = hc ? std::tanh(h_raw[k]) : h_raw[k];
+    const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
+    const acc bias = seg == 0 ? bp[k] : (seg == 1 ? bo[k - n] : br[k - 2 * n]);
+    z[k] = alpha[seg] * h[k] + bias;
+  }
+  return r;
+}
+
+// mhc::coeffs on one token's logits z: H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn (hc: z itself).
+template <typename acc, int N>
+inline void activate(const acc* z, int64_t n, int64_t iters, bool hc, acc* hp, acc* ho, acc* hr, acc* col, acc* row) {
+  const int64_t nn = n * n;
+  if (hc) {
+    for (int64_t i = 0; i < n; ++i) { hp[i] = z[i]; ho[i] = z[n + i]; }
+    for (int64_t k = 0; k < nn; ++k) hr[k] = z[2 * n + k];
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    hp[i] = sigm(z[i]);
+    ho[i] = acc(2) * sigm(z[n + i]);
+  }
+  sk_start<acc, N>(z + 2 * n, hr, n);
+  for (int64_t it = 0; it < iters; ++it) sk_step<acc, N>(hr, col, hr, row, hr, n);
+}
+
+// Forward of dynamic mhc::coeffs after the projection: flat = vec(X) (T, nC) and proj = flat . phi
+// (T, K), both in the compute type -> H_pre (T,n), H_post (T,n), H_res (T,n,n).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coeffs_fwd(
+    const at::Tensor& flat_, const at::Tensor& proj_, const at::Tensor& alpha_, const at::Tensor& bp_,
+    const at::Tensor& bo_, const at::Tensor& br_, double eps, int64_t n, int64_t iters, bool hc) {
+  at::Tensor flat = flat_.contiguous(), proj = proj_.contiguous(), alpha = alpha_.contiguous();
+  at::Tensor bp = bp_.contiguous(), bo = bo_.contiguous(), br = br_.contiguous();
+  const int64_t T = flat.size(0), NC = flat.size(1), nn = n * n, K = 2 * n + nn;
+  TORCH_CHECK(proj.size(0) == T && proj.size(1) == K && alpha.numel() == 3 && bp.numel() == n && bo.numel() == n &&
+              br.numel() == nn, "mhc_cpu::coeffs_fwd: shapes do not match (T, 2n+n^2)");
+  at::Tensor hp = at::empty({T, n}, flat.options()), ho = at::empty({T, n}, flat.options());
+  at::Tensor hr = at::empty({T, n, n}, flat.options());
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "mhc_cpu_coeffs_fwd", [&] {
+    using acc = scalar_t;
+    const acc *fp = flat.data_ptr<acc>(), *pj = proj.data_ptr<acc>(), *al = alpha.data_ptr<acc>();
+    const acc *bpp = bp.data_ptr<acc>(), *bop = bo.data_ptr<acc>(), *brp = br.data_ptr<acc>();
+    acc *pp = hp.data_ptr<acc>(), *op = ho.data_ptr<acc>(), *rp = hr.data_ptr<acc>();
+    with_n(n, [&](auto NC_) {
+      constexpr int N = decltype(NC_)::value;
+      at::parallel_for(0, T, grain(iters * nn * 4 + NC), [&](int64_t b, int64_t e) {
+        std::vector<acc> col(n), row(n), h_raw(K), h(K), z(K);
+        using V = typename Lanes<acc>::V;
+        constexpr int W = Lanes<acc>::W;
+        std::vector<V> mv(nn), colv(n), rowv(n);
+        int64_t t = b;
+        if (!hc) {
+          for (; t + W <= e; t += W) {  // W tokens at once: gates per token, Sinkhorn in lanes
+            for (int l = 0; l < W; ++l) {
+              const int64_t tl = t + l;
+              logits(fp + tl * NC, NC, pj + tl * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
+              for (int64_t i = 0; i < n; ++i) {
+                pp[tl * n + i] = sigm(z[i]);
+                op[tl * n + i] = acc(2) * sigm(z[n + i]);
+              }
+              acc* m = rp + tl * nn;
+              sk_start<acc, N>(z.data() + 2 * n, m, n);
+              for (int64_t k = 0; k < nn; ++k) mv[k][l] = m[k];
+            }
+            for (int64_t it = 0; it < iters; ++it) sk_step<V, N>(mv.data(), colv.data(), mv.data(), rowv.data(), mv.data(), n);
+            for (int l = 0; l < W; ++l)
+              for (int64_t k = 0; k < nn; ++k) rp[(t + l) * nn + k] = mv[k][l];
+          }
+        }
+        for (; t < e; ++t) {
+          logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
+          activate<acc, N>(z.data(), n, iters, hc, pp + t * n, op + t * n, rp + t * nn, col.data(), row.data());
+        }
+      });
+    });
+  });
+  return {hp, ho, hr};
+}
+
+// Backward of coeffs_fwd. Returns (dh_r (T,K), coef (T,1), g_alpha (3), g_b_pre (n), g_b_post (n),
+// g_b_res (n,n)) with dh = d loss / d h_raw, dh_r = dh / r and coef = (dh . h_raw) / (nC r^2), so that
+// d loss / d flat = dh_r . phi^T - coef * flat and d loss / d phi = flat^T . dh_r (the caller's GEMMs).
+// The token sums (biases, alpha) are reduced in token order after the parallel part: deterministic.
+std::vector<at::Tensor> coeffs_bwd(
+    const at::Tensor& gp_, const at::Tensor& go_, const at::Tensor& gr_, const at::Tensor& flat_,
+    const at::Tensor& proj_, const at::Tensor& alpha_, const at::Tensor& bp_, const at::Tensor& bo_,
+    const at::Tensor& br_, double eps, int64_t n, int64_t iters, bool hc) {
+  at::Tensor gp = gp_.contiguous(), go = go_.contiguous(), gr = gr_.contiguous();
+  at::Tensor flat = flat_.contiguous(), proj = proj_.contiguous(), alpha = alpha_.contiguous();
+  at::Tensor bp = bp_.contiguous(), bo = bo_.contiguous(), br = br_.contiguous();
+  const int64_t T = flat.size(0), NC = flat.size(1), nn = n * n, K = 2 * n + nn;
+  TORCH_CHECK(proj.size(0) == T && proj.size(1) == K && gp.numel() == T * n && go.numel() == T * n &&
+              gr.numel() == T * nn, "mhc_cpu::coeffs_bwd: shapes do not match (T, 2n+n^2)");
+  at::Tensor dh_r = at::empty({T, K}, flat.options()), coef = at::empty({T, 1}, flat.options());
+  at::Tensor dz_all = at::empty({T, K}, flat.options()), dzh_all = at::empty({T, K}, flat.options());
+  at::Tensor g_alpha = at::empty({3}, flat.options()), g_bp = at::empty({n}, flat.options());
+  at::Tensor g_bo = at::empty({n}, flat.options()), g_br = at::empty({n, n}, flat.options());
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "mhc_cpu_coeffs_bwd", [&] {
+    using acc = scalar_t;
+    const acc *fp = flat.data_ptr<acc>(), *pj = proj.data_ptr<acc>(), *al = alpha.data_ptr<acc>();
+    const acc *bpp = bp.data_ptr<acc>(), *bop = bo.data_ptr<acc>(), *brp = br.data_ptr<acc>();
+    const acc *gpp = gp.data_ptr<acc>(), *gop = go.data_ptr<acc>(), *grp = gr.data_ptr<acc>();
+    acc *dhp = dh_r.data_ptr<acc>(), *cp = coef.data_ptr<acc>(), *dzp = dz_all.data_ptr<acc>(), *dzhp = dzh_all.data_ptr<acc>();
+    with_n(n, [&](auto NC_) {
+      constexpr int N = decltype(NC_)::value;
+      at::parallel_for(0, T, grain(iters * nn * 10 + NC), [&](int64_t b, int64_t e) {
+        using V = typename Lanes<acc>::V;
+        constexpr int W = Lanes<acc>::W;
+        // per lane: logits and their pieces, the Sinkhorn start m0 and its max, then g
+        std::vector<acc> h_raw(W * K), h(W * K), z(W * K), rr(W), mx(W), m0(W * nn), g(W * nn), s(n);
+        // Sinkhorn replay, per iteration k: column sums c_k, A_k = M_{k-1}/c_k, row sums r_k, M_k = A_k/r_k
+        std::vector<acc> cs(iters * n), rs(iters * n), As(iters * nn), Ms(iters * nn);
+        std::vector<V> csv, rsv, Asv, Msv, m0v, gv, sv;
+        if (!hc) csv.resize(iters * n), rsv.resize(iters * n), Asv.resize(iters * nn), Msv.resize(iters * nn),
+                 m0v.resize(nn), gv.resize(nn), sv.resize(n);
+
+        auto prepare = [&](int64_t t, int l) {  // logits, gate gradients, Sinkhorn start of token t into lane l
+          acc *zl = &z[l * K], *dz = dzp + t * K;
+          rr[l] = logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, &h_raw[l * K], &h[l * K], zl);
+          if (hc) {
+            for (int64_t i = 0; i < n; ++i) { dz[i] = gpp[t * n + i]; dz[n + i] = gop[t * n + i]; }
+            for (int64_t k = 0; k < nn; ++k) dz[2 * n + k] = grp[t * nn + k];
+            return;
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            const acc sp = sigm(zl[i]), so = sigm(zl[n + i]);
+            dz[i] = gpp[t * n + i] * sp * (acc(1) - sp);
+            dz[n + i] = acc(2) * gop[t * n + i] * so * (acc(1) - so);
+          }
+          mx[l] = sk_start<acc, N>(zl + 2 * n, &m0[l * nn], n);
+          for (int64_t k = 0; k < nn; ++k) g[l * nn + k] = grp[t * nn + k];
+        };
+        auto finish = [&](int64_t t, int l) {  // d logits of the Sinkhorn start, then dh_r, coef, dz*h
+          acc* dz = dzp + t * K;
+          const acc *zl = &z[l * K], *hl = &h[l * K], *hrl = &h_raw[l * K];
+          if (!hc) {
+            const acc* L = zl + 2 * n;
+            acc* dr = dz + 2 * n;
+            acc total = 0, ties = 0;
+            for (int64_t k = 0; k < nn; ++k) {
+              dr[k] = (L[k] - mx[l] >= acc(-kSpread)) ? g[l * nn + k] * m0[l * nn + k] : acc(0);
+              total += dr[k];
+              ties += (L[k] == mx[l]) ? acc(1) : acc(0);
+            }
+            for (int64_t k = 0; k < nn; ++k)
+              if (L[k] == mx[l]) dr[k] -= total / ties;  // max subtraction: -sum(dz) to the argmax (ties share)
+          }
+          acc *dh = dhp + t * K, *dzh = dzhp + t * K;
+          acc sdh = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
+            dzh[k] = dz[k] * hl[k];
+            acc d = al[seg] * dz[k];
+            if (hc) d = d * (acc(1) - hl[k] * hl[k]);
+            sdh += d * hrl[k];
+            dh[k] = d / rr[l];
+          }
+          cp[t] = sdh / (acc(NC) * rr[l] * rr[l]);
+        };
+
+        int64_t t = b;
+        if (!hc) {
+          for (; t + W <= e; t += W) {
+            for (int l = 0; l < W; ++l) prepare(t + l, l);
+            for (int64_t k = 0; k < nn; ++k)
+              for (int l = 0; l < W; ++l) { m0v[k][l] = m0[l * nn + k]; gv[k][l] = g[l * nn + k]; }
+            const V* prev = m0v.data();
+            for (int64_t it = 0; it < iters; ++it) {
+              sk_step<V, N>(prev, &csv[it * n], &Asv[it * nn], &rsv[it * n], &Msv[it * nn], n);
+              prev = &Msv[it * nn];
+            }
+            sk_backward<V, N>(gv.data(), csv.data(), rsv.data(), Asv.data(), Msv.data(), sv.data(), iters, n);
+            for (int64_t k = 0; k < nn; ++k)
+              for (int l = 0; l < W; ++l) g[l * nn + k] = gv[k][l];
+            for (int l = 0; l < W; ++l) finish(t + l, l);
+          }
+        }
+        for (; t < e; ++t) {
+          prepare(t, 0);
+          if (!hc) {
+            const acc* prev = m0.data();
+            for (int64_t it = 0; it < iters; ++it) {
+              sk_step<acc, N>(prev, &cs[it * n], &As[it * nn], &rs[it * n], &Ms[it * nn], n);
+              prev = &Ms[it * nn];
+            }
+            sk_backward<acc, N>(g.data(), cs.data(), rs.data(), As.data(), Ms.data(), s.data(), iters, n);
+          }
+          finish(t, 0);
+        }
+      });
+    });
+    // token sums in token order
+    std::vector<acc> sb(K, acc(0)), sa(K, acc(0));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) { sb[k] += dzp[t * K + k]; sa[k] += dzhp[t * K + k]; }
+    acc* ga = g_alpha.data_ptr<acc>();
+    ga[0] = ga[1] = ga[2] = 0;
+    for (int64_t k = 0; k < K; ++k) ga[k < n ? 0 : (k < 2 * n ? 1 : 2)] += sa[k];
+    for (int64_t i = 0; i < n; ++i) { g_bp.data_ptr<acc>()[i] = sb[i]; g_bo.data_ptr<acc>()[i] = sb[n + i]; }
+    for (int64_t k = 0; k < nn; ++k) g_br.data_ptr<acc>()[k] = sb[2 * n + k];
+  });
+  return {dh_r, coef, g_alpha, g_bp, g_bo, g_br};
+}
+}  // namespace
+}  // namespace mhc_cpu
+
+TORCH_LIBRARY(mhc_cpu, m) {
+  m.def("coeffs_fwd(Tensor flat, Tensor proj, Tensor alpha, Tensor b_pre, Tensor b_post, Tensor b_res, float eps, int n, "
+        "int iters, bool hc) -> (Tensor, Tensor, Tensor)");
+  m.def("coeffs_bwd(Tensor g_pre, Tensor g_post, Tensor g_res, Tensor flat, Tensor proj, Tensor alpha, Tensor b_pre, "
+        "Tensor b_post, Tensor b_res, float eps, int n, int iters, bool hc) -> Tensor[]");
+  m.def("pre_fwd(Tensor x, Tensor h_pre) -> Tensor");
+  m.def("pre_bwd(Tensor grad, Tensor x, Tensor h_pre) -> (Tensor, Tensor)");
+  m.def("pre_grad_h(Tensor grad, Tensor x) -> Tensor");
+  m.def("boundary_gx(Tensor gmm, Tensor x, Tensor coef, Tensor g_x_next, Tensor g_h_in, Tensor h_pre) -> Tensor");
+  m.def("post_res_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res) -> Tensor");
+  m.def("post_res_bwd(Tensor grad, Tensor x, Tensor h_out, Tensor h_post, Tensor h_res) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+
+TORCH_LIBRARY_IMPL(mhc_cpu, CPU, m) {
+  m.impl("coeffs_fwd", &mhc_cpu::coeffs_fwd);
+  m.impl("coeffs_bwd", &mhc_cpu::coeffs_bwd);
+}

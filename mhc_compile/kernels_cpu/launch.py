@@ -1,0 +1,174 @@
+"""The ``mhc::`` ops on CPU from the fused kernels of ``coeffs.cpp`` / ``mix.cpp`` plus a few aten calls.
+
+Every function takes and returns the shapes of the ``mhc::`` op it implements (streams
+``(..., n, C)``, coefficients ``(..., n)`` / ``(..., n, n)``, possibly broadcast) and follows the
+math of :mod:`mhc_compile.reference` (its hand-written backward formulas, the same recomputation
+from the op inputs). :func:`supported` says which calls they take; ``ops.py`` runs the reference
+for the rest. Per site (coeffs + pre + post_res) the forward makes 4 calls that do work and the
+backward 8, whatever n and the Sinkhorn iteration count (``tests/test_kernels_cpu.py`` counts them).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+
+_COMPUTE = {dt: reference.compute_dtype(dt) for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """:func:`mhc_compile.reference.compute_dtype`, looked up (no aten call per op)."""
+    return _COMPUTE[dtype]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _ops():
+    """torch.ops.mhc_cpu (exists once :func:`mhc_compile.kernels_cpu.available` built it)."""
+    return torch.ops.mhc_cpu
+
+
+def supported(x: Tensor, *others: Tensor) -> bool:
+    """x on CPU in a float dtype, every other tensor on CPU (the kernels' contract)."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES and all(t.device.type == "cpu" for t in others)
+
+
+# ----------------------------------------------------------------------------- layout helpers
+def _flat3(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _coef(h: Tensor, lead: torch.Size, tail: int, cd: torch.dtype) -> Tensor:
+    """A coefficient as (1 or T, *tail dims) in the compute dtype (a broadcast one keeps one row)."""
+    per = h.shape[h.dim() - tail :]
+    if h.numel() != per.numel():
+        h = h.expand(*lead, *per)
+    return h.reshape(-1, *per).to(cd)
+
+
+# ----------------------------------------------------------------------------- coeffs
+def _check_variant(variant: str) -> bool:
+    if variant not in ("mhc", "hc"):
+        raise ValueError(f"unknown variant {variant!r}; expected 'mhc' or 'hc'")
+    return variant == "hc"
+
+
+def _project(x: Tensor, phi: Tensor, alpha, b_pre, b_post, b_res):
+    """vec(X) (T, nC) and its projection vec(X) . phi (T, 2n+n^2) in the compute dtype (one GEMM),
+    plus phi and the small parameters in the compute dtype."""
+    n, c = x.shape[-2], x.shape[-1]
+    cd = compute_dtype(x.dtype)
+    flat = x.reshape(-1, n * c).to(cd)
+    phi_c = phi.to(cd)
+    small = tuple(t.to(cd) for t in (alpha, b_pre, b_post, b_res))
+    return flat, torch.mm(flat, phi_c), phi_c, small
+
+
+def coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str):
+    """``mhc::coeffs`` (dynamic): H_pre (..., n), H_post (..., n), H_res (..., n, n) in the compute dtype."""
+    hc = _check_variant(variant)
+    lead, n = x.shape[:-2], x.shape[-2]
+    flat, proj, _, small = _project(x, phi, alpha, b_pre, b_post, b_res)
+    hp, ho, hr = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)
+    return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)
+
+
+def _gate_grads(g_pre, g_post, g_res, lead, n: int, cd):
+    """The H_pre, H_post, H_res gradients per token, (T, n), (T, n), (T, n, n) in the compute dtype."""
+    return tuple(g.to(cd).expand(*lead, *tail).reshape(-1, *tail) for g, tail in ((g_pre, (n,)), (g_post, (n,)), (g_res, (n, n))))
+
+
+def _param_grads(dh_r, flat, g_alpha, g_bp, g_bo, g_br, phi, alpha, b_pre, b_post, b_res):
+    """(phi, alpha, b_pre, b_post, b_res) gradients in the parameters' shapes and dtypes."""
+    g_phi = torch.mm(dh_r.t(), flat).t()  # (K, T) @ (T, nC): MKL runs it 2x faster than flat^T @ dh_r
+    return (
+        g_phi.contiguous().to(phi.dtype),
+        g_alpha.to(alpha.dtype),
+        g_bp.reshape(b_pre.shape).to(b_pre.dtype),
+        g_bo.reshape(b_post.shape).to(b_post.dtype),
+        g_br.reshape(b_res.shape).to(b_res.dtype),
+    )
+
+
+def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str):
+    """``mhc::coeffs_backward``: gradients (x, phi, alpha, b_pre, b_post, b_res)."""
+    hc = _check_variant(variant)
+    n = x.shape[-2]
+    flat, proj, phi_c, small = _project(x, phi, alpha, b_pre, b_post, b_res)
+    gates = _gate_grads(g_pre, g_post, g_res, x.shape[:-2], n, flat.dtype)
+    dh_r, coef, *small_grads = _ops().coeffs_bwd(*gates, flat, proj, *small, eps, n, iters, hc)
+    g_flat = torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0)
+    return (g_flat.reshape(x.shape).to(x.dtype),
+            *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))
+
+
+# ----------------------------------------------------------------------------- pre / post_res
+def pre_forward(x: Tensor, h_pre: Tensor) -> Tensor:
+    """``mhc::pre``: h_in = sum_i H_pre[i] X[i], (..., C) in x's dtype."""
+    lead = x.shape[:-2]
+    out = _ops().pre_fwd(_flat3(x), _coef(h_pre, lead, 1, compute_dtype(x.dtype)))
+    return out.reshape(*lead, x.shape[-1])
+
+
+def pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor):
+    """``mhc::pre_backward``: gradients (x, h_pre)."""
+    lead, c = x.shape[:-2], x.shape[-1]
+    gx, gh = _ops().pre_bwd(grad.reshape(-1, c).to(x.dtype), _flat3(x), _coef(h_pre, lead, 1, compute_dtype(x.dtype)))
+    return gx.reshape(x.shape), _reduce(gh, h_pre, lead)
+
+
+def post_res_forward(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """``mhc::post_res``: X' = H_res X + H_post h_out, (..., n, C) in x's dtype (h_out in x's dtype)."""
+    lead, cd = x.shape[:-2], compute_dtype(x.dtype)
+    out = _ops().post_res_fwd(
+        _flat3(x), h_out.reshape(-1, x.shape[-1]), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd)
+    )
+    return out.reshape(x.shape)
+
+
+def post_res_backward(grad: Tensor, x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor):
+    """``mhc::post_res_backward``: gradients (x, h_out, h_post, h_res)."""
+    lead, c, cd = x.shape[:-2], x.shape[-1], compute_dtype(x.dtype)
+    gx, go, gp, gr = _ops().post_res_bwd(
+        _flat3(grad).to(x.dtype), _flat3(x), h_out.reshape(-1, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd)
+    )
+    return gx.reshape(x.shape), go.reshape(h_out.shape), _reduce(gp, h_post, lead), _reduce(gr, h_res, lead)
+
+
+def _reduce(g: Tensor, h: Tensor, lead: torch.Size) -> Tensor:
+    """Per-token gradient (T, *per) -> h's shape (summing over broadcast token dims) and dtype."""
+    per = g.shape[1:]
+    g = g.reshape(*lead, *per)
+    if g.shape != h.shape:
+        g = g.sum_to_size(h.shape)
+    return g.to(h.dtype)
+
+
+# ----------------------------------------------------------------------------- boundary
+def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str):
+    """``mhc::boundary``: (x_next, h_pre, h_post, h_res, h_in) of site l+1."""
+    xn = post_res_forward(x, h_out, h_post, h_res)
+    hp, ho, hr = coeffs_forward(xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    return xn, hp, ho, hr, pre_forward(xn, hp)
+
+
+def boundary_backward(
+    g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str
+):
+    """``mhc::boundary_backward``: gradients (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res),
+    the chain of :func:`mhc_compile.reference.boundary_backward` (x_next and H_pre recomputed) with one
+    projection GEMM shared by H_pre and the coeffs backward, and the three x_next gradients (the
+    next streams', pre's, coeffs') summed in one pass (``boundary_gx``)."""
+    hc = _check_variant(variant)
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    xn = post_res_forward(x, h_out, h_post, h_res)
+    flat, proj, phi_c, small = _project(xn, phi, alpha, b_pre, b_post, b_res)
+    hp = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)[0]
+    g_hin = g_hin.reshape(-1, c).to(x.dtype)
+    gp, go, gr = _gate_grads(g_hp, g_ho, g_hr, lead, n, flat.dtype)
+    gp = gp + _ops().pre_grad_h(g_hin, _flat3(xn))
+    dh_r, coef, *small_grads = _ops().coeffs_bwd(gp, go, gr, flat, proj, *small, eps, n, iters, hc)
+    gxn = _ops().boundary_gx(torch.mm(dh_r, phi_c.t()), _flat3(xn), coef, _flat3(g_xn).to(x.dtype), g_hin, hp)
+    return (*post_res_backward(gxn.reshape(x.shape), x, h_out, h_post, h_res),
+            *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))

@@ -1,0 +1,231 @@
+"""Fused CPU kernels (mhc_compile.kernels_cpu) behind the mhc:: ops under kernels="auto" on CPU.
+
+Checked against the reference (mhc_compile.reference) at perturbed mHC parameters: forward and
+every gradient for n in 1..8, float32/bfloat16/float16/float64, odd shapes, both variants, static
+(broadcast) coefficients and the fused boundary; float64 gradchecks through the ops; the
+fallback; and the aten op count of one site (a handful, not hundreds).
+"""
+import itertools
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from mhc_compile import kernels_cpu, ops
+from mhc_compile import reference as R
+from mhc_compile._torch_internals import dispatch_mode_base
+
+pytestmark = pytest.mark.skipif(not kernels_cpu.available(), reason=f"CPU kernels not built: {kernels_cpu.build_error()}")
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _params(n, c, variant, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    p = R.init_site_params(n, c, seed, variant=variant, dtype=torch.float64)
+    return {k: (v + 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(dtype) for k, v in p.items()}
+
+
+def _site(kernels, x, h_out, p, variant, dynamic=True):
+    """One site plus a boundary into a second site: every op, forward and backward."""
+    hp, ho, hr = ops.coeffs(x, p.get("phi"), p.get("alpha"), p["b_pre"], p["b_post"], p["b_res"],
+                            variant=variant, dynamic=dynamic, kernels=kernels)
+    h_in = ops.pre(x, hp, kernels)
+    x1 = ops.post_res(x, h_out * h_in.tanh(), ho, hr, kernels)
+    outs = ops.boundary(x1, h_out, ho, hr, p.get("phi"), p.get("alpha"), p["b_pre"], p["b_post"], p["b_res"],
+                        variant=variant, dynamic=dynamic, kernels=kernels)
+    return (x1, *outs)
+
+
+def _run(kernels, x, h_out, p, variant, dynamic=True):
+    xx, hh = x.clone().requires_grad_(), h_out.clone().requires_grad_()
+    pp = {k: v.clone().requires_grad_() for k, v in p.items()}
+    outs = _site(kernels, xx, hh, pp, variant, dynamic)
+    g = torch.Generator().manual_seed(7)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
+    loss.backward()
+    return list(outs) + [xx.grad, hh.grad] + [pp[k].grad for k in sorted(pp)]
+
+
+def _close(got, want, dtype):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        scale = w.double().abs().max().clamp_min(1.0)
+        err = (g.double() - w.double()).abs().max() / scale
+        assert err <= TOL[dtype], f"relative error {err:.2e} for {tuple(w.shape)} {w.dtype}"
+
+
+@pytest.mark.parametrize("n,dtype,variant", [
+    *[(n, torch.float32, "mhc") for n in range(1, 10)],  # 9: the generic (not unrolled) n path
+    *[(n, dt, "mhc") for n in (1, 3, 4) for dt in (torch.bfloat16, torch.float16, torch.float64)],
+    *[(n, torch.float32, "hc") for n in (1, 4, 8)],
+    (4, torch.bfloat16, "hc"),
+])
+def test_matches_reference_forward_and_backward(n, dtype, variant):
+    c = 7 if n % 2 else 13   # odd channel counts: vector tails in every kernel
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, 5, n, c, generator=g).to(dtype)
+    h_out = torch.randn(2, 5, c, generator=g).to(dtype)
+    p = _params(n, c, variant, n, torch.float64 if dtype == torch.float64 else torch.float32)
+    _close(_run("auto", x, h_out, p, variant), _run("reference", x, h_out, p, variant), dtype)
+
+
+@pytest.mark.parametrize("n,dtype", [(1, torch.float32), (4, torch.float32), (4, torch.bfloat16), (8, torch.float64)])
+def test_static_coefficients_broadcast(n, dtype):
+    """dynamic=False: (1, 1, n) coefficients broadcast over tokens; their gradients are summed."""
+    c = 9
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, n, c, generator=g).to(dtype)
+    h_out = torch.randn(3, 4, c, generator=g).to(dtype)
+    p = {k: v for k, v in _params(n, c, "mhc", 2, torch.float64 if dtype == torch.float64 else torch.float32).items()
+         if k not in ("phi", "alpha")}
+    _close(_run("auto", x, h_out, p, "mhc", False), _run("reference", x, h_out, p, "mhc", False), dtype)
+
+
+def test_large_and_extreme_logits_and_many_tokens():
+    """Sinkhorn logits far apart (the clamp at SPREAD) and tied maxima; T larger than one thread chunk."""
+    n, c = 4, 40
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, n, c, generator=g)
+    h_out = torch.randn(300, c, generator=g)
+    p = _params(n, c, "mhc", 1)
+    p["b_res"] = torch.tensor([[80.0, 0, 0, 80.0], [0, 3, 0, 0], [0, 0, -70, 0], [1, 0, 0, 2]])
+    p["alpha"] = torch.tensor([0.5, 0.5, 0.0])  # alpha_res = 0: the biases alone, with a tie at the max
+    _close(_run("auto", x, h_out, p, "mhc"), _run("reference", x, h_out, p, "mhc"), torch.float32)
+
+
+def test_two_threads_give_the_same_bits():
+    """Tokens split over intra-op threads; the token sums are reduced in token order: bitwise equal."""
+    n, c = 4, 24
+    g = torch.Generator().manual_seed(11)
+    x, h_out = torch.randn(4, 97, n, c, generator=g), torch.randn(4, 97, c, generator=g)
+    p = _params(n, c, "mhc", 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run("auto", x, h_out, p, "mhc")
+        torch.set_num_threads(2)
+        two = _run("auto", x, h_out, p, "mhc")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n,variant", [(1, "mhc"), (3, "mhc"), (4, "hc")])
+def test_float64_gradcheck_through_the_ops(n, variant):
+    c = 3
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    h_out = torch.randn(2, c, generator=g, dtype=torch.float64, requires_grad=True)
+    p = _params(n, c, variant, n, torch.float64)
+    names = sorted(p)
+    leaves = [p[k].requires_grad_() for k in names]
+
+    def f(x, h_out, *ts):
+        return _site("auto", x, h_out, dict(zip(names, ts)), variant)
+
+    assert gradcheck(f, (x, h_out, *leaves), fast_mode=n >= 3)
+
+
+def test_reference_setting_and_fallback_select_the_reference(monkeypatch):
+    """kernels="reference" never runs the CPU kernels; nor does "auto" when they are unavailable."""
+    n, c = 4, 8
+    x, h_out = torch.randn(6, n, c), torch.randn(6, c)
+    p = _params(n, c, "mhc", 0)
+    want = R.post_res_mix(x, h_out, *R.coeffs(x, p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"])[1:])
+    ran = []
+    monkeypatch.setattr(torch.ops.mhc_cpu.post_res_fwd, "default", _Spy(torch.ops.mhc_cpu.post_res_fwd.default, ran),
+                        raising=False)
+    hp, ho, hr = ops.coeffs(x, p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"], kernels="reference")
+    assert torch.equal(ops.post_res(x, h_out, ho, hr, "reference"), want)
+    monkeypatch.setitem(kernels_cpu._state, "ok", False)
+    hp, ho, hr = ops.coeffs(x, p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"], kernels="auto")
+    assert torch.equal(ops.post_res(x, h_out, ho, hr, "auto"), want)
+
+
+class _Spy:
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __call__(self, *a, **k):
+        self.log.append(1)
+        return self.fn(*a, **k)
+
+
+# ----------------------------------------------------------------------------- op counts
+def _count_site_ops(launch_fwd, launch_bwd, n=4, c=16, t=24):
+    """Calls below autograd that do work (views and dtype queries left out) in one site's
+    coeffs + pre + post_res forward, and in their backward."""
+    from collections import Counter
+
+    counts = Counter()
+
+    class Count(dispatch_mode_base()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func is not torch.ops.aten.promote_types.default:
+                counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    x, h_out = torch.randn(t, n, c, generator=g), torch.randn(t, c, generator=g)
+    p = _params(n, c, "mhc", 0)
+    args = (p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"])
+    with Count():
+        hp, ho, hr = launch_fwd["coeffs"](x, *args)
+        launch_fwd["pre"](x, hp)
+        y = launch_fwd["post_res"](x, h_out, ho, hr)
+    fwd, counts = sum(counts.values()), Counter()
+    with Count():
+        launch_bwd["post_res"](y, x, h_out, ho, hr)
+        _, ghp = launch_bwd["pre"](h_out, x, hp)
+        launch_bwd["coeffs"](ghp, ho, hr, x, *args)
+    return fwd, sum(counts.values())
+
+
+def test_op_count_per_site_is_a_handful():
+    from mhc_compile.kernels_cpu import launch as L
+
+    fused = _count_site_ops(
+        {"coeffs": lambda x, *a: L.coeffs_forward(x, *a, 20, 1e-6, "mhc"), "pre": L.pre_forward, "post_res": L.post_res_forward},
+        {"coeffs": lambda *a: L.coeffs_backward(*a, 20, 1e-6, "mhc"), "pre": L.pre_backward, "post_res": L.post_res_backward},
+    )
+    ref = _count_site_ops(
+        {"coeffs": lambda x, *a: R.coeffs(x, *a), "pre": R.pre_mix, "post_res": R.post_res_mix},
+        {"coeffs": lambda *a: R.coeffs_backward(*a), "pre": R.pre_mix_backward, "post_res": R.post_res_mix_backward},
+    )
+    assert fused == FUSED_OPS_PER_SITE, (fused, ref)
+    assert ref[0] > 5 * fused[0] and ref[1] > 5 * fused[1], (fused, ref)  # the reference: hundreds
+
+
+# (forward, backward). Forward: the phi GEMM, mhc_cpu.coeffs_fwd (RMS, logits, gates, 20 Sinkhorn
+# iterations), pre_fwd, post_res_fwd. Backward: post_res_bwd, pre_bwd, the phi GEMM again (recomputed),
+# coeffs_bwd (Sinkhorn replay, bias/alpha sums), the g_phi GEMM and its (nC, K) transpose copy, the
+# g_x GEMM and the rank-1 RMS term.
+FUSED_OPS_PER_SITE = (4, 8)
+
+
+def test_under_torch_compile_matches_reference():
+    """The ops stay opaque under torch.compile on CPU and run the fused kernels inside the graph
+    (aot_eager: the same autograd and fake paths as inductor, without its C++ compile)."""
+    torch._dynamo.reset()
+    n, c = 3, 8
+    p = {k: v.requires_grad_() for k, v in _params(n, c, "mhc", 4).items()}
+    lin = torch.nn.Linear(c, c)
+
+    def model(x, kernels):
+        s = ops.expand(x, n)
+        hp, ho, hr = ops.coeffs(s, p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"], kernels=kernels)
+        s, hp, ho, hr, h_in = ops.boundary(s, lin(ops.pre(s, hp, kernels)), ho, hr, p["phi"], p["alpha"], p["b_pre"],
+                                           p["b_post"], p["b_res"], kernels=kernels)
+        return ops.collapse(ops.post_res(s, lin(h_in), ho, hr, kernels))
+
+    leaves = [*p.values(), *lin.parameters()]
+    x = torch.randn(2, 5, c)
+    want = model(x, "reference")
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    got = compiled(x, "auto")
+    got_grads = torch.autograd.grad(got.square().sum(), leaves)
+    _close([got, *got_grads], [want, *want_grads], torch.float32)
+    assert compiled(torch.randn(3, 7, c), "auto").shape == (3, 7, c)
