@@ -1,140 +1,18 @@
-"""torch.library custom ops under the ``mhc`` namespace: the only bridge between passes and kernels.
-
-Ops (``x`` is a stream tensor of shape (..., n, C); see ``reference`` for the math):
-
-    mhc::coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
-        -> (h_pre (..., n), h_post (..., n), h_res (..., n, n)), float32 (float64 for float64 x)
-    mhc::pre(x, h_pre, kernels) -> h_in (..., C), dtype of x
-    mhc::post_res(x, h_out, h_post, h_res, kernels) -> x' (..., n, C), dtype of x
-
-and one ``*_backward`` op each. Every op has a fake (meta) implementation, so it traces under
-``torch.compile`` / ``torch.export`` with dynamic shapes, and an autograd formula that saves
-only the op's *inputs*: the backward recomputes the normalised x, the logits and the Sinkhorn
-iterations instead of storing them (DESIGN.md, recomputation).
-
-Dispatch (the ``kernels`` argument, one of ``config.KERNELS``, from ``MHCConfig.kernels``).
-This module is the one place that picks the reference or the Triton kernels; the kernel
-launchers only launch:
-    "reference" -> plain torch (``mhc_compile.reference``) on any device;
-    "auto"      -> Triton kernels for CUDA tensors, the fused C++ kernels of ``kernels_cpu`` for
-                   CPU tensors (the reference where they cannot be built), reference elsewhere;
-    "triton"    -> Triton kernels everywhere; on CPU that is the Triton interpreter, which
-                   needs ``TRITON_INTERPRET=1`` set before triton is imported.
-The coeffs and boundary kernels compute in float32: float64 inputs (gradcheck), and a boundary
-whose h_out dtype differs from x's, run the reference under every setting. The pre and
-post_res kernels run float64 too (accumulating in float64).
-
-Static coefficients (``dynamic=False``) depend on biases only; :func:`coeffs` computes them in
-plain torch (a handful of n x n operations per site, no op needed).
-
-The kernel modules implement, on 3-d tensors (T, n, C) and 2-d/3-d coefficients:
-    kernels.coeffs.coeffs_forward / coeffs_backward
-    kernels.pre.pre_forward / pre_backward
-    kernels.post_res.post_res_forward / post_res_backward
+"""The ``mhc::`` custom ops (torch.library): each op's implementation (picked by ``ops/dispatch.py``),
+fake (meta) implementation and autograd formula, which saves only the op's inputs and recomputes the
+rest in the backward (see the package docstring).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
-from .config import KERNELS
-from .parallel.mixed import align as _align, token_zeros  # plain tensors and DTensors (parallel/mixed.py)
-from .site_grad import SiteGrad, eager_needs_grad, site_of
-
-# x dtypes the fused coefficient kernels (coeffs, boundary) run; see _fused_triton
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# Active coefficient recorders (see :func:`record_coeffs`); each is a list that receives
-# (h_pre, h_post, h_res) detached, in execution order, from every coeffs computation.
-_RECORDERS: list[list] = []
-
-
-class record_coeffs:
-    """Context manager: collect every site's (H_pre, H_post, H_res) computed while it is open.
-
-    Works for converted models and for compiled ones (custom-op implementations run at run
-    time even inside a compiled graph). Used by ``mhc_compile.diagnostics``.
-
-        with ops.record_coeffs() as rec:
-            model(x)
-        rec  # [(h_pre, h_post, h_res), ...] in execution order
-    """
-
-    def __enter__(self) -> list:
-        self.records: list = []
-        _RECORDERS.append(self.records)
-        return self.records
-
-    def __exit__(self, *exc) -> None:
-        _RECORDERS.remove(self.records)
-
-
-def _record(outs):
-    if _RECORDERS:
-        detached = tuple(o.detach() for o in outs)
-        for rec in _RECORDERS:
-            rec.append(detached)
-    return outs
-
-
-def use_triton(t: Tensor, kernels: str) -> bool:
-    """Whether an op on tensor ``t`` runs the Triton kernels under the ``kernels`` setting."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels={kernels!r}; expected one of {KERNELS}")
-    if kernels == "reference":
-        return False
-    if kernels == "triton":
-        return True
-    return t.is_cuda
-
-
-def _fused_triton(kernels: str, x: Tensor, *tensors: Tensor) -> bool:
-    """:func:`use_triton` for the coeffs and boundary kernels, which compute in float32: x in
-    float32/float16/bfloat16 and no float64 among ``tensors``, else the reference."""
-    return use_triton(x, kernels) and x.dtype in _FUSED_DTYPES and all(t.dtype != torch.float64 for t in tensors)
-
-
-def _cpu(kernels: str, x: Tensor, *tensors: Tensor):
-    """``kernels_cpu.launch`` when an op runs the fused CPU kernels ("auto", every tensor on CPU,
-    the extension built), else None."""
-    if kernels != "auto" or x.device.type != "cpu":
-        return None
-    from .kernels_cpu import available, launch
-
-    return launch if launch.supported(x, *tensors) and available() else None
-
-
-def _flat3(x: Tensor) -> Tensor:
-    """(..., n, C) -> (T, n, C) contiguous."""
-    return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
-
-
-def _flat_coeff(h: Tensor, tail: int) -> Tensor:
-    """Flatten the token dims of a coefficient tensor; static ones keep a single broadcast row."""
-    return h.reshape(-1, *h.shape[h.dim() - tail :]).contiguous()
-
-
-# ============================================================================ one dX per site (eager)
-# pre and post_res/boundary hand their gradients to the site's coeffs backward, whose gx kernel
-# writes the site's one dX (no autograd adds; Triton, eager, plain tensors: see site_grad).
-def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad, saved: tuple):
-    """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
-    and post_res/boundary, summed in fp32 by the gx kernel and written once."""
-    from .kernels.coeffs import coeffs_backward
-
-    x, phi, alpha, b_pre, b_post, b_res = saved
-    iters, eps, variant, _ = ctx.args
-    g_add, g_hin, h_pre, g_mix, h_mix = box.take()
-    gx, *rest = coeffs_backward(
-        _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
-        _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
-        extra=(g_add, g_hin, h_pre), mix=None if g_mix is None else (g_mix, h_mix),
-    )
-    return (gx.reshape(x.shape), *rest)
-
+from .. import reference
+from ..parallel.mixed import token_zeros  # plain tensors and DTensors (parallel/mixed.py)
+from ..site_grad import SiteGrad, eager_needs_grad, site_of
+from .dispatch import (_boundary_bwd_triton, _coeffs_bwd_joined, _cpu, _flat3, _flat_coeff, _fused_triton,
+                       _post_res_bwd_triton, use_triton)
+from .recording import _record
 
 # ============================================================================ coeffs
 @torch.library.custom_op("mhc::coeffs", mutates_args=())
@@ -143,7 +21,7 @@ def _coeffs(
     iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _fused_triton(kernels, x, phi, alpha, b_pre, b_post, b_res):
-        from .kernels.coeffs import coeffs_forward
+        from ..kernels.coeffs import coeffs_forward
 
         lead, n = x.shape[:-2], x.shape[-2]
         hp, ho, hr = coeffs_forward(_flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
@@ -174,7 +52,7 @@ def _coeffs_backward(
     iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _fused_triton(kernels, x, phi, alpha, b_pre, b_post, b_res):
-        from .kernels.coeffs import coeffs_backward
+        from ..kernels.coeffs import coeffs_backward
 
         gx, *rest = coeffs_backward(
             _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
@@ -229,7 +107,7 @@ _coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
 @torch.library.custom_op("mhc::pre", mutates_args=())
 def _pre(x: Tensor, h_pre: Tensor, kernels: str) -> Tensor:
     if use_triton(x, kernels):
-        from .kernels.pre import pre_forward
+        from ..kernels.pre import pre_forward
 
         return pre_forward(_flat3(x), _flat_coeff(h_pre, 1)).reshape(*x.shape[:-2], x.shape[-1])
     if (cpu := _cpu(kernels, x, h_pre)):
@@ -245,7 +123,7 @@ def _(x, h_pre, kernels):
 @torch.library.custom_op("mhc::pre_backward", mutates_args=())
 def _pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
     if use_triton(x, kernels):
-        from .kernels.pre import pre_backward
+        from ..kernels.pre import pre_backward
 
         gx, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1))
         return gx.reshape(x.shape), gh.reshape(h_pre.shape)
@@ -272,7 +150,7 @@ def _pre_bwd(ctx, grad):
     if ctx.site is not None and ctx.site.open():
         # H_pre's gradient only (a mailbox means Triton); dX = H_pre * grad is added by the
         # site's coeffs backward
-        from .kernels.pre import pre_backward
+        from ..kernels.pre import pre_backward
 
         _, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1), write_gx=False)
         ctx.site.add(g_hin=grad, h_pre=h_pre)
@@ -288,7 +166,7 @@ _pre.register_autograd(_pre_bwd, setup_context=_pre_setup)
 @torch.library.custom_op("mhc::post_res", mutates_args=())
 def _post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str) -> Tensor:
     if use_triton(x, kernels):
-        from .kernels.post_res import post_res_forward
+        from ..kernels.post_res import post_res_forward
 
         out = post_res_forward(
             _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(), _flat_coeff(h_post, 1), _flat_coeff(h_res, 2)
@@ -302,18 +180,6 @@ def _post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: 
 @_post_res.register_fake
 def _(x, h_out, h_post, h_res, kernels):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -> tuple:
-    """The Triton post_res backward, gradients shaped like the inputs (gx None without write_gx)."""
-    from .kernels.post_res import post_res_backward
-
-    gx, gho, ghp, ghr = post_res_backward(
-        _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
-        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), write_gx=write_gx,
-    )
-    gx = None if gx is None else gx.reshape(x.shape)
-    return gx, gho.reshape(h_out.shape), ghp.reshape(h_post.shape), ghr.reshape(h_res.shape)
 
 
 @torch.library.custom_op("mhc::post_res_backward", mutates_args=())
@@ -368,7 +234,7 @@ def _boundary(
     iters: int, eps: float, variant: str, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _fused_triton(kernels, x, h_post, h_res, phi, alpha, b_pre, b_post, b_res) and h_out.dtype == x.dtype:
-        from .kernels.boundary import boundary_forward
+        from ..kernels.boundary import boundary_forward
 
         lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
         xn, hp, ho, hr, hin = boundary_forward(
@@ -398,22 +264,6 @@ def _(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, var
         x.new_empty((*lead, n, n), dtype=cd),
         x.new_empty((*lead, c)),
     )
-
-
-def _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, *rest,
-                         write_gx: bool = True) -> tuple:
-    """The Triton boundary backward (``rest``: phi, alpha, b_pre, b_post, b_res, iters, eps,
-    variant), gradients shaped like the inputs; without write_gx the first is dX', not dX."""
-    from .kernels.boundary import boundary_backward
-
-    c = x.shape[-1]
-    grads = boundary_backward(
-        _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
-        g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
-        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, write_gx=write_gx,
-    )
-    like = (x, h_out, h_post, h_res, *rest[:5])
-    return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
 
 
 @torch.library.custom_op("mhc::boundary_backward", mutates_args=())
@@ -477,69 +327,3 @@ def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
 
 
 _boundary.register_autograd(_boundary_bwd, setup_context=_boundary_setup)
-
-
-# ============================================================================ public wrappers
-def coeffs(
-    x: Tensor, phi: Optional[Tensor], alpha: Optional[Tensor], b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-    iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """H_pre, H_post, H_res for streams ``x``; dynamic ones through ``mhc::coeffs``."""
-    (x,), (phi, alpha, b_pre, b_post, b_res) = _align((x,), (phi, alpha, b_pre, b_post, b_res))
-    if not dynamic:
-        outs = reference.coeffs(x, None, None, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=False)
-        if _RECORDERS and not torch.compiler.is_compiling():
-            _record(outs)
-        return outs
-    return torch.ops.mhc.coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
-
-
-def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
-    """h_in = sum_i H_pre[i] X[i]."""
-    (x, h_pre), _ = _align((x, h_pre), ())
-    return torch.ops.mhc.pre(x, h_pre, kernels)
-
-
-def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str = "auto") -> Tensor:
-    """X' = H_res X + H_post h_out."""
-    (x, h_out, h_post, h_res), _ = _align((x, h_out, h_post, h_res), ())
-    return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
-
-
-def boundary(
-    x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
-    phi: Optional[Tensor], alpha: Optional[Tensor], b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-    iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The boundary between adjacent sites l and l+1: post_res of l, then coeffs and pre of l+1.
-
-    Takes site l's streams ``x``, branch output ``h_out`` and coefficients, plus site l+1's
-    parameters. Returns ``(x_next, h_pre, h_post, h_res, h_in)``: the streams after site l,
-    site l+1's coefficients, and site l+1's branch input. The fused Triton version reads
-    ``x`` and ``h_out`` once.
-    """
-    (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res) = _align(
-        (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res))
-    if dynamic:
-        if phi is None or alpha is None:
-            raise ValueError("dynamic coefficients need phi and alpha")
-        return torch.ops.mhc.boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
-    # static site l+1: its coefficients do not depend on x, so the three ops compose directly
-    x_next = post_res(x, h_out, h_post, h_res, kernels)
-    hp, ho, hr = coeffs(x_next, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, dynamic, kernels)
-    return x_next, hp, ho, hr, pre(x_next, hp, kernels)
-
-
-expand = reference.expand
-
-
-def collapse(x: Tensor, mode: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
-    """End of a stream (``reference.collapse``), with a learned weight aligned to the stream's kind."""
-    (x,), (weight,) = _align((x,), (weight,))
-    return reference.collapse(x, mode, weight)
-
-
-if torch.distributed.is_available():  # DTensor sharding rules of the ops above
-    from .parallel import sharding as _sharding
-
-    _sharding.register()

@@ -1,0 +1,116 @@
+"""torch.library custom ops under the ``mhc`` namespace: the only bridge between passes and kernels.
+
+Ops (``x`` is a stream tensor of shape (..., n, C); see ``reference`` for the math):
+
+    mhc::coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
+        -> (h_pre (..., n), h_post (..., n), h_res (..., n, n)), float32 (float64 for float64 x)
+    mhc::pre(x, h_pre, kernels) -> h_in (..., C), dtype of x
+    mhc::post_res(x, h_out, h_post, h_res, kernels) -> x' (..., n, C), dtype of x
+
+and one ``*_backward`` op each. Every op has a fake (meta) implementation, so it traces under
+``torch.compile`` / ``torch.export`` with dynamic shapes, and an autograd formula that saves
+only the op's *inputs*: the backward recomputes the normalised x, the logits and the Sinkhorn
+iterations instead of storing them (DESIGN.md, recomputation).
+
+Dispatch (the ``kernels`` argument, one of ``config.KERNELS``, from ``MHCConfig.kernels``).
+This module is the one place that picks the reference or the Triton kernels; the kernel
+launchers only launch:
+    "reference" -> plain torch (``mhc_compile.reference``) on any device;
+    "auto"      -> Triton kernels for CUDA tensors, the fused C++ kernels of ``kernels_cpu`` for
+                   CPU tensors (the reference where they cannot be built), reference elsewhere;
+    "triton"    -> Triton kernels everywhere; on CPU that is the Triton interpreter, which
+                   needs ``TRITON_INTERPRET=1`` set before triton is imported.
+The coeffs and boundary kernels compute in float32: float64 inputs (gradcheck), and a boundary
+whose h_out dtype differs from x's, run the reference under every setting. The pre and
+post_res kernels run float64 too (accumulating in float64).
+
+Static coefficients (``dynamic=False``) depend on biases only; :func:`coeffs` computes them in
+plain torch (a handful of n x n operations per site, no op needed).
+
+The kernel modules implement, on 3-d tensors (T, n, C) and 2-d/3-d coefficients:
+    kernels.coeffs.coeffs_forward / coeffs_backward
+    kernels.pre.pre_forward / pre_backward
+    kernels.post_res.post_res_forward / post_res_backward
+
+The package: ``custom.py`` (the ops, fakes, autograd), ``dispatch.py`` (which implementation runs,
+the calls into the kernels), ``recording.py`` (:class:`record_coeffs`); this module holds the public
+wrappers the passes emit.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..parallel.mixed import align as _align  # plain tensors and DTensors (parallel/mixed.py)
+from . import custom as _custom  # noqa: F401  (registers the mhc:: ops)
+from .dispatch import use_triton  # noqa: F401  (public)
+from .recording import _RECORDERS, _record, record_coeffs  # noqa: F401  (public: record_coeffs)
+
+
+# ============================================================================ public wrappers
+def coeffs(
+    x: Tensor, phi: Optional[Tensor], alpha: Optional[Tensor], b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """H_pre, H_post, H_res for streams ``x``; dynamic ones through ``mhc::coeffs``."""
+    (x,), (phi, alpha, b_pre, b_post, b_res) = _align((x,), (phi, alpha, b_pre, b_post, b_res))
+    if not dynamic:
+        outs = reference.coeffs(x, None, None, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=False)
+        if _RECORDERS and not torch.compiler.is_compiling():
+            _record(outs)
+        return outs
+    return torch.ops.mhc.coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
+
+
+def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
+    """h_in = sum_i H_pre[i] X[i]."""
+    (x, h_pre), _ = _align((x, h_pre), ())
+    return torch.ops.mhc.pre(x, h_pre, kernels)
+
+
+def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str = "auto") -> Tensor:
+    """X' = H_res X + H_post h_out."""
+    (x, h_out, h_post, h_res), _ = _align((x, h_out, h_post, h_res), ())
+    return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
+
+
+def boundary(
+    x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
+    phi: Optional[Tensor], alpha: Optional[Tensor], b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+    iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The boundary between adjacent sites l and l+1: post_res of l, then coeffs and pre of l+1.
+
+    Takes site l's streams ``x``, branch output ``h_out`` and coefficients, plus site l+1's
+    parameters. Returns ``(x_next, h_pre, h_post, h_res, h_in)``: the streams after site l,
+    site l+1's coefficients, and site l+1's branch input. The fused Triton version reads
+    ``x`` and ``h_out`` once.
+    """
+    (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res) = _align(
+        (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res))
+    if dynamic:
+        if phi is None or alpha is None:
+            raise ValueError("dynamic coefficients need phi and alpha")
+        return torch.ops.mhc.boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
+    # static site l+1: its coefficients do not depend on x, so the three ops compose directly
+    x_next = post_res(x, h_out, h_post, h_res, kernels)
+    hp, ho, hr = coeffs(x_next, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, dynamic, kernels)
+    return x_next, hp, ho, hr, pre(x_next, hp, kernels)
+
+
+expand = reference.expand
+
+
+def collapse(x: Tensor, mode: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
+    """End of a stream (``reference.collapse``), with a learned weight aligned to the stream's kind."""
+    (x,), (weight,) = _align((x,), (weight,))
+    return reference.collapse(x, mode, weight)
+
+
+if torch.distributed.is_available():  # DTensor sharding rules of the ops above
+    from ..parallel import sharding as _sharding
+
+    _sharding.register()
