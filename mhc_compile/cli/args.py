@@ -76,6 +76,10 @@ def source_options(fn):
         click.option("--trust-pickle", is_flag=True,
                      help="Allow reading a whole pickled nn.Module (.pt). Unpickling runs code from the "
                           "file: use only for files you trust."),
+        click.option("--trust-code", is_flag=True,
+                     help="Allow rebuilding an mhc output converted from a factory: its mhc.json names "
+                          "package.module:function, which is imported and called. Use only for directories "
+                          "you trust."),
         click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="Batch of the example inputs of Hugging Face models."),
         click.option("--seq-len", default=16, show_default=True, type=click.IntRange(min=1), help="Sequence length of the example inputs of Hugging Face text models."),
     ]

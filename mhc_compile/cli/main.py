@@ -150,12 +150,18 @@ class _Progress:
         self.bar.close()
 
 
-def _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len):
-    from ..io import read_source
+def _read(src, *, state_dict, input_shapes, input_dtypes, trust_pickle, trust_code, batch_size, seq_len):
+    """Read SRC with the source options. The current directory becomes importable (appended to
+    ``sys.path``, so it shadows no installed module) only for code the user named (a factory
+    SRC) or trusted (--trust-pickle, --trust-code), never for a directory's own say-so."""
+    from ..io import detect_kind, read_source
+    from ..io.sources.common import cwd_on_path
 
     shapes, dtypes = parse_inputs(input_shapes, input_dtypes)
+    if trust_pickle or trust_code or detect_kind(src) == "factory":
+        cwd_on_path()
     return read_source(src, state_dict=state_dict, input_shapes=shapes, input_dtypes=dtypes,
-                       trust_pickle=trust_pickle, batch_size=batch_size, seq_len=seq_len)
+                       trust_pickle=trust_pickle, trust_code=trust_code, batch_size=batch_size, seq_len=seq_len)
 
 
 # ----------------------------------------------------------------------------------- the app
@@ -216,20 +222,20 @@ Examples:
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @_debug_option
 @_handle_errors
-def convert(src, dst, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
-            batch_size, seq_len, progress, debug):
+def convert(src, dst, streams, config_options, progress, debug, **source_options):
     from ..convert import capture, rewrite_captured
-    from ..io import MHCUsageError, detect_kind, save_converted, source_inputs
+    from ..io import MHCUsageError, check_destination, detect_kind, save_converted, source_inputs
 
     config = parse_config(streams, config_options)
     kind = detect_kind(src)
     if kind == "converted":
         raise MHCUsageError(f"{src}: is already an mhc output; convert the original model instead")
+    check_destination(dst, is_dir=not str(dst).endswith(".pt2"))  # before any work on the model
 
     bar = _Progress(["load", "capture", "rewrite", "save"], progress)
     try:
         with bar.stage("load"), _quiet_libraries():
-            source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
+            source = _read(src, **source_options)
         with bar.stage("capture"), _quiet_libraries():  # the one capture: the rewrite reports what it found
             captured = capture(source.model, source_inputs(source))
         with bar.stage("rewrite"), _quiet_libraries():
@@ -260,13 +266,13 @@ _FORMAT_OF_SUFFIX = {".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg"
                    "(svg needs Graphviz); html: a self-contained report with the SVG embedded when Graphviz is installed. "
                    "Default: from the -o file's extension (.json, .dot, .gv, .svg, .html, .htm), else text.")
 @click.option("-o", "--output", "out", type=click.Path(), default=None, metavar="FILE", help="Write to FILE (atomically) instead of stdout.")
+@click.option("--force", "-f", is_flag=True, help="Overwrite FILE of -o when it exists.")
 @click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4; ignored for converted models).")
 @click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE", help="Any MHCConfig field.")
 @source_options
 @_debug_option
 @_handle_errors
-def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
-            batch_size, seq_len, debug):
+def inspect(src, fmt, out, force, streams, config_options, debug, **source_options):
     """Show the residual sites of SRC (any source of `mhc convert`, or its output), the chains,
     the adds not taken and why, the parameters added, the estimated cost, and the graphs.
 
@@ -279,13 +285,16 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
 
     if fmt is None:
         fmt = _FORMAT_OF_SUFFIX.get(Path(out).suffix.lower(), "text") if out else "text"
-    if fmt == "svg" and not rp.svg_available():  # fail before the (slow) capture
-        from ..io import MHCIOError
+    from ..io import MHCIOError, check_destination
 
+    if fmt == "svg" and not rp.svg_available():  # fail before the (slow) capture
         raise MHCIOError(f"{src}: cannot write --format svg: {rp.GRAPHVIZ_HELP}")
+    if out:  # before the capture, too
+        if Path(out).is_file() and not force:
+            raise MHCIOError(f"{out}: exists; pass --force to overwrite it")
+        check_destination(out, is_dir=False)
     with _quiet_libraries():
-        text = _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, input_dtypes,
-                             trust_pickle, batch_size, seq_len)
+        text = _inspect_text(src, fmt, streams, config_options, source_options)
     if out:
         from ..io import atomic_write_text
 
@@ -295,15 +304,14 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
         click.echo(text, nl=False)
 
 
-def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
-                  batch_size, seq_len) -> str:
+def _inspect_text(src, fmt, streams, config_options, source_options) -> str:
     """The inspect report of ``src`` in format ``fmt``, as text. The model is captured once:
     the report, the converted module and the graph before the rewrite come from one conversion."""
     from . import render as rp
     from ..io import MHCIOError, convert_source_with_report
 
     graphs_wanted = fmt not in ("text", "json")
-    source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
+    source = _read(src, **source_options)
     before = None  # the graph before the rewrite
     if source.kind == "converted":
         config = parse_config(None, (), source.mhc.get("mhc_config"))

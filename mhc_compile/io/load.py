@@ -18,15 +18,16 @@ from .conversion import Conversion, convert_source_with_report
 from .errors import MHCIOError, first_line
 from .format import (INPUTS, MHC_JSON, WEIGHTS, num_positional, read_mhc_json, restore_tied, tied_names,
                      unflatten_inputs)
-from .registry import Source, get_source_kind
+from .registry import ReadOptions, Source, get_source_kind
 from .sources.common import eval_mode
 from .sources.pt2 import load_pt2
 
 
-def rebuild_original(path: Path, meta: dict, trust_pickle: bool) -> tuple[nn.Module, tuple, dict]:
-    """The unconverted model (fresh weights, eval mode) and the saved example inputs of a converted directory."""
+def rebuild_original(path: Path, meta: dict, options: ReadOptions) -> tuple[nn.Module, tuple, dict]:
+    """The unconverted model (fresh weights, eval mode) and the saved example inputs of a converted
+    directory (``options``: the trust flags)."""
     kind = get_source_kind(meta["source"], where=str(path / MHC_JSON))
-    model = eval_mode(kind.rebuild(path, meta, trust_pickle))
+    model = eval_mode(kind.rebuild(path, meta, options))
     from safetensors.torch import load_file
 
     try:
@@ -96,7 +97,7 @@ def convert_rebuilt(path: Path, meta: dict, original: nn.Module, args: tuple, kw
     return conversion
 
 
-def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
+def load(path: str | os.PathLike, *, trust_pickle: bool = False, trust_code: bool = False) -> nn.Module:
     """Load a model written by ``mhc convert`` (or :func:`save_converted`) as a trainable module.
 
     Directory outputs (``mhc convert``, or ``save_pretrained`` of a converted Hugging Face model)
@@ -104,8 +105,10 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
     :func:`mhc_compile.convert` with the saved MHCConfig and example inputs: the model's own
     class) and the saved weights are loaded strictly, so outputs match the converted model
     exactly. ``.pt2`` outputs
-    come back as ``torch.export.load(path).module()``. Sources converted from a pickled module
-    need ``trust_pickle=True``.
+    come back as ``torch.export.load(path).module()``. Loading runs no code that the directory
+    names unless asked: sources converted from a pickled module need ``trust_pickle=True``, and
+    from a factory (``mhc.json`` names ``module:function``, which is imported and called)
+    ``trust_code=True``.
     """
     p = Path(path)
     if not p.exists():
@@ -117,5 +120,5 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
     if not (p / MHC_JSON).is_file():
         raise MHCIOError(f"{p}: directory has no mhc.json; not an mhc convert output")
     meta = read_mhc_json(p)
-    original, args, kwargs = rebuild_original(p, meta, trust_pickle)
+    original, args, kwargs = rebuild_original(p, meta, ReadOptions(trust_pickle=trust_pickle, trust_code=trust_code))
     return convert_rebuilt(p, meta, original, args, kwargs).converted

@@ -133,7 +133,7 @@ def save_extras(source: Source, directory: Path) -> None:
             shutil.copy2(Path(source.path) / name, directory / name)
 
 
-def rebuild(directory: Path, meta: dict, trust_pickle: bool) -> nn.Module:
+def rebuild(directory: Path, meta: dict, options: ReadOptions) -> nn.Module:
     transformers, config = _hf_config(str(directory), no_cache=False)  # convert keeps the class: caches work
     for k, v in ((meta.get("rebuild") or {}).get("config_overrides") or {}).items():
         if k != "use_cache":

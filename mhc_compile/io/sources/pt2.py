@@ -104,7 +104,7 @@ def save_extras(source: Source, directory: Path) -> None:
     shutil.copy2(source.path, directory / SOURCE_PT2)
 
 
-def rebuild(directory: Path, meta: dict, trust_pickle: bool) -> nn.Module:
+def rebuild(directory: Path, meta: dict, options: ReadOptions) -> nn.Module:
     return load_pt2(str(directory / SOURCE_PT2)).module()
 
 
