@@ -28,7 +28,8 @@ then loads the saved state_dict strictly (``load.py``). A converted ``.pt2`` is 
 (``atomic.py``).
 
 Modules: ``errors`` (MHCIOError, MHCUsageError), ``format`` (on-disk format), ``atomic``
-(atomic writes), ``examples`` (example inputs), ``registry`` (source kinds, detection,
+(atomic writes), ``examples`` (example inputs), ``hub`` (the mark in an HF output's
+config.json), ``registry`` (source kinds, detection,
 :func:`read_source`), ``sources/`` (one reader per kind), ``conversion`` (convert a Source),
 ``save`` (:func:`save_converted`), ``load`` (:func:`load`).
 

@@ -72,6 +72,8 @@ class SourceKind:
     save_extras: Callable[[Source, Path], None]
     rebuild: Callable[[Path, dict, ReadOptions], nn.Module]
     takes_state_dict: bool = False  # whether --state-dict applies to it
+    # rebuild gives the original with its saved weights (hf: from_pretrained); load adds the rest
+    rebuild_loads_weights: bool = False
     description: str = ""
 
 
