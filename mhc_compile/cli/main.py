@@ -2,7 +2,7 @@
 
 This module owns argument parsing, the progress bar, error reporting and exit codes:
 0 success, 2 usage errors (bad options, a missing input file), 1 failures (a file that cannot
-be read, a model without residual adds, an output that cannot be written). Errors are one line,
+be read, a model without residual adds, an output that cannot be written), 130 on Ctrl-C. Errors are one line,
 ``mhc: error: <file>: <what was wrong>``; ``--debug`` (before or after the command name) shows
 the traceback instead. See docs/cli.md.
 """
@@ -23,6 +23,7 @@ from .args import parse_config, parse_inputs, source_options
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class NoResidualsError(RuntimeError):
@@ -40,6 +41,16 @@ def _debug_enabled(ctx: click.Context) -> bool:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _shorten(msg: str, limit: int = 600) -> str:
+    """``msg`` cut to about ``limit`` characters at a space, never mid-word; the advice of a capture
+    error (from "What to try:") is kept whole and the cause before it is cut instead."""
+    head, sep, advice = msg.partition(" What to try: ")
+    if len(head) > limit:
+        cut = head.rfind(" ", 0, limit)
+        head = head[:cut if cut > limit // 2 else limit].rstrip(" ,;:") + " ..."
+    return head + sep + advice
 
 
 def _echo_warnings(caught) -> None:
@@ -105,6 +116,9 @@ def _handle_errors(fn):
                     _echo_warnings(caught)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT; outputs are atomic
+            click.echo("mhc: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except Exception as exc:
             if debug:
                 raise
@@ -118,8 +132,7 @@ def _handle_errors(fn):
             if (src and not isinstance(exc, MHCConfigError) and not msg.startswith("--")
                     and str(src) not in msg and not (dst and str(dst) in msg)):
                 msg = f"{src}: {msg}"
-            if len(msg) > 600:
-                msg = msg[:600] + " ..."
+            msg = _shorten(msg)
             hint = "" if isinstance(exc, (MHCIOError, MHCConfigError, NoResidualsError)) else " (run with --debug for the traceback)"
             click.echo(f"mhc: error: {msg}{hint}", err=True)
             ctx.exit(EXIT_USAGE if usage else EXIT_FAILURE)
@@ -132,18 +145,37 @@ def _debug_option(fn):
 
 
 class _Progress:
-    """A tqdm bar over named stages on stderr (hidden when stderr is not a terminal unless forced)."""
+    """A tqdm bar over named stages on stderr (hidden when stderr is not a terminal unless forced).
+    While a stage runs, a thread redraws the bar every ``tick`` seconds, so its elapsed time
+    moves during a long stage (the capture of a large model) instead of standing still."""
 
-    def __init__(self, stages: list[str], enabled: Optional[bool]):
+    def __init__(self, stages: list[str], enabled: Optional[bool], tick: float = 0.5):
         from tqdm import tqdm
 
         self.bar = tqdm(total=len(stages), file=sys.stderr, disable=(None if enabled is None else not enabled),
                         bar_format="{desc:<10} {bar} {n_fmt}/{total_fmt} [{elapsed}]", leave=False)
+        self.tick = tick
 
     @contextmanager
     def stage(self, name: str):
+        import threading
+
         self.bar.set_description_str(name)
-        yield
+        done = threading.Event()
+
+        def redraw():
+            while not done.wait(self.tick):
+                self.bar.refresh()
+
+        ticker = threading.Thread(target=redraw, daemon=True)
+        if not self.bar.disable:
+            ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if ticker.is_alive():
+                ticker.join()
         self.bar.update(1)
 
     def close(self):
