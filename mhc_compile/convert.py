@@ -203,6 +203,14 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
         return ep.module()
     _, exc = errors[-1]
     first = first_line(exc, 500)
+    eager = _eager_error(model, args, kwargs)
+    if eager is not None:  # not a tracing problem: forward fails on these inputs, export or not
+        raise MHCCaptureError(
+            f"mhc_compile could not capture {type(model).__name__}: its forward fails on the example inputs "
+            f"when run as plain Python too: {type(eager).__name__}: {first_line(eager, 500)}\n"
+            f"What to try: give example inputs with the shapes and dtypes forward expects (example inputs: "
+            f"{_describe(args, kwargs)}; on the command line --input-shape/--input-dtype)."
+        ) from exc
     raise MHCCaptureError(
         f"mhc_compile could not capture {type(model).__name__} with torch.export(strict=False): "
         f"{type(exc).__name__}: {first}\n"
@@ -211,6 +219,36 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
         "example_inputs as a tuple of the exact positional arguments, or use the torch.compile "
         "backend instead: torch.compile(model, backend='mhc'), which tolerates graph breaks."
     ) from exc
+
+
+def _eager_error(model: nn.Module, args: tuple, kwargs: dict) -> Optional[BaseException]:
+    """The error ``model`` raises on the example when simply called (eval mode, no grad), or None."""
+    training = model.training
+    try:
+        model.eval()
+    except Exception:  # noqa: BLE001 - an exported module refuses .eval(); call it as it is
+        pass
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported as the cause
+        return exc
+    finally:
+        try:
+            model.train(training)
+        except Exception:  # noqa: BLE001
+            pass
+    return None
+
+
+def _describe(args: tuple, kwargs: dict) -> str:
+    """``(2, 16) int64, mask=(2, 16) bool``: the example's tensors, for messages."""
+    def one(v) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+        return type(v).__name__
+
+    return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]) or "none"
 
 
 def find_residuals(model: nn.Module, example_inputs: Any, config: Optional[MHCConfig] = None, *,

@@ -115,7 +115,7 @@ def test_model_output_dataclass_roundtrip(user_module, tmp_path):
     for dst in (tmp_path / "d", tmp_path / "m.pt2"):
         run("convert", "clitestmods:res_modeloutput", "-o", dst, "--no-progress")
         with torch.no_grad():
-            out = mhc_compile.load(dst)(x)
+            out = mhc_compile.load(dst, trust_code=True)(x)
         assert out.last_hidden_state.shape == (3, 8, 7)
 
 
@@ -321,7 +321,7 @@ def test_convert_factory_with_state_dict(user_module, tmp_path):
     meta = json.loads((dst / "mhc.json").read_text())
     assert meta["source"] == "factory" and meta["rebuild"]["factory"] == "clitestmods:res"
     assert meta["example_inputs"] == [{"name": "arg0", "shape": [2, 8], "dtype": "int64"}]
-    loaded = mhc_compile.load(dst)
+    loaded = mhc_compile.load(dst, trust_code=True)
     x = torch.randint(0, 50, (2, 8))
     with torch.no_grad():
         assert rel_err(loaded(x), model(x)) < 1e-5  # the state_dict's weights, not the factory's init
@@ -338,7 +338,7 @@ def test_convert_factory_example_inputs_and_safetensors(user_module, tmp_path):
     run("convert", "clitestmods:res", "--state-dict", tmp_path / "w.safetensors", "-o", dst, "-n", "3", "--no-progress")
     meta = json.loads((dst / "mhc.json").read_text())
     assert meta["example_inputs"][0]["shape"] == [3, 8]  # from clitestmods.example_inputs()
-    loaded = mhc_compile.load(dst)
+    loaded = mhc_compile.load(dst, trust_code=True)
     x = user_module.example_inputs()[0]
     with torch.no_grad():
         assert rel_err(loaded(x), model(x)) < 1e-5
@@ -639,7 +639,7 @@ def test_inspect_captures_the_model_once(user_module, tmp_path, monkeypatch, fmt
     text = run("inspect", "clitestmods:res", "--format", fmt).output
     assert len(calls) == 1, f"mhc inspect captured the model {len(calls)} times"
     calls.clear()
-    again = run("inspect", tmp_path / "o", "--format", fmt).output
+    again = run("inspect", tmp_path / "o", "--format", fmt, "--trust-code").output
     assert len(calls) == 1, f"mhc inspect of a converted directory captured {len(calls)} times"
     if fmt == "dot":
         assert text.count("subgraph") == again.count("subgraph") >= 2  # before and after

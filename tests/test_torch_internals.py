@@ -2,6 +2,8 @@
 
 Each test exercises one helper against the installed torch with a real Dynamo compile and
 fails loudly (with the name of the helper) when a torch upgrade moves or renames what it uses.
+The supported range is torch 2.11 to 2.15 (``torch>=2.11,<2.16``); these canaries ran on 2.11.0,
+2.13.0, 2.14.1 and 2.15.0 (docs/compat.md).
 """
 import operator
 
@@ -348,3 +350,21 @@ def test_compiled_call_suspended_runs_the_plain_call():
         gm = torch.fx.symbolic_trace(torch.nn.Sequential(lin))
         assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
     assert lin.__dict__.get("_compiled_call_impl") is not None
+
+
+def test_the_supported_range_is_named_alike_everywhere():
+    """pyproject's pin, this module's docstring and _torch_internals' docstring name one range,
+    and the installed torch is inside it."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pin = re.search(r'"torch>=([0-9.]+),<([0-9.]+)"', (root / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml pins torch as torch>=A,<B"
+    low, high = pin.groups()
+    last = f"{high.split('.')[0]}.{int(high.split('.')[1]) - 1}"
+    assert f"torch>={low},<{high}" in ti.__doc__ and f"{low} to {last}" in ti.__doc__
+    assert f"torch>={low},<{high}" in __doc__ and f"{low} to {last}" in __doc__
+    version = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    as_tuple = lambda v: tuple(int(p) for p in v.split(".")[:2])  # noqa: E731
+    assert as_tuple(low) <= version < as_tuple(high), (torch.__version__, low, high)

@@ -46,7 +46,8 @@ The torch 2.11 / triton 3.6 audit of all of these is in ``docs/gpu.md``.
 Each helper degrades to ``None`` / ``False`` instead of raising when an attribute disappears, so
 the backend can fall back (or fail with a clear message). ``tests/test_torch_internals.py``
 checks each of them against the installed torch and fails loudly when an upgrade breaks one.
-Supported: torch 2.11 to 2.14.
+Supported: torch 2.11 to 2.15 (``torch>=2.11,<2.16``; the canaries pass on 2.11.0, 2.13.0, 2.14.1
+and 2.15.0, docs/compat.md).
 """
 from __future__ import annotations
 

@@ -7,28 +7,36 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import click
-import torch
 
 from ..config import MHCConfig
-from ..io import MHCUsageError
 
+# dtype names -> torch dtype attribute names (torch is imported when a dtype is parsed, so that
+# `mhc --help` does not import it)
 DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float64": torch.float64, "double": torch.float64, "fp64": torch.float64,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "int64": torch.int64, "long": torch.int64,
-    "int32": torch.int32, "int": torch.int32,
-    "bool": torch.bool,
+    "float32": "float32", "float": "float32", "fp32": "float32",
+    "float64": "float64", "double": "float64", "fp64": "float64",
+    "float16": "float16", "half": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "int64": "int64", "long": "int64",
+    "int32": "int32", "int": "int32",
+    "bool": "bool",
 }
 
 
-def parse_dtype(text: str) -> torch.dtype:
+def _usage_error(msg: str):
+    from ..io import MHCUsageError
+
+    return MHCUsageError(msg)
+
+
+def parse_dtype(text: str):
     """``long`` -> ``torch.int64`` (any name of :data:`DTYPES`, any case)."""
+    import torch
+
     try:
-        return DTYPES[text.strip().lower()]
+        return getattr(torch, DTYPES[text.strip().lower()])
     except KeyError:
-        raise MHCUsageError(f"unknown dtype {text!r}; use one of {', '.join(sorted(DTYPES))}") from None
+        raise _usage_error(f"unknown dtype {text!r}; use one of {', '.join(sorted(DTYPES))}") from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -38,7 +46,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
-        raise MHCUsageError(f"bad input shape {text!r}; write it like 2x16 or 2x3x32x32")
+        raise _usage_error(f"bad input shape {text!r}; write it like 2x16 or 2x3x32x32")
     return shape
 
 
@@ -53,7 +61,7 @@ def parse_config(streams: Optional[int], options: Sequence[str], base: Optional[
     for item in options:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise MHCUsageError(f"--config-option {item!r}: write it as key=value (e.g. sinkhorn_iters=10)")
+            raise _usage_error(f"--config-option {item!r}: write it as key=value (e.g. sinkhorn_iters=10)")
         opts[key.strip()] = value
     if streams is not None:
         opts["streams"] = streams
@@ -76,6 +84,10 @@ def source_options(fn):
         click.option("--trust-pickle", is_flag=True,
                      help="Allow reading a whole pickled nn.Module (.pt). Unpickling runs code from the "
                           "file: use only for files you trust."),
+        click.option("--trust-code", is_flag=True,
+                     help="Allow rebuilding an mhc output converted from a factory: its mhc.json names "
+                          "package.module:function, which is imported and called. Use only for directories "
+                          "you trust."),
         click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="Batch of the example inputs of Hugging Face models."),
         click.option("--seq-len", default=16, show_default=True, type=click.IntRange(min=1), help="Sequence length of the example inputs of Hugging Face text models."),
     ]

@@ -2,7 +2,7 @@
 
 This module owns argument parsing, the progress bar, error reporting and exit codes:
 0 success, 2 usage errors (bad options, a missing input file), 1 failures (a file that cannot
-be read, a model without residual adds, an output that cannot be written). Errors are one line,
+be read, a model without residual adds, an output that cannot be written), 130 on Ctrl-C. Errors are one line,
 ``mhc: error: <file>: <what was wrong>``; ``--debug`` (before or after the command name) shows
 the traceback instead. See docs/cli.md.
 """
@@ -23,6 +23,7 @@ from .args import parse_config, parse_inputs, source_options
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class NoResidualsError(RuntimeError):
@@ -40,6 +41,16 @@ def _debug_enabled(ctx: click.Context) -> bool:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _shorten(msg: str, limit: int = 600) -> str:
+    """``msg`` cut to about ``limit`` characters at a space, never mid-word; the advice of a capture
+    error (from "What to try:") is kept whole and the cause before it is cut instead."""
+    head, sep, advice = msg.partition(" What to try: ")
+    if len(head) > limit:
+        cut = head.rfind(" ", 0, limit)
+        head = head[:cut if cut > limit // 2 else limit].rstrip(" ,;:") + " ..."
+    return head + sep + advice
 
 
 def _echo_warnings(caught) -> None:
@@ -105,6 +116,9 @@ def _handle_errors(fn):
                     _echo_warnings(caught)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT; outputs are atomic
+            click.echo("mhc: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except Exception as exc:
             if debug:
                 raise
@@ -118,8 +132,7 @@ def _handle_errors(fn):
             if (src and not isinstance(exc, MHCConfigError) and not msg.startswith("--")
                     and str(src) not in msg and not (dst and str(dst) in msg)):
                 msg = f"{src}: {msg}"
-            if len(msg) > 600:
-                msg = msg[:600] + " ..."
+            msg = _shorten(msg)
             hint = "" if isinstance(exc, (MHCIOError, MHCConfigError, NoResidualsError)) else " (run with --debug for the traceback)"
             click.echo(f"mhc: error: {msg}{hint}", err=True)
             ctx.exit(EXIT_USAGE if usage else EXIT_FAILURE)
@@ -132,30 +145,55 @@ def _debug_option(fn):
 
 
 class _Progress:
-    """A tqdm bar over named stages on stderr (hidden when stderr is not a terminal unless forced)."""
+    """A tqdm bar over named stages on stderr (hidden when stderr is not a terminal unless forced).
+    While a stage runs, a thread redraws the bar every ``tick`` seconds, so its elapsed time
+    moves during a long stage (the capture of a large model) instead of standing still."""
 
-    def __init__(self, stages: list[str], enabled: Optional[bool]):
+    def __init__(self, stages: list[str], enabled: Optional[bool], tick: float = 0.5):
         from tqdm import tqdm
 
         self.bar = tqdm(total=len(stages), file=sys.stderr, disable=(None if enabled is None else not enabled),
                         bar_format="{desc:<10} {bar} {n_fmt}/{total_fmt} [{elapsed}]", leave=False)
+        self.tick = tick
 
     @contextmanager
     def stage(self, name: str):
+        import threading
+
         self.bar.set_description_str(name)
-        yield
+        done = threading.Event()
+
+        def redraw():
+            while not done.wait(self.tick):
+                self.bar.refresh()
+
+        ticker = threading.Thread(target=redraw, daemon=True)
+        if not self.bar.disable:
+            ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if ticker.is_alive():
+                ticker.join()
         self.bar.update(1)
 
     def close(self):
         self.bar.close()
 
 
-def _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len):
-    from ..io import read_source
+def _read(src, *, state_dict, input_shapes, input_dtypes, trust_pickle, trust_code, batch_size, seq_len):
+    """Read SRC with the source options. The current directory becomes importable (appended to
+    ``sys.path``, so it shadows no installed module) only for code the user named (a factory
+    SRC) or trusted (--trust-pickle, --trust-code), never for a directory's own say-so."""
+    from ..io import detect_kind, read_source
+    from ..io.sources.common import cwd_on_path
 
     shapes, dtypes = parse_inputs(input_shapes, input_dtypes)
+    if trust_pickle or trust_code or detect_kind(src) == "factory":
+        cwd_on_path()
     return read_source(src, state_dict=state_dict, input_shapes=shapes, input_dtypes=dtypes,
-                       trust_pickle=trust_pickle, batch_size=batch_size, seq_len=seq_len)
+                       trust_pickle=trust_pickle, trust_code=trust_code, batch_size=batch_size, seq_len=seq_len)
 
 
 # ----------------------------------------------------------------------------------- the app
@@ -216,20 +254,20 @@ Examples:
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @_debug_option
 @_handle_errors
-def convert(src, dst, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
-            batch_size, seq_len, progress, debug):
+def convert(src, dst, streams, config_options, progress, debug, **source_options):
     from ..convert import capture, rewrite_captured
-    from ..io import MHCUsageError, detect_kind, save_converted, source_inputs
+    from ..io import MHCUsageError, check_destination, detect_kind, save_converted, source_inputs
 
     config = parse_config(streams, config_options)
     kind = detect_kind(src)
     if kind == "converted":
         raise MHCUsageError(f"{src}: is already an mhc output; convert the original model instead")
+    check_destination(dst, is_dir=not str(dst).endswith(".pt2"))  # before any work on the model
 
     bar = _Progress(["load", "capture", "rewrite", "save"], progress)
     try:
         with bar.stage("load"), _quiet_libraries():
-            source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
+            source = _read(src, **source_options)
         with bar.stage("capture"), _quiet_libraries():  # the one capture: the rewrite reports what it found
             captured = capture(source.model, source_inputs(source))
         with bar.stage("rewrite"), _quiet_libraries():
@@ -262,13 +300,13 @@ _FORMAT_OF_SUFFIX = {".json": "json", ".dot": "dot", ".gv": "dot", ".svg": "svg"
                    "(svg needs Graphviz); html: a self-contained report with the SVG embedded when Graphviz is installed. "
                    "Default: from the -o file's extension (.json, .dot, .gv, .svg, .html, .htm), else text.")
 @click.option("-o", "--output", "out", type=click.Path(), default=None, metavar="FILE", help="Write to FILE (atomically) instead of stdout.")
+@click.option("--force", "-f", is_flag=True, help="Overwrite FILE of -o when it exists.")
 @click.option("--streams", "-n", type=int, default=None, help="Number of residual streams n (default 4; ignored for converted models).")
 @click.option("--config-option", "-c", "config_options", multiple=True, metavar="KEY=VALUE", help="Any MHCConfig field.")
 @source_options
 @_debug_option
 @_handle_errors
-def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
-            batch_size, seq_len, debug):
+def inspect(src, fmt, out, force, streams, config_options, debug, **source_options):
     """Show the residual sites of SRC (any source of `mhc convert`, or its output), the chains,
     the adds not taken and why, the parameters added, the estimated cost, and the graphs.
 
@@ -281,13 +319,16 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
 
     if fmt is None:
         fmt = _FORMAT_OF_SUFFIX.get(Path(out).suffix.lower(), "text") if out else "text"
-    if fmt == "svg" and not rp.svg_available():  # fail before the (slow) capture
-        from ..io import MHCIOError
+    from ..io import MHCIOError, check_destination
 
+    if fmt == "svg" and not rp.svg_available():  # fail before the (slow) capture
         raise MHCIOError(f"{src}: cannot write --format svg: {rp.GRAPHVIZ_HELP}")
+    if out:  # before the capture, too
+        if Path(out).is_file() and not force:
+            raise MHCIOError(f"{out}: exists; pass --force to overwrite it")
+        check_destination(out, is_dir=False)
     with _quiet_libraries():
-        text = _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, input_dtypes,
-                             trust_pickle, batch_size, seq_len)
+        text = _inspect_text(src, fmt, streams, config_options, source_options)
     if out:
         from ..io import atomic_write_text
 
@@ -297,15 +338,14 @@ def inspect(src, fmt, out, streams, config_options, state_dict, input_shapes, in
         click.echo(text, nl=False)
 
 
-def _inspect_text(src, fmt, streams, config_options, state_dict, input_shapes, input_dtypes, trust_pickle,
-                  batch_size, seq_len) -> str:
+def _inspect_text(src, fmt, streams, config_options, source_options) -> str:
     """The inspect report of ``src`` in format ``fmt``, as text. The model is captured once:
     the report, the converted module and the graph before the rewrite come from one conversion."""
     from . import render as rp
     from ..io import MHCIOError, convert_source_with_report
 
     graphs_wanted = fmt not in ("text", "json")
-    source = _read(src, state_dict, input_shapes, input_dtypes, trust_pickle, batch_size, seq_len)
+    source = _read(src, **source_options)
     before = None  # the graph before the rewrite
     if source.kind == "converted":
         config = parse_config(None, (), source.mhc.get("mhc_config"))

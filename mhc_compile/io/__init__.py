@@ -10,7 +10,8 @@ source kind        what it is
                    as ``save_pretrained`` writes it)
 ``export``         a ``torch.export`` program saved with ``torch.export.save`` (``.pt2``)
 ``factory``        ``package.module:function`` returning an ``nn.Module``, plus an optional
-                   state_dict file and example inputs
+                   state_dict file and example inputs; rebuilding a converted directory
+                   imports it again, so it needs ``trust_code=True``
 ``pickle``         a whole pickled ``nn.Module`` (``.pt``); loading it runs code, so it needs
                    ``trust_pickle=True``
 ``converted``      an ``mhc convert`` output (a directory with ``mhc.json``, or a ``.pt2``
@@ -27,24 +28,26 @@ then loads the saved state_dict strictly (``load.py``). A converted ``.pt2`` is 
 (``atomic.py``).
 
 Modules: ``errors`` (MHCIOError, MHCUsageError), ``format`` (on-disk format), ``atomic``
-(atomic writes), ``examples`` (example inputs), ``registry`` (source kinds, detection,
+(atomic writes), ``examples`` (example inputs), ``hub`` (the mark in an HF output's
+config.json), ``registry`` (source kinds, detection,
 :func:`read_source`), ``sources/`` (one reader per kind), ``conversion`` (convert a Source),
 ``save`` (:func:`save_converted`), ``load`` (:func:`load`).
 
 Public API::
 
-    load(path, *, trust_pickle=False) -> nn.Module
+    load(path, *, trust_pickle=False, trust_code=False) -> nn.Module
     read_source(src, *, state_dict=None, input_shapes=(), input_dtypes=(), trust_pickle=False,
-                batch_size=2, seq_len=16) -> Source
+                trust_code=False, batch_size=2, seq_len=16) -> Source
     save_converted(converted, dst, source, config, report=None) -> str
     atomic_path(dst, is_dir) / atomic_write_text(path, text)     atomic writes
+    check_destination(dst, is_dir)  the refusals of atomic_path, before any work
     register_source_kind(SourceKind(...)) / get_source_kind(name) / detect_kind(src)
     MHCIOError                    one-line error that names the file and what is wrong
 """
 from __future__ import annotations
 
 from .sources import BUILTIN_KINDS  # importing sources registers the built-in kinds
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path, atomic_write_text, check_destination
 from .conversion import Conversion, convert_source, convert_source_with_report, find_source_residuals, source_inputs
 from .errors import MHCIOError, MHCUsageError, first_line
 from .examples import hf_example_inputs, make_inputs, normalize_inputs, positional_inputs
@@ -64,7 +67,7 @@ from .save import save_converted
 
 __all__ = [
     "MHCIOError", "MHCUsageError", "Source", "load", "read_source", "save_converted", "detect_kind",
-    "FORMAT_VERSION", "MHC_JSON", "atomic_path", "atomic_write_text", "Conversion", "convert_source",
+    "FORMAT_VERSION", "MHC_JSON", "atomic_path", "atomic_write_text", "check_destination", "Conversion", "convert_source",
     "convert_source_with_report", "find_source_residuals", "source_inputs", "first_line",
     "hf_example_inputs", "make_inputs", "normalize_inputs", "positional_inputs", "dedup_state_dict",
     "input_specs", "read_mhc_json", "ReadOptions", "SourceKind", "get_source_kind",

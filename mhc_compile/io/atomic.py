@@ -4,7 +4,8 @@ place with ``os.replace``, so a crash or an error mid-write leaves no partial ou
 older output at the same path intact.
 
 :func:`atomic_path` yields the temporary path (a file or a directory) to write into;
-:func:`atomic_write_text` writes one text file.
+:func:`atomic_write_text` writes one text file; :func:`check_destination` makes the same checks
+up front (and tries a file next to the destination), so a command can refuse before any work.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Iterator, Optional
 from .errors import MHCIOError, first_line
 from .format import MHC_JSON
 
-__all__ = ["atomic_path", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_text", "check_destination"]
 
 
 def _umask() -> int:
@@ -28,6 +29,8 @@ def _umask() -> int:
 
 
 def _check_destination(dst: Path, parent: Path, is_dir: bool, marker: Optional[str]) -> None:
+    if not parent.exists():
+        raise MHCIOError(f"{dst}: cannot write: the directory {parent} does not exist")
     if not parent.is_dir():
         raise MHCIOError(f"{dst}: cannot write: {parent} is not a directory")
     if dst.exists():
@@ -62,6 +65,17 @@ def _move_into_place(tmp: Path, dst: Path, parent: Path, is_dir: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dst)
+
+
+def check_destination(dst: str | os.PathLike, is_dir: bool, *, marker: Optional[str] = MHC_JSON) -> None:
+    """Raise :class:`MHCIOError` unless :func:`atomic_path` can write ``dst``: the same refusals, and
+    a temporary file is created (and removed) next to it, so an unwritable place is found before
+    any work rather than after it."""
+    dst = Path(dst)
+    parent = dst.parent if str(dst.parent) else Path(".")
+    _check_destination(dst, parent, is_dir, marker)
+    probe = _make_temporary(dst, parent, is_dir=False)
+    probe.unlink()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ and ``mhc inspect`` that need more than the module.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,13 +39,28 @@ def source_inputs(source: Source) -> tuple:
     return positional_inputs(source.model, source.args, source.kwargs)
 
 
+def _capture_kwargs(model: nn.Module, num_args: int) -> dict:
+    """``use_cache=False`` where ``forward`` takes it and the positional example does not reach it,
+    as ``mhc_compile.convert`` captures: a model rebuilt with its config's ``use_cache=True`` (a
+    converted HF decoder) would return a KV cache object, which torch.export cannot capture."""
+    from ..convert import _without_cache
+
+    kwargs = _without_cache(model, {})
+    if kwargs:
+        names = list(inspect.signature(model.forward).parameters)
+        if names.index("use_cache") < num_args:
+            return {}
+    return kwargs
+
+
 def convert_source_with_report(source: Source, config: MHCConfig, *, keep_graph: bool = False) -> Conversion:
     """Capture the source's model once and rewrite it (``mhc_compile.convert`` without its
     no-site warning). ``keep_graph`` keeps a copy of the captured graph before the rewrite
     (the same graph ``capture`` gives, node names included), for drawing it."""
     from ..convert import capture, rewrite_captured
 
-    gm = capture(source.model, source_inputs(source))
+    args = source_inputs(source)
+    gm = capture(source.model, args, example_kwargs=_capture_kwargs(source.model, len(args)))
     graph = copy.deepcopy(gm.graph) if keep_graph else None
     converted, report = rewrite_captured(source.model, gm, config)
     return Conversion(converted, report, graph)

@@ -10,6 +10,10 @@ A converted directory holds:
                                 :func:`restore_tied`)
 ``example_inputs.safetensors``  the exact tensors used to capture the graph
                                 (:func:`flatten_inputs` / :func:`unflatten_inputs`)
+``mhc.safetensors``             (``save_pretrained`` of a converted HF model) the mHC parameters
+                                under their own names; ``model.safetensors`` then holds the
+                                weights as the class's ``save_pretrained`` writes them
+                                (transformers' checkpoint key names, the mHC ones too)
 
 plus what the source kind needs to rebuild the original model (see ``sources/``). A converted
 ``.pt2`` carries the same ``mhc.json`` as an extra file.
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MHC_JSON = "mhc.json"
 WEIGHTS = "model.safetensors"
+MHC_WEIGHTS = "mhc.safetensors"  # save_pretrained: the mHC parameters, apart from the class's weights
 INPUTS = "example_inputs.safetensors"
 
 

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
 from ..config import MHCConfig
 from .conversion import Conversion, convert_source_with_report
 from .errors import MHCIOError, first_line
-from .format import (INPUTS, MHC_JSON, WEIGHTS, num_positional, read_mhc_json, restore_tied, tied_names,
+from .format import (INPUTS, MHC_JSON, MHC_WEIGHTS, WEIGHTS, num_positional, read_mhc_json, restore_tied, tied_names,
                      unflatten_inputs)
-from .registry import Source, get_source_kind
+from .registry import ReadOptions, Source, get_source_kind
+from .sources.hf import UNEXPECTED
 from .sources.common import eval_mode
 from .sources.pt2 import load_pt2
 
 
-def rebuild_original(path: Path, meta: dict, trust_pickle: bool) -> tuple[nn.Module, tuple, dict]:
-    """The unconverted model (fresh weights, eval mode) and the saved example inputs of a converted directory."""
+def rebuild_original(path: Path, meta: dict, options: ReadOptions) -> tuple[nn.Module, tuple, dict]:
+    """The unconverted model (fresh weights, eval mode) and the saved example inputs of a converted
+    directory (``options``: the trust flags)."""
     kind = get_source_kind(meta["source"], where=str(path / MHC_JSON))
-    model = eval_mode(kind.rebuild(path, meta, trust_pickle))
+    model = eval_mode(kind.rebuild(path, meta, options))
     from safetensors.torch import load_file
 
     try:
@@ -38,7 +41,7 @@ def rebuild_original(path: Path, meta: dict, trust_pickle: bool) -> tuple[nn.Mod
 
 def read_weights(path: Path) -> dict:
     """The saved state_dict of a converted directory: ``model.safetensors``, or the shards listed in
-    ``model.safetensors.index.json`` (a large ``save_pretrained``)."""
+    ``model.safetensors.index.json`` (a large ``save_pretrained``), and ``mhc.safetensors``."""
     import json
 
     from safetensors.torch import load_file
@@ -50,6 +53,8 @@ def read_weights(path: Path) -> dict:
             files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
         except Exception as exc:
             raise MHCIOError(f"{index}: unreadable: {first_line(exc)}") from None
+    if (path / MHC_WEIGHTS).is_file():  # save_pretrained: the mHC parameters in a file of their own
+        files.append(path / MHC_WEIGHTS)
     sd: dict = {}
     for f in files:
         try:
@@ -76,6 +81,7 @@ def convert_rebuilt(path: Path, meta: dict, original: nn.Module, args: tuple, kw
     the model's own class (``mhc_compile.convert``), or with ``keep_graph`` the rewritten graph
     and the graph before the rewrite (for ``mhc inspect``)."""
     config = MHCConfig.from_dict(meta["mhc_config"])
+    preloaded = _preloaded(original, meta, path)
     if keep_graph:
         conversion = convert_source_with_report(Source(meta["source"], str(path), original, args, kwargs), config,
                                                 keep_graph=True)
@@ -88,15 +94,40 @@ def convert_rebuilt(path: Path, meta: dict, original: nn.Module, args: tuple, kw
             raise MHCIOError(f"{path}: the rebuilt model has no residual site to convert; mhc.json does not match it")
         conversion = Conversion(converted, report)
     sd = _tie_missing(restore_tied(read_weights(path), meta.get("tied")), conversion.converted)
+    if preloaded is not None:
+        sd = _added_weights(sd, conversion.converted, preloaded, path)
     try:
-        conversion.converted.load_state_dict(sd, strict=True)
+        conversion.converted.load_state_dict(sd, strict=preloaded is None)
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())
         raise MHCIOError(f"{path / WEIGHTS}: does not match the rebuilt model: {msg[:300]}") from None
     return conversion
 
 
-def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
+def _preloaded(original: nn.Module, meta: dict, path: Path) -> Optional[tuple[set, set]]:
+    """For a kind whose rebuild loaded the saved weights itself (hf: ``from_pretrained`` with
+    transformers' key mapping): (the original's state-dict keys, the saved keys its loader did not
+    take); None when ``load_state_dict`` loads everything strictly."""
+    if not get_source_kind(meta["source"], where=str(path / MHC_JSON)).rebuild_loads_weights:
+        return None
+    return set(original.state_dict()), set(original.__dict__.pop(UNEXPECTED, ()))
+
+
+def _added_weights(sd: dict, converted: nn.Module, preloaded: tuple[set, set], path: Path) -> dict:
+    """The saved tensors of the parameters the conversion added (the original's came through its
+    own loader): every added key must be saved, and every saved key the loader left must be one."""
+    original_keys, untaken = preloaded
+    added = [k for k in converted.state_dict() if k not in original_keys]
+    missing = [k for k in added if k not in sd]
+    stray = sorted(untaken - set(added))
+    if missing or stray:
+        what = (f"missing the mHC weights {', '.join(missing[:5])}" if missing
+                else f"holds weights the model has no place for: {', '.join(stray[:5])}")
+        raise MHCIOError(f"{path / WEIGHTS}: does not match the rebuilt model: {what}")
+    return {k: sd[k] for k in added}
+
+
+def load(path: str | os.PathLike, *, trust_pickle: bool = False, trust_code: bool = False) -> nn.Module:
     """Load a model written by ``mhc convert`` (or :func:`save_converted`) as a trainable module.
 
     Directory outputs (``mhc convert``, or ``save_pretrained`` of a converted Hugging Face model)
@@ -104,8 +135,10 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
     :func:`mhc_compile.convert` with the saved MHCConfig and example inputs: the model's own
     class) and the saved weights are loaded strictly, so outputs match the converted model
     exactly. ``.pt2`` outputs
-    come back as ``torch.export.load(path).module()``. Sources converted from a pickled module
-    need ``trust_pickle=True``.
+    come back as ``torch.export.load(path).module()``. Loading runs no code that the directory
+    names unless asked: sources converted from a pickled module need ``trust_pickle=True``, and
+    from a factory (``mhc.json`` names ``module:function``, which is imported and called)
+    ``trust_code=True``.
     """
     p = Path(path)
     if not p.exists():
@@ -117,5 +150,5 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
     if not (p / MHC_JSON).is_file():
         raise MHCIOError(f"{p}: directory has no mhc.json; not an mhc convert output")
     meta = read_mhc_json(p)
-    original, args, kwargs = rebuild_original(p, meta, trust_pickle)
+    original, args, kwargs = rebuild_original(p, meta, ReadOptions(trust_pickle=trust_pickle, trust_code=trust_code))
     return convert_rebuilt(p, meta, original, args, kwargs).converted

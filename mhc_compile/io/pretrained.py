@@ -3,10 +3,13 @@ turns back into the same class.
 
 :func:`mhc_compile.convert` binds :func:`save_pretrained` on a ``transformers.PreTrainedModel``
 it converts (an instance attribute; the class is untouched). It runs the class's own
-``save_pretrained`` (``config.json``, ``generation_config.json``, safetensors weights, sharded
-when large; its keyword arguments pass through) and adds what the converted-directory format of
-``io.format`` needs: ``mhc.json`` (source kind ``hf``, MHCConfig, report) and
-``example_inputs.safetensors``. ``mhc convert`` on an HF directory writes the same files.
+``save_pretrained`` (``config.json``, ``generation_config.json``, safetensors weights in
+transformers' checkpoint key names, sharded when large; its keyword arguments pass through) and
+adds what the converted-directory format of ``io.format`` needs: ``mhc.safetensors`` (the mHC
+parameters under their own names: transformers renames checkpoint keys on save for some
+families, ours too; the class's weights file holds them as well, for ``Trainer`` resume),
+``mhc.json`` (source kind ``hf``, MHCConfig, report) and ``example_inputs.safetensors``.
+``mhc convert`` on an HF directory writes the same kind of directory.
 
 Writes are atomic per file: everything goes to a temporary directory next to the destination
 first; then the old ``mhc.json`` is removed, each file is moved in with ``os.replace`` (stale
@@ -15,9 +18,9 @@ either the old output or a directory without ``mhc.json`` that :func:`mhc_compil
 refuses, never a mix. Files the directory already holds (a Trainer checkpoint's optimizer
 state) are kept.
 
-``transformers`` alone loads such a directory as the *unconverted* model: ``from_pretrained``
-builds the plain class and drops the ``*.mhc.*`` weights as unexpected keys, which is a
-different function; load it with :func:`mhc_compile.load`.
+``config.json`` is marked (``io.hub``) so that plain ``transformers`` (``AutoModel``, the class's
+``from_pretrained``, ``SentenceTransformer``) refuses the directory with a message naming
+:func:`mhc_compile.load`, instead of building the unconverted model, a different function.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from torch import nn
 
 from .atomic import _umask
 from .errors import MHCIOError, first_line
-from .format import INPUTS, MHC_JSON, dumps, flatten_inputs, mhc_meta, tied_names
+from .format import INPUTS, MHC_JSON, MHC_WEIGHTS, dumps, flatten_inputs, mhc_meta, tied_names
+from .hub import mark_config
 from .registry import Source
 
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
@@ -70,9 +74,18 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: A
     dst.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
-        type(self).save_pretrained(self, str(tmp), *args, **kwargs)
         from safetensors.torch import save_file
 
+        state = kwargs.pop("state_dict", None)
+        state = dict(self.state_dict() if state is None else state)
+        # the mHC parameters go to the class's weights too (Trainer's resume_from_checkpoint reads
+        # those by name), and to mhc.safetensors under their own names, which load reads
+        added = {k: state[k] for k in self.mhc_report.param_names if k in state}
+        type(self).save_pretrained(self, str(tmp), *args, state_dict=state, **kwargs)
+        if (tmp / "config.json").is_file():
+            mark_config(tmp / "config.json")  # plain transformers refuses it, naming mhc_compile.load
+        save_file({k: v.detach().contiguous() for k, v in added.items()}, str(tmp / MHC_WEIGHTS),
+                  metadata={"format": "pt", "mhc_compile": "1"})
         save_file(flatten_inputs(ex_args, ex_kwargs), str(tmp / INPUTS))
         (tmp / MHC_JSON).write_text(dumps(meta) + "\n")
         _move_files(tmp, dst)

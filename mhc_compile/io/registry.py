@@ -4,8 +4,10 @@
 ``detect(src) -> bool``                 is ``src`` a source of this kind?
 ``read(src, options) -> Source``        read it into a :class:`Source`
 ``save_extras(source, directory)``      copy what a rebuild needs into a converted directory
-``rebuild(directory, meta, trust_pickle) -> nn.Module``
+``rebuild(directory, meta, options) -> nn.Module``
                                         the original (unconverted) model of a converted directory
+                                        (``options``: a :class:`ReadOptions`; only its trust
+                                        flags apply)
 
 Everything that used to switch on the kind string (detection, reading, saving, rebuilding)
 looks the kind up here instead. Kinds are registered by the modules of ``io.sources`` with
@@ -54,7 +56,8 @@ class ReadOptions:
     state_dict: Optional[str] = None  # weights file for a factory or pickled module
     input_shapes: Sequence[tuple[int, ...]] = ()  # example input shapes (factory, pickle)
     input_dtypes: Sequence[torch.dtype] = ()  # one for all, or one per shape
-    trust_pickle: bool = False
+    trust_pickle: bool = False  # unpickle a whole module (runs code from the file)
+    trust_code: bool = False  # import the factory a converted directory's mhc.json names
     batch_size: int = 2  # Hugging Face example inputs
     seq_len: int = 16
 
@@ -67,8 +70,10 @@ class SourceKind:
     detect: Callable[[str], bool]
     read: Callable[[str, ReadOptions], Source]
     save_extras: Callable[[Source, Path], None]
-    rebuild: Callable[[Path, dict, bool], nn.Module]
+    rebuild: Callable[[Path, dict, ReadOptions], nn.Module]
     takes_state_dict: bool = False  # whether --state-dict applies to it
+    # rebuild gives the original with its saved weights (hf: from_pretrained); load adds the rest
+    rebuild_loads_weights: bool = False
     description: str = ""
 
 
@@ -141,18 +146,20 @@ def read_source(
     input_shapes: Sequence[tuple[int, ...]] = (),
     input_dtypes: Sequence[torch.dtype] = (),
     trust_pickle: bool = False,
+    trust_code: bool = False,
     batch_size: int = 2,
     seq_len: int = 16,
 ) -> Source:
     """Read ``src`` (any kind of :func:`detect_kind`) into a :class:`Source` with its kind's reader.
 
     ``input_shapes`` / ``input_dtypes`` are parsed already (``mhc_compile.cli.args`` parses the
-    command-line text): tuples of ints and ``torch.dtype``s.
+    command-line text): tuples of ints and ``torch.dtype``s. ``trust_code`` lets the rebuild of a
+    converted directory import the factory its mhc.json names (``trust_pickle``: unpickle).
     """
     kind = get_source_kind(detect_kind(src))
     if state_dict is not None and not kind.takes_state_dict:
         raise MHCUsageError(
             f"--state-dict only applies to a factory or pickled-module source, not to {kind.name} source {src}")
     options = ReadOptions(state_dict=state_dict, input_shapes=tuple(input_shapes), input_dtypes=tuple(input_dtypes),
-                          trust_pickle=trust_pickle, batch_size=batch_size, seq_len=seq_len)
+                          trust_pickle=trust_pickle, trust_code=trust_code, batch_size=batch_size, seq_len=seq_len)
     return kind.read(src, options)

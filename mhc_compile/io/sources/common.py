@@ -1,5 +1,6 @@
 """Helpers the source readers share: eval mode for capture, the current directory on
-``sys.path`` (for factories and pickles), and reading / applying a state_dict file."""
+``sys.path`` (only the CLI calls it, for code the user named or trusted), and reading /
+applying a state_dict file."""
 from __future__ import annotations
 
 import os
@@ -19,9 +20,11 @@ def eval_mode(model: nn.Module) -> nn.Module:
 
 
 def cwd_on_path() -> None:
-    """Like ``python -m``: modules in the current directory can be imported (factories, pickles)."""
+    """Modules in the current directory can be imported (a factory named on the command line, or a
+    pickle/factory the user trusts). Appended, not prepended: a file in the current directory never
+    shadows an installed module (``transformers.py`` in a downloaded directory stays inert)."""
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
 
 
 def load_state_dict_file(path: str) -> dict:

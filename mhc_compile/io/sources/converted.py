@@ -45,7 +45,7 @@ def read(path: str, options: ReadOptions) -> Source:
     if p.is_file():
         return _read_pt2(path)
     meta = read_mhc_json(p)
-    original, args, kwargs = rebuild_original(p, meta, options.trust_pickle)
+    original, args, kwargs = rebuild_original(p, meta, options)
     conversion = convert_rebuilt(p, meta, original, args, kwargs, keep_graph=True)
     return Source("converted", path, original, args, kwargs, meta.get("rebuild", {}), mhc=meta,
                   converted=conversion.converted, conversion=conversion)
@@ -55,7 +55,7 @@ def save_extras(source: Source, directory: Path) -> None:
     raise MHCUsageError(f"{source.path}: is already an mhc output; convert the original model instead")
 
 
-def rebuild(directory: Path, meta: dict, trust_pickle: bool) -> nn.Module:
+def rebuild(directory: Path, meta: dict, options: ReadOptions) -> nn.Module:
     raise MHCIOError(f"{directory / MHC_JSON}: an mhc output records the model it was converted from, "
                      "never 'converted'; re-run `mhc convert` on the original")
 

@@ -2,7 +2,10 @@
 optional state_dict file (``--state-dict``) and example inputs (``--input-shape`` /
 ``--input-dtype``, else the module's ``example_inputs()`` function).
 
-A converted directory records the factory spec in mhc.json; rebuilding calls it again.
+A converted directory records the factory spec in mhc.json; rebuilding imports and calls it
+again, which runs code that the directory names: refused unless the caller trusts it
+(``trust_code=True``, ``--trust-code``). This package never changes ``sys.path``; the CLI makes
+the current directory importable (``cwd_on_path``) only for code the user named or trusted.
 """
 from __future__ import annotations
 
@@ -15,15 +18,15 @@ from torch import nn
 
 from ..errors import MHCIOError, MHCUsageError, first_line
 from ..examples import make_inputs, normalize_inputs
+from ..format import MHC_JSON
 from ..registry import ReadOptions, Source, SourceKind
-from .common import apply_state_dict, cwd_on_path, eval_mode
+from .common import apply_state_dict, eval_mode
 
 
 def _import_factory(spec: str):
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
         raise MHCUsageError(f"{spec}: a factory is written package.module:function")
-    cwd_on_path()
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -70,8 +73,15 @@ def save_extras(source: Source, directory: Path) -> None:
     pass  # the factory spec in mhc.json is all a rebuild needs
 
 
-def rebuild(directory: Path, meta: dict, trust_pickle: bool) -> nn.Module:
-    _, model = call_factory(meta["rebuild"]["factory"])
+def rebuild(directory: Path, meta: dict, options: ReadOptions) -> nn.Module:
+    spec = (meta.get("rebuild") or {}).get("factory")
+    if not isinstance(spec, str):
+        raise MHCIOError(f"{directory / MHC_JSON}: names no factory to rebuild the model with")
+    if not options.trust_code:
+        raise MHCIOError(
+            f"{directory / MHC_JSON}: names the factory {spec!r}; rebuilding the model imports and runs that code, "
+            "so it needs trust_code=True (mhc: --trust-code), only for directories you trust")
+    _, model = call_factory(spec)
     return model
 
 

@@ -4,10 +4,11 @@ as ``save_pretrained`` writes it).
 Read: the architecture named in config.json, built with its weights, in eval mode, with example
 inputs from the config (:func:`~mhc_compile.io.examples.hf_example_inputs`) and ``use_cache``
 off (the capture of ``mhc convert``'s graph cannot return a cache). A converted directory keeps
-config.json (and generation_config.json); rebuilding builds the architecture from it with fresh
-weights and the config's own ``use_cache`` (``mhc_compile.load`` returns the class, whose
-blocks take the cache). ``save_pretrained`` of a converted model writes the same directory
-(``io.pretrained``).
+config.json (marked so that plain transformers refuses it, ``io.hub``) and generation_config.json;
+rebuilding loads the architecture with the class's own ``from_pretrained`` (transformers' key
+mapping, the config's own ``use_cache``: ``mhc_compile.load`` returns the class, whose blocks
+take the cache), and ``io.load`` adds the mHC weights. ``save_pretrained`` of a converted model
+writes the same kind of directory (``io.pretrained``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from ..errors import MHCIOError, first_line
 from ..examples import hf_example_inputs, positional_inputs
 from ..format import MHC_JSON
+from ..hub import mark_config, original_config
 from ..registry import ReadOptions, Source, SourceKind
 
 CONFIG_FILES = ("config.json", "generation_config.json")  # copied into a converted directory
@@ -68,11 +70,17 @@ def _hf_class(transformers, config, path: str):
     return transformers.AutoModel, "AutoModel"
 
 
-def _hf_config(path: str, no_cache: bool = True):
+def _hf_config(path: str, no_cache: bool = True, converted: bool = False):
+    """The model config of an HF directory; of a converted one (``converted``) with the mark that
+    keeps plain transformers away undone (``io.hub``)."""
     transformers = _require_transformers(path)
     try:
         with quiet_transformers():
-            config = transformers.AutoConfig.from_pretrained(path)
+            if converted:
+                original = original_config(Path(path) / "config.json")
+                config = transformers.CONFIG_MAPPING[original["model_type"]].from_dict(original)
+            else:
+                config = transformers.AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise MHCIOError(f"{path}/config.json: cannot read the model config: {first_line(exc)}") from None
     if no_cache and hasattr(config, "use_cache"):
@@ -131,15 +139,36 @@ def save_extras(source: Source, directory: Path) -> None:
     for name in CONFIG_FILES:
         if (Path(source.path) / name).is_file():
             shutil.copy2(Path(source.path) / name, directory / name)
+    if (directory / "config.json").is_file():
+        mark_config(directory / "config.json")  # plain transformers refuses it, naming mhc_compile.load
 
 
-def rebuild(directory: Path, meta: dict, trust_pickle: bool) -> nn.Module:
-    transformers, config = _hf_config(str(directory), no_cache=False)  # convert keeps the class: caches work
+UNEXPECTED = "_mhc_unexpected_keys"  # instance attribute: the keys from_pretrained did not take
+
+
+def rebuild(directory: Path, meta: dict, options: ReadOptions) -> nn.Module:
+    """The original model *with its saved weights*, loaded by the class's own ``from_pretrained``:
+    transformers maps the checkpoint's key names to the module's (``block_sparse_moe.experts.0.w1``
+    to ``mlp.experts.gate_up_proj``, ``embed_out`` to ``lm_head``, ...), which a second copy of that
+    mapping here would lag behind. The mHC weights are the keys it does not take (recorded on the
+    model as ``_mhc_unexpected_keys``); ``io.load`` loads them after converting."""
+    transformers, config = _hf_config(str(directory), no_cache=False, converted=True)  # caches work
     for k, v in ((meta.get("rebuild") or {}).get("config_overrides") or {}).items():
         if k != "use_cache":
             setattr(config, k, v)
-    model, _ = _hf_build(transformers, config, str(directory), weights=False)
-    return model
+    cls, arch = _hf_class(transformers, config, str(directory))
+    _check_weight_files(str(directory))
+    try:
+        with quiet_transformers():
+            model, info = cls.from_pretrained(str(directory), config=config, output_loading_info=True)
+    except Exception as exc:
+        raise MHCIOError(f"{directory}: cannot build {arch} from config.json and its weights: {first_line(exc)}") from None
+    wrong = sorted(info.get("missing_keys") or ()) + sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if wrong:
+        raise MHCIOError(f"{directory}: the saved weights do not fit {arch}: missing or mismatched "
+                         f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
+    model.__dict__[UNEXPECTED] = set(info.get("unexpected_keys") or ())
+    return model.eval()
 
 
 def register_output_types(meta: dict) -> None:
@@ -159,6 +188,6 @@ def register_output_types(meta: dict) -> None:
 
 
 KIND = SourceKind(
-    "hf", detect, read, save_extras, rebuild,
+    "hf", detect, read, save_extras, rebuild, rebuild_loads_weights=True,
     description="a Hugging Face model directory (config.json + safetensors weights)",
 )

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import MHCIOError, first_line
 from ..examples import make_inputs
 from ..registry import ReadOptions, Source, SourceKind
-from .common import apply_state_dict, cwd_on_path, eval_mode
+from .common import apply_state_dict, eval_mode
 
 PICKLED = "module.pt"  # the original pickled module, in a converted directory
 
@@ -49,7 +49,6 @@ def read(path: str, options: ReadOptions) -> Source:
         raise MHCIOError(f"{path}: holds a {type(obj).__name__}, not an nn.Module")
     if not options.trust_pickle:
         _refuse_untrusted(path, safe_error)
-    cwd_on_path()
     try:
         model = torch.load(path, map_location="cpu", weights_only=False)  # trusted: --trust-pickle
     except Exception as exc:
@@ -67,13 +66,12 @@ def save_extras(source: Source, directory: Path) -> None:
     shutil.copy2(source.path, directory / PICKLED)
 
 
-def rebuild(directory: Path, meta: dict, trust_pickle: bool) -> nn.Module:
-    if not trust_pickle:
+def rebuild(directory: Path, meta: dict, options: ReadOptions) -> nn.Module:
+    if not options.trust_pickle:
         raise MHCIOError(
             f"{directory}: was converted from a pickled module ({PICKLED}); rebuilding it runs code from "
             "that file, so it needs trust_pickle=True (--trust-pickle)"
         )
-    cwd_on_path()
     try:
         return torch.load(str(directory / PICKLED), map_location="cpu", weights_only=False)  # trusted
     except Exception as exc:

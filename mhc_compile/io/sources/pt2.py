@@ -8,7 +8,9 @@ program as ``source.pt2``; rebuilding loads it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import zipfile
 from pathlib import Path
@@ -56,13 +58,37 @@ def load_pt2(path: str, extra: Optional[dict] = None):
     (the mhc:: ops, the transformers output types); ``extra`` receives the extra files."""
     from ... import ops  # noqa: F401  (registers the mhc:: ops a converted program refers to)
 
+    pt2_members(path)  # not a zip archive: say so, before torch logs a traceback about it
     meta = _peek_mhc_json(path)
     if isinstance(meta, dict):
         register_output_types(meta)
+    with _export_log() as logged:
+        try:
+            return torch.export.load(path, extra_files=extra)
+        except Exception as exc:
+            cause = next((f"{type(e).__name__}: {first_line(e)}" for e in reversed(logged) if e is not None),
+                         first_line(exc))
+            raise MHCIOError(f"{path}: cannot load the torch.export program: {cause}") from None
+
+
+@contextlib.contextmanager
+def _export_log():
+    """Keep what ``torch.export.load`` logs (a whole traceback, as a warning, before it raises "check
+    the warnings above") out of the user's terminal; yields the logged exceptions, for the one-line
+    error that quotes the cause instead."""
+    logger = logging.getLogger("torch.export")
+    logged: list = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            logged.append(record.exc_info[1] if record.exc_info else None)
+
+    handlers, propagate = logger.handlers, logger.propagate  # torch attaches its own handler here
+    logger.handlers, logger.propagate = [_Keep()], False
     try:
-        return torch.export.load(path, extra_files=extra)
-    except Exception as exc:
-        raise MHCIOError(f"{path}: cannot load the torch.export program: {first_line(exc)}") from None
+        yield logged
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
 
 
 def export_inputs(ep, path: str) -> tuple[tuple, dict]:
@@ -104,7 +130,7 @@ def save_extras(source: Source, directory: Path) -> None:
     shutil.copy2(source.path, directory / SOURCE_PT2)
 
 
-def rebuild(directory: Path, meta: dict, trust_pickle: bool) -> nn.Module:
+def rebuild(directory: Path, meta: dict, options: ReadOptions) -> nn.Module:
     return load_pt2(str(directory / SOURCE_PT2)).module()
 
 
