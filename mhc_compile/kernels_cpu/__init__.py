@@ -9,7 +9,7 @@ aten (one GEMM each way). :mod:`.launch` composes them into the ``mhc::`` ops' i
 The extension is compiled once per machine with ``torch.utils.cpp_extension.load`` (about 10 s,
 cached in torch's extension directory, ``TORCH_EXTENSIONS_DIR``) the first time a CPU tensor
 reaches an ``mhc::`` op under ``kernels="auto"``. Where it cannot be built (no C++ compiler or
-ninja), :func:`available` is False, a warning says so once, and ``ops.py`` runs the plain-torch
+ninja), :func:`available` is False, a warning says so once, and ``mhc_compile.ops`` runs the plain-torch
 reference instead: same numbers, slower. ``MHC_CPU_KERNELS=0`` skips the build.
 """
 from __future__ import annotations

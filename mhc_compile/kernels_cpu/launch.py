@@ -3,7 +3,7 @@
 Every function takes and returns the shapes of the ``mhc::`` op it implements (streams
 ``(..., n, C)``, coefficients ``(..., n)`` / ``(..., n, n)``, possibly broadcast) and follows the
 math of :mod:`mhc_compile.reference` (its hand-written backward formulas, the same recomputation
-from the op inputs). :func:`supported` says which calls they take; ``ops.py`` runs the reference
+from the op inputs). :func:`supported` says which calls they take; ``mhc_compile.ops`` runs the reference
 for the rest. Per site (coeffs + pre + post_res) the forward makes 4 calls that do work and the
 backward 8, whatever n and the Sinkhorn iteration count (``tests/test_kernels_cpu.py`` counts them).
 """

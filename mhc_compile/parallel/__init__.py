@@ -3,7 +3,7 @@ layout under a tensor-parallel plan.
 
 sharding.py   DTensor sharding rules of every ``mhc::`` op and its backward (per-token math:
               token dims pass through, stream and channel dims replicated, parameters replicated)
-mixed.py      what the public op wrappers in ``ops.py`` do with a mix of plain tensors and
+mixed.py      what the public op wrappers in ``mhc_compile.ops`` do with a mix of plain tensors and
               DTensors (align them to one kind, or raise :class:`MHCParallelError`)
 tp.py         ``parallelize_mhc`` / :class:`MHCParallel` (a ``ParallelStyle``): the mHC parameters
               become replicated DTensors on the TP mesh

@@ -1,6 +1,6 @@
 """Plain tensors and DTensors mixed in one mHC op call: align them to one kind, or raise.
 
-The public wrappers in ``ops.py`` (``coeffs``, ``pre``, ``post_res``, ``boundary``, ``collapse``)
+The public wrappers in ``mhc_compile.ops`` (``coeffs``, ``pre``, ``post_res``, ``boundary``, ``collapse``)
 pass their tensors here split in two groups: *token* tensors (the streams ``x``, the branch
 output ``h_out``, coefficients: they have the stream's token dims) and *parameters* (``phi``,
 ``alpha``, biases, the collapse weight). With no DTensor among them nothing happens. Otherwise:

@@ -13,7 +13,7 @@ coefficients, nothing else. So for a stream ``x`` of shape ``(*tokens, n, C)``:
 
 Any other input layout (the stream or channel dim sharded, a ``Partial`` stream) is redistributed
 by DTensor to the cheapest of these strategies before the kernels run; the kernels only ever see
-whole ``(n, C)`` rows. Registered once, from ``ops.py``, by :func:`register`.
+whole ``(n, C)`` rows. Registered once, from ``mhc_compile.ops``, by :func:`register`.
 """
 from __future__ import annotations
 

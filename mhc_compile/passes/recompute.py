@@ -4,7 +4,7 @@ Owns: the block size ``L_r`` (:func:`recompute_block_size`), the tagging pass ov
 joint graph (:func:`tag_joint_graph`) and the context manager the ``"mhc"`` backend wraps around
 its inner compile call (:func:`recompute_context`).
 
-What is saved. Every ``mhc::`` op's autograd already saves only its inputs (``ops.py``), so on the
+What is saved. Every ``mhc::`` op's autograd already saves only its inputs (``mhc_compile.ops``), so on the
 eager ``convert`` path a site keeps its streams ``X_l`` (n*C per token), the branch output
 ``h_out_l`` and the small fp32 coefficients. On the compiled path AOTAutograd's min-cut
 partitioner decides; left alone it never recomputes a custom op, so it saves every ``X_l``.
