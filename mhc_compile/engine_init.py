@@ -15,7 +15,10 @@ protocols reach them too, each the way that engine finds a module's init:
   initialises each one's own parameters (``reset_parameters()`` when no ``param_init`` is set);
   ``verify_module_protocol`` refuses any other module. Every container of a torchtitan model
   becomes a :func:`titan_container_class` instance: the same container, also a torchtitan
-  ``Module``.
+  ``Module``. It also declares a ``sharding_config``, so torchtitan's ``Module.parallelize`` (every
+  ``spmd_backend``) makes its parameters replicated on the tensor-parallel axis: the layout of the
+  model's own norm weights (``R`` under SequenceParallel, ``I`` without; the mHC parameters are
+  used per token, as norm weights are), or replicated on every axis when no norm declares one.
 * **Hugging Face**: ``initialize_weights`` calls the nearest ``PreTrainedModel``'s
   ``_init_weights(module)`` on every module, which knows nothing of the containers. Each
   ``PreTrainedModel`` of the converted tree gets an ``_init_weights`` (on the instance) that resets a
@@ -77,6 +80,27 @@ def _pretrained_models(model: nn.Module) -> list:
     return [m for m in model.modules() if base is not None and isinstance(m, base)]
 
 
+def _norm_weight_layout(model: nn.Module):
+    """The layout torchtitan's sharding config gives the model's norm weights, or ``None``."""
+    for m in model.modules():
+        cfg = getattr(m, "_sharding_config", None)
+        if cfg is not None and type(m).__name__.endswith("Norm") and "weight" in cfg.state_shardings:
+            return cfg.state_shardings["weight"]
+    return None
+
+
+def titan_sharding_config(model: nn.Module, container: MHCSiteParams):
+    """A torchtitan ``ShardingConfig`` that replicates ``container``'s parameters (see module doc)."""
+    import spmd_types as spmd
+    from torchtitan.distributed.parallel_dims import MeshAxisName, SpmdLayout
+    from torchtitan.protocols.sharding import ShardingConfig
+
+    layout = _norm_weight_layout(model)
+    if layout is None:
+        layout = SpmdLayout({MeshAxisName.DP: spmd.R, MeshAxisName.CP: spmd.R, MeshAxisName.TP: spmd.R})
+    return ShardingConfig(state_shardings={name: layout for name in container._parameters})
+
+
 def install(model: nn.Module) -> None:
     """Make ``model``'s own init protocol (torchtitan, Hugging Face) reset its mHC containers."""
     containers = [m for m in model.modules() if isinstance(m, MHCSiteParams)]
@@ -87,5 +111,7 @@ def install(model: nn.Module) -> None:
         for c in containers:
             if not isinstance(c, cls):
                 c.__class__ = cls
+            if c._sharding_config is None:
+                c._sharding_config = titan_sharding_config(model, c)
     for m in _pretrained_models(model):
         m.__dict__["_init_weights"] = types.MethodType(_init_weights, m)
