@@ -84,10 +84,21 @@ def _build(parallelism, dump: str):
             m.set_force_sum_reduction_for_comms(True)
     model.to_empty(device="cpu")
     model.init_weights(buffer_device=None)
-    return model
+    return model, dims
 
 
-def _train(model, backend: str) -> dict:
+def _inputs(dims, backend: str):
+    """What torchtitan's Trainer.post_dataloading_process does to a batch for ``backend``."""
+    def prepare(x, y, kwargs):
+        if backend == "full_dtensor":
+            from torchtitan.distributed import full_dtensor
+
+            return full_dtensor.parallelize_inputs(dims, x, y, kwargs)
+        return x, y, kwargs
+    return prepare
+
+
+def _train(model, prepare=lambda x, y, kwargs: (x, y, kwargs)) -> dict:
     from models.titan_llama3 import flex_masks
     from torchtitan.components.loss import cross_entropy_loss
 
@@ -99,8 +110,8 @@ def _train(model, backend: str) -> dict:
     losses, grads = [], {}
     for step in range(STEPS):
         data = torch.randint(0, 256, (BATCH, SEQ + 1), generator=gen)
-        x, y = data[:, :-1], data[:, 1:]
-        loss = cross_entropy_loss(model(x, attention_masks=masks), y) / y.numel()  # torchtitan's own loss
+        x, y, kwargs = prepare(data[:, :-1], data[:, 1:], {"attention_masks": masks})
+        loss = cross_entropy_loss(model(x, **kwargs), y) / y.numel()  # torchtitan's own loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step == 0:
@@ -129,10 +140,12 @@ def _run(rank: int, world: int, out_dir: str, backend: str, sp: bool) -> None:
                                     example_kwargs={"attention_masks": flex_masks(meta, 2, SEQ)})
         model.to_empty(device="cpu")
         model.init_weights(buffer_device=None)
+        prepare = _inputs(None, "")
     else:
-        model = _build(_parallelism(backend, sp), out_dir)
+        model, dims = _build(_parallelism(backend, sp), out_dir)
+        prepare = _inputs(dims, backend)
     _load_full(model, _reference_state())
-    out = _train(model, backend)
+    out = _train(model, prepare)
     torch.save(out, os.path.join(out_dir, f"out{world}_{rank}.pt"))
 
 
@@ -176,3 +189,8 @@ def _compare(single: dict, backend: str, sp: bool) -> None:
 @pytest.mark.parametrize("sp", [True, False], ids=["sp", "no_sp"])
 def test_titan_parallelize_llama_tp_equals_one_process(single, sp):
     _compare(single, "partial_dtensor", sp)
+
+
+@pytest.mark.parametrize("backend", ["full_dtensor"])
+def test_titan_full_dtensor_backend_tp_sp_equals_one_process(single, backend):
+    _compare(single, backend, True)
