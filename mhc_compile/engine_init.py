@@ -82,10 +82,13 @@ def _pretrained_models(model: nn.Module) -> list:
 
 def _norm_weight_layout(model: nn.Module):
     """The layout torchtitan's sharding config gives the model's norm weights, or ``None``."""
+    from torchtitan.protocols.module import Module
+
     for m in model.modules():
-        cfg = getattr(m, "_sharding_config", None)
-        if cfg is not None and type(m).__name__.endswith("Norm") and "weight" in cfg.state_shardings:
-            return cfg.state_shardings["weight"]
+        if isinstance(m, (nn.RMSNorm, nn.LayerNorm)) and isinstance(m, Module) and m._sharding_config is not None:
+            layout = m._sharding_config.state_shardings.get("weight")
+            if layout is not None:
+                return layout
     return None
 
 

@@ -13,8 +13,12 @@ The single-process reference is the same model without parallelize. Both load th
 with the mHC parameters perturbed (+ N(0, 0.3), seeded). Asserted: the losses of 3 AdamW steps
 (rel 1e-5), every first-step gradient (mHC included,
 relative 1e-4 per tensor with ``test_tensor_parallel._rel``'s floor, and the whole mHC gradient vector), the final parameters, and that
-every mHC parameter is bit-equal on the two TP ranks after the steps. Run for the
-``spmd_backend``s ``partial_dtensor`` (SP on and off) and torchtitan's default ``spmd_types``.
+every mHC parameter is bit-equal on the two TP ranks after the steps. Run for the ``spmd_backend``s
+``partial_dtensor`` (SP on and off) and ``full_dtensor`` (SP; the inputs wrapped as torchtitan's
+Trainer does). torchtitan's default ``spmd_types``: one rank equals one process, and on 2 TP ranks
+its ``Module.parallelize`` types every mHC parameter like the norm weights (without the containers'
+``sharding_config`` they stay untyped); training it on 2 ranks stops in torch 2.13's
+``fully_shard``, for torchtitan's unconverted Llama3 too.
 
 CPU patches torchtitan needs on gloo (test-side only, as in ``test_titan_meta_flow``): device type
 "cpu", flex attention as dense SDPA over the BlockMask's own mask function, forced-sum reduction.
