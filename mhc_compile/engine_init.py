@@ -55,6 +55,11 @@ def titan_container_class() -> type:
     return _TITAN_CLASS
 
 
+def is_titan_container(module: nn.Module) -> bool:
+    """Whether ``module`` is an mHC container of a torchtitan model (placed by torchtitan's parallelize)."""
+    return _TITAN_CLASS is not None and isinstance(module, _TITAN_CLASS)
+
+
 def __getattr__(name: str) -> Any:  # pickles name the torchtitan container class here
     if name == "TitanMHCSiteParams":
         return titan_container_class()

@@ -89,6 +89,11 @@ def _build(parallelism, dump: str):
                                                       mixed_precision_reduce="float32"),
                               parallelism=parallelism, compile_config=CompileConfig(enable=False),
                               ac_config=None, dump_folder=dump)
+    if parallelism.spmd_backend != "spmd_types":  # the old advice, parallelize_mhc beside it, raises
+        from mhc_compile import MHCParallelError, parallelize_mhc
+
+        with pytest.raises(MHCParallelError, match="needs no parallelize_mhc"):
+            parallelize_mhc(model, dims.get_mesh("tp"), sequence_parallel=parallelism.enable_sequence_parallel)
     for m in model.modules():  # gloo has no PREMUL_SUM (test-side CPU patch)
         if isinstance(m, FSDPModule):
             m.set_force_sum_reduction_for_comms(True)
