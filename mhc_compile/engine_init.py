@@ -15,7 +15,10 @@ protocols reach them too, each the way that engine finds a module's init:
   initialises each one's own parameters (``reset_parameters()`` when no ``param_init`` is set);
   ``verify_module_protocol`` refuses any other module. Every container of a torchtitan model
   becomes a :func:`titan_container_class` instance: the same container, also a torchtitan
-  ``Module``.
+  ``Module``. It also declares a ``sharding_config``, so torchtitan's ``Module.parallelize`` (every
+  ``spmd_backend``) makes its parameters replicated on the tensor-parallel axis: the layout of the
+  model's own norm weights (``R`` under SequenceParallel, ``I`` without; the mHC parameters are
+  used per token, as norm weights are), or replicated on every axis when no norm declares one.
 * **Hugging Face**: ``initialize_weights`` calls the nearest ``PreTrainedModel``'s
   ``_init_weights(module)`` on every module, which knows nothing of the containers. Each
   ``PreTrainedModel`` of the converted tree gets an ``_init_weights`` (on the instance) that resets a
@@ -52,6 +55,11 @@ def titan_container_class() -> type:
     return _TITAN_CLASS
 
 
+def is_titan_container(module: nn.Module) -> bool:
+    """Whether ``module`` is an mHC container of a torchtitan model (placed by torchtitan's parallelize)."""
+    return _TITAN_CLASS is not None and isinstance(module, _TITAN_CLASS)
+
+
 def __getattr__(name: str) -> Any:  # pickles name the torchtitan container class here
     if name == "TitanMHCSiteParams":
         return titan_container_class()
@@ -77,6 +85,30 @@ def _pretrained_models(model: nn.Module) -> list:
     return [m for m in model.modules() if base is not None and isinstance(m, base)]
 
 
+def _norm_weight_layout(model: nn.Module):
+    """The layout torchtitan's sharding config gives the model's norm weights, or ``None``."""
+    from torchtitan.protocols.module import Module
+
+    for m in model.modules():
+        if isinstance(m, (nn.RMSNorm, nn.LayerNorm)) and isinstance(m, Module) and m._sharding_config is not None:
+            layout = m._sharding_config.state_shardings.get("weight")
+            if layout is not None:
+                return layout
+    return None
+
+
+def titan_sharding_config(model: nn.Module, container: MHCSiteParams):
+    """A torchtitan ``ShardingConfig`` that replicates ``container``'s parameters (see module doc)."""
+    import spmd_types as spmd
+    from torchtitan.distributed.parallel_dims import MeshAxisName, SpmdLayout
+    from torchtitan.protocols.sharding import ShardingConfig
+
+    layout = _norm_weight_layout(model)
+    if layout is None:
+        layout = SpmdLayout({MeshAxisName.DP: spmd.R, MeshAxisName.CP: spmd.R, MeshAxisName.TP: spmd.R})
+    return ShardingConfig(state_shardings={name: layout for name in container._parameters})
+
+
 def install(model: nn.Module) -> None:
     """Make ``model``'s own init protocol (torchtitan, Hugging Face) reset its mHC containers."""
     containers = [m for m in model.modules() if isinstance(m, MHCSiteParams)]
@@ -87,5 +119,7 @@ def install(model: nn.Module) -> None:
         for c in containers:
             if not isinstance(c, cls):
                 c.__class__ = cls
+            if c._sharding_config is None:
+                c._sharding_config = titan_sharding_config(model, c)
     for m in _pretrained_models(model):
         m.__dict__["_init_weights"] = types.MethodType(_init_weights, m)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from ..engine_init import is_titan_container
 from ..passes.placement import MHCSiteParams
 from .mixed import HELPER, MHCParallelError, declare_local_streams
 
@@ -59,6 +60,11 @@ class MHCParallel(ParallelStyle):
                 if isinstance(p, DTensor):
                     if p.device_mesh == device_mesh and all(isinstance(pl, Replicate) for pl in p.placements):
                         continue  # already done (a second call, or a plan that reaches it twice)
+                    if is_titan_container(container):
+                        raise MHCParallelError(
+                            f"mHC parameter {name!r} is already a DTensor on {p.device_mesh} ({p.placements}), "
+                            "placed by torchtitan's parallelize (the container's sharding_config): a torchtitan "
+                            "model needs no parallelize_mhc call")
                     raise MHCParallelError(
                         f"mHC parameter {name!r} is already a DTensor on {p.device_mesh} ({p.placements}): call "
                         "parallelize_mhc after the TP plan and before fully_shard")
