@@ -68,6 +68,27 @@ class TPLlama(nn.Module):
         return self.output(self.norm(h))
 
 
+class LlamaStage(nn.Module):
+    """One pipeline stage of a (converted) :class:`TPLlama`: the embedding (first stage), layers
+    ``lo..hi-1`` and the final norm and output (last stage), under their names in the whole model
+    (``layers.1.attention.wq``), so :func:`apply_tp` shards a stage like the whole model. Between
+    stages the activation is the converted blocks' ``(B, T, n, C)`` stream (under SequenceParallel
+    each TP rank's sequence shard, a plain tensor: sent as is to the same TP rank of the next stage)."""
+
+    def __init__(self, model: nn.Module, lo: int, hi: int, first: bool, last: bool):
+        super().__init__()
+        self.tok_embeddings = model.tok_embeddings if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in range(lo, hi)})
+        self.norm, self.output = (model.norm, model.output) if last else (None, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tok_embeddings is not None:
+            x = self.tok_embeddings(x)
+        for layer in self.layers.values():
+            x = layer(x)
+        return self.output(self.norm(x)) if self.output is not None else x
+
+
 def _no_parallel():
     """torchtitan's ``NoParallel``: a module run whole on every TP rank, its parameters replicated
     DTensors (so ``clip_grad_norm_`` and foreach optimizers see one kind of parameter), its input
@@ -98,11 +119,12 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, dtensor_stre
         raise ValueError("dtensor_stream needs sequence_parallel (a replicated DTensor stream would meet plain norms)")
     sp, local = sequence_parallel, not dtensor_stream
     act = Shard(1) if sp else Replicate()
-    parallelize_module(model, tp_mesh, {
+    top = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=act, use_local_output=local),
         "norm": SequenceParallel() if sp else _no_parallel(),
         "output": ColwiseParallel(input_layouts=act, output_layouts=Replicate()),
-    })
+    }  # a pipeline stage (``LlamaStage``) holds some of them: the plan of the parts it has
+    parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if getattr(model, k, None) is not None})
     for block in model.layers.values():
         plan = {
             "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
@@ -120,6 +142,8 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, dtensor_stre
                 "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
-    if getattr(model, "mhc_report", None) is None:  # the plain model (train_distributed --variant plain)
+    from mhc_compile.passes.placement import MHCSiteParams
+
+    if not any(isinstance(m, MHCSiteParams) for m in model.modules()):  # plain (train_distributed --variant plain)
         return model
     return mhc_compile.parallelize_mhc(model, tp_mesh, sequence_parallel=sp)

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 examples/train_distributed.py --strategy fsdp --device cuda --dim 1024 --layers 12
     torchrun --nproc_per_node=2 examples/train_distributed.py --pp 2 --pp-schedule 1f1b --layers 4
     torchrun --nproc_per_node=4 examples/train_distributed.py --strategy fsdp-blocks --tp 2 --steps 50
+    torchrun --nproc_per_node=4 examples/train_distributed.py --tp 2 --pp 2 --steps 50
 
 Each rank builds the same plain GPT (same seed), converts it with ``mhc_compile.convert`` (the
 mHC parameters are ordinary ``nn.Parameter``s, so DDP and FSDP2 treat them like any other
@@ -25,6 +26,10 @@ boundaries.
 with SequenceParallel inside each group of N ranks (the torchtitan-style Llama and plan of
 ``tp_llama.py``, ending with ``mhc_compile.parallelize_mhc``), FSDP2 over the other dim; each data-
 parallel rank takes its slice of the global batch, the N ranks of a TP group the same slice.
+
+``--pp P --tp N`` together (P*N ranks, :func:`tp_pipeline`): the Llama split into P stages on a
+(P, N) mesh, each stage under the TP + SP plan and ``parallelize_mhc``, ``checkpoint_wrapper`` per
+block; each TP rank's sequence shard of the stream crosses to the same TP rank of the next stage.
 
 :func:`train` is also used by ``tests/test_distributed.py`` (gloo, 2 ranks on CPU) to check that
 DDP / FSDP2 give the same losses and parameters as a single process.
@@ -170,13 +175,66 @@ class GPTStage(torch.nn.Module):
         return self.head(self.ln_f(x)) if self.head is not None else x
 
 
-def pipeline_stage(model: torch.nn.Module, rank: int, stages: int) -> GPTStage:
-    """Rank ``rank``'s stage of ``model`` split into ``stages`` contiguous runs of blocks."""
-    layers = len(model.blocks)
+def _cuts(layers: int, stages: int) -> list[int]:
     if not 1 <= stages <= layers:
         raise ValueError(f"--pp {stages}: needs 1..{layers} stages for {layers} blocks")
-    cuts = [round(i * layers / stages) for i in range(stages + 1)]
+    return [round(i * layers / stages) for i in range(stages + 1)]
+
+
+def pipeline_stage(model: torch.nn.Module, rank: int, stages: int) -> GPTStage:
+    """Rank ``rank``'s stage of ``model`` split into ``stages`` contiguous runs of blocks."""
+    cuts = _cuts(len(model.blocks), stages)
     return GPTStage(model, cuts[rank], cuts[rank + 1], rank == 0, rank == stages - 1)
+
+
+def tp_pipeline(model: torch.nn.Module, mesh, *, schedule: str, microbatches: int, loss_fn, device):
+    """PP x TP on a ``(pp, tp)`` mesh: this rank's :class:`tp_llama.LlamaStage` of the converted
+    Llama, sharded by the TP + SequenceParallel plan of :func:`tp_llama.apply_tp` (which ends with
+    ``parallelize_mhc``), ``checkpoint_wrapper`` on each block, and the pipeline schedule over the
+    ``pp`` dim (each TP rank talks to the same TP rank of the neighbouring stages; the stream
+    crosses as its plain sequence shard). Returns (stage module, schedule)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from tp_llama import LlamaStage, apply_tp
+
+    pp, pp_rank = mesh["pp"].size(), mesh["pp"].get_local_rank()
+    cuts = _cuts(len(model.layers), pp)
+    part = LlamaStage(model, cuts[pp_rank], cuts[pp_rank + 1], pp_rank == 0, pp_rank == pp - 1).to(device)
+    apply_tp(part, mesh["tp"], sequence_parallel=True)
+    for i, block in part.layers.items():
+        part.layers[i] = checkpoint_wrapper(block)
+    stage = PipelineStage(part, pp_rank, pp, device, group=mesh["pp"].get_group())
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    return part, kind(stage, n_microbatches=microbatches, loss_fn=loss_fn)
+
+
+def pipeline_step(schedule, x: torch.Tensor, y: torch.Tensor, group=None) -> torch.Tensor:
+    """One schedule step (forward + backward of every microbatch) on this rank's stage; returns the
+    global mean loss on every rank of the pipeline ``group`` (the mean of the equal-sized
+    microbatches' mean losses)."""
+    pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
+    got: list = []
+    if pp_rank == 0:
+        schedule.step(x)
+    elif pp_rank == pp - 1:
+        schedule.step(target=y, losses=got)
+    else:
+        schedule.step()
+    logged = torch.stack(got).detach().float().mean().reshape(1) if got else torch.zeros(1, device=x.device)
+    dist.broadcast(logged, src=dist.get_global_rank(group, pp - 1) if group is not None else pp - 1, group=group)
+    return logged
+
+
+def clip_grad_norm_pp(params, max_norm: float, pp_group) -> torch.Tensor:
+    """``clip_grad_norm_`` over the whole pipelined model: the stages' squared norms summed over
+    ``pp_group`` (each stage sees only its own gradients; DTensor norms made whole first)."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
+    dist.all_reduce(norm, group=pp_group)
+    norm = norm.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
 
 
 def train_pipeline(args, rank: int = 0, world: int = 1, data: Optional[torch.Tensor] = None,
@@ -195,13 +253,22 @@ def train_pipeline(args, rank: int = 0, world: int = 1, data: Optional[torch.Ten
     model = build(args)
     if prepare is not None:
         prepare(model)
-    part = pipeline_stage(model, rank, world).to(device) if world > 1 else model.to(device)
     loss_fn = lambda out, y: F.cross_entropy(out.float().flatten(0, 1), y.flatten())  # noqa: E731
-    schedule = None
-    if world > 1:
+    schedule, group = None, None
+    if world > 1 and args.tp > 1:  # PP x TP on a (pp, tp) mesh
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world // args.tp, args.tp), mesh_dim_names=("pp", "tp"))
+        group = mesh["pp"].get_group()
+        part, schedule = tp_pipeline(model, mesh, schedule=args.pp_schedule, microbatches=args.microbatches,
+                                     loss_fn=loss_fn, device=device)
+    elif world > 1:
+        part = pipeline_stage(model, rank, world).to(device)
         stage = PipelineStage(part, rank, world, device)
         kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.pp_schedule]
         schedule = kind(stage, n_microbatches=args.microbatches, loss_fn=loss_fn)
+    else:
+        part = model.to(device)
     opt = torch.optim.AdamW(param_groups(part, args.weight_decay), lr=args.lr)
     losses, grads = [], {}
     for step, (x, y) in enumerate(global_batches(args, data)):
@@ -212,22 +279,18 @@ def train_pipeline(args, rank: int = 0, world: int = 1, data: Optional[torch.Ten
             loss.backward()
             logged = loss.detach().float().reshape(1)
         else:
-            got: list = []
-            if rank == 0:
-                schedule.step(x)
-            elif rank == world - 1:
-                schedule.step(target=y, losses=got)
-            else:
-                schedule.step()
-            # the mean of the equal-sized microbatches' mean losses is the global mean loss
-            logged = torch.stack(got).detach().float().mean().reshape(1) if got else torch.zeros(1, device=device)
-            dist.broadcast(logged, src=world - 1)
+            logged = pipeline_step(schedule, x, y, group)
         if step == 0:
-            grads = {n: p.grad.detach().cpu().clone() for n, p in part.named_parameters() if p.grad is not None}
+            grads = {n: _whole(p.grad) for n, p in part.named_parameters() if p.grad is not None}
         opt.step()
         losses.append(float(logged))
-    params = {n: p.detach().cpu().clone() for n, p in part.named_parameters()}
+    params = {n: _whole(p) for n, p in part.named_parameters()}
     return {"losses": losses, "grads": grads, "params": params}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu().clone()
 
 
 def _watch_unsharded(model: torch.nn.Module) -> dict:
@@ -267,15 +330,15 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (one per rank; --strategy is then unused)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (one per rank, or per TP group with --tp; --strategy is then unused)")
     ap.add_argument("--pp-schedule", default="1f1b", choices=("gpipe", "1f1b"))
     ap.add_argument("--microbatches", type=int, default=4, help="microbatches per global batch (with --pp)")
     args = ap.parse_args(argv)
-    if args.tp > 1 and args.pp > 1:
-        ap.error("--tp and --pp do not compose in this example yet: use one of them")
-    if args.pp > 1 and args.model != "gpt":
-        ap.error("--pp splits the GPT: use --model gpt")
-    if args.tp > 1:
+    if args.pp > 1 and args.tp == 1 and args.model != "gpt":
+        ap.error("--pp alone splits the GPT: use --model gpt (or add --tp for the Llama)")
+    if args.tp > 1 and args.pp > 1:  # PP x TP + SP on a (pp, tp) mesh (train_pipeline / tp_pipeline)
+        args.model = "llama"
+    elif args.tp > 1:
         if args.strategy not in ("fsdp", "fsdp-blocks", "none"):
             ap.error("--tp composes with FSDP2: use --strategy fsdp or fsdp-blocks")
         args.model = "llama"
@@ -293,8 +356,10 @@ def main(argv=None) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     else:
         rank, world = 0, 1
-    if args.pp > 1 and world != args.pp:
-        raise SystemExit(f"--pp {args.pp} needs {args.pp} ranks (torchrun --nproc_per_node={args.pp}), got {world}")
+    need = args.pp * (args.tp if args.pp > 1 else 1)
+    if args.pp > 1 and world != need:
+        raise SystemExit(f"--pp {args.pp} --tp {args.tp} needs {need} ranks (torchrun --nproc_per_node={need}), "
+                         f"got {world}")
     try:
         if args.pp > 1:
             out = train_pipeline(args, rank, world)
