@@ -93,7 +93,13 @@ def test_gradients_match_the_whole_chain_form():
     ga = [p.grad for p in mhc_params(conv).values()]
     gb = [p.grad for p in mhc_params(conv_ref).values()]
     assert all(g is not None for g in ga)
-    assert max(rel_err(a, b) for a, b in zip(ga, gb)) < 1e-4
+    # per tensor with an absolute floor: at the chain's first site the streams are still copies, so
+    # b_pre's and b_res's true gradients are exactly 0 and each form computes rounding noise there
+    # (1e-9 and 1e-12 here, in different orders: the fused CPU kernels vs the whole-chain graph)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+    assert rel_err(flat(ga), flat(gb)) < 1e-5
 
 
 def test_shifted_windows_stay_one_chain_and_preserve_function():
