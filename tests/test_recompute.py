@@ -5,13 +5,13 @@ with AOTAutograd + the min-cut partitioner (aot_eager-style, nop compilers), wit
 ``recompute_context``; saved activations are measured with ``saved_tensors_hooks``. Then the
 same through the ``"mhc"`` backend on a tiny GPT, and once with inductor.
 
-Saved-bytes formula (what the scheme provably drops). Blocks of L_r sites; a chain of L sites
-keeps X at ceil(L/L_r) block starts. Each of the other L - ceil(L/L_r) sites no longer saves
-    its streams X            T*n*C*e
-    its branch input h_in    T*C*e      (replayed by the mHC op that produced it)
-    its coefficients         T*k*4      k = n + n^2 (fused boundary: H_post, H_res)
-                                        k = 2n + n^2 (separate coeffs/pre/post_res ops)
-so  saved(off) - saved(on) = (L - ceil(L/L_r)) * T * (n*C*e + C*e + 4*k)   exactly.
+What the scheme saves (paper section 4.3.2). Blocks of L_r sites; a chain of L sites keeps X
+only at its later block starts (ceil(L/L_r) - 1 of them: the chain's first X is replayed from the
+un-expanded input x, C wide); h_in and the coefficients of every site are replayed from X; every
+site keeps its branch output h_out. With recompute on, exactly
+    saved = T*e*((ceil(L/L_r) - 1)*n*C + (L + 1)*C) + 4*T*k*(ceil(L/L_r) - 1)
+    (k = 2n + n^2: H_pre, H_post, H_res of a fused boundary at a block start, read by the
+     replayed boundary / pre; k = 0 with separate ops, whose coeffs are replayed from X)
 """
 from __future__ import annotations
 
@@ -37,14 +37,19 @@ from mhc_compile.passes.recompute import recompute_block_size, recompute_context
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("L", [1, 2, 3, 5, 12, 24, 48])
 def test_block_size_follows_formula(n, L):
-    want = max(1, min(L, math.floor(math.sqrt(n * L / (n + 2)) + 0.5)))
-    assert recompute_block_size(n, L) == want
+    """The paper's L_r*: the integer minimiser of n*ceil(L/L_r) + (n+2)*L_r (saved X plus the block
+    replayed in backward), within one of its continuous minimiser sqrt(n*L/(n+2))."""
+    cost = {b: n * math.ceil(L / b) + (n + 2) * b for b in range(1, L + 1)}
+    got = recompute_block_size(n, L)
+    assert cost[got] == min(cost.values())
+    assert abs(got - math.sqrt(n * L / (n + 2))) <= 1
 
 
 def test_block_size_known_values_and_override():
     assert recompute_block_size(4, 24) == 4          # sqrt(96/6) = 4 (the C=1024 GPT: 24 sites)
     assert recompute_block_size(4, 48) == 6          # sqrt(32) = 5.66
     assert recompute_block_size(4, 12) == 3          # sqrt(8) = 2.83
+    assert recompute_block_size(4, 16) == 4          # sqrt(10.7) = 3.27, but 4 keeps 4 X, not 6 (cost 40 < 42)
     assert recompute_block_size(1, 1) == 1           # sqrt(1/3) rounds to 1, never 0
     assert recompute_block_size(4, 24, 5) == 5       # MHCConfig.recompute_block overrides
     assert recompute_block_size(4, 3, 10) == 3       # but a block never exceeds the chain
@@ -107,6 +112,21 @@ def _saved_bytes(saved):
     return total
 
 
+def _saved_shapes(saved):
+    """Shapes of the saved non-parameter tensors, each storage once."""
+    seen, shapes = set(), []
+    for t in saved:
+        if not isinstance(t, nn.Parameter) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            shapes.append(tuple(t.shape))
+    return shapes
+
+
+def _streams(shapes, n, c):
+    """How many saved tensors are stream-sized (..., n, C)."""
+    return sum(1 for sh in shapes if sh[-2:] == (n, c))
+
+
 def _run(model, x, config=None, backend="aot_min_cut"):
     """Compile (optionally inside recompute_context), then one measured fwd+bwd. Returns a dict."""
     graphs = {}
@@ -136,7 +156,8 @@ def _run(model, x, config=None, backend="aot_min_cut"):
         out = compiled(x)
     (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    return dict(out=out.detach(), grads=grads, bytes=_saved_bytes(saved), record=record, **graphs)
+    return dict(out=out.detach(), grads=grads, bytes=_saved_bytes(saved), record=record,
+                shapes=_saved_shapes(saved), **graphs)
 
 
 def _bw_targets(gm):
@@ -150,7 +171,7 @@ def _bw_targets(gm):
     (False, None, 6, None),
     (False, "relu", 5, 2),     # stream-wise glue (post-activation ResNet) is replayed too
 ])
-def test_recompute_drops_predicted_bytes_and_keeps_gradients(fused, glue, L, block):
+def test_recompute_saves_the_scheme_and_keeps_gradients(fused, glue, L, block):
     n, c, T = 3, 8, 10
     torch.manual_seed(0)
     model = Chain(L=L, n=n, c=c, fused=fused, glue=glue)
@@ -163,10 +184,14 @@ def test_recompute_drops_predicted_bytes_and_keeps_gradients(fused, glue, L, blo
     assert plan.length == L and plan.block == lr
     assert plan.starts == list(range(0, L, lr))
     kept = math.ceil(L / lr)
-    k = n + n * n if fused else 2 * n + n * n
+    assert plan.start_from_input and plan.kept_streams == kept - 1 and plan.dropped == L - kept + 1
+    k = 2 * n + n * n if fused else 0
     e = 4
-    predicted = (L - kept) * T * (n * c * e + c * e + 4 * k)
-    assert off["bytes"] - on["bytes"] == predicted, (off["bytes"], on["bytes"], predicted)
+    end = 1 if glue == "relu" else 0   # relu's output after the last site: saved with or without
+    predicted = T * e * ((kept - 1 + end) * n * c + (L + 1) * c) + 4 * T * k * (kept - 1)
+    assert on["bytes"] == predicted, (on["bytes"], predicted)
+    assert _streams(on["shapes"], n, c) == kept - 1 + end
+    assert _streams(off["shapes"], n, c) == L + end        # without recompute: every X
     assert plan.stream_bytes == T * n * c * e
 
     # fp32, same ops replayed: bit-identical results
@@ -187,12 +212,15 @@ def test_recompute_replays_only_mhc_ops_never_f():
     extra = _bw_targets(on["bw"]) - _bw_targets(off["bw"])
     assert extra, "nothing was recomputed"
     allowed = {"mhc.coeffs.default", "mhc.pre.default", "mhc.post_res.default", "mhc.boundary.default",
-               str(operator.getitem), "aten.relu.default", "aten.view.default"}
+               str(operator.getitem), "aten.relu.default", "aten.view.default",
+               "aten.unsqueeze.default", "aten.expand.default", "aten.clone.default"}  # X_0 = expand(x)
     assert set(extra) <= allowed, extra
     # the branch f (a Linear: addmm forward) is never replayed
     assert _bw_targets(on["bw"])["aten.addmm.default"] == 0
-    # 6 sites, blocks of 2: sites 1, 3, 5 are replayed (post_res of 0, 2, 4 and coeffs/pre of 1, 3, 5)
-    assert extra["mhc.post_res.default"] == 3 and extra["mhc.coeffs.default"] == 3
+    # 6 sites, blocks of 2: sites 1, 3, 5 are replayed (post_res of 0, 2, 4), and every site's
+    # coeffs / pre from its X (saved at 2 and 4, replayed from x at 0)
+    assert extra["mhc.post_res.default"] == 3 and extra["mhc.coeffs.default"] == 6
+    assert extra["aten.expand.default"] == 1
 
 
 def test_user_checkpoint_inside_f_coexists():
@@ -239,7 +267,10 @@ def test_unreplayable_glue_starts_a_new_block():
     x = torch.randn(2, 5, 8, requires_grad=True)
     on = _run(model, x, MHCConfig(streams=3, recompute_block=4))
     (plan,) = on["record"].chains
-    assert plan.starts == [0, 1, 2, 3] and not plan.recomputed_nodes
+    assert plan.starts == [0, 1, 2, 3]
+    # nothing replayed across sites: only each site's coeffs / pre (from its X) and X_0 = expand(x)
+    assert not any(name.startswith(("post_res", "boundary", "dropout")) for name in plan.recomputed_nodes)
+    assert _streams(on["shapes"], 3, 8) >= 3
 
 
 def test_block_of_one_recomputes_nothing_across_sites():
@@ -249,8 +280,12 @@ def test_block_of_one_recomputes_nothing_across_sites():
     off = _run(model, x)
     on = _run(model, x, MHCConfig(streams=3, recompute_block=1))
     (plan,) = on["record"].chains
-    assert plan.starts == [0, 1, 2, 3] and plan.dropped == 0
-    assert on["bytes"] == off["bytes"]
+    assert plan.starts == [0, 1, 2, 3] and plan.kept_streams == 3 and plan.dropped == 1
+    # every X but the first (replayed from x) stays saved; h_in is replayed from it
+    assert _streams(on["shapes"], 3, 8) == 3 and _streams(off["shapes"], 3, 8) == 4
+    assert on["bytes"] < off["bytes"]
+    for name, g in off["grads"].items():
+        assert torch.equal(on["grads"][name], g), name
 
 
 def test_recompute_with_inductor():
@@ -270,7 +305,9 @@ def test_recompute_with_inductor():
         on = _run(model, x, MHCConfig(streams=n), backend="inductor")
     (plan,) = on["record"].chains
     assert plan.starts == [0, 2, 4]
-    assert off["bytes"] - on["bytes"] == (L - 3) * T * (n * c * 4 + c * 4 + 4 * (n + n * n))
+    # the scheme's saved set, as through aot_eager (module docstring): 2 X, x, 6 h_out, 2 coefficient sets
+    assert on["bytes"] == T * 4 * (2 * n * c + (L + 1) * c) + 4 * T * (2 * n + n * n) * 2, on["bytes"]
+    assert _streams(on["shapes"], n, c) == 2
     for name, g in off["grads"].items():
         torch.testing.assert_close(on["grads"][name], g, rtol=1e-6, atol=1e-6)
 

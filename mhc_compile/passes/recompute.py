@@ -72,7 +72,11 @@ def recompute_block_size(n: int, L: int, override: Optional[int] = None) -> int:
     """Sites per recompute block for a chain of ``L`` sites with ``n`` streams.
 
     ``override`` (``MHCConfig.recompute_block``) wins when given. The default is the paper's
-    ``L_r* = round(sqrt(n*L/(n+2)))`` (halves round up), at least 1. The result is clamped to
+    ``L_r*``: the integer minimiser of its memory model ``n*ceil(L/L_r) + (n+2)*L_r`` (streams kept
+    at block starts plus the block replayed in backward, in units of C per token), whose
+    continuous minimiser is ``sqrt(n*L/(n+2))``; ties go to the value nearest that root, then to
+    the smaller. The ceiling matters: at n = 4, L = 16 the root is 3.27 but L_r = 4 keeps 4 X
+    instead of 6 for one more replayed site (cost 40 instead of 42). The result is clamped to
     ``[1, max(L, 1)]``: a block never spans more than the chain.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -82,10 +86,11 @@ def recompute_block_size(n: int, L: int, override: Optional[int] = None) -> int:
     if override is not None:
         if isinstance(override, bool) or not isinstance(override, int) or override < 1:
             raise ValueError(f"recompute_block must be None or an int >= 1, got {override!r}")
-        block = override
-    else:
-        block = int(math.floor(math.sqrt(n * L / (n + 2)) + 0.5))
-    return max(1, min(block, max(L, 1)))
+        return max(1, min(override, max(L, 1)))
+    if L <= 1:
+        return 1
+    root = math.sqrt(n * L / (n + 2))
+    return min(range(1, L + 1), key=lambda b: (n * -(-L // b) + (n + 2) * b, abs(b - root), b))
 
 
 # ----------------------------------------------------------------------------- records
@@ -100,11 +105,18 @@ class ChainPlan:
     recomputed_nodes: list       # names of nodes tagged MUST_RECOMPUTE
     saved_nodes: list            # names of nodes tagged MUST_SAVE
     stream_bytes: int            # bytes of one X of this chain (T*n*C*e), 0 if unknown
+    start_from_input: bool = False  # the chain's first X is replayed from the un-expanded input
+
+    @property
+    def kept_streams(self) -> int:
+        """Stream tensors X of this chain the scheme saves: one per block start, less the chain's
+        first X when it is replayed from the un-expanded input (a C-wide tensor)."""
+        return len(self.starts) - int(self.start_from_input)
 
     @property
     def dropped(self) -> int:
         """How many stream tensors X of this chain are no longer saved."""
-        return self.length - len(self.starts)
+        return self.length - self.kept_streams
 
 
 @dataclasses.dataclass
@@ -291,6 +303,83 @@ def _tag_op(node: fx.Node, policy, graph_id: int, names: list) -> None:
         _tag(g, policy, graph_id, names)
 
 
+def _expand_path(x: fx.Node) -> list:
+    """The replayable ops that make the chain's first X from a C-wide tensor (``unsqueeze`` ->
+    ``expand`` -> ``clone`` of the rewrite's expand), producer first; [] when X is not made so."""
+    xv = _val(x)
+    if xv is None or xv.dim() < 2:
+        return []
+    lead, c = tuple(xv.shape[:-2]), xv.shape[-1]
+    path, node = [], x
+    for _ in range(6):
+        if node.op != "call_function" or not _replayable_glue(node) or not node.args:
+            return []
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or any(isinstance(a, fx.Node) for a in node.args[1:]):
+            return []
+        path.append(node)
+        sv = _val(src)
+        if sv is None:
+            return []
+        if _same_shape(sv.shape, lead + (c,)) or _same_shape(sv.shape, lead + (1, c)):
+            return list(reversed(path))
+        if not _same_shape(sv.shape[-1:], (c,)):
+            return []
+        node = src
+    return []
+
+
+def _is_view(node: fx.Node) -> bool:
+    """An aten view op (metadata only: view, t, permute, unsqueeze, ...)."""
+    if node.op != "call_function" or _ti.op_namespace(node.target) != "aten":
+        return False
+    return bool(getattr(node.target, "is_view", False)) or _ti.op_schema_name(node.target) == "aten::_unsafe_view"
+
+
+def _replay_h_in(graph: fx.Graph, op: fx.Node, backward: set, graph_id: int, names: list) -> None:
+    """A block-start X made by ``mhc::boundary``: the backward reads of its fused ``h_in`` output
+    (and of views of it, e.g. a Linear's flattening ``view``) read ``mhc::pre(X, H_pre)`` (and the
+    same views of it) instead: forward nodes tagged MUST_RECOMPUTE that only the backward uses, so
+    the partitioner replays them from the saved X (plus H_pre, n floats per token) instead of
+    saving h_in (C per token). The forward keeps the fused h_in."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    outs = {g.args[1]: g for g in _getitems(op)}
+    x_next, h_in = outs.get(0), outs.get(4)
+    if x_next is None or h_in is None:
+        return
+    closure, i = [h_in], 0  # h_in and its forward views, parents first
+    while i < len(closure):
+        closure.extend(u for u in closure[i].users
+                       if u not in backward and _is_view(u) and u.args[0] is closure[i] and u not in closure)
+        i += 1
+    reads = {v: [u for u in v.users if u in backward] for v in closure}
+    if not any(reads.values()):
+        return
+    order = {node: k for k, node in enumerate(graph.nodes)}
+    point = min((nd for nd in backward if nd.op != "placeholder"), key=order.__getitem__, default=None)
+    if point is None or any(order[a] >= order[point] for v in closure for a in v.all_input_nodes):
+        return  # not a forward-then-backward joint graph: leave h_in saved
+    with graph.inserting_before(point):
+        h_pre = outs.get(1)
+        if h_pre is None:  # unused in the forward (h_in is fused): read it for the replay
+            h_pre = graph.call_function(operator.getitem, (op, 1))
+            h_pre.meta["val"] = op.meta["val"][1]
+            _ti.set_recompute_tag(h_pre, _ti.recompute_tag(op), op.meta.get("ac_graph_id"))
+        replica = {h_in: graph.call_function(torch.ops.mhc.pre.default, (x_next, h_pre, op.args[-1]))}
+        for v in closure[1:]:
+            replica[v] = graph.call_function(v.target, (replica[v.args[0]], *v.args[1:]), dict(v.kwargs))
+    for v, new in replica.items():
+        new.meta.update({k: m for k, m in v.meta.items() if k not in ("recompute", "ac_graph_id")})
+        for u in reads[v]:
+            u.replace_input_with(v, new)
+    for v in reversed(closure):  # views nobody in the backward reads
+        if not replica[v].users:
+            graph.erase_node(replica.pop(v))
+    for new in replica.values():
+        _tag(new, CheckpointPolicy.MUST_RECOMPUTE, graph_id, names)
+
+
 # ----------------------------------------------------------------------------- the pass
 def tag_joint_graph(graph: fx.Graph, n: Optional[int] = None, block_override: Optional[int] = None,
                     _id_base: int = _AC_GRAPH_ID_BASE) -> list:
@@ -305,6 +394,7 @@ def tag_joint_graph(graph: fx.Graph, n: Optional[int] = None, block_override: Op
         return getattr(graph, _DONE_ATTR)
     if not any(p.op == "placeholder" and "tangents" in str(p.target) for p in graph.nodes):
         return []
+    backward = _backward_region(graph)
     plans = []
     next_id = _id_base
     for chain in _collect_sites(graph):
@@ -320,25 +410,32 @@ def tag_joint_graph(graph: fx.Graph, n: Optional[int] = None, block_override: Op
         start_set = set(starts)
         recomputed, saved = [], []
         block_id = next_id
+        # the chain's first X is replayed from the un-expanded input (C wide), never saved
+        expand = _expand_path(chain[0].x)
+        for g in expand:
+            if _ti.recompute_tag(g) is None:
+                _tag_op(g, CheckpointPolicy.MUST_RECOMPUTE, block_id, recomputed)
         for p, site in enumerate(chain):
             if p in start_set:
                 block_id = next_id
                 next_id += 1
-            if p not in start_set:  # the site's own coeffs / pre read a dropped X
-                for op in site.ops:
-                    if op is not site.out:
-                        _tag_op(op, CheckpointPolicy.MUST_RECOMPUTE, block_id, recomputed)
+            # the site's own coeffs / pre read X (dropped, or saved at a block start): replayed
+            for op in site.ops:
+                if op is not site.out:
+                    _tag_op(op, CheckpointPolicy.MUST_RECOMPUTE, block_id, recomputed)
             if site.out is None or site.next is None:
                 continue  # last site of the chain: its output streams feed the collapse only
             if (p + 1) in start_set:
                 _tag_op(site.out, CheckpointPolicy.MUST_SAVE, block_id, saved)
+                if _mhc_kind(site.out) == "boundary" and not site.hard:
+                    _replay_h_in(graph, site.out, backward, next_id, recomputed)
             else:
                 _tag_op(site.out, CheckpointPolicy.MUST_RECOMPUTE, block_id, recomputed)
                 for g in site.glue:
                     if _ti.recompute_tag(g) is None:
                         _tag_op(g, CheckpointPolicy.MUST_RECOMPUTE, block_id, recomputed)
         xbytes = xv.numel() * xv.element_size() if xv is not None and not _symbolic(xv) else 0
-        plans.append(ChainPlan(chain_n, L, block, starts, recomputed, saved, xbytes))
+        plans.append(ChainPlan(chain_n, L, block, starts, recomputed, saved, xbytes, bool(expand)))
     try:
         setattr(graph, _DONE_ATTR, plans)
     except AttributeError:  # pragma: no cover - fx.Graph has no __slots__
