@@ -23,7 +23,9 @@ and reports per variant:
   saved_mb       bytes of activations saved for backward by one forward, measured with
                  ``torch.autograd.graph.saved_tensors_hooks`` (parameters excluded, each
                  storage counted once; works on CPU too);
-  recompute      the block plan of the "mhc" backend (chain length L, L_r) when on.
+  saved_streams  how many of the saved tensors are n-stream X (shape (..., n, C)), with their MB
+                 (saved_stream_mb), and the MB of the other C-wide and remaining saved tensors;
+  recompute      the block plan of the "mhc" backend (chain length L, L_r, X kept) when on.
 
 Shapes (GPU defaults): C=1024 L=12 with 8 x 1024 tokens, and C=2048 L=24 with 4 x 2048 tokens,
 vocabulary 50304, bf16 parameters, AdamW. Each variant runs in a fresh subprocess (clean peak
@@ -32,8 +34,9 @@ memory, cold compile) unless ``--inprocess``.
 Usage:
   python benchmarks/bench_train.py --json train.json --markdown train.md          # GPU, both shapes
   python benchmarks/bench_train.py --shapes 1024x12x8x1024 --variants plain,mhc
-  python benchmarks/bench_train.py --quick            # CPU smoke: tiny GPT, fp32, saved bytes
-  python benchmarks/bench_train.py --quick --compiler aot_eager   # faster CPU smoke
+  python benchmarks/bench_train.py --quick            # CPU: C=256, 8 layers, 512 tokens, fp32, aot_eager:
+                                                      # saved bytes and saved X per variant (~2 min)
+  python benchmarks/bench_train.py --quick --variants plain,mhc --recompute-block 3   # another L_r
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from typing import Optional
 
 VARIANTS = ("plain", "hand_mhc", "mhc", "mhc_norecomp", "mhc_blocks")
 GPU_SHAPES = "1024x12x8x1024,2048x24x4x2048"   # C x layers x batch x seq
-QUICK_SHAPES = "32x2x2x32"
+QUICK_SHAPES = "256x8x1x512"                   # C=256, 8 layers (16 sites), 512 tokens: ~1-2 min on CPU
 
 
 # ----------------------------------------------------------------------------- models
@@ -100,28 +103,43 @@ def _build_model_classes():
 # ----------------------------------------------------------------------------- one variant
 def saved_activation_bytes(fn) -> int:
     """Bytes saved for backward while ``fn()`` runs (non-parameters, each storage once)."""
+    return saved_activations(fn)["bytes"]
+
+
+def saved_activations(fn, n: int = 0, c: int = 0) -> dict:
+    """What ``fn()`` saves for backward (non-parameters, each storage once), by shape: ``bytes``
+    in all; ``streams`` / ``stream_bytes``: tensors shaped (..., n, c), the n-stream X;
+    ``cwide_bytes``: other tensors whose last dimension is c; ``other_bytes``: the rest.
+    Machine-independent (saved_tensors_hooks, not RSS)."""
     import torch
 
-    seen, total = set(), 0
+    seen = set()
+    out = dict(bytes=0, streams=0, stream_bytes=0, cwide_bytes=0, other_bytes=0)
 
     def pack(t):
-        nonlocal total
         if not isinstance(t, torch.nn.Parameter):
             key = (t.device, t.untyped_storage().data_ptr())
             if key not in seen:
                 seen.add(key)
-                total += t.untyped_storage().nbytes()
+                nbytes = t.untyped_storage().nbytes()
+                out["bytes"] += nbytes
+                if n and t.dim() >= 2 and tuple(t.shape[-2:]) == (n, c):
+                    out["streams"] += 1
+                    out["stream_bytes"] += nbytes
+                else:
+                    out["cwide_bytes" if c and t.dim() and t.shape[-1] == c else "other_bytes"] += nbytes
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return total
+        res = fn()
+    del res
+    return out
 
 
 def run_variant(variant: str, c: int, layers: int, batch: int, seq: int, *, streams: int = 4,
                 vocab: int = 50304, dtype: str = "bf16", steps: int = 10, warmup: int = 3,
-                compiler: str = "inductor", device: Optional[str] = None, seed: int = 0) -> dict:
+                compiler: str = "inductor", device: Optional[str] = None, seed: int = 0,
+                recompute_block: Optional[int] = None) -> dict:
     """Build, compile and train one variant; returns its row (error rows carry ``error``)."""
     import torch
     import torch.nn.functional as F
@@ -152,6 +170,8 @@ def run_variant(variant: str, c: int, layers: int, batch: int, seq: int, *, stre
         else:
             options = {"streams": streams, "recompute": variant == "mhc",
                        "inner": compiler if compiler in ("inductor", "aot_eager", "eager") else "inductor"}
+            if variant == "mhc" and recompute_block is not None:
+                options["recompute_block"] = recompute_block
             compiled = torch.compile(model, backend="mhc", options=options)
 
         def loss_fn():
@@ -196,10 +216,14 @@ def run_variant(variant: str, c: int, layers: int, batch: int, seq: int, *, stre
         if cuda:
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         opt.zero_grad(set_to_none=True)
-        row["saved_mb"] = saved_activation_bytes(loss_fn) / 1e6
+        saved = saved_activations(loss_fn, streams if variant != "plain" else 0, c)
+        row["saved_mb"] = saved["bytes"] / 1e6
+        row["saved_streams"] = saved["streams"]
+        for key in ("stream", "cwide", "other"):
+            row[f"saved_{key}_mb"] = saved[f"{key}_bytes"] / 1e6
         plans = [p for r in RC.last_records()[n_records:] for p in r.chains]
         if variant == "mhc" and plans:
-            row["recompute"] = ", ".join(f"L={p.length} L_r={p.block} keeps {len(p.starts)} X" for p in plans)
+            row["recompute"] = ", ".join(f"L={p.length} L_r={p.block} keeps {p.kept_streams} X" for p in plans)
     except Exception as e:  # report and go on with the other variants
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         if os.environ.get("MHC_BENCH_DEBUG"):
@@ -246,15 +270,17 @@ def _parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny GPT, fp32, 2 steps, in-process")
+    p.add_argument("--quick", action="store_true",
+                   help=f"CPU run of the saved bytes: {QUICK_SHAPES}, fp32, aot_eager, 1 step, in-process")
     p.add_argument("--shapes", default=None, help=f"CxLAYERSxBATCHxSEQ list (default {GPU_SHAPES}; quick {QUICK_SHAPES})")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--vocab", type=int, default=None, help="default 50304 (quick: 256)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 (quick: fp32)")
-    p.add_argument("--steps", type=int, default=None, help="measured steps (default 10; quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 10; quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="steps before measuring, first included (default 3; quick 1)")
-    p.add_argument("--compiler", default="inductor", help="inductor (default) or aot_eager (CPU smoke)")
+    p.add_argument("--compiler", default=None, help="inductor (default) or aot_eager (quick: aot_eager; same partitioner)")
+    p.add_argument("--recompute-block", type=int, default=None, help="L_r for the mhc variant (default: the paper's L_r*)")
     p.add_argument("--inprocess", action="store_true", help="run every variant in this process (quick: default)")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
@@ -264,7 +290,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.shapes = _parse_shapes(args.shapes or (QUICK_SHAPES if q else GPU_SHAPES))
     args.vocab = args.vocab or (256 if q else 50304)
     args.dtype = args.dtype or ("fp32" if q else "bf16")
-    args.steps = args.steps if args.steps is not None else (2 if q else 10)
+    args.compiler = args.compiler or ("aot_eager" if q else "inductor")
+    args.steps = args.steps if args.steps is not None else (1 if q else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
     args.inprocess = args.inprocess or q
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -308,14 +335,15 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']}; torch {meta['torch']}; {meta['date']}; dtype {meta['dtype']}; "
              f"compiler {meta['compiler']}; n = {meta['streams']}", "",
              "| shape (C, layers, tokens) | variant | step ms | vs plain | peak GB | vs plain | saved MB | vs plain "
-             "| first step s | recompute | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| X saved (MB) | first step s | recompute | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = f"{r.get('C')}, {r.get('layers')}, {r.get('batch', '?')}x{r.get('seq', '?')}"
         lines.append(
             f"| {shape} | {r['variant']} | {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('step_ms_vs_plain_pct'), '+.0f', '%')} "
             f"| {fmt(r.get('peak_mem_gb'), '.2f')} | {fmt(r.get('peak_mem_gb_vs_plain_pct'), '+.0f', '%')} "
-            f"| {fmt(r.get('saved_mb'), '.3f')} | {fmt(r.get('saved_mb_vs_plain_pct'), '+.0f', '%')} "
+            f"| {fmt(r.get('saved_mb'), '.3f')} | {fmt(r.get('saved_mb_vs_plain_pct'), '+.1f', '%')} "
+            f"| {r.get('saved_streams', '-')} ({fmt(r.get('saved_stream_mb'), '.2f')}) "
             f"| {fmt(r.get('first_step_s'), '.1f')} | {r.get('recompute') or '-'} | {r.get('error') or ''} |")
     return "\n".join(lines) + "\n"
 
@@ -369,7 +397,7 @@ def _main(argv=None) -> list[dict]:
         for variant in args.variants:
             kwargs = dict(variant=variant, c=c, layers=layers, batch=batch, seq=seq, streams=args.streams,
                           vocab=args.vocab, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
-                          compiler=args.compiler)
+                          compiler=args.compiler, recompute_block=args.recompute_block)
             if args.inprocess:
                 torch._dynamo.reset()
                 row = run_variant(**kwargs)
