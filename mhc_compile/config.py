@@ -42,7 +42,7 @@ class MHCConfig:
     kernels:          "auto" (Triton on CUDA, reference on CPU), "triton" (also on CPU through
                       the Triton interpreter) or "reference" (plain torch everywhere).
     recompute:        drop mHC intermediates after forward and recompute them in backward.
-    recompute_block:  L_r, sites per recompute block; None picks sqrt(n*L/(n+2)).
+    recompute_block:  L_r, sites per recompute block; None picks the paper's L_r* (near sqrt(n*L/(n+2))).
     eps:              epsilon inside the RMS of the flattened streams.
     fuse_boundaries:  fuse post_res of site l with coeffs+pre of site l+1 when adjacent.
     inner:            torch.compile backend that receives the rewritten graph ("inductor",

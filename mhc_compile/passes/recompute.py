@@ -9,22 +9,19 @@ eager ``convert`` path a site keeps its streams ``X_l`` (n*C per token), the bra
 ``h_out_l`` and the small fp32 coefficients. On the compiled path AOTAutograd's min-cut
 partitioner decides; left alone it never recomputes a custom op, so it saves every ``X_l``.
 
-What this pass changes. In each chain of ``L`` sites it keeps ``X`` only at the start of every
-block of ``L_r`` consecutive sites (default ``L_r* = round(sqrt(n*L/(n+2)))``, at least 1;
-``MHCConfig.recompute_block`` overrides it; ``MHCConfig.recompute=False`` turns the pass off).
-Inside a block the ops that produce the streams (``mhc::post_res`` / ``mhc::boundary`` and the
-stream-wise glue between sites) and the next site's ``mhc::coeffs`` / ``mhc::pre`` are tagged
-``CheckpointPolicy.MUST_RECOMPUTE`` (with ``ac_graph_id`` = block id); the op that produces a
-block-start ``X`` is tagged ``MUST_SAVE``. The partitioner then saves the block-start ``X``, the
-branch outputs ``h_out`` (produced by the user's ``f``, never tagged) and coefficients at block
-starts, and in the backward replays ``L_r - 1`` mHC steps per block. The user's ``f`` is never
-tagged, so it is recomputed only where the stock partitioner would recompute it anyway (cheap
-pointwise ops, never matmuls).
-
-Saved stream bytes per chain, on the compiled path: ``L * T*n*C*e`` without recompute,
-``ceil(L/L_r) * T*n*C*e`` with it (fewer when the chain start is recomputed from the
-un-expanded input), i.e. ``(L - ceil(L/L_r)) * T*n*C*e`` less. ``tests/test_recompute.py``
-measures it.
+What this pass changes (the paper, section 4.3.2). In each chain of ``L`` sites it keeps ``X``
+only at the start of every block of ``L_r`` consecutive sites (default: the paper's ``L_r*``, see
+:func:`recompute_block_size`; ``MHCConfig.recompute_block`` overrides it;
+``MHCConfig.recompute=False`` turns the pass off). Tagged ``CheckpointPolicy.MUST_RECOMPUTE``
+(``ac_graph_id`` = block id): inside a block the ops that produce the streams (``mhc::post_res``
+/ ``mhc::boundary`` and the stream-wise glue between sites); every site's ``mhc::coeffs`` /
+``mhc::pre`` (block starts too: h_in and the coefficients are replayed from the saved X; for a
+fused boundary a backward-only ``mhc::pre`` on its X replaces the backward reads of its h_in);
+the chain's expand (X_0 is replayed from the C-wide input). ``MUST_SAVE``: the op producing a
+block-start ``X``. Saved per chain: ``ceil(L/L_r) - 1`` X (``ChainPlan.kept_streams``), every
+site's ``h_out`` (made by the user's ``f``, never tagged: f is recomputed only where the stock
+partitioner would anyway, never matmuls) and the coefficients a fused block start passes on.
+``tests/test_recompute.py`` asserts the exact bytes.
 
 Glue that cannot be replayed safely (a random op such as dropout, a matmul, a non-aten op)
 starts a new block at the site after it (its ``X`` is saved).
