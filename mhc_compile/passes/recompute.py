@@ -355,7 +355,7 @@ def _replay_h_in(graph: fx.Graph, op: fx.Node, backward: set, graph_id: int, nam
         return
     order = {node: k for k, node in enumerate(graph.nodes)}
     point = min((nd for nd in backward if nd.op != "placeholder"), key=order.__getitem__, default=None)
-    if point is None or any(order[a] >= order[point] for v in closure for a in v.all_input_nodes):
+    if point is None or any(order[a] >= order[point] for v in (x_next, *closure) for a in (v, *v.all_input_nodes)):
         return  # not a forward-then-backward joint graph: leave h_in saved
     with graph.inserting_before(point):
         h_pre = outs.get(1)
