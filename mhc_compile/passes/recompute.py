@@ -330,7 +330,7 @@ def _is_view(node: fx.Node) -> bool:
     """An aten view op (metadata only: view, t, permute, unsqueeze, ...)."""
     if node.op != "call_function" or _ti.op_namespace(node.target) != "aten":
         return False
-    return bool(getattr(node.target, "is_view", False)) or _ti.op_schema_name(node.target) == "aten::_unsafe_view"
+    return node.target.is_view or _ti.op_schema_name(node.target) == "aten::_unsafe_view"
 
 
 def _replay_h_in(graph: fx.Graph, op: fx.Node, backward: set, graph_id: int, names: list) -> None:
