@@ -9,7 +9,8 @@
   functorch transform or coefficient recorder active, not compiling) every op calls the fused kernels
   of ``kernels_cpu.launch`` directly (:func:`eager_cpu`): without autograd when no input needs a
   gradient, else through one ``torch.autograd.Function`` per op with the custom op's autograd formula
-  (inputs saved, the same launchers in the backward). It skips the torch.library dispatch and the
+  (the same launchers in the backward; inputs saved, plus the small (T, 2n+n^2) projection
+  vec(X).phi of coeffs and boundary, so the backward skips one of its three skinny GEMMs). It skips the torch.library dispatch and the
   custom op's Python autograd layer (about 25-65 us per call); the numbers are the custom op's, bit
   for bit (``tests/test_cpu_paths.py``). Anything else takes the ``mhc::`` ops.
 """
@@ -71,19 +72,22 @@ def _zeros_for(x: Tensor, g, tail: tuple, dtype) -> Tensor:
 class _Coeffs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
-        ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res)
+        keep = []
+        outs = launch.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
+        ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res, *keep)
         ctx.args, ctx.launch = (iters, eps, variant), launch
         ctx.set_materialize_grads(False)
-        return launch.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_pre, g_post, g_res):
-        x, *params = ctx.saved_tensors
+        x, *params, proj = ctx.saved_tensors
         n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
         g_pre, g_post = _zeros_for(x, g_pre, (n,), cd), _zeros_for(x, g_post, (n,), cd)
         g_res = _zeros_for(x, g_res, (n, n), cd)
-        return (None, *ctx.launch.coeffs_backward(g_pre, g_post, g_res, x, *params, *ctx.args), None, None, None)
+        grads = ctx.launch.coeffs_backward(g_pre, g_post, g_res, x, *params, *ctx.args, proj=proj)
+        return (None, *grads, None, None, None)
 
 
 class _Pre(torch.autograd.Function):
@@ -115,22 +119,24 @@ class _PostRes(torch.autograd.Function):
 class _Boundary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, launch, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
-        ctx.save_for_backward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
+        keep = []
+        outs = launch.boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
+        ctx.save_for_backward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *keep)
         ctx.args, ctx.launch = (iters, eps, variant), launch
         ctx.set_materialize_grads(False)
-        return launch.boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
-        saved = ctx.saved_tensors
+        *saved, proj = ctx.saved_tensors
         x, h_out = saved[0], saved[1]
         n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
         g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
         g_pre, g_post = _zeros_for(x, g_pre, (n,), cd), _zeros_for(x, g_post, (n,), cd)
         g_res = _zeros_for(x, g_res, (n, n), cd)
         g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
-        grads = ctx.launch.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
+        grads = ctx.launch.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, proj=proj)
         return (None, *grads, None, None, None)
 
 
