@@ -33,8 +33,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def compiling_on_cpu(kernels: str, *tensors: Tensor) -> bool:
-    """Whether a wrapper is being traced by torch.compile for plain CPU tensors under ``kernels="auto"``."""
-    return (_INLINE and kernels == "auto" and torch.compiler.is_compiling() and tensors[0].device.type == "cpu"
+    """Whether Dynamo is tracing a wrapper (a converted model under ``torch.compile``) for plain CPU
+    tensors under ``kernels="auto"``. Not while AOTAutograd traces the graph the ``"mhc"`` backend
+    rewrote (``is_dynamo_compiling`` is False there): that graph keeps the ``mhc::`` ops, which the
+    recompute pass finds in the joint graph."""
+    return (_INLINE and kernels == "auto" and torch.compiler.is_dynamo_compiling() and tensors[0].device.type == "cpu"
             and not any_dtensor(tensors))
 
 
