@@ -143,19 +143,11 @@ at::Tensor pre_fwd(const at::Tensor& x_, const at::Tensor& hp_) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const acc* hpp = hp.data_ptr<acc>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      bool done = false;
-      with_n(n, [&](auto NC_) {
-        constexpr int N = decltype(NC_)::value;
-        if constexpr (N > 0) {
-          at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
-            for (int64_t t = b; t < e; ++t) pre_token_f32<N>(xp + t * n * C, hpp + t * sh, outp + t * C, C);
-          });
-          done = true;
-        }
-      });
-      if (done) return;
-    }
+    if (float_tokens<scalar_t>(n, T, grain(n * C), [&](auto NC_, int64_t t) {
+          constexpr int N = decltype(NC_)::value;
+          pre_token_f32<N>(xp + t * n * C, hpp + t * sh, outp + t * C, C);
+        }))
+      return;
     at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
       std::vector<acc> buf(C);
       for (int64_t t = b; t < e; ++t) {
@@ -186,20 +178,11 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& g_, const at::Tenso
     const acc* hpp = hp.data_ptr<acc>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     acc* ghp = gh.data_ptr<acc>();
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      bool done = false;
-      with_n(n, [&](auto NC_) {
-        constexpr int N = decltype(NC_)::value;
-        if constexpr (N > 0) {
-          at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
-            for (int64_t t = b; t < e; ++t)
-              pre_bwd_token_f32<N>(gp + t * C, xp + t * n * C, hpp + t * sh, gxp + t * n * C, ghp + t * n, C);
-          });
-          done = true;
-        }
-      });
-      if (done) return;
-    }
+    if (float_tokens<scalar_t>(n, T, grain(n * C), [&](auto NC_, int64_t t) {
+          constexpr int N = decltype(NC_)::value;
+          pre_bwd_token_f32<N>(gp + t * C, xp + t * n * C, hpp + t * sh, gxp + t * n * C, ghp + t * n, C);
+        }))
+      return;
     at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
       std::vector<acc> gb(C), xb(C);
       for (int64_t t = b; t < e; ++t) {
@@ -295,20 +278,11 @@ at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at:
     const scalar_t *xp = x.data_ptr<scalar_t>(), *hop = hout.data_ptr<scalar_t>();
     const acc *hpo = ho.data_ptr<acc>(), *hrp = hr.data_ptr<acc>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      bool done = false;
-      with_n(n, [&](auto NC_) {
-        constexpr int N = decltype(NC_)::value;
-        if constexpr (N > 0) {
-          at::parallel_for(0, T, grain(n * n * C), [&](int64_t b, int64_t e) {
-            for (int64_t t = b; t < e; ++t)
-              post_res_token_f32<N>(xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so, outp + t * n * C, C);
-          });
-          done = true;
-        }
-      });
-      if (done) return;
-    }
+    if (float_tokens<scalar_t>(n, T, grain(n * n * C), [&](auto NC_, int64_t t) {
+          constexpr int N = decltype(NC_)::value;
+          post_res_token_f32<N>(xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so, outp + t * n * C, C);
+        }))
+      return;
     at::parallel_for(0, T, grain(n * n * C), [&](int64_t b, int64_t e) {
       std::vector<acc> xa(n * C), ha(C), buf(C);
       for (int64_t t = b; t < e; ++t) {
@@ -351,21 +325,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_res_bwd(
     const acc *hpo = ho.data_ptr<acc>(), *hrp = hr.data_ptr<acc>();
     scalar_t *gxp = gx.data_ptr<scalar_t>(), *gop = gout.data_ptr<scalar_t>();
     acc *gpp = gpost.data_ptr<acc>(), *grp = gres.data_ptr<acc>();
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      bool done = false;
-      with_n(n, [&](auto NC_) {
-        constexpr int N = decltype(NC_)::value;
-        if constexpr (N > 0 && N <= 4) {  // N^2 + 3N vectors stay in registers
-          at::parallel_for(0, T, grain(n * n * C * 2), [&](int64_t b, int64_t e) {
-            for (int64_t t = b; t < e; ++t)
-              post_res_bwd_token_f32<N>(gp + t * n * C, xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so,
-                                        gxp + t * n * C, gop + t * C, gpp + t * n, grp + t * n * n, C);
-          });
-          done = true;
-        }
-      });
-      if (done) return;
-    }
+    if (float_tokens<scalar_t, 4>(n, T, grain(n * n * C * 2), [&](auto NC_, int64_t t) {  // N^2 + 3N vectors stay in registers
+          constexpr int N = decltype(NC_)::value;
+          post_res_bwd_token_f32<N>(gp + t * n * C, xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so,
+                                    gxp + t * n * C, gop + t * C, gpp + t * n, grp + t * n * n, C);
+        }))
+      return;
     at::parallel_for(0, T, grain(n * n * C * 2), [&](int64_t b, int64_t e) {
       std::vector<acc> ga(n * C), xa(n * C), ha(C), buf(C);
       for (int64_t t = b; t < e; ++t) {
