@@ -4,8 +4,8 @@ post_res emitted as aten math for inductor.
 
 At perturbed mHC parameters: the fast path gives the custom ops' outputs and every gradient bit for
 bit (per op, one site + boundary, and a converted GPT's loss and every parameter gradient); the
-compiled form equals eager and its graph holds mhc::coeffs but no mhc::pre / mhc::post_res; the
-private probe it relies on (plain_dispatch) is checked against the installed torch.
+compiled form equals eager and its graph holds mhc::coeffs but no mhc::pre / mhc::post_res, while
+the "mhc" backend's graph keeps them (no inlining under AOTAutograd); the private probe it relies on (plain_dispatch) is checked against the installed torch.
 """
 import pytest
 import torch
@@ -147,4 +147,19 @@ def test_compiled_cpu_inlines_pre_and_post_res(monkeypatch):
     for k in grads:
         scale = grads[k].abs().max().clamp_min(1e-3)
         assert (grads[k] - grads2[k]).abs().max() <= 2e-4 * scale, k
+    torch._dynamo.reset()
+
+
+def test_mhc_backend_keeps_the_custom_ops(monkeypatch):
+    """The "mhc" backend's rewritten graph is traced by AOTAutograd, not Dynamo: no inlining there, so
+    the recompute pass still finds the mhc:: ops in the joint graph."""
+    inlined = []
+    monkeypatch.setattr(cpu_paths, "pre_inline", lambda *a: inlined.append(1))
+    monkeypatch.setattr(cpu_paths, "post_res_inline", lambda *a: inlined.append(1))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=64, dim=32, layers=2, heads=2, max_len=16)
+    out = torch.compile(model, backend="mhc")(torch.randint(0, 64, (2, 16)))
+    out.float().pow(2).mean().backward()
+    assert not inlined and torch.isfinite(out).all()
     torch._dynamo.reset()
