@@ -26,6 +26,7 @@ Usage:
   python benchmarks/bench_cpu.py --models minilm --threads 1 --compile --reps 11
   python benchmarks/bench_cpu.py --quick                 # tiny shapes, a few rounds (smoke test)
   python benchmarks/bench_cpu.py --tune-malloc           # glibc keeps freed memory (no page-fault churn)
+  python benchmarks/bench_cpu.py --site --reps 7         # one site's kernels and ops alone (us per call)
 """
 from __future__ import annotations
 
@@ -195,6 +196,52 @@ def run(args) -> list[dict]:
     return rows
 
 
+def site_table(reps: int) -> list[dict]:
+    """One site's ops alone at the two models' site shapes (n = 4, fp32, 1 thread, warm caches): each
+    ``mhc_cpu`` kernel, the phi GEMM, and each public op (``mhc_compile.ops``, eager fast path where
+    it applies) forward without grad; CPU time per call in us, min over ``reps`` blocks of 100 calls."""
+    from mhc_compile import ops
+    from mhc_compile.kernels_cpu import available
+
+    if not available():
+        raise RuntimeError("the CPU kernels are not built")
+    torch.set_num_threads(1)
+    k = torch.ops.mhc_cpu
+    rows = []
+    for name, t, c in (("minilm", 360, 384), ("gpt", 512, 256)):
+        n, g = 4, torch.Generator().manual_seed(0)
+        x, h_out, gx = torch.randn(t, n, c, generator=g), torch.randn(t, c, generator=g), torch.randn(t, n, c, generator=g)
+        hp, ho, hr = torch.rand(t, n, generator=g), torch.rand(t, n, generator=g), torch.rand(t, n, n, generator=g)
+        phi = 0.01 * torch.randn(n * c, 2 * n + n * n, generator=g)
+        small = (torch.ones(3), torch.zeros(n), torch.zeros(n), torch.zeros(n, n))
+        flat, proj = x.reshape(t, -1), x.reshape(t, -1) @ phi
+        calls = {
+            "phi GEMM": lambda: torch.mm(flat, phi),
+            "coeffs_fwd kernel": lambda: k.coeffs_fwd(flat, proj, *small, 1e-6, n, 20, False),
+            "pre_fwd kernel": lambda: k.pre_fwd(x, hp),
+            "pre_bwd kernel": lambda: k.pre_bwd(h_out, x, hp),
+            "post_res_fwd kernel": lambda: k.post_res_fwd(x, h_out, ho, hr),
+            "post_res_bwd kernel": lambda: k.post_res_bwd(gx, x, h_out, ho, hr),
+            "ops.coeffs": lambda: ops.coeffs(x, phi, *small),
+            "ops.pre": lambda: ops.pre(x, hp),
+            "ops.post_res": lambda: ops.post_res(x, h_out, ho, hr),
+            "copy of X (reference)": lambda: x.clone(),
+        }
+        with torch.no_grad():
+            for label, fn in calls.items():
+                for _ in range(10):
+                    fn()
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.process_time()
+                    for _ in range(100):
+                        fn()
+                    best = min(best, (time.process_time() - t0) / 100)
+                rows.append({"shape": f"{name} T={t} C={c}", "call": label, "us": 1e6 * best})
+                print(f"{name:6s} T={t} C={c}  {label:22s} {1e6 * best:8.1f} us", flush=True)
+    return rows
+
+
 def tune_malloc() -> None:
     """glibc only: keep freed memory in the heap (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB), so
     a step's large tensors do not page-fault afresh every time (what jemalloc/tcmalloc also give)."""
@@ -216,6 +263,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="per-op breakdown (1 thread, eager)")
     p.add_argument("--profile-rows", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
+    p.add_argument("--site", action="store_true", help="only one site's kernels and ops alone (site_table)")
     p.add_argument("--tune-malloc", action="store_true", help="glibc mallopt: no page-fault churn (see tune_malloc)")
     args = p.parse_args(argv)
     if args.tune_malloc:
@@ -224,6 +272,8 @@ def main(argv=None):
         args.reps, args.warmup = min(args.reps, 3), 1
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
           f"CPU time (time.process_time), median of interleaved rounds; malloc tuned: {args.tune_malloc}")
+    if args.site:
+        return site_table(args.reps)
     return run(args)
 
 

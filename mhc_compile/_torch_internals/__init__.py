@@ -27,7 +27,9 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
 * the autograd engine's end-of-pass callbacks (``Variable._execution_engine.queue_callback``):
   :func:`at_backward_end`, used by ``ops`` to drop a site's gradient mailbox after each pass;
 * the base class of a ``__torch_dispatch__`` mode (``torch.utils._python_dispatch``):
-  :func:`dispatch_mode_base`, used by ``diagnostics.record_streams``;
+  :func:`dispatch_mode_base`, used by ``diagnostics.record_streams``; whether any dispatch mode or
+  functorch transform is active (``torch._C._len_torch_dispatch_stack``,
+  ``torch._C._are_functorch_transforms_active``): :func:`plain_dispatch`, used by ``ops/cpu_paths.py``;
 * fake tensors for tracing a block without compute (``torch._subclasses.FakeTensorMode`` and
   ``torch.fx.passes.fake_tensor_prop.FakeTensorProp``): :func:`fake_mode`, :func:`fake_propagate`,
   used by ``blocks.trace``;
@@ -82,6 +84,7 @@ from .tracing import (
     op_namespace,
     op_schema_name,
     dispatch_mode_base,
+    plain_dispatch,
     at_backward_end,
     fake_mode,
     fake_propagate,
@@ -123,6 +126,7 @@ __all__ = [
     "op_namespace",
     "op_schema_name",
     "dispatch_mode_base",
+    "plain_dispatch",
     "at_backward_end",
     "fake_mode",
     "fake_propagate",

@@ -95,6 +95,17 @@ def dispatch_mode_base() -> type:
     return TorchDispatchMode
 
 
+def plain_dispatch() -> bool:
+    """True when no ``__torch_dispatch__`` mode (fake tensors, make_fx, a counting mode) and no functorch
+    transform (vmap, grad) is active: a call then reaches the kernels as it is written
+    (``torch._C._len_torch_dispatch_stack``, ``torch._C._are_functorch_transforms_active``); False when
+    either probe is missing, so callers take their general path."""
+    try:
+        return torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+    except AttributeError:  # pragma: no cover - renamed in a future torch
+        return False
+
+
 def fake_mode() -> Any:
     """A ``FakeTensorMode`` that accepts real tensors (the model's parameters) as inputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode

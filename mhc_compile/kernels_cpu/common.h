@@ -73,6 +73,25 @@ inline void with_n(int64_t n, F&& f) {
   }
 }
 
+// float tensors with n in 1..MaxN: runs per_token(std::integral_constant<int, n>{}, t) for every token t
+// (parallel over tokens) and returns true; otherwise false and the caller's generic loop runs.
+template <typename scalar_t, int MaxN = 8, typename F>
+inline bool float_tokens(int64_t n, int64_t T, int64_t grain_size, F&& per_token) {
+  bool done = false;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    with_n(n, [&](auto NC_) {
+      constexpr int N = decltype(NC_)::value;
+      if constexpr (N > 0 && N <= MaxN) {
+        at::parallel_for(0, T, grain_size, [&](int64_t b, int64_t e) {
+          for (int64_t t = b; t < e; ++t) per_token(NC_, t);
+        });
+        done = true;
+      }
+    });
+  }
+  return done;
+}
+
 #define MHC_DISPATCH(x, name, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
 
 inline int64_t cstride(const at::Tensor& h, int64_t T, int64_t per) {

@@ -54,22 +54,26 @@ def _check_variant(variant: str) -> bool:
     return variant == "hc"
 
 
-def _project(x: Tensor, phi: Tensor, alpha, b_pre, b_post, b_res):
-    """vec(X) (T, nC) and its projection vec(X) . phi (T, 2n+n^2) in the compute dtype (one GEMM),
-    plus phi and the small parameters in the compute dtype."""
+def _project(x: Tensor, phi: Tensor, alpha, b_pre, b_post, b_res, proj: Tensor | None = None):
+    """vec(X) (T, nC) and its projection vec(X) . phi (T, 2n+n^2) in the compute dtype (one GEMM, unless
+    ``proj`` is that projection already), plus phi and the small parameters in the compute dtype."""
     n, c = x.shape[-2], x.shape[-1]
     cd = compute_dtype(x.dtype)
     flat = x.reshape(-1, n * c).to(cd)
     phi_c = phi.to(cd)
     small = tuple(t.to(cd) for t in (alpha, b_pre, b_post, b_res))
-    return flat, torch.mm(flat, phi_c), phi_c, small
+    return flat, torch.mm(flat, phi_c) if proj is None else proj, phi_c, small
 
 
-def coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str):
-    """``mhc::coeffs`` (dynamic): H_pre (..., n), H_post (..., n), H_res (..., n, n) in the compute dtype."""
+def coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str, keep: list | None = None):
+    """``mhc::coeffs`` (dynamic): H_pre (..., n), H_post (..., n), H_res (..., n, n) in the compute dtype.
+    ``keep`` (a list) receives the projection (T, 2n+n^2), which :func:`coeffs_backward` may take back
+    instead of recomputing it (the eager fast path of ``ops/cpu_paths.py``)."""
     hc = _check_variant(variant)
     lead, n = x.shape[:-2], x.shape[-2]
     flat, proj, _, small = _project(x, phi, alpha, b_pre, b_post, b_res)
+    if keep is not None:
+        keep.append(proj)
     hp, ho, hr = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)
     return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)
 
@@ -91,11 +95,13 @@ def _param_grads(dh_r, flat, g_alpha, g_bp, g_bo, g_br, phi, alpha, b_pre, b_pos
     )
 
 
-def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str):
-    """``mhc::coeffs_backward``: gradients (x, phi, alpha, b_pre, b_post, b_res)."""
+def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
+                    proj: Tensor | None = None):
+    """``mhc::coeffs_backward``: gradients (x, phi, alpha, b_pre, b_post, b_res); ``proj`` as kept by
+    :func:`coeffs_forward`, else recomputed."""
     hc = _check_variant(variant)
     n = x.shape[-2]
-    flat, proj, phi_c, small = _project(x, phi, alpha, b_pre, b_post, b_res)
+    flat, proj, phi_c, small = _project(x, phi, alpha, b_pre, b_post, b_res, proj)
     gates = _gate_grads(g_pre, g_post, g_res, x.shape[:-2], n, flat.dtype)
     dh_r, coef, *small_grads = _ops().coeffs_bwd(*gates, flat, proj, *small, eps, n, iters, hc)
     g_flat = torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0)
@@ -146,15 +152,17 @@ def _reduce(g: Tensor, h: Tensor, lead: torch.Size) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- boundary
-def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str):
-    """``mhc::boundary``: (x_next, h_pre, h_post, h_res, h_in) of site l+1."""
+def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
+                     keep: list | None = None):
+    """``mhc::boundary``: (x_next, h_pre, h_post, h_res, h_in) of site l+1 (``keep``: :func:`coeffs_forward`)."""
     xn = post_res_forward(x, h_out, h_post, h_res)
-    hp, ho, hr = coeffs_forward(xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    hp, ho, hr = coeffs_forward(xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
     return xn, hp, ho, hr, pre_forward(xn, hp)
 
 
 def boundary_backward(
-    g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str
+    g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
+    proj: Tensor | None = None,
 ):
     """``mhc::boundary_backward``: gradients (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res),
     the chain of :func:`mhc_compile.reference.boundary_backward` (x_next and H_pre recomputed) with one
@@ -163,7 +171,7 @@ def boundary_backward(
     hc = _check_variant(variant)
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     xn = post_res_forward(x, h_out, h_post, h_res)
-    flat, proj, phi_c, small = _project(xn, phi, alpha, b_pre, b_post, b_res)
+    flat, proj, phi_c, small = _project(xn, phi, alpha, b_pre, b_post, b_res, proj)
     hp = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)[0]
     g_hin = g_hin.reshape(-1, c).to(x.dtype)
     gp, go, gr = _gate_grads(g_hp, g_ho, g_hr, lead, n, flat.dtype)

@@ -5,6 +5,134 @@
 namespace mhc_cpu {
 namespace {
 
+// float, n = N known: out[i, c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] over C, eight lanes at a time
+// with the n stream chunks held in registers (one read of x and h, one write of out per token); the
+// same operations in the same order as the generic loop of post_res_fwd.
+template <int N>
+inline void post_res_token_f32(const float* xt, const float* ht, const float* R, const float* P, float* out, int64_t C) {
+  typedef float V __attribute__((vector_size(32)));
+  constexpr int64_t W = 8;
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V xs[N], h;
+    for (int j = 0; j < N; ++j) std::memcpy(&xs[j], xt + j * C + c, 32);
+    std::memcpy(&h, ht + c, 32);
+    for (int i = 0; i < N; ++i) {
+      V b = R[i * N] * xs[0];
+      for (int j = 1; j < N; ++j) b += R[i * N + j] * xs[j];
+      b += P[i] * h;
+      std::memcpy(out + i * C + c, &b, 32);
+    }
+  }
+  for (; c < C; ++c)
+    for (int i = 0; i < N; ++i) {
+      float b = R[i * N] * xt[c];
+      for (int j = 1; j < N; ++j) b += R[i * N + j] * xt[j * C + c];
+      out[i * C + c] = b + P[i] * ht[c];
+    }
+}
+
+// float, n = N known, one token of post_res_bwd: gx[j] = sum_i R[i, j] g[i], gout = sum_i P[i] g[i],
+// gpost[i] = g[i] . h, gres[i, j] = g[i] . x[j], eight lanes at a time with every stream chunk and
+// the N^2 + N dot accumulators in registers (one read of g, x and h per token).
+template <int N>
+inline void post_res_bwd_token_f32(const float* gt, const float* xt, const float* ht, const float* R, const float* P,
+                                   float* gx, float* gout, float* gpost, float* gres, int64_t C) {
+  typedef float V __attribute__((vector_size(32)));
+  constexpr int64_t W = 8;
+  V ap[N] = {}, ar[N * N] = {};
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V gs[N], xs[N], h;
+    for (int i = 0; i < N; ++i) { std::memcpy(&gs[i], gt + i * C + c, 32); std::memcpy(&xs[i], xt + i * C + c, 32); }
+    std::memcpy(&h, ht + c, 32);
+    for (int j = 0; j < N; ++j) {
+      V b = R[j] * gs[0];
+      for (int i = 1; i < N; ++i) b += R[i * N + j] * gs[i];
+      std::memcpy(gx + j * C + c, &b, 32);
+    }
+    V o = P[0] * gs[0];
+    for (int i = 1; i < N; ++i) o += P[i] * gs[i];
+    std::memcpy(gout + c, &o, 32);
+    for (int i = 0; i < N; ++i) {
+      ap[i] += gs[i] * h;
+      for (int j = 0; j < N; ++j) ar[i * N + j] += gs[i] * xs[j];
+    }
+  }
+  float sp[N], sr[N * N];
+  for (int i = 0; i < N; ++i) {
+    sp[i] = 0;
+    for (int k = 0; k < W; ++k) sp[i] += ap[i][k];
+    for (int j = 0; j < N; ++j) {
+      sr[i * N + j] = 0;
+      for (int k = 0; k < W; ++k) sr[i * N + j] += ar[i * N + j][k];
+    }
+  }
+  for (; c < C; ++c) {
+    for (int j = 0; j < N; ++j) {
+      float b = R[j] * gt[c];
+      for (int i = 1; i < N; ++i) b += R[i * N + j] * gt[i * C + c];
+      gx[j * C + c] = b;
+    }
+    float o = P[0] * gt[c];
+    for (int i = 1; i < N; ++i) o += P[i] * gt[i * C + c];
+    gout[c] = o;
+    for (int i = 0; i < N; ++i) {
+      sp[i] += gt[i * C + c] * ht[c];
+      for (int j = 0; j < N; ++j) sr[i * N + j] += gt[i * C + c] * xt[j * C + c];
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    gpost[i] = sp[i];
+    for (int j = 0; j < N; ++j) gres[i * N + j] = sr[i * N + j];
+  }
+}
+
+// float, n = N known, one token of pre_bwd: gx[i] = hp[i] g, gh[i] = g . x[i], eight lanes at a time.
+template <int N>
+inline void pre_bwd_token_f32(const float* g, const float* xt, const float* h, float* gx, float* gh, int64_t C) {
+  typedef float V __attribute__((vector_size(32)));
+  constexpr int64_t W = 8;
+  V a[N] = {};
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V gv, xi;
+    std::memcpy(&gv, g + c, 32);
+    for (int i = 0; i < N; ++i) {
+      V o = h[i] * gv;
+      std::memcpy(gx + i * C + c, &o, 32);
+      std::memcpy(&xi, xt + i * C + c, 32);
+      a[i] += gv * xi;
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    float s = 0;
+    for (int k = 0; k < W; ++k) s += a[i][k];
+    for (int64_t cc = c; cc < C; ++cc) { gx[i * C + cc] = h[i] * g[cc]; s += g[cc] * xt[i * C + cc]; }
+    gh[i] = s;
+  }
+}
+
+// float, n = N known: h_in[c] = sum_i hp[i] x[i, c], eight lanes at a time.
+template <int N>
+inline void pre_token_f32(const float* xt, const float* h, float* out, int64_t C) {
+  typedef float V __attribute__((vector_size(32)));
+  constexpr int64_t W = 8;
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V b, xi;
+    std::memcpy(&xi, xt + c, 32);
+    b = h[0] * xi;
+    for (int i = 1; i < N; ++i) { std::memcpy(&xi, xt + i * C + c, 32); b += h[i] * xi; }
+    std::memcpy(out + c, &b, 32);
+  }
+  for (; c < C; ++c) {
+    float b = h[0] * xt[c];
+    for (int i = 1; i < N; ++i) b += h[i] * xt[i * C + c];
+    out[c] = b;
+  }
+}
+
 // h_in[t, c] = sum_i hp[t, i] x[t, i, c]
 at::Tensor pre_fwd(const at::Tensor& x_, const at::Tensor& hp_) {
   at::Tensor x = x_.contiguous(), hp = hp_.contiguous();
@@ -15,6 +143,11 @@ at::Tensor pre_fwd(const at::Tensor& x_, const at::Tensor& hp_) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const acc* hpp = hp.data_ptr<acc>();
     scalar_t* outp = out.data_ptr<scalar_t>();
+    if (float_tokens<scalar_t>(n, T, grain(n * C), [&](auto NC_, int64_t t) {
+          constexpr int N = decltype(NC_)::value;
+          pre_token_f32<N>(xp + t * n * C, hpp + t * sh, outp + t * C, C);
+        }))
+      return;
     at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
       std::vector<acc> buf(C);
       for (int64_t t = b; t < e; ++t) {
@@ -45,6 +178,11 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& g_, const at::Tenso
     const acc* hpp = hp.data_ptr<acc>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     acc* ghp = gh.data_ptr<acc>();
+    if (float_tokens<scalar_t>(n, T, grain(n * C), [&](auto NC_, int64_t t) {
+          constexpr int N = decltype(NC_)::value;
+          pre_bwd_token_f32<N>(gp + t * C, xp + t * n * C, hpp + t * sh, gxp + t * n * C, ghp + t * n, C);
+        }))
+      return;
     at::parallel_for(0, T, grain(n * C), [&](int64_t b, int64_t e) {
       std::vector<acc> gb(C), xb(C);
       for (int64_t t = b; t < e; ++t) {
@@ -140,6 +278,11 @@ at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at:
     const scalar_t *xp = x.data_ptr<scalar_t>(), *hop = hout.data_ptr<scalar_t>();
     const acc *hpo = ho.data_ptr<acc>(), *hrp = hr.data_ptr<acc>();
     scalar_t* outp = out.data_ptr<scalar_t>();
+    if (float_tokens<scalar_t>(n, T, grain(n * n * C), [&](auto NC_, int64_t t) {
+          constexpr int N = decltype(NC_)::value;
+          post_res_token_f32<N>(xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so, outp + t * n * C, C);
+        }))
+      return;
     at::parallel_for(0, T, grain(n * n * C), [&](int64_t b, int64_t e) {
       std::vector<acc> xa(n * C), ha(C), buf(C);
       for (int64_t t = b; t < e; ++t) {
@@ -182,6 +325,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_res_bwd(
     const acc *hpo = ho.data_ptr<acc>(), *hrp = hr.data_ptr<acc>();
     scalar_t *gxp = gx.data_ptr<scalar_t>(), *gop = gout.data_ptr<scalar_t>();
     acc *gpp = gpost.data_ptr<acc>(), *grp = gres.data_ptr<acc>();
+    if (float_tokens<scalar_t, 4>(n, T, grain(n * n * C * 2), [&](auto NC_, int64_t t) {  // N^2 + 3N vectors stay in registers
+          constexpr int N = decltype(NC_)::value;
+          post_res_bwd_token_f32<N>(gp + t * n * C, xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so,
+                                    gxp + t * n * C, gop + t * C, gpp + t * n, grp + t * n * n, C);
+        }))
+      return;
     at::parallel_for(0, T, grain(n * n * C * 2), [&](int64_t b, int64_t e) {
       std::vector<acc> ga(n * C), xa(n * C), ha(C), buf(C);
       for (int64_t t = b; t < e; ++t) {

@@ -48,6 +48,7 @@ from ..parallel.mixed import align as _align  # plain tensors and DTensors (para
 from . import custom as _custom  # noqa: F401  (registers the mhc:: ops)
 from .dispatch import use_triton  # noqa: F401  (public)
 from .recording import _RECORDERS, _record, record_coeffs  # noqa: F401  (public: record_coeffs)
+from . import cpu_paths as _cpu_paths
 
 
 # ============================================================================ public wrappers
@@ -62,18 +63,28 @@ def coeffs(
         if _RECORDERS and not torch.compiler.is_compiling():
             _record(outs)
         return outs
+    if (cpu := _cpu_paths.eager_cpu(kernels, x, phi, alpha, b_pre, b_post, b_res)):
+        return _cpu_paths.coeffs_eager(cpu, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     return torch.ops.mhc.coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
 
 
 def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
     """h_in = sum_i H_pre[i] X[i]."""
     (x, h_pre), _ = _align((x, h_pre), ())
+    if _cpu_paths.compiling_on_cpu(kernels, x, h_pre):
+        return _cpu_paths.pre_inline(x, h_pre)
+    if (cpu := _cpu_paths.eager_cpu(kernels, x, h_pre)):
+        return _cpu_paths.pre_eager(cpu, x, h_pre)
     return torch.ops.mhc.pre(x, h_pre, kernels)
 
 
 def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str = "auto") -> Tensor:
     """X' = H_res X + H_post h_out."""
     (x, h_out, h_post, h_res), _ = _align((x, h_out, h_post, h_res), ())
+    if _cpu_paths.compiling_on_cpu(kernels, x, h_out, h_post, h_res):
+        return _cpu_paths.post_res_inline(x, h_out, h_post, h_res)
+    if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res)):
+        return _cpu_paths.post_res_eager(cpu, x, h_out, h_post, h_res)
     return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
 
 
@@ -91,11 +102,14 @@ def boundary(
     """
     (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res) = _align(
         (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res))
-    if dynamic:
+    if dynamic and not _cpu_paths.compiling_on_cpu(kernels, x, h_out, h_post, h_res):
         if phi is None or alpha is None:
             raise ValueError("dynamic coefficients need phi and alpha")
+        if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
+            return _cpu_paths.boundary_eager(cpu, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
         return torch.ops.mhc.boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
-    # static site l+1: its coefficients do not depend on x, so the three ops compose directly
+    # static site l+1 (its coefficients do not depend on x), or compiled on CPU (cpu_paths): the
+    # three ops compose directly
     x_next = post_res(x, h_out, h_post, h_res, kernels)
     hp, ho, hr = coeffs(x_next, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, dynamic, kernels)
     return x_next, hp, ho, hr, pre(x_next, hp, kernels)

@@ -1,0 +1,165 @@
+"""CPU-only shortcuts of the public ``mhc_compile.ops`` wrappers (issue #25), kept apart from the ops.
+
+* Under ``torch.compile`` on CPU (``kernels="auto"``, plain tensors) ``pre`` and ``post_res`` are
+  emitted as their aten math (:func:`pre_inline`, :func:`post_res_inline`) instead of the opaque
+  ``mhc::`` ops, so inductor fuses the stream mixing with its neighbours (the post-LN LayerNorm, the
+  residual adds) and differentiates it itself; ``coeffs`` (the Sinkhorn loop) stays the fused C++
+  kernel behind ``mhc::coeffs``. CUDA keeps the Triton kernels. See docs/design.md "CPU kernels".
+* In eager mode on CPU (``kernels="auto"``, plain tensors, the extension built, no dispatch mode,
+  functorch transform or coefficient recorder active, not compiling) every op calls the fused kernels
+  of ``kernels_cpu.launch`` directly (:func:`eager_cpu`): without autograd when no input needs a
+  gradient, else through one ``torch.autograd.Function`` per op with the custom op's autograd formula
+  (the same launchers in the backward; inputs saved, plus the small (T, 2n+n^2) projection
+  vec(X).phi of coeffs and boundary, so the backward skips one of its three skinny GEMMs). It skips the torch.library dispatch and the
+  custom op's Python autograd layer (about 25-65 us per call); the numbers are the custom op's, bit
+  for bit (``tests/test_cpu_paths.py``). Anything else takes the ``mhc::`` ops.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .. import _torch_internals as _ti
+from .. import reference
+from ..parallel.mixed import any_dtensor
+from .dispatch import _cpu
+from .recording import _RECORDERS
+
+_INLINE = os.environ.get("MHC_CPU_INLINE", "1") != "0"
+_FAST = os.environ.get("MHC_CPU_FAST", "1") != "0"
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def compiling_on_cpu(kernels: str, *tensors: Tensor) -> bool:
+    """Whether Dynamo is tracing a wrapper (a converted model under ``torch.compile``) for plain CPU
+    tensors under ``kernels="auto"``. Not while AOTAutograd traces the graph the ``"mhc"`` backend
+    rewrote (``is_dynamo_compiling`` is False there): that graph keeps the ``mhc::`` ops, which the
+    recompute pass finds in the joint graph."""
+    return (_INLINE and kernels == "auto" and torch.compiler.is_dynamo_compiling() and tensors[0].device.type == "cpu"
+            and not any_dtensor(tensors))
+
+
+def pre_inline(x: Tensor, h_pre: Tensor) -> Tensor:
+    """``mhc::pre`` as aten ops (:func:`mhc_compile.reference.pre_mix`)."""
+    return reference.pre_mix(x, h_pre)
+
+
+def post_res_inline(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """``mhc::post_res`` as one pointwise-and-reduce expression (no bmm: inductor fuses it), the math of
+    :func:`mhc_compile.reference.post_res_mix`."""
+    cd = reference.compute_dtype(x.dtype)
+    mixed = (h_res.to(cd).unsqueeze(-1) * x.to(cd).unsqueeze(-3)).sum(-2)
+    return (mixed + h_post.to(cd).unsqueeze(-1) * h_out.to(cd).unsqueeze(-2)).to(x.dtype)
+
+
+# ============================================================================ eager fast path
+def eager_cpu(kernels: str, *tensors: Tensor):
+    """``kernels_cpu.launch`` when an eager call may skip the ``mhc::`` custom op (module docstring), else None."""
+    if not _FAST or kernels != "auto" or _RECORDERS or torch.compiler.is_compiling():
+        return None
+    if any(type(t) not in _PLAIN for t in tensors) or not _ti.plain_dispatch():
+        return None
+    return _cpu(kernels, *tensors)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _zeros_for(x: Tensor, g, tail: tuple, dtype) -> Tensor:
+    return x.new_zeros((*x.shape[:-2], *tail), dtype=dtype) if g is None else g
+
+
+class _Coeffs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
+        keep = []
+        outs = launch.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
+        ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res, *keep)
+        ctx.args, ctx.launch = (iters, eps, variant), launch
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_pre, g_post, g_res):
+        x, *params, proj = ctx.saved_tensors
+        n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
+        g_pre, g_post = _zeros_for(x, g_pre, (n,), cd), _zeros_for(x, g_post, (n,), cd)
+        g_res = _zeros_for(x, g_res, (n, n), cd)
+        grads = ctx.launch.coeffs_backward(g_pre, g_post, g_res, x, *params, *ctx.args, proj=proj)
+        return (None, *grads, None, None, None)
+
+
+class _Pre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, launch, x, h_pre):
+        ctx.save_for_backward(x, h_pre)
+        ctx.launch = launch
+        return launch.pre_forward(x, h_pre)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (None, *ctx.launch.pre_backward(grad, *ctx.saved_tensors))
+
+
+class _PostRes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, launch, x, h_out, h_post, h_res):
+        ctx.save_for_backward(x, h_out, h_post, h_res)
+        ctx.launch = launch
+        return launch.post_res_forward(x, h_out, h_post, h_res)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (None, *ctx.launch.post_res_backward(grad, *ctx.saved_tensors))
+
+
+class _Boundary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, launch, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
+        keep = []
+        outs = launch.boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
+        ctx.save_for_backward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *keep)
+        ctx.args, ctx.launch = (iters, eps, variant), launch
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
+        *saved, proj = ctx.saved_tensors
+        x, h_out = saved[0], saved[1]
+        n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
+        g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
+        g_pre, g_post = _zeros_for(x, g_pre, (n,), cd), _zeros_for(x, g_post, (n,), cd)
+        g_res = _zeros_for(x, g_res, (n, n), cd)
+        g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
+        grads = ctx.launch.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, proj=proj)
+        return (None, *grads, None, None, None)
+
+
+def coeffs_eager(launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
+    if _needs_grad(x, phi, alpha, b_pre, b_post, b_res):
+        return _Coeffs.apply(launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    return launch.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+
+
+def pre_eager(launch, x, h_pre):
+    return _Pre.apply(launch, x, h_pre) if _needs_grad(x, h_pre) else launch.pre_forward(x, h_pre)
+
+
+def post_res_eager(launch, x, h_out, h_post, h_res):
+    if _needs_grad(x, h_out, h_post, h_res):
+        return _PostRes.apply(launch, x, h_out, h_post, h_res)
+    return launch.post_res_forward(x, h_out, h_post, h_res)
+
+
+def boundary_eager(launch, *args):
+    if _needs_grad(*args[:9]):
+        return _Boundary.apply(launch, *args)
+    return launch.boundary_forward(*args)

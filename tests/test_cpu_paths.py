@@ -1,0 +1,165 @@
+"""CPU shortcuts of the mhc_compile.ops wrappers (mhc_compile/ops/cpu_paths.py): the eager fast path
+that calls the fused CPU kernels without the mhc:: custom ops, and, under torch.compile on CPU, pre and
+post_res emitted as aten math for inductor.
+
+At perturbed mHC parameters: the fast path gives the custom ops' outputs and every gradient bit for
+bit (per op, one site + boundary, and a converted GPT's loss and every parameter gradient); the
+compiled form equals eager and its graph holds mhc::coeffs but no mhc::pre / mhc::post_res, while
+the "mhc" backend's graph keeps them (no inlining under AOTAutograd); the private probe it relies on (plain_dispatch) is checked against the installed torch.
+"""
+import pytest
+import torch
+
+from mhc_compile import MHCConfig, convert, kernels_cpu, ops
+from mhc_compile import reference as R
+from mhc_compile._torch_internals import dispatch_mode_base, plain_dispatch
+from mhc_compile.models import TinyGPT
+from mhc_compile.ops import cpu_paths
+
+pytestmark = pytest.mark.skipif(not kernels_cpu.available(), reason=f"CPU kernels not built: {kernels_cpu.build_error()}")
+
+
+def test_plain_dispatch_canary():
+    assert plain_dispatch()
+
+    class Mode(dispatch_mode_base()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert not plain_dispatch()
+    seen = []
+    torch.vmap(lambda t: seen.append(plain_dispatch()) or t)(torch.ones(2, 3))
+    assert seen == [False]
+    assert plain_dispatch()
+
+
+def _params(n, c, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    p = R.init_site_params(n, c, seed, dtype=torch.float64)
+    return {k: (v + 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(dtype) for k, v in p.items()}
+
+
+def _site_grads(x, h_out, p):
+    """Outputs of coeffs, pre, post_res and a boundary, plus every input gradient, and the grad_fn names."""
+    xx, hh = x.clone().requires_grad_(), h_out.clone().requires_grad_()
+    pp = {k: v.clone().requires_grad_() for k, v in p.items()}
+    args = (pp["phi"], pp["alpha"], pp["b_pre"], pp["b_post"], pp["b_res"])
+    hp, ho, hr = ops.coeffs(xx, *args)
+    h_in = ops.pre(xx, hp)
+    x1 = ops.post_res(xx, hh * h_in.tanh(), ho, hr)
+    outs = (hp, ho, hr, h_in, x1, *ops.boundary(x1, hh, ho, hr, *args))
+    g = torch.Generator().manual_seed(7)
+    torch.autograd.backward(outs[:-2] + outs[-1:], [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs[:-2] + outs[-1:]])
+    names = {type(o.grad_fn).__name__ for o in outs}
+    return [o.detach() for o in outs] + [xx.grad, hh.grad] + [pp[k].grad for k in sorted(pp)], names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_fast_path_equals_the_custom_ops(monkeypatch, dtype):
+    n, c = 4, 24
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, n, c, generator=g).to(dtype)
+    h_out = torch.randn(2, 5, c, generator=g).to(dtype)
+    p = _params(n, c, 3, torch.float32)
+    fast, fast_names = _site_grads(x, h_out, p)
+    monkeypatch.setattr(cpu_paths, "_FAST", False)
+    slow, slow_names = _site_grads(x, h_out, p)
+    assert {"_CoeffsBackward", "_PreBackward", "_PostResBackward", "_BoundaryBackward"} <= fast_names
+    assert not fast_names & slow_names  # the second run took the custom ops
+    assert len(fast) == len(slow) == 17
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_eager_fast_path_without_grad_and_under_a_mode():
+    n, c = 3, 16
+    x, p = torch.randn(6, n, c), _params(n, c, 1, torch.float32)
+    args = (p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"])
+    with torch.no_grad():
+        hp, ho, hr = ops.coeffs(x, *args)
+        fast = ops.post_res(x, ops.pre(x, hp), ho, hr)
+    calls = []
+
+    class Mode(dispatch_mode_base()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Mode():  # a mode sees the mhc:: ops, as diagnostics.record_streams needs
+        hp2, ho2, hr2 = ops.coeffs(x, *args)
+        slow = ops.post_res(x, ops.pre(x, hp2), ho2, hr2)
+    assert {"mhc.coeffs.default", "mhc.pre.default", "mhc.post_res.default"} <= set(calls)
+    assert torch.equal(fast, slow) and torch.equal(hr, hr2)
+    with ops.record_coeffs() as rec:  # a recorder gets every site's coefficients (custom-op path)
+        ops.coeffs(x, *args)
+    assert len(rec) == 1 and torch.equal(rec[0][2], hr)
+
+
+def _gpt(seed=0):
+    torch.manual_seed(seed)
+    model = TinyGPT(vocab=64, dim=32, layers=2, heads=2, max_len=16)
+    ids = torch.randint(0, 64, (2, 16))
+    conv = convert(model, MHCConfig(streams=4), (ids,))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for name, q in conv.named_parameters():
+            if ".mhc." in name or name.startswith("mhc"):
+                q.add_(0.3 * torch.randn(q.shape, generator=g))
+    return conv, ids
+
+
+def _loss_and_grads(model, ids, fwd=None):
+    model.zero_grad(set_to_none=True)
+    out = (model if fwd is None else fwd)(ids)
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), {k: q.grad.clone() for k, q in model.named_parameters() if q.grad is not None}
+
+
+def test_converted_model_fast_path_equals_the_custom_ops(monkeypatch):
+    model, ids = _gpt()
+    loss, grads = _loss_and_grads(model, ids)
+    monkeypatch.setattr(cpu_paths, "_FAST", False)
+    loss2, grads2 = _loss_and_grads(model, ids)
+    assert torch.equal(loss, loss2) and grads.keys() == grads2.keys()
+    assert any(".mhc." in k or k.startswith("mhc") for k in grads)
+    for k in grads:
+        assert torch.equal(grads[k], grads2[k]), k
+
+
+def test_compiled_cpu_inlines_pre_and_post_res(monkeypatch):
+    model, ids = _gpt()
+    loss, grads = _loss_and_grads(model, ids)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    loss2, grads2 = _loss_and_grads(model, ids, torch.compile(model, backend=backend, fullgraph=True))
+    targets = {str(nd.target) for gm in graphs for nd in gm.graph.nodes if nd.op == "call_function"}
+    assert any("mhc.coeffs" in t for t in targets)
+    assert not any("mhc.pre" in t or "mhc.post_res" in t or "mhc.boundary" in t for t in targets)
+    assert torch.allclose(loss, loss2, rtol=1e-5, atol=1e-7)
+    for k in grads:
+        scale = grads[k].abs().max().clamp_min(1e-3)
+        assert (grads[k] - grads2[k]).abs().max() <= 2e-4 * scale, k
+    torch._dynamo.reset()
+
+
+def test_mhc_backend_keeps_the_custom_ops(monkeypatch):
+    """The "mhc" backend's rewritten graph is traced by AOTAutograd, not Dynamo: no inlining there, so
+    the recompute pass still finds the mhc:: ops in the joint graph."""
+    inlined = []
+    monkeypatch.setattr(cpu_paths, "pre_inline", lambda *a: inlined.append(1))
+    monkeypatch.setattr(cpu_paths, "post_res_inline", lambda *a: inlined.append(1))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=64, dim=32, layers=2, heads=2, max_len=16)
+    out = torch.compile(model, backend="mhc")(torch.randint(0, 64, (2, 16)))
+    out.float().pow(2).mean().backward()
+    assert not inlined and torch.isfinite(out).all()
+    torch._dynamo.reset()
