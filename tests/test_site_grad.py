@@ -5,6 +5,7 @@ float64 gradcheck must pass through the same entry points."""
 import pytest
 import torch
 
+import mhc_compile.ops  # noqa: F401  (registers the mhc:: ops; the package imports it lazily)
 from mhc_compile import reference, site_grad
 
 T, N, C = 9, 4, 24
@@ -73,10 +74,13 @@ def test_grads_equal_reference_autograd(kernels, form, handovers):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
-    # post_res (site) or the boundary (block2) hands over the gradient of its mix (coeffs computes
-    # H_res^T g), pre its incoming gradient; site 2's X in block2 is read inside the boundary op, so
-    # its post_res has no mailbox; the reference keeps autograd's adds
-    assert sorted(handovers) == ([["g_hin", "h_pre"], ["g_mix", "h_mix"]] if kernels == "triton" else [])
+    # post_res (site) hands over the gradient of its mix (coeffs computes H_res^T g), the boundary
+    # (block2) its dX (computed in its own second pass), pre its incoming gradient; site 2's X in
+    # block2 is read inside the boundary op, so its post_res has no mailbox; the reference keeps
+    # autograd's adds (autograd.grad of leaves: the engine cannot say whether coeffs runs, so pre
+    # computes its own dH_pre; with .backward() it leaves it to the coeffs dh kernel, "owe_dh")
+    want = [["g_hin", "h_pre"], ["g_mix", "h_mix"]] if form == "site" else [["g_add"], ["g_hin", "h_pre"]]
+    assert sorted(handovers) == (want if kernels == "triton" else [])
 
 
 def test_partial_pass_does_not_leak_into_the_next(handovers):
@@ -115,8 +119,36 @@ def test_no_handover_without_x_grad_or_for_other_streams(handovers):
     hp, ho, hr = torch.ops.mhc.coeffs(y, *p, 20, 1e-6, "mhc", "triton")
     other = y.detach().clone().requires_grad_()  # post_res on other streams: not this site's X
     torch.ops.mhc.post_res(other, torch.ops.mhc.pre(y, hp, "triton"), ho, hr, "triton").sum().backward()
-    assert handovers == [["g_hin", "h_pre"]]
+    assert handovers == [["g_hin", "h_pre", "owe_dh"]]
     assert other.grad is not None and y.grad is not None
+
+
+def test_grad_of_h_pre_itself_is_computed_by_pre(handovers):
+    """Asked for the gradient of H_pre (coeffs' output) and not of X or the parameters, the
+    coeffs backward does not run in the pass: pre computes dH_pre itself (perturbed parameters),
+    and in a full pass it leaves it to coeffs (engine_will_run, a private engine query: this
+    test is its canary)."""
+    x0 = torch.randn(T, N, C)
+    p = _params(8)
+    x = x0.clone().requires_grad_()
+    hp, ho, hr = torch.ops.mhc.coeffs(x, *p, 20, 1e-6, "mhc", "triton")
+    out = torch.ops.mhc.post_res(x, torch.tanh(torch.ops.mhc.pre(x, hp, "triton")), ho, hr, "triton")
+    g = torch.randn_like(out)
+    (ghp,) = torch.autograd.grad(out, [hp], g, retain_graph=True)
+    assert sorted(handovers) == [["g_hin", "h_pre"], ["g_mix", "h_mix"]]
+    xr = x0.clone().requires_grad_()
+    hpr, hor, hrr = (t.detach().requires_grad_() for t in reference.coeffs(xr, *p, iters=20, eps=1e-6))
+    ref = reference.post_res_mix(xr, torch.tanh(reference.pre_mix(xr, hpr)), hor, hrr)
+    (ghp_ref,) = torch.autograd.grad(ref, [hpr], g)
+    torch.testing.assert_close(ghp, ghp_ref, rtol=2e-4, atol=2e-4)
+    handovers.clear()
+    out.backward(g)
+    assert sorted(handovers) == [["g_hin", "h_pre", "owe_dh"], ["g_mix", "h_mix"]]
+    xr.grad = None
+    hp_r, ho_r, hr_r = reference.coeffs(xr, *[t.detach().requires_grad_() for t in p], iters=20, eps=1e-6)
+    ref = reference.post_res_mix(xr, torch.tanh(reference.pre_mix(xr, hp_r)), ho_r, hr_r)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=2e-4, atol=2e-4)
 
 
 def test_float64_gradcheck_through_the_site():

@@ -3,7 +3,7 @@
 Owns the tooling that proves the GPU launch configurations compile (Triton's bundled ptxas) and
 fit: :func:`compile_kernel` for any ``@triton.jit`` kernel, :func:`resources` (registers, spills,
 shared memory from ``cuobjdump``), and :func:`compile_coeffs` / :func:`compile_boundary`, which
-compile the three coeffs kernels and the boundary kernel with exactly the constexprs, warps and
+compile the three coeffs kernels, the boundary kernel and the boundary backward's mix kernel with exactly the constexprs, warps and
 stages their launchers use on CUDA (``coeffs.launch_config`` / ``boundary.launch_config`` with
 ``gpu=True``) and the 16-byte divisibility attributes a real launch at (T, n, C) has (pointers
 and the int arguments that are multiples of 16; an int equal to 1, which a launch would make a
@@ -20,7 +20,7 @@ from typing import Optional
 
 import triton
 
-from . import boundary, coeffs
+from . import boundary, boundary_bwd, coeffs
 
 
 def signature(fn, ptr_types: dict, scalars: dict, consts: dict) -> dict:
@@ -100,8 +100,9 @@ def compile_coeffs(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int 
     out = {}
     for fn, kconsts, ptrs in (
         (coeffs._coeffs_fwd_kernel, consts, {"x_ptr": xt}),
-        (coeffs._coeffs_bwd_dh_kernel, consts, {"x_ptr": xt}),
-        (coeffs._coeffs_bwd_x_kernel, dict(x_consts, GADD=True, GPRE=True, GMIX=True),
+        (coeffs._coeffs_bwd_dh_kernel, dict(coeffs.dh_consts(consts), GP=True, GHP=True, WRITE_HP=True),
+         {"x_ptr": xt, "ghin_ptr": xt}),
+        (coeffs._coeffs_bwd_x_kernel, dict(x_consts, GADD=True, GPRE=True, GMIX=True, GX=True),
          {"x_ptr": xt, "gx_ptr": xt, "gadd_ptr": xt, "ghin_ptr": xt, "gmix_ptr": xt}),
     ):
         kints = ints if fn is not coeffs._coeffs_bwd_x_kernel else _launch_ints(
@@ -121,4 +122,15 @@ def compile_boundary(n: int, dtype: str = "bf16", variant: str = "mhc", arch: in
     fn = boundary._boundary_fwd_kernel
     ints = _launch_ints(n, T, C, consts["BT"], consts["BC"])
     k = compile_kernel(fn, ptrs, {"eps": "fp32"}, dict(consts, WRITE_HIN=True, GHP=True), warps, stages, arch, ints)
-    return {fn.__name__: resources(k)}
+    out = {fn.__name__: resources(k)}
+    # the backward's second pass (dX' and site l's post_res backward), C split as a launch at (T, C)
+    blocks, mwarps = boundary_bwd.mix_config(n, gpu=True)
+    mconsts = dict(N=n, NP=consts["NP"], W=consts["W"], DOT_P=consts["DOT_P"], **blocks)
+    fn = boundary_bwd._boundary_bwd_mix_kernel
+    ptrs = {"x_ptr": xt, "hout_ptr": xt, "xn_ptr": xt, "gxn_ptr": xt, "ghin_ptr": xt, "gx_ptr": xt, "gho_ptr": xt}
+    tblocks = triton.cdiv(T, blocks["BT"])
+    cblocks = triton.cdiv(C, blocks["BC"])
+    chunk = triton.cdiv(cblocks, max(1, min(cblocks, triton.cdiv(2 * 132, tblocks), 8))) * blocks["BC"]
+    k = compile_kernel(fn, ptrs, {}, mconsts, mwarps, 3, arch, dict(ints, C_CHUNK=chunk))
+    out[fn.__name__] = resources(k)
+    return out

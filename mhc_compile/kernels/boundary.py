@@ -20,14 +20,10 @@ Bytes per token (element size e): reads X (nC e) + h_out (C e) once, writes X' (
 reads X' back (nC e), writes h_in (C e) and the coefficients ((2n + n^2) * 4). The unfused
 chain (post_res, coeffs, pre) moves (2n+1)C e + nC e + (n+1)C e.
 
-Backward (:func:`boundary_backward`), three launches plus post_res's backward:
-  1. this kernel again with WRITE_HIN=False, GHP=True: recompute X' (stored) and H_pre, and
-     accumulate the pre-mix's gradient of H_pre, sum_c g_h_in X', from the same chunks;
-  2. coeffs backward kernel 1 on X' (dh, on-chip Sinkhorn replay);
-  3. coeffs backward kernel 2 on X' with EXTRA: dX' = g_x_next + H_pre g_h_in + dp phi^T + s X'
-     summed in fp32 and written once in x's dtype, plus the gphi partials;
-  4. ``post_res_backward(dX', x, h_out, H_post, H_res)`` (kernels/post_res.py).
-  About 9 nC element moves per token instead of ~16 for the three unfused backwards.
+Backward (:func:`boundary_backward`), two passes over the streams (``kernels.boundary_bwd``):
+the coeffs dh kernel on the forward's saved X' (recomputed by this kernel with WRITE_HIN=False
+only when not given), then one kernel for dX' and site l's post_res backward; 5n + 4 units of
+C * e per token with X' saved (it is site l+1's X anyway).
 float64 inputs, and h_out in another dtype than x, are not run here: ``mhc_compile.ops`` sends
 them to the reference composition (forward and backward), so gradcheck runs through the same
 entry points; the wrappers refuse them.
@@ -43,8 +39,8 @@ import triton.language as tl
 from ._common import check_post_res_shapes, coeff_rows, on_gpu
 from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, logit_consts
 from .coeff_common import logit_layout, site_logits, store_coeffs
-from .coeffs import coeffs_backward
-from .post_res import post_res_backward
+from .boundary_bwd import post_res_pass
+from .coeffs import dh_pass, small_grads, x_pass
 
 Tensor = torch.Tensor
 
@@ -210,28 +206,32 @@ def boundary_backward(
     g_xn: Tensor, g_hp: Tensor, g_ho: Tensor, g_hr: Tensor, g_hin: Tensor,
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
     phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-    iters: int, eps: float, variant: str, write_gx: bool = True,
+    iters: int, eps: float, variant: str, x_next: Optional[Tensor] = None,
 ) -> tuple[Tensor, ...]:
     """(gx, gh_out, gh_post, gh_res, gphi, galpha, gb_pre, gb_post, gb_res), each shaped like its input.
 
-    Recomputes X' and H_pre (fused forward), then chains the pre, coeffs and post_res backward
-    kernels. Same dtypes as :func:`boundary_forward`. ``write_gx=False``: the first element is
-    dX' (T, n, C) instead of gx, and gx = H_res^T dX' is not computed (the caller adds it into
-    its own dX: ops' site mailbox).
+    ``x_next``: the forward's X' (saved; it is site l+1's X); None recomputes it (this kernel,
+    no h_in pass). Then two passes (``kernels.boundary_bwd``): the coeffs dh kernel on X' (with
+    the pre-mix's dH_pre and H_pre from the same pass), and one kernel for dX' (fp32, never
+    written) and site l's post_res backward. Same dtypes as :func:`boundary_forward`.
     """
-    _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
+    post_static, res_static = _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     T, n, C = x.shape
-    grads = (g_xn.reshape(T, n, C), g_hp.reshape(T, n), g_ho.reshape(T, n), g_hr.reshape(T, n, n), g_hin.reshape(T, C))
-    # recompute X' and H_pre (no h_in pass), and the pre-mix's gradient of H_pre on the way
-    xn, hp, _, _, _, ghp_pre = boundary_forward(
-        x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
-        write_h_in=False, g_h_in=grads[4],
+    params = (phi, alpha, b_pre, b_post, b_res)
+    if T == 0:
+        return (torch.zeros_like(x), torch.zeros_like(h_out), torch.zeros_like(h_post), torch.zeros_like(h_res),
+                *(torch.zeros_like(p) for p in params))
+    x, h_out = x.contiguous(), h_out.contiguous()
+    if x_next is None:
+        xn = boundary_forward(x, h_out, h_post, h_res, *params, iters, eps, variant, write_h_in=False)[0]
+    else:
+        xn = x_next.reshape(T, n, C).contiguous()
+    g_hin = g_hin.reshape(T, C).contiguous()
+    dh = dh_pass(g_hp.reshape(T, n), g_ho, g_hr, xn, params, iters, eps, variant, pre_grad=g_hin, want_hp=True)
+    hpost32, hres32 = as_f32(h_post, h_res)
+    gx, gho, ghp, ghr = post_res_pass(
+        x, h_out, hpost32, hres32, xn, dh.p32[0], dh.dp, dh.s, g_xn.reshape(T, n, C).contiguous(), g_hin, dh.hp,
+        post_static, res_static, dh.consts,
     )
-    # coeffs backward on X'; its gx kernel also adds dL/dX' and the pre-mix's h_pre * g_h_in,
-    # so the total dX' is summed in fp32 and written once, in x's dtype
-    gxn, gphi, galpha, gbp, gbo, gbr = coeffs_backward(
-        grads[1].float() + ghp_pre, grads[2], grads[3], xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
-        extra=(grads[0], grads[4], hp),
-    )
-    gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res, write_gx=write_gx)
-    return gx if write_gx else gxn, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
+    gphi = x_pass(dh, xn, None)  # X'^T dp: one more read of X' (see kernels.boundary_bwd)
+    return (gx, gho, ghp.to(h_post.dtype), ghr.to(h_res.dtype), *small_grads(dh, gphi, params))

@@ -1,8 +1,10 @@
 """The ``mhc::`` custom ops (torch.library): each op's implementation (picked by ``ops/dispatch.py``),
-fake (meta) implementation and autograd formula, which saves only the op's inputs and recomputes the
-rest in the backward (see the package docstring).
+fake (meta) implementation and autograd formula, which saves only the op's inputs (and the boundary's
+X', the next site's X) and recomputes the rest in the backward (see the package docstring).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -89,13 +91,13 @@ def _coeffs_bwd(ctx, g_pre, g_post, g_res):
     saved = ctx.saved_tensors  # once: checkpointing refuses a second unpack
     x = saved[0]
     n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
-    g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
     g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
     g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
     box = ctx.site
     if box is not None and box.pending():
-        grads = _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box, saved)
+        grads = _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box, saved)  # g_pre None: 0
     else:
+        g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
         grads = torch.ops.mhc.coeffs_backward(g_pre, g_post, g_res, *saved, *ctx.args)
     return (*grads, None, None, None, None)
 
@@ -148,8 +150,12 @@ def _pre_setup(ctx, inputs, output):
 def _pre_bwd(ctx, grad):
     x, h_pre = ctx.saved_tensors
     if ctx.site is not None and ctx.site.open():
-        # H_pre's gradient only (a mailbox means Triton); dX = H_pre * grad is added by the
-        # site's coeffs backward
+        # a mailbox means Triton: dX = H_pre * grad is added by the site's coeffs backward, and
+        # so is H_pre's gradient (from the dh kernel's pass over X) when that backward runs in
+        # this pass; else (a gradient of H_pre itself asked for) it is computed here
+        if ctx.site.coeffs_will_run():
+            ctx.site.add(g_hin=grad, h_pre=h_pre, owe_dh=True)
+            return None, None, None
         from ..kernels.pre import pre_backward
 
         _, gh = pre_backward(grad.reshape(-1, x.shape[-1]).contiguous(), _flat3(x), _flat_coeff(h_pre, 1), write_gx=False)
@@ -271,11 +277,12 @@ def _boundary_backward(
     g_x_next: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_h_in: Tensor,
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
     phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-    iters: int, eps: float, variant: str, kernels: str,
+    iters: int, eps: float, variant: str, kernels: str, x_next: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # x_next: the forward's X' (saved), so the Triton backward does not recompute it
     if _fused_triton(kernels, x, h_post, h_res, phi, alpha, b_pre, b_post, b_res) and h_out.dtype == x.dtype:
         return _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res,
-                                    phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+                                    phi, alpha, b_pre, b_post, b_res, iters, eps, variant, x_next=x_next)
     if h_out.dtype == x.dtype and (cpu := _cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
         return cpu.boundary_backward(
             g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant
@@ -287,7 +294,8 @@ def _boundary_backward(
 
 
 @_boundary_backward.register_fake
-def _(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels):
+def _(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels,
+      x_next=None):
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format)
         for t in (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
@@ -296,14 +304,15 @@ def _(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, phi, alph
 
 def _boundary_setup(ctx, inputs, output):
     *tensors, iters, eps, variant, kernels = inputs
-    ctx.save_for_backward(*tensors)  # inputs only: x_next and the coefficients are recomputed
+    # the inputs and X' (site l+1's X, saved by its consumers anyway): the coefficients are recomputed
+    ctx.save_for_backward(*tensors, output[0])
     ctx.args = (iters, eps, variant, kernels)
     ctx.set_materialize_grads(False)  # unused outputs come as None (filled below, laid out like x)
     ctx.site = site_of(tensors[0], h_post=tensors[2], h_res=tensors[3])  # site l's mailbox
 
 
 def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
-    saved = ctx.saved_tensors
+    *saved, x_next = ctx.saved_tensors
     x, h_out = saved[0], saved[1]
     cd, n = reference.compute_dtype(x.dtype), x.shape[-2]
     g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
@@ -312,14 +321,7 @@ def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
     g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
     g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
     site = ctx.site
-    if site is not None and site.g_mix is None and _fused_triton(ctx.args[3], x, *saved[2:]) \
-            and h_out.dtype == x.dtype and site.open():
-        # the boundary kernels' own rule: hand over dX'; site l's coeffs backward adds
-        # H_res^T dX' into its dX
-        gxn, *grads = _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args[:3], write_gx=False)
-        site.add(g_mix=gxn, h_mix=saved[3])
-        return (None, *grads, None, None, None, None)
-    grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args)
+    grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, x_next)
     if site is not None and site.open():
         site.add(g_add=grads[0])  # summed into site l's dX by its coeffs backward
         return (None, *grads[1:], None, None, None, None)

@@ -56,16 +56,18 @@ def _flat_coeff(h: Tensor, tail: int) -> Tensor:
 # writes the site's one dX (no autograd adds; Triton, eager, plain tensors: see site_grad).
 def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad, saved: tuple):
     """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
-    and post_res/boundary, summed in fp32 by the gx kernel and written once."""
+    and post_res/boundary, summed in fp32 by the gx kernel and written once, and pre's dH_pre
+    when pre left it to the dh kernel's pass over X (``g_pre`` None: no other gradient of H_pre)."""
     from ..kernels.coeffs import coeffs_backward
 
     x, phi, alpha, b_pre, b_post, b_res = saved
     iters, eps, variant, _ = ctx.args
-    g_add, g_hin, h_pre, g_mix, h_mix = box.take()
+    g_add, g_hin, h_pre, g_mix, h_mix, g_hpre = box.take()
     gx, *rest = coeffs_backward(
-        _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        None if g_pre is None else _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
         _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         extra=(g_add, g_hin, h_pre), mix=None if g_mix is None else (g_mix, h_mix),
+        pre_grad=None if g_hpre is None else g_hpre.reshape(-1, x.shape[-1]),
     )
     return (gx.reshape(x.shape), *rest)
 
@@ -83,16 +85,16 @@ def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -
 
 
 def _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, *rest,
-                         write_gx: bool = True) -> tuple:
+                         x_next=None) -> tuple:
     """The Triton boundary backward (``rest``: phi, alpha, b_pre, b_post, b_res, iters, eps,
-    variant), gradients shaped like the inputs; without write_gx the first is dX', not dX."""
+    variant), gradients shaped like the inputs; ``x_next``: the forward's X' (None: recomputed)."""
     from ..kernels.boundary import boundary_backward
 
     c = x.shape[-1]
     grads = boundary_backward(
         _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
         g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
-        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, write_gx=write_gx,
+        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, x_next=None if x_next is None else _flat3(x_next),
     )
     like = (x, h_out, h_post, h_res, *rest[:5])
     return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
