@@ -2,7 +2,8 @@
 
 A site's streams X feed three ops (coeffs, pre, post_res or the boundary into the next site).
 Instead of letting autograd sum their three dX with two separate adds, pre and post_res/boundary
-hand their part to the site's coeffs backward, which runs after both and writes one dX. This
+hand their part to the site's coeffs backward, which runs after both and writes one dX (a site
+whose coefficients a boundary computed: to that boundary's backward, as part of its dX'). This
 module owns the bookkeeping: which ops belong to one site (by identity of X and of the coeffs
 call's outputs), what was handed over in the running backward pass, and its reset when the pass
 ends (``_torch_internals.at_backward_end``). It knows nothing of kernels; ``ops`` does the math.
@@ -22,9 +23,10 @@ class SiteGrad:
     """The gradient mailbox of one coeffs call: X (weak), its H_pre/H_post/H_res (weak), and
     the dX parts handed over in the running backward pass."""
 
-    def __init__(self, x: Tensor, outs) -> None:
+    def __init__(self, x: Tensor, outs, takes_dh: bool = True) -> None:
         self.x = weakref.ref(x)
         self.outs = tuple(weakref.ref(o) for o in outs)
+        self.takes_dh = takes_dh  # False: a boundary's next site (its backward sums no pre's dH_pre)
         self.clear()
 
     def clear(self) -> None:
@@ -64,7 +66,7 @@ class SiteGrad:
         # the node runs when a node it feeds runs (or captures a gradient): asking about the node
         # itself would also say yes when only its output's gradient is captured (autograd.grad
         # of H_pre), which does not run it
-        out = self.outs[0]()
+        out = self.outs[0]() if self.takes_dh else None
         node = None if out is None else out.grad_fn
         return node is not None and any(engine_will_run(f) for f, _ in node.next_functions if f is not None)
 

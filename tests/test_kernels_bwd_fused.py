@@ -129,3 +129,27 @@ def test_boundary_op_saves_x_next_and_does_not_recompute(monkeypatch):
     _, want = _ref_boundary(inputs, grads, torch.float64)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("n,dtype", [(1, torch.float32), (3, torch.bfloat16), (4, torch.float16), (8, torch.float32)],
+                         ids=str)
+def test_boundary_backward_with_next_mix(n, dtype):
+    """``mix = (g, H)``: dX' gets H^T g (the next site's post_res mix, never written as a dX')
+    instead of a given g_x_next; equal to the reference fed g_x_next = H^T g."""
+    from mhc_compile.kernels.boundary import boundary_backward, boundary_forward
+
+    T, C = SHAPES[n]
+    inputs = _boundary_inputs(T, n, C, dtype, False, 30 * n + 1)
+    gen = torch.Generator().manual_seed(n + 70)
+    g_mix = torch.randn(T, n, C, generator=gen).to(dtype)
+    h_mix = torch.rand(T, n, n, generator=gen)
+    small = [torch.randn(s, generator=gen) for s in ((T, n), (T, n), (T, n, n))]
+    g_hin = torch.randn(T, C, generator=gen).to(dtype)
+    x_next = boundary_forward(*inputs, 20, 1e-6, "mhc")[0]
+    got = boundary_backward(None, *small, g_hin, *inputs, 20, 1e-6, "mhc", x_next=x_next, mix=(g_mix, h_mix))
+    g_xn = torch.einsum("tri,trc->tic", h_mix.double(), g_mix.double())
+    _, want64 = _ref_boundary(inputs, [g_xn, *small, g_hin], torch.float64)
+    _, wantnat = _ref_boundary(inputs, [g_xn.to(dtype), *small, g_hin], None)
+    names = ("x", "h_out", "h_post", "h_res", "phi", "alpha", "b_pre", "b_post", "b_res")
+    for name, a, b, c in zip(names, got, want64, wantnat):
+        _check(name, a, b, c, LOWP_TOL[dtype])

@@ -75,11 +75,13 @@ def test_grads_equal_reference_autograd(kernels, form, handovers):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
     # post_res (site) hands over the gradient of its mix (coeffs computes H_res^T g), the boundary
-    # (block2) its dX (computed in its own second pass), pre its incoming gradient; site 2's X in
-    # block2 is read inside the boundary op, so its post_res has no mailbox; the reference keeps
-    # autograd's adds (autograd.grad of leaves: the engine cannot say whether coeffs runs, so pre
-    # computes its own dH_pre; with .backward() it leaves it to the coeffs dh kernel, "owe_dh")
-    want = [["g_hin", "h_pre"], ["g_mix", "h_mix"]] if form == "site" else [["g_add"], ["g_hin", "h_pre"]]
+    # (block2) its dX (computed in its own second pass), pre its incoming gradient; in block2 site
+    # 2's post_res hands its mix's gradient to the boundary (whose backward adds H_res^T g to dX');
+    # the reference keeps autograd's adds (autograd.grad of leaves: the engine cannot say whether
+    # coeffs runs, so pre computes its own dH_pre; with .backward() it leaves it to the coeffs dh
+    # kernel, "owe_dh")
+    want = [["g_hin", "h_pre"], ["g_mix", "h_mix"]]
+    want = want if form == "site" else [["g_add"], *want]
     assert sorted(handovers) == (want if kernels == "triton" else [])
 
 
@@ -109,6 +111,37 @@ def test_retained_graph_twice_gives_the_same_grads():
     second = torch.autograd.grad(out, [x, *p], g)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_boundary_next_site_mailbox_with_other_consumers(handovers):
+    """Site 2's X (the boundary's X') feeds its post_res (hands over its mix's gradient), a
+    separate pre on the boundary's H_pre (hands over g_hin, computes its own dH_pre) and a plain
+    torch op (autograd's gradient): all reach dX' once; gradients equal the reference."""
+    x0 = torch.randn(T, N, C)
+    p, q = _params(9), _params(10)
+    g = torch.randn(T, N, C)
+
+    def run(k):
+        x = x0.clone().requires_grad_()
+        if k == "ref":
+            hp, ho, hr = reference.coeffs(x, *p, iters=20, eps=1e-6)
+            x1 = reference.post_res_mix(x, torch.tanh(reference.pre_mix(x, hp)), ho, hr)
+            hp2, ho2, hr2 = reference.coeffs(x1, *q, iters=20, eps=1e-6)
+            h2, extra = reference.pre_mix(x1, hp2), reference.pre_mix(x1, hp2)
+        else:
+            hp, ho, hr = torch.ops.mhc.coeffs(x, *p, 20, 1e-6, "mhc", k)
+            h = torch.ops.mhc.pre(x, hp, k)
+            x1, hp2, ho2, hr2, h2 = torch.ops.mhc.boundary(x, torch.tanh(h), ho, hr, *q, 20, 1e-6, "mhc", k)
+            extra = torch.ops.mhc.pre(x1, hp2, k)
+        out = reference.post_res_mix(x1, torch.sin(h2), ho2, hr2) if k == "ref" else \
+            torch.ops.mhc.post_res(x1, torch.sin(h2), ho2, hr2, k)
+        loss = (out * g).sum() + extra.square().sum() + 0.5 * x1.square().sum()
+        return torch.autograd.grad(loss, [x, *p, *q])
+
+    got, want = run("triton"), run("ref")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+    assert ["g_mix", "h_mix"] in handovers and ["g_hin", "h_pre"] in handovers
 
 
 def test_no_handover_without_x_grad_or_for_other_streams(handovers):

@@ -125,9 +125,10 @@ def compile_boundary(n: int, dtype: str = "bf16", variant: str = "mhc", arch: in
     out = {fn.__name__: resources(k)}
     # the backward's second pass (dX' and site l's post_res backward), C split as a launch at (T, C)
     blocks, mwarps = boundary_bwd.mix_config(n, gpu=True)
-    mconsts = dict(N=n, NP=consts["NP"], W=consts["W"], DOT_P=consts["DOT_P"], **blocks)
+    mconsts = dict(N=n, NP=consts["NP"], W=consts["W"], DOT_P=consts["DOT_P"], GADD=True, GMIX=True, **blocks)
     fn = boundary_bwd._boundary_bwd_mix_kernel
-    ptrs = {"x_ptr": xt, "hout_ptr": xt, "xn_ptr": xt, "gxn_ptr": xt, "ghin_ptr": xt, "gx_ptr": xt, "gho_ptr": xt}
+    ptrs = {"x_ptr": xt, "hout_ptr": xt, "xn_ptr": xt, "gxn_ptr": xt, "ghin_ptr": xt, "gmix_ptr": xt, "gx_ptr": xt,
+            "gho_ptr": xt}
     tblocks = triton.cdiv(T, blocks["BT"])
     cblocks = triton.cdiv(C, blocks["BC"])
     chunk = triton.cdiv(cblocks, max(1, min(cblocks, triton.cdiv(2 * 132, tblocks), 8))) * blocks["BC"]

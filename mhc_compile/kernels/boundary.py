@@ -207,6 +207,7 @@ def boundary_backward(
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
     phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
     iters: int, eps: float, variant: str, x_next: Optional[Tensor] = None,
+    mix: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, ...]:
     """(gx, gh_out, gh_post, gh_res, gphi, galpha, gb_pre, gb_post, gb_res), each shaped like its input.
 
@@ -214,6 +215,8 @@ def boundary_backward(
     no h_in pass). Then two passes (``kernels.boundary_bwd``): the coeffs dh kernel on X' (with
     the pre-mix's dH_pre and H_pre from the same pass), and one kernel for dX' (fp32, never
     written) and site l's post_res backward. Same dtypes as :func:`boundary_forward`.
+    ``g_xn`` None: 0; ``mix = (g (T, n, C), h_res (T, n, n))`` adds ``H_res^T g`` to dX' (the
+    next post_res mix's dX' from its incoming gradient: ops' site mailbox).
     """
     post_static, res_static = _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     T, n, C = x.shape
@@ -230,8 +233,9 @@ def boundary_backward(
     dh = dh_pass(g_hp.reshape(T, n), g_ho, g_hr, xn, params, iters, eps, variant, pre_grad=g_hin, want_hp=True)
     hpost32, hres32 = as_f32(h_post, h_res)
     gx, gho, ghp, ghr = post_res_pass(
-        x, h_out, hpost32, hres32, xn, dh.p32[0], dh.dp, dh.s, g_xn.reshape(T, n, C).contiguous(), g_hin, dh.hp,
-        post_static, res_static, dh.consts,
+        x, h_out, hpost32, hres32, xn, dh.p32[0], dh.dp, dh.s, None if g_xn is None else g_xn.reshape(T, n, C).contiguous(),
+        g_hin, dh.hp, post_static, res_static, dh.consts,
+        None if mix is None else (mix[0].reshape(T, n, C).contiguous(), as_f32(mix[1].reshape(T, n, n))[0]),
     )
     gphi = x_pass(dh, xn, None)  # X'^T dp: one more read of X' (see kernels.boundary_bwd)
     return (gx, gho, ghp.to(h_post.dtype), ghr.to(h_res.dtype), *small_grads(dh, gphi, params))

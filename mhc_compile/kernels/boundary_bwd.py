@@ -19,6 +19,8 @@ against 9n + 8 for recompute + dh + gx + post_res backward.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -32,12 +34,15 @@ Tensor = torch.Tensor
 @triton.jit
 def _boundary_bwd_mix_kernel(
     x_ptr, hout_ptr, hpost_ptr, hres_ptr,
-    xn_ptr, phi_ptr, dp_ptr, s_ptr, gxn_ptr, ghin_ptr, hp_ptr,
+    xn_ptr, phi_ptr, dp_ptr, s_ptr, gxn_ptr, ghin_ptr, hp_ptr, gmix_ptr, hmix_ptr,
     gx_ptr, gho_ptr, ghp_part_ptr, ghr_part_ptr,
     T, C, J, C_CHUNK, stride_post, stride_res,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    DOT_P: tl.constexpr,
+    DOT_P: tl.constexpr, GADD: tl.constexpr, GMIX: tl.constexpr,
 ):
+    """GADD: add g_x_next (the gradient of X' from its consumers); GMIX: add H_mix^T g_mix, the
+    dX' of site l+1's post_res mix from its incoming gradient (ops' site mailbox: that post_res's
+    backward writes no dX'), g_mix read once, H_mix (T, N, N) fp32."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     t = pid_t * BT + tl.arange(0, BT)
@@ -55,6 +60,9 @@ def _boundary_bwd_mix_kernel(
     hpost = tl.load(hpost_ptr + t64[:, None] * stride_post + i[None, :], mask=mi, other=0.0)
     hres = tl.load(hres_ptr + t64[:, None, None] * stride_res + i[None, :, None] * N + i[None, None, :],
                    mask=mi[:, :, None] & vec[None, None, :], other=0.0)
+    if GMIX:
+        hmix = tl.load(hmix_ptr + t64[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :],
+                       mask=mi[:, :, None] & vec[None, None, :], other=0.0)
     ghp = tl.zeros((BT, NP), dtype=tl.float32)
     ghr = tl.zeros((BT, NP, NP), dtype=tl.float32)
     c_lo = pid_s * C_CHUNK
@@ -70,7 +78,13 @@ def _boundary_bwd_mix_kernel(
                       mask=jvalid[:, None, None] & (vec[:, None] & cm[None, :])[None, :, :], other=0.0)
         g3 = tl.reshape(tl.dot(dp, tl.reshape(phT, (W, NP * BC)), input_precision=DOT_P), (BT, NP, BC))
         g3 += s[:, None, None] * tl.load(xn_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
-        g3 += tl.load(gxn_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
+        if GADD:
+            g3 += tl.load(gxn_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
+        if GMIX:
+            for r in tl.static_range(N):
+                gm_r = tl.load(gmix_ptr + (t64[:, None] * N + r) * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+                hm_r = tl.sum(tl.where(i[None, :, None] == r, hmix, 0.0), axis=1)  # H_mix[t, r, :]
+                g3 += hm_r[:, :, None] * gm_r[:, None, :]
         gh = tl.load(ghin_ptr + t64[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
         g3 += hp[:, :, None] * gh[:, None, :]
         # ---- site l's post_res backward from dX'
@@ -105,10 +119,13 @@ def mix_config(n: int, gpu: bool) -> tuple[dict, int]:
 
 def post_res_pass(
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, xn: Tensor, phi32: Tensor,
-    dp: Tensor, s: Tensor, g_xn: Tensor, g_hin: Tensor, hp: Tensor, post_static: bool, res_static: bool,
-    consts: dict,
+    dp: Tensor, s: Tensor, g_xn: Optional[Tensor], g_hin: Tensor, hp: Tensor, post_static: bool, res_static: bool,
+    consts: dict, mix: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, ...]:
     """Launch pass 2: (gx, gh_out, gh_post, gh_res) of site l (fp32 coefficient gradients).
+
+    ``g_xn`` (None: 0) and ``mix = (g_mix (T, n, C), h_mix (T, n, n) fp32)``: the parts of dX'
+    beyond site l+1's own coefficients and pre-mix (see the kernel's GADD, GMIX).
 
     ``consts``: the dh kernel's logit constexprs (N, NP, W, DOT_P used). All inputs contiguous
     (T, n, C) / (T, C) / fp32 coefficients (one row when static). Grid (token blocks, C splits):
@@ -128,10 +145,12 @@ def post_res_pass(
     splits = triton.cdiv(C, chunk)
     ghp_part = torch.empty((splits, T, n), dtype=torch.float32, device=dev)
     ghr_part = torch.empty((splits, T, n, n), dtype=torch.float32, device=dev)
+    g_mix, h_mix = (s, s) if mix is None else mix  # s: an unread dummy
     _boundary_bwd_mix_kernel[(tblocks, splits)](
-        x, h_out, h_post, h_res, xn, phi32, dp, s, g_xn, g_hin, hp, gx, gho, ghp_part, ghr_part,
-        T, C, J, chunk, 0 if post_static else n, 0 if res_static else n * n,
-        N=n, NP=consts["NP"], W=consts["W"], DOT_P=consts["DOT_P"], **blocks, num_warps=warps,
+        x, h_out, h_post, h_res, xn, phi32, dp, s, s if g_xn is None else g_xn, g_hin, hp, g_mix, h_mix,
+        gx, gho, ghp_part, ghr_part, T, C, J, chunk, 0 if post_static else n, 0 if res_static else n * n,
+        N=n, NP=consts["NP"], W=consts["W"], DOT_P=consts["DOT_P"], **blocks,
+        GADD=g_xn is not None, GMIX=mix is not None, num_warps=warps,
     )
     gh_post = (ghp_part[0] if splits == 1 else ghp_part.sum(0))
     gh_res = (ghr_part[0] if splits == 1 else ghr_part.sum(0))

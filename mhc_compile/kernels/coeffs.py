@@ -17,21 +17,25 @@ Kernels and grids (T tokens, BT = BLOCK_T):
     forward   grid (cdiv(T, BT),): one pass over x in BLOCK_K chunks of the flat nC axis,
               fp32 ``tl.dot`` (BT, BK) x (BK, W) plus the sum of squares, then the
               epilogue in registers; writes H_pre, H_post, H_res.
-    backward  kernel 1, grid (cdiv(T, BT),): the same pass over x (recompute r and p), then
+    backward  kernel 1 (dh), grid (cdiv(T, BT),): the same projection over x, in (BT, NP, BC)
+              channel chunks of every stream (recompute r and p) and, with GHP, the pre-mix's
+              dH_pre = sum_c g_hin x from the same chunks (so pre's backward reads no x), then
               the activations' backward and Sinkhorn's backward replayed on chip: for each
               iteration k from last to first, the iterate M_k is recomputed from M_0 by k
               forward iterations (O(iters^2) tiny n x n steps per token, no storage), then
               reverse-mode through column- and row-normalisation. Writes dp = dh / r (T, W)
-              fp32, the per-token RMS term s = -<dh, h> / (K r^2), and per-block partial sums
-              of galpha and the bias gradients (summed over blocks in torch).
-              kernel 2, grid (cdiv(C, BC), S): gx = dp . phi^T + s * x over chunks of BC
+              fp32, the per-token RMS term s = -<dh, h> / (K r^2), per-block partial sums
+              of galpha and the bias gradients (summed over blocks in torch), and with
+              WRITE_HP the recomputed H_pre.
+              kernel 2 (gx), grid (cdiv(C, BC), S): gx = dp . phi^T + s * x over chunks of BC
               channels of every stream (the flat columns i * C + c), plus the dX of the
               streams' other consumers (pre-mix, post_res mix, a given dX) summed in fp32, and
               gphi partials x^T dp over S token splits (summed in torch; deterministic, no
-              atomics).
+              atomics); GX=False: gphi only (the boundary backward's, kernels.boundary_bwd).
 Bytes per token (x element size e): forward reads n*C*e, writes (2n + n^2)*4. Backward reads
-x twice (2 n*C*e), writes gx (n*C*e), plus ~(2W + 1)*4 of dp scratch. phi is re-read per
-block from L2.
+x twice (2 n*C*e) and g_hin once per pass that takes it, writes gx (n*C*e), plus ~(2W + 1)*4
+of dp scratch. phi is re-read per block from L2. The backward is the least two passes allow:
+dlogits needs full-row reductions over x (r, p, dH_pre), and gx needs dlogits.
 
 float64 inputs are not run by these kernels: ``mhc_compile.ops`` sends them to the reference
 (``reference.coeffs_backward`` for the backward), so gradcheck still works through

@@ -309,23 +309,49 @@ def _boundary_setup(ctx, inputs, output):
     ctx.args = (iters, eps, variant, kernels)
     ctx.set_materialize_grads(False)  # unused outputs come as None (filled below, laid out like x)
     ctx.site = site_of(tensors[0], h_post=tensors[2], h_res=tensors[3])  # site l's mailbox
+    ctx.site_next = None  # site l+1's: its post_res hands over its mix's gradient instead of writing dX'
+    if _fused_triton(kernels, *tensors[:1], *tensors[2:]) and tensors[1].dtype == tensors[0].dtype \
+            and any(eager_needs_grad(t) for t in tensors) and all(type(o) is torch.Tensor for o in output):
+        ctx.site_next = SiteGrad(output[0], output[1:4], takes_dh=False)
+        for o in output[1:4]:
+            o._mhc_site_grad = ctx.site_next
 
 
 def _boundary_bwd(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
     *saved, x_next = ctx.saved_tensors
     x, h_out = saved[0], saved[1]
     cd, n = reference.compute_dtype(x.dtype), x.shape[-2]
-    g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
+    nxt = ctx.site_next
+    if nxt is not None and nxt.pending():  # a mailbox means Triton
+        g_x_next = _boundary_next_site_grad(g_x_next, nxt)
+        mix = (nxt.g_mix, nxt.h_mix) if nxt.g_mix is not None else None
+        nxt.take()
+    else:
+        mix = None
+    g_x_next = torch.zeros_like(x) if g_x_next is None and mix is None else g_x_next
     g_pre = token_zeros(x, (n,), cd) if g_pre is None else g_pre
     g_post = token_zeros(x, (n,), cd) if g_post is None else g_post
     g_res = token_zeros(x, (n, n), cd) if g_res is None else g_res
     g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
     site = ctx.site
-    grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, x_next)
+    if mix is not None:  # straight to the kernels: the op's schema has no mix, nor an absent g_x_next
+        grads = _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args[:3], x_next=x_next, mix=mix)
+    else:
+        grads = torch.ops.mhc.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, x_next)
     if site is not None and site.open():
         site.add(g_add=grads[0])  # summed into site l's dX by its coeffs backward
         return (None, *grads[1:], None, None, None, None)
     return (*grads, None, None, None, None)
+
+
+def _boundary_next_site_grad(g_x_next, box: SiteGrad):
+    """The gradient of X' from the consumers of site l+1 that handed theirs to its mailbox but the
+    post_res mix (passed to the kernel as ``mix``): a dX' (g_add) and a separate pre-mix's
+    H_pre * g_hin (that pre computed its own dH_pre: ``takes_dh`` is False), summed with autograd's."""
+    parts = [g for g in (g_x_next, box.g_add) if g is not None]
+    if box.g_hin is not None:
+        parts.append(box.h_pre.to(box.g_hin.dtype).unsqueeze(-1) * box.g_hin.unsqueeze(-2))
+    return None if not parts else sum(parts[1:], parts[0])
 
 
 _boundary.register_autograd(_boundary_bwd, setup_context=_boundary_setup)

@@ -85,16 +85,18 @@ def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -
 
 
 def _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, *rest,
-                         x_next=None) -> tuple:
+                         x_next=None, mix=None) -> tuple:
     """The Triton boundary backward (``rest``: phi, alpha, b_pre, b_post, b_res, iters, eps,
-    variant), gradients shaped like the inputs; ``x_next``: the forward's X' (None: recomputed)."""
+    variant), gradients shaped like the inputs; ``x_next``: the forward's X' (None: recomputed);
+    ``g_x_next`` None: 0; ``mix``: (g, H_res) of the next site's post_res mix (see the kernel)."""
     from ..kernels.boundary import boundary_backward
 
     c = x.shape[-1]
     grads = boundary_backward(
-        _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        None if g_x_next is None else _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
         g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
         _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, x_next=None if x_next is None else _flat3(x_next),
+        mix=None if mix is None else (_flat3(mix[0]), mix[1]),
     )
     like = (x, h_out, h_post, h_res, *rest[:5])
     return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))
