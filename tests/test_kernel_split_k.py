@@ -9,6 +9,7 @@ masked), static and per-token coefficients, fp32 and fp16: the coeffs forward
 (``_coeffs_part_kernel``), the boundary forward with its h_in pass spread over the S finish
 programs, and the boundary's backward recompute (``write_h_in=False``, the sum_c g_h_in X'
 partials). The grids the GPU picks at T = 8 and 256 are asserted in tests/test_kernel_aot.py.
+Also the two-MMA tf32 split of the projection for 16-bit x (``coeff_common.dot_acc``).
 """
 import pytest
 import torch
@@ -64,3 +65,26 @@ def test_coeffs_split_k_matches_float64_reference(T, n, C, dtype, variant, stati
     whole = coeffs_forward(x, *params, 20, 1e-6, variant, splits=1)
     for a, b in zip(out, whole):  # the same math; only the fp32 summation order differs
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,splits", [(torch.float16, 1), (torch.bfloat16, 2)])
+def test_two_mma_tf32_split_of_16bit_x(monkeypatch, dtype, splits):
+    """With the GPU's DOT_P = "tf32x3", 16-bit x takes ``coeff_common.dot_acc``'s two-MMA split
+    x hi(phi) + x (phi - hi(phi)) in both forward kernels. The interpreter ignores the precision, so
+    this proves the split's algebra and that the kernels trace it: the outputs still match the
+    reference in float64."""
+    monkeypatch.setenv("MHC_DOT_PRECISION", "tf32x3")
+    T, n, C = 5, 3, 37
+    inputs = make_inputs(T, n, C, dtype)
+    assert boundary.launch_config(n, C, "mhc", gpu=False)[0]["DOT_P"] == "tf32x3"
+    out = boundary_forward(*inputs, 20, 1e-6, "mhc", splits=splits)
+    o64, _ = reference(inputs, out_grads(T, n, C, dtype), 20, "mhc", torch.float64)
+    onat, _ = reference(inputs, out_grads(T, n, C, dtype), 20, "mhc", None)
+    for name, a, b, c in zip(NAMES_OUT, out, o64, onat):
+        assert_close(name, a, b, c, LOWP_TOL[dtype] if name in ("x_next", "h_in") else TOL)
+    x, params = inputs[0], inputs[4:]
+    got = coeffs_forward(x, *params, 20, 1e-6, "mhc", splits=splits)
+    c64 = R.coeffs(x.double(), *(p.double() for p in params), iters=20, eps=1e-6, variant="mhc", dynamic=True)
+    cnat = R.coeffs(x.float(), *params, iters=20, eps=1e-6, variant="mhc", dynamic=True)
+    for name, a, b, c in zip(("h_pre", "h_post", "h_res"), got, c64, cnat):
+        assert_close(name, a, b, c, TOL)

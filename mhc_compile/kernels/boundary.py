@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_post_res_shapes, coeff_rows, num_sms, on_gpu, reduction_splits
-from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, logit_consts
+from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, dot_acc, logit_consts
 from .coeff_common import logit_layout, site_logits, store_coeffs
 from .coeffs import coeffs_backward
 from .post_res import post_res_backward
@@ -111,7 +111,8 @@ def _boundary_fwd_kernel(
         kmask = vec[:, None] & cm[None, :]
         ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
                      mask=kmask[:, :, None] & jvalid[None, None, :], other=0.0)
-        acc += tl.dot(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), input_precision=DOT_P)
+        acc = dot_acc(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), acc,
+                      xn_ptr.dtype.element_ty.primitive_bitwidth == 16, DOT_P)
 
     if SPLIT:
         store_partials(accp_ptr, ssp_ptr, acc, sumsq, t64, tm, T, W)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._common import num_sms, on_gpu, reduction_splits
-from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, logit_consts
+from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, dot_acc, logit_consts
 from .coeff_common import logit_layout, merge_tile, site_logits, sinkhorn_bwd, store_coeffs, stream_masks
 from .split_k import _finish_kernel, finish_config, store_partials
 
@@ -80,7 +80,7 @@ def _project_range(x_ptr, phi_ptr, t, tm, k_lo, k_hi, K, J,
         ph = tl.load(phi_ptr + k.to(tl.int64)[:, None] * J + jcol[None, :],
                      mask=km[:, None] & jvalid[None, :], other=0.0)
         sumsq += tl.sum(xt * xt, axis=1)
-        acc += tl.dot(xt, ph, input_precision=DOT_P)
+        acc = dot_acc(xt, ph, acc, x_ptr.dtype.element_ty.primitive_bitwidth == 16, DOT_P)
     return acc, sumsq
 
 
