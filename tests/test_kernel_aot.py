@@ -11,9 +11,9 @@ spills and shared memory with cuobjdump and counts wgmma instructions in the PTX
 T = 16384, 256 and a decode T = 8 (T then loses its divisibility); the boundary's projection on
 wgmma with >= 2 CTAs per SM (registers x threads and shared memory against an SM's 64 K
 registers and 228 KiB); at T <= 256 the coeffs forward and the boundary launch >= 64 CTAs
-(split-K, for the 132 SMs of an H100 / H200). Skipped unless triton's NVIDIA backend and its
-CUDA tools are importable. Each case runs in a subprocess (the test process may have
-TRITON_INTERPRET=1) and takes ~15-30 s on one core.
+(split-K, for the 132 SMs of an H100 / H200), the boundary's finish (h_in) kernel >= 16.
+Skipped unless triton's NVIDIA backend and its CUDA tools are importable. Each case runs in a
+subprocess (the test process may have TRITON_INTERPRET=1) and takes ~15-30 s on one core.
 """
 import json
 import os
@@ -71,7 +71,7 @@ def test_sm90_no_spills(n, dtype, T, which):
     b = res["_boundary_fwd_kernel"]
     assert b["wgmma"] > 0 and b["ctas_per_sm"] >= 2, b
     if decode:  # split-K fills the GPU at decode shapes
-        assert b["grid_ctas"] >= 64 and res["_finish_kernel(boundary)"]["grid_ctas"] >= 64, res
+        assert b["grid_ctas"] >= 64 and res["_finish_kernel(boundary)"]["grid_ctas"] >= 16, res
         if which == "all":
             assert res["_coeffs_part_kernel"]["grid_ctas"] >= 64, res
     print(json.dumps(res))

@@ -16,7 +16,7 @@ import torch
 
 from mhc_compile import ops, reference
 from mhc_compile.config import KERNELS
-from mhc_compile.kernels import _common, boundary, coeffs, post_res, pre
+from mhc_compile.kernels import _common, boundary, coeffs, post_res, pre, split_k
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -122,7 +122,9 @@ def test_split_k_gpu_launch_arguments(gpu_launches, n):
     launches = gpu_launches["_boundary_fwd_kernel"].check()
     assert S > 1 and [(g, kw["SPLIT"]) for g, _, kw in launches] == [((tb, S), True)] * 2
     fin = gpu_launches["_finish_kernel(boundary)"].check()
-    assert [(g, kw["HIN"], kw["GHP"]) for g, _, kw in fin] == [((1, S), True, False), ((1, 1), False, True)]
+    fconsts, _ = split_k.finish_config(n, "mhc", True, bconsts["BC"])
+    ftb, fs, _ = boundary.hin_grid(T, C, fconsts, sms)
+    assert fs > 1 and [(g, kw["HIN"], kw["GHP"]) for g, _, kw in fin] == [((ftb, fs), True, False), ((ftb, 1), False, True)]
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -158,7 +158,8 @@ def compile_boundary(n: int, dtype: str = "bf16", variant: str = "mhc", arch: in
     out = {fn.__name__: resources(k, (tblocks, S))}
     if S > 1:
         fconsts, fwarps = split_k.finish_config(n, variant, True, consts["BC"])
+        ftb, fs, hsplit = boundary.hin_grid(T, C, fconsts, SM90["sms"])
         k = compile_kernel(split_k._finish_kernel, {"xn_ptr": xt, "hin_ptr": xt}, {"eps": "fp32"},
-                           dict(fconsts, GHP=True, HIN=True), fwarps, 3, arch, dict(ints, S=S))
-        out["_finish_kernel(boundary)"] = resources(k, (triton.cdiv(T, fconsts["BT"]), S))
+                           dict(fconsts, GHP=True, HIN=True), fwarps, 3, arch, dict(ints, S=S, CSPLIT=hsplit))
+        out["_finish_kernel(boundary)"] = resources(k, (ftb, fs))
     return out

@@ -167,6 +167,15 @@ def launch_grid(T: int, C: int, consts: dict, sms: int, splits: Optional[int] = 
     return tblocks, s, per * consts["BC"]
 
 
+def hin_grid(T: int, C: int, fconsts: dict, sms: int, splits: Optional[int] = None) -> tuple[int, int, int]:
+    """(token blocks, programs per block, channels each) of the split-K finish kernel with its h_in
+    pass (``fconsts``: ``split_k.finish_config``'s). Every program re-sums its block's S partials,
+    so the blocks get at most 16 programs each (the partials' L2 re-reads grow with S x programs)."""
+    tblocks = triton.cdiv(T, fconsts["BT"])
+    s, per = reduction_splits(tblocks, triton.cdiv(C, fconsts["BC"]), sms, splits, max_splits=16)
+    return tblocks, s, per * fconsts["BC"]
+
+
 def _check(x, h_out, h_post, h_res, phi, *params) -> tuple[bool, bool]:
     check_post_res_shapes(x, h_out, h_post, h_res)
     T, n, C = x.shape
@@ -225,9 +234,10 @@ def boundary_forward(
     )
     if S > 1:
         fconsts, fwarps = finish_config(n, variant, gpu, consts["BC"])
-        _finish_kernel[(triton.cdiv(T, fconsts["BT"]), S if write_h_in else 1)](
+        ftb, fs, hsplit = hin_grid(T, C, fconsts, num_sms(dev) if gpu else 0, splits)
+        _finish_kernel[(ftb, fs if write_h_in else 1)](
             accp, ssp, ghpp, alpha, b_pre, b_post, b_res, *out[1:4], hgp, out[0], out[4],
-            T, C, n * C, S, csplit, float(eps), int(iters),
+            T, C, n * C, S, hsplit, float(eps), int(iters),
             **fconsts, GHP=ghp is not None, HIN=bool(write_h_in), num_warps=fwarps,
         )
     return out if ghp is None else (*out, ghp)
