@@ -435,7 +435,7 @@ def format_table(rows: list[dict]) -> str:
 
 def format_markdown(rows: list[dict], meta: dict) -> str:
     head = [c for c, _ in COLUMNS]
-    lines = [f"Device: {meta['device']}; copy bandwidth {meta['copy_gbps']:.0f} GB/s; T={meta['tokens']}, "
+    lines = [f"Device: {meta['device']}; copy bandwidth {meta['copy_gbps']:.0f} GB/s; T={meta['tokens']} (column T per row), "
              f"dtype {meta['dtype']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
