@@ -35,6 +35,21 @@ def logit_layout(n: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def dot_acc(a, b, acc, A16: tl.constexpr, DOT_P: tl.constexpr):
+    """acc + a @ b, fp32 operands and accumulator, at precision DOT_P. ``A16``: a holds values of
+    a 16-bit float (x or X' upcast), exact in tf32, so tf32x3's a_lo * b_hi product is zero: with
+    DOT_P = "tf32x3" this takes two tf32 MMAs instead, a * hi(b) + a * (b - hi(b)), hi(b) = b
+    rounded to tf32 (10 mantissa bits; the MMA drops the lower bits of b - hi(b), an error below
+    2^-22 |b|, as tf32x3's). One wgmma of three saved per chunk, and the registers of a's split."""
+    if A16:
+        if DOT_P == "tf32x3":
+            hi = ((b.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(a, hi, acc, input_precision="tf32")
+            return tl.dot(a, b - hi, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision=DOT_P)
+
+
+@triton.jit
 def colmap(N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr):
     """phi column feeding each of the W tile columns, and whether it is a real logit."""
     col = tl.arange(0, W)

@@ -49,9 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_sms, on_gpu
-from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, logit_consts
+from ._common import num_sms, on_gpu, reduction_splits
+from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, dot_acc, logit_consts
 from .coeff_common import logit_layout, merge_tile, site_logits, sinkhorn_bwd, store_coeffs, stream_masks
+from .split_k import _finish_kernel, finish_config, store_partials
 
 Tensor = torch.Tensor
 
@@ -62,11 +63,20 @@ def _project(x_ptr, phi_ptr, t, tm, K, J,
              N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
              DOT_P: tl.constexpr):
     """One pass over the flat (BT, K) rows of x: fp32 projection tile (BT, W) and sum of squares."""
+    return _project_range(x_ptr, phi_ptr, t, tm, 0, K, K, J, N, NP, W, BT, BK, DOT_P)
+
+
+@triton.jit
+def _project_range(x_ptr, phi_ptr, t, tm, k_lo, k_hi, K, J,
+                   N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   DOT_P: tl.constexpr):
+    """:func:`_project` over the flat columns [k_lo, k_hi) only (k_hi - k_lo a multiple of BK,
+    or k_hi = K): a split-K program's partial tile and sum of squares."""
     jcol, jvalid = colmap(N, NP, W)
     acc = tl.zeros((BT, W), dtype=tl.float32)
     sumsq = tl.zeros((BT,), dtype=tl.float32)
     t64 = t.to(tl.int64)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         k = k0 + tl.arange(0, BK)
         km = k < K
         xt = tl.load(x_ptr + t64[:, None] * K + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
@@ -74,7 +84,7 @@ def _project(x_ptr, phi_ptr, t, tm, K, J,
         ph = tl.load(phi_ptr + k.to(tl.int64)[:, None] * J + jcol[None, :],
                      mask=km[:, None] & jvalid[None, :], other=0.0)
         sumsq += tl.sum(xt * xt, axis=1)
-        acc += tl.dot(xt, ph, input_precision=DOT_P)
+        acc = dot_acc(xt, ph, acc, x_ptr.dtype.element_ty.primitive_bitwidth == 16, DOT_P)
     return acc, sumsq
 
 
@@ -134,8 +144,25 @@ def _project_streams(x_ptr, phi_ptr, ghin_ptr, t, tm, C, J,
         krow = (i[:, None] * C + c[None, :]).to(tl.int64)  # flat index of (stream, channel)
         ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
                      mask=(vec[:, None] & cm[None, :])[:, :, None] & jvalid[None, None, :], other=0.0)
-        acc += tl.dot(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), input_precision=DOT_P)
+        acc = dot_acc(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), acc,
+                      x_ptr.dtype.element_ty.primitive_bitwidth == 16, DOT_P)
     return acc, sumsq, ghp
+
+
+@triton.jit
+def _coeffs_part_kernel(
+    x_ptr, phi_ptr, accp_ptr, ssp_ptr,
+    T, K, J, KSPLIT,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DOT_P: tl.constexpr,
+):
+    """Split-K forward, grid (token blocks, S): the partial projection and sum of squares of the
+    flat columns [s KSPLIT, (s+1) KSPLIT), for split_k._finish_kernel."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tm = t < T
+    k_lo = tl.program_id(1) * KSPLIT
+    acc, sumsq = _project_range(x_ptr, phi_ptr, t, tm, k_lo, tl.minimum(k_lo + KSPLIT, K), K, J,
+                                N, NP, W, BT, BK, DOT_P)
+    store_partials(accp_ptr, ssp_ptr, acc, sumsq, t.to(tl.int64), tm, T, W)
 
 
 @triton.jit
@@ -318,6 +345,15 @@ def dh_consts(consts: dict) -> dict:
     return out
 
 
+def launch_grid(T: int, K: int, consts: dict, sms: int, splits: Optional[int] = None) -> tuple[int, int, int]:
+    """(token blocks, S, flat columns per split) of the forward at T tokens of K = nC columns
+    with :func:`launch_config`'s ``consts`` on ``sms`` SMs (0 in the interpreter: no split unless
+    ``splits`` asks). S > 1: split-K, ``_coeffs_part_kernel`` then ``split_k._finish_kernel``."""
+    tblocks = triton.cdiv(T, consts["BT"])
+    s, per = reduction_splits(tblocks, triton.cdiv(K, consts["BK"]), sms, splits)
+    return tblocks, s, per * consts["BK"]
+
+
 def gphi_splits(tblocks: int, kblocks: int, device: torch.device) -> int:
     """Token splits S of the gx kernel's grid (cdiv(C, BC), S): each writes one gphi partial."""
     if not on_gpu(device):
@@ -340,22 +376,37 @@ def _check(x, phi, alpha, b_pre, b_post, b_res) -> tuple[int, int, int]:
 def coeffs_forward(
     x: Tensor, phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
     iters: int, eps: float, variant: str, out: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    splits: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """H_pre (T, n), H_post (T, n), H_res (T, n, n) in fp32 from x (T, n, C).
 
     ``out``: optional preallocated contiguous fp32 outputs (tests poison them with NaN to
     prove every element is written). x in float32/float16/bfloat16, no float64 parameter.
+    ``splits``: split-K programs per token block (None: :func:`launch_grid` picks, 1 in the
+    interpreter; tests force it).
     """
     T, n, C = _check(x, phi, alpha, b_pre, b_post, b_res)
-    consts, _, warps = launch_config(n, variant, on_gpu(x.device))
+    gpu = on_gpu(x.device)
+    consts, _, warps = launch_config(n, variant, gpu)
     x = x.contiguous()
     params = as_f32(phi, alpha, b_pre, b_post, b_res)
     if out is None:
         out = coeff_outputs(T, n, x.device)
     if T == 0:
         return out
-    _coeffs_fwd_kernel[(triton.cdiv(T, consts["BT"]),)](
-        x, *params, *out, T, n * C, 2 * n + n * n, float(eps), int(iters), **consts, num_warps=warps,
+    K, J = n * C, 2 * n + n * n
+    tblocks, S, ksplit = launch_grid(T, K, consts, num_sms(x.device) if gpu else 0, splits)
+    if S == 1:
+        _coeffs_fwd_kernel[(tblocks,)](x, *params, *out, T, K, J, float(eps), int(iters), **consts, num_warps=warps)
+        return out
+    accp = torch.empty((S, T, consts["W"]), dtype=torch.float32, device=x.device)
+    ssp = torch.empty((S, T), dtype=torch.float32, device=x.device)
+    pconsts = {k: consts[k] for k in ("N", "NP", "W", "BT", "BK", "DOT_P")}
+    _coeffs_part_kernel[(tblocks, S)](x, params[0], accp, ssp, T, K, J, ksplit, **pconsts, num_warps=warps)
+    fconsts, fwarps = finish_config(n, variant, gpu, 16)
+    _finish_kernel[(triton.cdiv(T, fconsts["BT"]), 1)](
+        accp, ssp, ssp, *params[1:], *out, ssp, ssp, ssp, T, C, K, S, ksplit, float(eps), int(iters),
+        **fconsts, GHP=False, HIN=False, num_warps=fwarps,
     )
     return out
 
