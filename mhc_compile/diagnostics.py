@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .passes.mode_switch import set_training
+from .mode_switch import set_training
 from .report import ResidualReport
 
 __all__ = [
