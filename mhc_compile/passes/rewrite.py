@@ -36,6 +36,7 @@ from torch import fx, nn
 
 from .. import ops
 from ..config import MHCConfig
+from ..ops.table import OPS, STREAMS
 from ..placement import InitRecipe, SiteInit, attach, site_container
 from .detect import Site
 from .nodes import node_val
@@ -43,7 +44,7 @@ from .stream_views import restate, view_kind
 from .streams import Chain
 
 ParamProvider = Callable[[str, dict], dict]
-_COEFF_NAMES = ("mhc_h_pre", "mhc_h_post", "mhc_h_res")
+_COEFFS, _PRE, _POST_RES, _BOUNDARY = OPS["coeffs"], OPS["pre"], OPS["post_res"], OPS["boundary"]  # ops/table.py
 
 
 def default_param_provider(site_name: str, init: dict) -> dict:
@@ -190,7 +191,7 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         X = _apply_stream_wise(st, e, ends.stream_in, ends.lead)
     else:
         e = _Emitter(st.graph, _cursor_for(st.graph, first.x))
-        X = e.named("mhc_x", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams)
+        X = e.named(f"mhc_{STREAMS}", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams)
     head: Optional[tuple] = None  # (h_pre, h_post, h_res, h_in) of the current site, from a boundary
     for k, site in enumerate(chain.sites):
         hp, ho, hr, h_in = head if head is not None else _site_head(st, site, e, X)
@@ -241,8 +242,8 @@ def _skip_nodes_only_the_add_reads(site: Site) -> list:
 def _site_head(st: _ChainRewrite, site: Site, e: _Emitter, X: fx.Node) -> tuple:
     """Emit a site's parameters, coefficients and pre-mix: (h_pre, h_post, h_res, h_in)."""
     p = _site_params(st.gm, site, st.config, st.provider, e, st.names)
-    hp, ho, hr = e.getitems(e.named("mhc_coeffs", ops.coeffs, X, *_coeff_args(p, st.config)), _COEFF_NAMES)
-    return hp, ho, hr, e.named("mhc_h_in", ops.pre, X, hp, st.config.kernels)
+    hp, ho, hr = e.getitems(e.named("mhc_coeffs", ops.coeffs, X, *_coeff_args(p, st.config)), _COEFFS.node_names)
+    return hp, ho, hr, e.named(_PRE.node_names[0], ops.pre, X, hp, st.config.kernels)
 
 
 def _reroute_branch(site: Site, h_in: fx.Node) -> None:
@@ -272,9 +273,9 @@ def _site_tail(st: _ChainRewrite, k: int, e: _Emitter, X: fx.Node, h_out: fx.Nod
     if nxt is not None and not chain.between[k] and config.fuse_boundaries:
         p = _site_params(st.gm, nxt, config, st.provider, e, st.names)
         outs = e.getitems(e.named("mhc_boundary", ops.boundary, X, h_out, ho, hr, *_coeff_args(p, config)),
-                          ("mhc_x",) + _COEFF_NAMES + ("mhc_h_in",))
-        return outs[0], tuple(outs[1:])
-    return e.named("mhc_x", ops.post_res, X, h_out, ho, hr, config.kernels), None
+                          _BOUNDARY.node_names)
+        return outs[_BOUNDARY.stream_out], tuple(o for i, o in enumerate(outs) if i != _BOUNDARY.stream_out)
+    return e.named(_POST_RES.node_names[0], ops.post_res, X, h_out, ho, hr, config.kernels), None
 
 
 def _apply_stream_wise(st: _ChainRewrite, e: _Emitter, X: fx.Node, gap: list, internal: bool = True) -> fx.Node:
