@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..config import KERNELS
 from ..site_grad import SiteGrad
+from .table import OPS
 
 # x dtypes the fused coefficient kernels (coeffs, boundary) run; see _fused_triton
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,8 +59,7 @@ def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad, saved: tuple):
     """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
     and post_res/boundary, summed in fp32 by the gx kernel and written once, and pre's dH_pre
     when pre left it to the dh kernel's pass over X (``g_pre`` None: no other gradient of H_pre)."""
-    from ..kernels.coeffs import coeffs_backward
-
+    coeffs_backward = OPS["coeffs"].function("triton", backward=True)
     x, phi, alpha, b_pre, b_post, b_res = saved
     iters, eps, variant, _ = ctx.args
     g_add, g_hin, h_pre, g_mix, h_mix, g_hpre = box.take()
@@ -74,9 +74,7 @@ def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad, saved: tuple):
 
 def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -> tuple:
     """The Triton post_res backward, gradients shaped like the inputs (gx None without write_gx)."""
-    from ..kernels.post_res import post_res_backward
-
-    gx, gho, ghp, ghr = post_res_backward(
+    gx, gho, ghp, ghr = OPS["post_res"].function("triton", backward=True)(
         _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
         _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), write_gx=write_gx,
     )
@@ -89,10 +87,8 @@ def _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_pos
     """The Triton boundary backward (``rest``: phi, alpha, b_pre, b_post, b_res, iters, eps,
     variant), gradients shaped like the inputs; ``x_next``: the forward's X' (None: recomputed);
     ``g_x_next`` None: 0; ``mix``: (g, H_res) of the next site's post_res mix (see the kernel)."""
-    from ..kernels.boundary import boundary_backward
-
     c = x.shape[-1]
-    grads = boundary_backward(
+    grads = OPS["boundary"].function("triton", backward=True)(
         None if g_x_next is None else _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
         g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
         _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, x_next=None if x_next is None else _flat3(x_next),
