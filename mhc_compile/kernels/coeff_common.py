@@ -1,7 +1,8 @@
 """Triton building blocks shared by the two coefficient kernels, ``kernels.coeffs`` and
 ``kernels.boundary``: the in-register logit tile, the activations, Sinkhorn forward and its
-on-chip reverse-mode replay, and the launch helpers both wrappers use (variant flag, parameter
-checks, fp32 parameter copies, ``tl.dot`` precision, output buffers, the constexprs every
+on-chip reverse-mode replay, the coeffs backward's projection over every stream's channel
+chunks (:func:`project_streams`), and the launch helpers both wrappers use (variant flag,
+parameter checks, fp32 parameter copies, ``tl.dot`` precision, output buffers, the constexprs every
 coefficient kernel takes). Nothing here launches a kernel; the math is exactly
 ``reference.coeffs(..., dynamic=True)``.
 
@@ -47,6 +48,39 @@ def dot_acc(a, b, acc, A16: tl.constexpr, DOT_P: tl.constexpr):
             acc = tl.dot(a, hi, acc, input_precision="tf32")
             return tl.dot(a, b - hi, acc, input_precision="tf32")
     return tl.dot(a, b, acc, input_precision=DOT_P)
+
+
+@triton.jit
+def project_streams(x_ptr, phi_ptr, ghin_ptr, t, tm, C, J,
+                    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                    DOT_P: tl.constexpr, GHP: tl.constexpr):
+    """The coeffs dh kernel's projection and sum of squares (as ``coeffs._project``) over
+    channel chunks of every stream at once ((BT, NP, BC) tiles of x), and with GHP the pre-mix's
+    gradient of H_pre, ghp[t, i] = sum_c ghin[t, c] x[t, i, c], from the same chunks (ghin read
+    once per channel, not once per stream)."""
+    jcol, jvalid = colmap(N, NP, W)
+    i = tl.arange(0, NP)
+    vec = i < N
+    t64 = t.to(tl.int64)
+    acc = tl.zeros((BT, W), dtype=tl.float32)
+    sumsq = tl.zeros((BT,), dtype=tl.float32)
+    ghp = tl.zeros((BT, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < C
+        m3 = tm[:, None, None] & vec[None, :, None] & cm[None, None, :]
+        xf = tl.load(x_ptr + (t64[:, None, None] * N + i[None, :, None]) * C + c[None, None, :],
+                     mask=m3, other=0.0).to(tl.float32)
+        sumsq += tl.sum(tl.sum(xf * xf, axis=2), axis=1)
+        if GHP:
+            gh = tl.load(ghin_ptr + t64[:, None] * C + c[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
+            ghp += tl.sum(xf * gh.to(tl.float32)[:, None, :], axis=2)
+        krow = (i[:, None] * C + c[None, :]).to(tl.int64)  # flat index of (stream, channel)
+        ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
+                     mask=(vec[:, None] & cm[None, :])[:, :, None] & jvalid[None, None, :], other=0.0)
+        acc = dot_acc(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), acc,
+                      x_ptr.dtype.element_ty.primitive_bitwidth == 16, DOT_P)
+    return acc, sumsq, ghp
 
 
 @triton.jit

@@ -51,7 +51,8 @@ import triton.language as tl
 
 from ._common import num_sms, on_gpu, reduction_splits
 from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, dot_acc, logit_consts
-from .coeff_common import logit_layout, merge_tile, site_logits, sinkhorn_bwd, store_coeffs, stream_masks
+from .coeff_common import logit_layout, merge_tile, project_streams, site_logits, sinkhorn_bwd, store_coeffs
+from .coeff_common import stream_masks
 from .split_k import _finish_kernel, finish_config, store_partials
 
 Tensor = torch.Tensor
@@ -118,38 +119,6 @@ def _coeffs_fwd_kernel(
 
 
 @triton.jit
-def _project_streams(x_ptr, phi_ptr, ghin_ptr, t, tm, C, J,
-                     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     DOT_P: tl.constexpr, GHP: tl.constexpr):
-    """:func:`_project` over channel chunks of every stream at once ((BT, NP, BC) tiles of x),
-    and with GHP the pre-mix's gradient of H_pre, ghp[t, i] = sum_c ghin[t, c] x[t, i, c], from
-    the same chunks (ghin read once per channel, not once per stream)."""
-    jcol, jvalid = colmap(N, NP, W)
-    i = tl.arange(0, NP)
-    vec = i < N
-    t64 = t.to(tl.int64)
-    acc = tl.zeros((BT, W), dtype=tl.float32)
-    sumsq = tl.zeros((BT,), dtype=tl.float32)
-    ghp = tl.zeros((BT, NP), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
-        cm = c < C
-        m3 = tm[:, None, None] & vec[None, :, None] & cm[None, None, :]
-        xf = tl.load(x_ptr + (t64[:, None, None] * N + i[None, :, None]) * C + c[None, None, :],
-                     mask=m3, other=0.0).to(tl.float32)
-        sumsq += tl.sum(tl.sum(xf * xf, axis=2), axis=1)
-        if GHP:
-            gh = tl.load(ghin_ptr + t64[:, None] * C + c[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
-            ghp += tl.sum(xf * gh.to(tl.float32)[:, None, :], axis=2)
-        krow = (i[:, None] * C + c[None, :]).to(tl.int64)  # flat index of (stream, channel)
-        ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
-                     mask=(vec[:, None] & cm[None, :])[:, :, None] & jvalid[None, None, :], other=0.0)
-        acc = dot_acc(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), acc,
-                      x_ptr.dtype.element_ty.primitive_bitwidth == 16, DOT_P)
-    return acc, sumsq, ghp
-
-
-@triton.jit
 def _coeffs_part_kernel(
     x_ptr, phi_ptr, accp_ptr, ssp_ptr,
     T, K, J, KSPLIT,
@@ -188,7 +157,7 @@ def _coeffs_bwd_dh_kernel(
     t = pid * BT + tl.arange(0, BT)
     tm = t < T
     K = N * C
-    acc, sumsq, ghp = _project_streams(x_ptr, phi_ptr, ghin_ptr, t, tm, C, J, N, NP, W, BT, BC, DOT_P, GHP)
+    acc, sumsq, ghp = project_streams(x_ptr, phi_ptr, ghin_ptr, t, tm, C, J, N, NP, W, BT, BC, DOT_P, GHP)
     r, h, u, ures, upre, upost, lpre, lpost, lres = site_logits(
         acc, sumsq, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, K, eps, N, NP, G, BT, HC)
     t64 = t.to(tl.int64)
