@@ -80,6 +80,8 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 def path_call(path: str, T: int, n: int, C: int, dtype: torch.dtype):
     """(forward callable -> outputs tuple, sites it covers) with fresh leaves for ``path``."""
+    import mhc_compile.ops  # noqa: F401  (registers the mhc:: ops; the package imports it lazily)
+
     gen = torch.Generator().manual_seed(1)
     x = _leaf(torch.randn(T, n, C, generator=gen).to(dtype))
     p1 = _params(n, C, 1)

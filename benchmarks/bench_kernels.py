@@ -93,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-reps", type=int, default=3, help="timed runs per row on CPU")
     p.add_argument("--no-cudagraph", action="store_true", help="time with do_bench only (no CUDA graph replay)")
     p.add_argument("--cases", default=None,
-                   help="comma list of NxC (e.g. 4x1024,4x2048,2x1024) measured in this order; overrides "
+                   help="comma list of NxC or NxC@T (e.g. 4x1024,2x1024,4x4096@8: T tokens instead of --tokens, "
+                        "decode shapes, where the coefficient kernels split K) measured in this order; overrides "
                         "--streams/--channels. All triton and eager rows come first, then liger, then inductor")
     p.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth copy (default 1024 MiB on CUDA, 16 on CPU)")
     p.add_argument("--json", default=None, help="write the rows and the setup as JSON to this path")
@@ -111,6 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.streams = args.streams or [2, 4, 8]
     args.impls = args.impls or list(IMPLS)
     return args
+
+
+def parse_case(spec: str, tokens: int) -> tuple[int, int, int]:
+    """(n, C, T) from "NxC" (T = ``tokens``) or "NxC@T"."""
+    nc, _, t = spec.partition("@")
+    n, C = (int(v) for v in nc.split("x"))
+    return n, C, int(t) if t else tokens
 
 
 # ============================================================================ timing
@@ -389,16 +397,16 @@ def run_case(op: str, case: Case, impls, timer, copy_bw: float, elem: int) -> li
 
 
 def link_triton(rows: list[dict]) -> list[dict]:
-    """Fill ``vs_triton`` (t_impl / t_triton of the same op, pass, n, C) where both were measured."""
-    tri = {(r["op"], r["pass"], r["n"], r["C"]): r["ms"] for r in rows if r["impl"] == "triton" and r["ms"]}
+    """Fill ``vs_triton`` (t_impl / t_triton of the same op, pass, T, n, C) where both were measured."""
+    tri = {(r["op"], r["pass"], r["T"], r["n"], r["C"]): r["ms"] for r in rows if r["impl"] == "triton" and r["ms"]}
     for r in rows:
-        t = tri.get((r["op"], r["pass"], r["n"], r["C"]))
+        t = tri.get((r["op"], r["pass"], r["T"], r["n"], r["C"]))
         r["vs_triton"] = r["ms"] / t if (t and r["ms"]) else None
     return rows
 
 
 # ============================================================================ output
-COLUMNS = [("op", "{}"), ("pass", "{}"), ("n", "{}"), ("C", "{}"), ("impl", "{}"), ("ms", "{:.4f}"),
+COLUMNS = [("op", "{}"), ("pass", "{}"), ("T", "{}"), ("n", "{}"), ("C", "{}"), ("impl", "{}"), ("ms", "{:.4f}"),
            ("GB/s", "{:.0f}"), ("%copy", "{:.1%}"), ("x_floor", "{:.2f}"), ("vs_triton", "{:.2f}")]
 _KEYS = {"GB/s": "gbps", "%copy": "frac_copy"}
 
@@ -409,7 +417,7 @@ def _cells(row: dict) -> list[str]:
         v = row.get(_KEYS.get(name, name))
         out.append("-" if v is None else fmt.format(v))
     if row.get("error"):
-        out[5] = "error"
+        out[6] = "error"
     return out
 
 
@@ -427,7 +435,7 @@ def format_table(rows: list[dict]) -> str:
 
 def format_markdown(rows: list[dict], meta: dict) -> str:
     head = [c for c, _ in COLUMNS]
-    lines = [f"Device: {meta['device']}; copy bandwidth {meta['copy_gbps']:.0f} GB/s; T={meta['tokens']}, "
+    lines = [f"Device: {meta['device']}; copy bandwidth {meta['copy_gbps']:.0f} GB/s; T={meta['tokens']} (column T per row), "
              f"dtype {meta['dtype']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
@@ -469,15 +477,15 @@ def main(argv=None) -> list[dict]:
           f"T={args.tokens} {args.dtype}; impls {','.join(args.impls)}", flush=True)
 
     if args.cases:
-        cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",") if c]
+        cases = [parse_case(c, args.tokens) for c in args.cases.split(",") if c]
     else:
-        cases = [(n, C) for C in args.channels for n in args.streams]
+        cases = [(n, C, args.tokens) for C in args.channels for n in args.streams]
     groups = [g for g in (["triton", "eager"], ["liger"], ["inductor"]) if any(i in args.impls for i in g)]
     rows: list[dict] = []
     for group in groups:  # the fused kernels first: a run cut short keeps their rows
         impls = [i for i in args.impls if i in group]
-        for n, C in cases:
-            case = Case(args.tokens, n, C, dtype, device)
+        for n, C, T in cases:
+            case = Case(T, n, C, dtype, device)
             for op in args.ops:
                 new = run_case(op, case, impls, timer, copy_bw, case.x.element_size())
                 rows.extend(new)

@@ -142,7 +142,7 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, dtensor_stre
                 "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
-    from mhc_compile.passes.placement import MHCSiteParams
+    from mhc_compile.placement import MHCSiteParams
 
     if not any(isinstance(m, MHCSiteParams) for m in model.modules()):  # plain (train_distributed --variant plain)
         return model

@@ -8,7 +8,7 @@ The backend is registered through the ``torch_dynamo_backends`` entry point, so 
 ``"mhc"`` works without importing this package. For each graph Dynamo hands over it
 
 1. parses ``options`` with ``MHCConfig.from_options`` (unknown keys are errors);
-2. runs the shared passes (``mhc_compile.passes.rewrite.rewrite_graph``) with a parameter
+2. runs the shared passes (``mhc_compile.graph_pipeline.rewrite_graph``) with a parameter
    provider that creates each site's parameters ONCE, attaches them to the user's original
    module (so ``model.parameters()``, ``state_dict()``, ``.to()`` and checkpoints see them) and
    hands the same objects back on every recompile (new batch size, dynamic shapes, grad mode);
@@ -43,7 +43,7 @@ from .backend_safety import (MHCBackendError, guard_instance, refuse_checkpointe
                              refuse_fully_sharded)
 from .config import MHCConfig
 from .passes.nodes import normalize_path
-from .passes.placement import MHCPlacementError, MHCSiteParams, SiteInit, attach, safe_name, site_container
+from .placement import MHCPlacementError, MHCSiteParams, SiteInit, attach, safe_name, site_container
 
 __all__ = [
     "mhc_backend",
@@ -119,9 +119,9 @@ def mhc_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def _rewrite_fn() -> Callable:
     try:
-        from .passes.rewrite import rewrite_graph
+        from .graph_pipeline import rewrite_graph
     except ImportError as e:  # the passes are a separate piece of the project
-        raise MHCBackendError(f"mhc_compile.passes.rewrite is not available: {e}") from e
+        raise MHCBackendError(f"mhc_compile.graph_pipeline is not available: {e}") from e
     return rewrite_graph
 
 

@@ -93,7 +93,7 @@ def guard_instance(fn: Callable, root: nn.Module, example_inputs: Sequence[Any],
 
 def refuse_checkpointed_sites(gm: torch.fx.GraphModule) -> None:
     """Raise when an activation-checkpointed region of ``gm`` holds residual sites."""
-    from .passes.rewrite import analyze
+    from .graph_pipeline import analyze
 
     found = []
     for node in gm.graph.nodes:

@@ -38,8 +38,9 @@ from .config import MHCConfig
 from .flex_mask import on_device
 from .messages import first_line
 from .sizes import fixed_sizes
-from .passes.mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
-from .passes.rewrite import ParamProvider, analyze, build_report, default_param_provider, rewrite_graph
+from .graph_pipeline import analyze, build_report, rewrite_graph
+from .mode_switch import _ModeBatchNorm, _ModeDropout, make_mode_switchable  # noqa: F401 (pickles name them here)
+from .passes.rewrite import ParamProvider, default_param_provider
 from .passes.native import native_from_modules
 from .report import NativeStreamsReport, ResidualReport, rename_symbols, symbol_names
 

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .passes.mode_switch import set_training
+from .mode_switch import set_training
+from .ops.table import OPS
 from .report import ResidualReport
 
 __all__ = [
@@ -136,16 +137,17 @@ class record_streams:
 
         TorchDispatchMode = dispatch_mode_base()
         records: list = []
-        pre = torch.ops.mhc.pre.default
-        boundary = getattr(getattr(torch.ops.mhc, "boundary", None), "default", None)
+        # ops/table.py: where the streams entering a site show (pre's input; boundary's streams output)
+        entry = {op.op().default: op for op in OPS.values() if op.site_entry is not None}
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is pre:  # the streams entering a site
+                op = entry.get(func)
+                if op is not None and op.site_entry == "input":
                     records.append(_stream_stats(args[0]))
                 out = func(*args, **(kwargs or {}))
-                if boundary is not None and func is boundary:  # fused: its first output enters site l+1
-                    records.append(_stream_stats(out[0]))
+                if op is not None and op.site_entry == "output":
+                    records.append(_stream_stats(out[op.stream_out]))
                 return out
 
         self.records = records

@@ -6,7 +6,7 @@ and then call the model's own init: torchtitan's ``init_weights``/``init_states`
 ``reset_parameters()`` on every module. Each of those must also restore the mHC parameters'
 function-preserving init, or they keep whatever ``to_empty`` left (garbage, NaN losses).
 
-The mHC parameters live in :class:`~mhc_compile.passes.placement.MHCSiteParams` containers, whose
+The mHC parameters live in :class:`~mhc_compile.placement.MHCSiteParams` containers, whose
 ``reset_parameters()`` is that init (plain and DTensor parameters alike), so a plain walk reaches
 them as it is. :func:`install` (called by ``convert`` on the converted model) makes the two engine
 protocols reach them too, each the way that engine finds a module's init:
@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .passes.placement import MHCSiteParams
+from .placement import MHCSiteParams
 
 _TITAN_MODULE = "torchtitan.protocols.module"
 _TITAN_CLASS: Optional[type] = None

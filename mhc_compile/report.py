@@ -1,6 +1,6 @@
 """ResidualReport: what residual detection found (sites, chains, adds not taken) and what the rewrite adds.
 
-Returned by ``mhc_compile.find_residuals`` and ``passes.rewrite.rewrite_graph``; printable as a
+Returned by ``mhc_compile.find_residuals`` and ``graph_pipeline.rewrite_graph``; printable as a
 table (``str(report)`` / ``report.to_table()``) and as JSON (``report.to_json()``,
 ``report.to_dict()``). Also owns how shapes read in text: :func:`shape_text`, with the capture's
 dynamic-size symbols (``s95``, ``s75``, ...) renumbered ``s0``, ``s1``, ... in order of first

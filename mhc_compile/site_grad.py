@@ -2,7 +2,8 @@
 
 A site's streams X feed three ops (coeffs, pre, post_res or the boundary into the next site).
 Instead of letting autograd sum their three dX with two separate adds, pre and post_res/boundary
-hand their part to the site's coeffs backward, which runs after both and writes one dX. This
+hand their part to the site's coeffs backward, which runs after both and writes one dX (a site
+whose coefficients a boundary computed: to that boundary's backward, as part of its dX'). This
 module owns the bookkeeping: which ops belong to one site (by identity of X and of the coeffs
 call's outputs), what was handed over in the running backward pass, and its reset when the pass
 ends (``_torch_internals.at_backward_end``). It knows nothing of kernels; ``ops`` does the math.
@@ -15,20 +16,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._torch_internals import at_backward_end
+from ._torch_internals import at_backward_end, engine_will_run
 
 
 class SiteGrad:
     """The gradient mailbox of one coeffs call: X (weak), its H_pre/H_post/H_res (weak), and
     the dX parts handed over in the running backward pass."""
 
-    def __init__(self, x: Tensor, outs) -> None:
+    def __init__(self, x: Tensor, outs, takes_dh: bool = True) -> None:
         self.x = weakref.ref(x)
         self.outs = tuple(weakref.ref(o) for o in outs)
+        self.takes_dh = takes_dh  # False: a boundary's next site (its backward sums no pre's dH_pre)
         self.clear()
 
     def clear(self) -> None:
-        self.g_add = self.g_hin = self.h_pre = self.g_mix = self.h_mix = None
+        self.g_add = self.g_hin = self.h_pre = self.g_mix = self.h_mix = self.g_hpre = None
         self.queued = False
 
     # a copied or pickled coefficient tensor is no site's output: it carries no mailbox
@@ -39,9 +41,9 @@ class SiteGrad:
         return (type(None), ())
 
     def take(self) -> tuple:
-        """(g_add, g_hin, h_pre, g_mix, h_mix) handed over so far; empties the box."""
-        out = (self.g_add, self.g_hin, self.h_pre, self.g_mix, self.h_mix)
-        self.g_add = self.g_hin = self.h_pre = self.g_mix = self.h_mix = None
+        """(g_add, g_hin, h_pre, g_mix, h_mix, g_hpre) handed over so far; empties the box."""
+        out = (self.g_add, self.g_hin, self.h_pre, self.g_mix, self.h_mix, self.g_hpre)
+        self.g_add = self.g_hin = self.h_pre = self.g_mix = self.h_mix = self.g_hpre = None
         return out
 
     def pending(self) -> bool:
@@ -59,10 +61,23 @@ class SiteGrad:
             self.queued = at_backward_end(self.clear)
         return self.queued
 
+    def coeffs_will_run(self) -> bool:
+        """Whether this pass runs the coeffs backward (so it can also compute pre's dH_pre)."""
+        # the node runs when a node it feeds runs (or captures a gradient): asking about the node
+        # itself would also say yes when only its output's gradient is captured (autograd.grad
+        # of H_pre), which does not run it
+        out = self.outs[0]() if self.takes_dh else None
+        node = None if out is None else out.grad_fn
+        return node is not None and any(engine_will_run(f) for f, _ in node.next_functions if f is not None)
+
     def add(self, g_add: Optional[Tensor] = None, g_hin: Optional[Tensor] = None, h_pre: Optional[Tensor] = None,
-            g_mix: Optional[Tensor] = None, h_mix: Optional[Tensor] = None) -> None:
-        """Hand over a dX (g_add), the pre-mix's incoming gradient (g_hin with its H_pre), or the
-        post_res mix's (g_mix with its H_res; one per pass: a second post_res hands over g_add)."""
+            g_mix: Optional[Tensor] = None, h_mix: Optional[Tensor] = None, owe_dh: bool = False) -> None:
+        """Hand over a dX (g_add), the pre-mix's incoming gradient (g_hin with its H_pre; with
+        ``owe_dh`` its gradient of H_pre too, sum_c g_hin X, which coeffs then adds from its own
+        pass over X), or the post_res mix's (g_mix with its H_res; one per pass: a second post_res
+        hands over g_add)."""
+        if g_hin is not None and owe_dh:
+            self.g_hpre = g_hin if self.g_hpre is None else self.g_hpre + g_hin
         if g_mix is not None:
             assert self.g_mix is None, "one post_res mix per site and pass"
             self.g_mix, self.h_mix = g_mix, h_mix

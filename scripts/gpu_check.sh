@@ -4,7 +4,8 @@
 # Modes (first argument; default "kernels"):
 #   kernels   one <= 8-minute command on an H100/H200: environment report, editable install (offline),
 #             then bench_kernels.py in ONE process (bf16, T=16384; n=4 at C=1024/2048/4096, then n=2,8
-#             at C=1024; every case's triton and eager rows first, Triton paths timed by CUDA-graph
+#             at C=1024, then the decode shapes n=4, C=4096 at T=256 and 8, where the coefficient kernels
+#             split K; every case's triton and eager rows first, Triton paths timed by CUDA-graph
 #             replay; rows written to OUT as each finishes, so a kill keeps them), then every
 #             gpu-marked test and the torch-internals canaries with pytest-xdist, natively (never
 #             TRITON_INTERPRET on the GPU: the GPU image's triton 3.6 interpreter needs numpy < 2.4),
@@ -196,11 +197,11 @@ fi
 
 if [ "$MODE" = kernels ]; then
   if [ "$SMOKE" = 1 ]; then
-    KB=(--quick --device cpu --tokens 64 --cpu-reps 1 --cases 4x32,2x32 --impls triton,eager --ops site,pre)
+    KB=(--quick --device cpu --tokens 64 --cpu-reps 1 --cases 4x32,2x32,2x32@8 --impls triton,eager --ops site,pre)
     INTERP=(env TRITON_INTERPRET=1)   # CPU: Triton runs in the interpreter
     XG=2; XC=2; CANARIES=(tests/test_torch_internals.py); SM90=(--collect-only); CAN_T=180  # 2 shared cores
   else
-    KB=(--tokens 16384 --dtype bf16 --cases 4x1024,4x2048,4x4096,2x1024,8x1024
+    KB=(--tokens 16384 --dtype bf16 --cases 4x1024,4x2048,4x4096,2x1024,8x1024,4x4096@256,4x4096@8
         --impls triton,eager,liger,inductor --ops site,boundary,coeffs,pre,post_res)
     INTERP=(env -u TRITON_INTERPRET)  # GPU: native Triton, never the interpreter
     XG=8; XC=4; CANARIES=(tests/test_torch_internals.py tests/test_recompute.py); SM90=(); CAN_T=90

@@ -27,6 +27,12 @@ def test_byte_floor_matches_design(bench):
     assert bench.op_bytes("post_res", "fwd", 10, 4, 64, 2) == 10 * (9 * 64 * 2 + 4 * (4 + 16))
 
 
+def test_cases_take_a_token_count(bench):
+    """--cases NxC@T: the decode shapes gpu_check.sh times (the coefficient kernels' split-K)."""
+    assert bench.parse_case("4x4096@8", 16384) == (4, 4096, 8)
+    assert bench.parse_case("2x1024", 16384) == (2, 1024, 16384)
+
+
 def test_quick_eager_run_writes_rows(bench, tmp_path):
     js, md = tmp_path / "rows.json", tmp_path / "rows.md"
     rows = bench.main(["--quick", "--impls", "eager", "--ops", "pre,post_res,site", "--streams", "2",

@@ -16,7 +16,7 @@ from torch import nn
 
 from mhc_compile import MHCCaptureError, MHCConfig, convert
 from mhc_compile.blocks import BlockCallError
-from mhc_compile.passes.placement import MHCSiteParams
+from mhc_compile.placement import MHCSiteParams
 
 from models import zoo
 from models.titan import tiny_titan

@@ -98,7 +98,7 @@ def test_config_dict_errors():
 
 def test_passes_take_the_config_built_at_the_entry_point(monkeypatch):
     """convert builds the MHCConfig once; the passes read it and never rebuild it from options."""
-    from mhc_compile.passes.rewrite import rewrite_graph
+    from mhc_compile.graph_pipeline import rewrite_graph
 
     calls = []
     real = MHCConfig.from_options.__func__

@@ -10,8 +10,9 @@ from torch import fx, nn
 
 import mhc_compile
 from mhc_compile import MHCConfig
-from mhc_compile.passes import build_chains, detect_sites, rewrite_graph
-from mhc_compile.passes.detect import normalize_path
+from mhc_compile.graph_pipeline import rewrite_graph
+from mhc_compile.passes import build_chains, detect_sites
+from mhc_compile.passes.nodes import normalize_path
 from tests._convert_checks import one_thread, rel_err  # noqa: F401
 from tests.models.zoo import tiny_gpt, token_inputs
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import mhc_compile
-from mhc_compile.passes.placement import MHCSiteParams
+from mhc_compile.placement import MHCSiteParams
 
 CFG = mhc_compile.MHCConfig(streams=2, kernels="reference")
 

@@ -1,13 +1,19 @@
 """sm_90 resources of every coefficient kernel as a real launch compiles it, without a GPU.
 
-``kernels.aot`` compiles the coeffs kernels (forward, backward dh, backward x with the boundary's
-EXTRA terms) and the boundary kernel (backward recompute flags on) with the constexprs, warps and
-stages their launchers use on CUDA and the 16-byte divisibility attributes of a launch at
-(T, n, C = 4096) (Triton's bundled ptxas), then reads registers, spills and shared memory with
-cuobjdump. Asserted: no spills (stack and local 0), at most 255 registers, shared memory within
-sm_90's 227 KiB, for n <= 4 in bf16 and fp32, at T = 16384 and at a decode T = 8 (T then loses its
-divisibility). Skipped unless triton's NVIDIA backend and its CUDA tools are importable. Each case
-runs in a subprocess (the test process may have TRITON_INTERPRET=1) and takes ~30 s on one core.
+``kernels.aot`` compiles the kernels a launch at (T, n, C = 4096) runs: the coeffs forward (at
+decode shapes its split-K part and finish kernels), backward dh, backward x with the boundary's
+EXTRA terms, the boundary kernel (backward recompute flags on; split-K and its finish kernel
+at decode shapes) and the boundary backward's mix kernel (dX' and site l's post_res backward), with the constexprs, warps and stages their launchers use on CUDA and the
+16-byte divisibility attributes of the launch (Triton's bundled ptxas), then reads registers,
+spills and shared memory with cuobjdump and counts wgmma instructions in the PTX. Asserted
+(machine-independent facts of the compile and of the launch grid): no spills (stack and local
+0), at most 255 registers, shared memory within sm_90's 227 KiB, for n <= 4 in bf16 and fp32, at
+T = 16384, 256 and a decode T = 8 (T then loses its divisibility); the boundary's projection on
+wgmma with >= 2 CTAs per SM (registers x threads and shared memory against an SM's 64 K
+registers and 228 KiB); at T <= 256 the coeffs forward and the boundary launch >= 64 CTAs
+(split-K, for the 132 SMs of an H100 / H200), the boundary's finish (h_in) kernel >= 16.
+Skipped unless triton's NVIDIA backend and its CUDA tools are importable. Each case runs in a
+subprocess (the test process may have TRITON_INTERPRET=1) and takes ~15-30 s on one core.
 """
 import json
 import os
@@ -19,10 +25,16 @@ import pytest
 SCRIPT = """
 import json, sys
 from mhc_compile.kernels import aot
-n, dtype, T = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-res = {**aot.compile_coeffs(n, dtype, T=T), **aot.compile_boundary(n, dtype, T=T)}
+n, dtype, T, which = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+res = aot.compile_boundary(n, dtype, T=T)
+if which == "all":
+    res.update(aot.compile_coeffs(n, dtype, T=T))
 print("AOT" + json.dumps(res))
 """
+BOUNDARY = {"_boundary_fwd_kernel", "_boundary_bwd_mix_kernel"}
+COEFFS = {"_coeffs_fwd_kernel", "_coeffs_bwd_dh_kernel", "_coeffs_bwd_x_kernel"}
+SPLIT_B = {"_boundary_fwd_kernel", "_finish_kernel(boundary)", "_boundary_bwd_mix_kernel"}
+SPLIT_C = {"_coeffs_part_kernel", "_finish_kernel(coeffs)", "_coeffs_bwd_dh_kernel", "_coeffs_bwd_x_kernel"}
 
 
 def _nvidia_tools() -> bool:
@@ -37,19 +49,29 @@ def _nvidia_tools() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _nvidia_tools(), reason="triton's sm_90 compiler path (NVIDIA backend, cuobjdump) is not importable")
-@pytest.mark.parametrize("n,dtype,T", [(4, "bf16", 16384), (4, "fp32", 16384), (4, "bf16", 8),
-                                       (3, "bf16", 16384), (2, "fp32", 16384), (1, "bf16", 16384)])
-def test_sm90_no_spills(n, dtype, T):
+@pytest.mark.parametrize("n,dtype,T,which", [
+    (4, "bf16", 16384, "all"), (4, "fp32", 16384, "all"), (4, "bf16", 8, "all"), (4, "fp32", 256, "all"),
+    (3, "bf16", 16384, "all"), (3, "fp32", 16384, "boundary"), (2, "fp32", 16384, "all"),
+    (2, "bf16", 16384, "boundary"), (1, "bf16", 16384, "all")])
+def test_sm90_no_spills(n, dtype, T, which):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(n), dtype, str(T)], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(n), dtype, str(T), which], env=env,
                           capture_output=True, text=True, timeout=600)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("AOT{")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     res = json.loads(lines[-1][3:])
-    assert set(res) == {"_coeffs_fwd_kernel", "_coeffs_bwd_dh_kernel", "_coeffs_bwd_x_kernel", "_boundary_fwd_kernel"}
+    decode = T <= 256
+    assert set(res) == (SPLIT_B if decode else BOUNDARY) | (set() if which != "all" else SPLIT_C if decode else COEFFS)
     for name, r in res.items():
         assert r["stack"] == 0 and r["local"] == 0, (name, r, "register spills")
         assert r["regs"] <= 255, (name, r)
         assert 0 < r["shared"] <= 227 * 1024, (name, r)
+    # the boundary's projection on tensor cores (wgmma), >= 2 CTAs resident per SM
+    b = res["_boundary_fwd_kernel"]
+    assert b["wgmma"] > 0 and b["ctas_per_sm"] >= 2, b
+    if decode:  # split-K fills the GPU at decode shapes
+        assert b["grid_ctas"] >= 64 and res["_finish_kernel(boundary)"]["grid_ctas"] >= 16, res
+        if which == "all":
+            assert res["_coeffs_part_kernel"]["grid_ctas"] >= 64, res
     print(json.dumps(res))

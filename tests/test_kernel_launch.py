@@ -16,7 +16,7 @@ import torch
 
 from mhc_compile import ops, reference
 from mhc_compile.config import KERNELS
-from mhc_compile.kernels import _common, boundary, coeffs, post_res, pre
+from mhc_compile.kernels import _common, boundary, boundary_bwd, coeffs, post_res, pre, split_k
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -51,15 +51,18 @@ class Recorder:
 def gpu_launches(monkeypatch):
     """Patch every launcher onto its GPU configuration and every kernel with a Recorder."""
     monkeypatch.delenv("MHC_DOT_PRECISION", raising=False)
-    for mod in (_common, coeffs, boundary):
+    for mod in (_common, coeffs, boundary, boundary_bwd):
         monkeypatch.setattr(mod, "on_gpu", lambda device: True)
     recs = {}
-    for mod, names in ((coeffs, ("_coeffs_fwd_kernel", "_coeffs_bwd_dh_kernel", "_coeffs_bwd_x_kernel")),
-                       (boundary, ("_boundary_fwd_kernel",)), (pre, ("_pre_fwd_kernel", "_pre_bwd_kernel")),
+    for mod, names in ((coeffs, ("_coeffs_fwd_kernel", "_coeffs_part_kernel", "_coeffs_bwd_dh_kernel",
+                              "_coeffs_bwd_x_kernel", "_finish_kernel")),
+                       (boundary, ("_boundary_fwd_kernel", "_finish_kernel")),
+                       (boundary_bwd, ("_boundary_bwd_mix_kernel",)), (pre, ("_pre_fwd_kernel", "_pre_bwd_kernel")),
                        (post_res, ("_post_res_fwd_kernel", "_post_res_bwd_kernel"))):
         for name in names:
-            recs[name] = Recorder(getattr(mod, name))
-            monkeypatch.setattr(mod, name, recs[name])
+            key = f"{name}({mod.__name__.rsplit('.', 1)[-1]})" if name == "_finish_kernel" else name
+            recs[key] = Recorder(getattr(mod, name))
+            monkeypatch.setattr(mod, name, recs[key])
     return recs
 
 
@@ -72,7 +75,7 @@ def _boundary_inputs(T, n, C, dtype=torch.bfloat16):
 @pytest.mark.parametrize("n", [1, 3, 4, 8])
 @pytest.mark.parametrize("variant", ["mhc", "hc"])
 def test_coefficient_kernels_gpu_launch_arguments(gpu_launches, n, variant):
-    T, C = 5, 40
+    T, C = 5, 24  # few enough chunks that no launch splits K (test_split_k_gpu_launch_arguments)
     ins = _boundary_inputs(T, n, C)
     x, params = ins[0], ins[4:]
     gc = [torch.randn(T, n), torch.randn(T, n), torch.randn(T, n, n)]
@@ -80,25 +83,52 @@ def test_coefficient_kernels_gpu_launch_arguments(gpu_launches, n, variant):
     coeffs.coeffs_backward(*gc, x, *params, 20, 1e-6, variant)
     gb = [torch.randn(T, n, C).to(x.dtype), *gc, torch.randn(T, C).to(x.dtype)]
     boundary.boundary_forward(*ins, 20, 1e-6, variant)
-    boundary.boundary_backward(*gb, *ins, 20, 1e-6, variant)  # also the EXTRA gx kernel and post_res bwd
+    boundary.boundary_backward(*gb, *ins, 20, 1e-6, variant)  # recompute X', dh, the mix pass, gphi
 
     consts, x_consts, warps = coeffs.launch_config(n, variant, gpu=True)
-    for name in ("_coeffs_fwd_kernel", "_coeffs_bwd_dh_kernel"):
-        for _, _, kw in gpu_launches[name].check():
-            assert kw == dict(consts, num_warps=warps)
-    extras = [(kw["GADD"], kw["GPRE"], kw["GMIX"]) for _, _, kw in gpu_launches["_coeffs_bwd_x_kernel"].check()]
-    assert extras == [(False, False, False), (True, True, False)]
+    for _, _, kw in gpu_launches["_coeffs_fwd_kernel"].check():
+        assert kw == dict(consts, num_warps=warps)
+    dh = [dict(kw) for _, _, kw in gpu_launches["_coeffs_bwd_dh_kernel"].check()]
+    assert [(kw.pop("GP"), kw.pop("GHP"), kw.pop("WRITE_HP")) for kw in dh] == [(True, False, False), (True, True, True)]
+    assert all(kw == dict(coeffs.dh_consts(consts), num_warps=warps) for kw in dh)
+    extras = [(kw["GADD"], kw["GPRE"], kw["GMIX"], kw["GX"]) for _, _, kw in gpu_launches["_coeffs_bwd_x_kernel"].check()]
+    assert extras == [(False, False, False, True), (False, False, False, False)]
     assert consts["DOT_P"] == "tf32x3" and consts["HC"] == (variant == "hc")
     # tl.dot needs every dimension >= 16: (BT, BK) x (BK, W), and (BT, NP * BC) x (NP * BC, W)
     assert min(consts["BT"], consts["BK"], consts["W"], x_consts["NP"] * x_consts["BC"]) >= 16
     bconsts, bwarps, stages = boundary.launch_config(n, C, variant, gpu=True)
     launches = gpu_launches["_boundary_fwd_kernel"].check()
-    assert [(kw["WRITE_HIN"], kw["GHP"]) for _, _, kw in launches] == [(True, False), (False, True)]
+    assert [(kw["WRITE_HIN"], kw["GHP"]) for _, _, kw in launches] == [(True, False), (False, False)]
     for _, _, kw in launches:
-        assert kw["num_warps"] == bwarps == (4 if n in (3, 4) else 8) and kw["num_stages"] == stages == 2
+        assert kw["num_warps"] == bwarps == (4 if n <= 4 else 8) and kw["num_stages"] == stages == 2
         assert kw["DOT_P"] == "tf32x3"
     assert bconsts["BT"] >= 16 and bconsts["NP"] * bconsts["BC"] >= 16
-    gpu_launches["_post_res_bwd_kernel"].check()
+    for _, _, kw in gpu_launches["_boundary_bwd_mix_kernel"].check():
+        assert kw["BT"] >= 16 and kw["NP"] * kw["BC"] >= 16 and kw["DOT_P"] == "tf32x3"
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_split_k_gpu_launch_arguments(gpu_launches, n):
+    """Decode shapes on the GPU configuration: the coeffs forward and the boundary launch their
+    split-K kernels (grid (token blocks, S)) and the finish kernel, with every argument bound."""
+    T, C = 3, 1000
+    ins = _boundary_inputs(T, n, C)
+    coeffs.coeffs_forward(ins[0], *ins[4:], 20, 1e-6, "mhc")
+    boundary.boundary_forward(*ins, 20, 1e-6, "mhc")
+    boundary.boundary_forward(*ins, 20, 1e-6, "mhc", write_h_in=False, g_h_in=ins[1])
+    consts, _, _ = coeffs.launch_config(n, "mhc", gpu=True)
+    sms = _common.num_sms(torch.device("cpu"))
+    tb, S, _ = coeffs.launch_grid(T, n * C, consts, sms)
+    assert S > 1 and [g for g, _, _ in gpu_launches["_coeffs_part_kernel"].check()] == [(tb, S)]
+    assert [g for g, _, _ in gpu_launches["_finish_kernel(coeffs)"].check()] == [(1, 1)]
+    bconsts, _, _ = boundary.launch_config(n, C, "mhc", gpu=True)
+    tb, S, _ = boundary.launch_grid(T, C, bconsts, sms)
+    launches = gpu_launches["_boundary_fwd_kernel"].check()
+    assert S > 1 and [(g, kw["SPLIT"]) for g, _, kw in launches] == [((tb, S), True)] * 2
+    fin = gpu_launches["_finish_kernel(boundary)"].check()
+    fconsts, _ = split_k.finish_config(n, "mhc", True, bconsts["BC"])
+    ftb, fs, _ = boundary.hin_grid(T, C, fconsts, sms)
+    assert fs > 1 and [(g, kw["HIN"], kw["GHP"]) for g, _, kw in fin] == [((ftb, fs), True, False), ((ftb, 1), False, True)]
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -122,10 +152,11 @@ def test_mix_kernels_gpu_launch_arguments(gpu_launches, static):
 def test_interpreter_launch_config_is_the_small_one():
     consts, x_consts, warps = coeffs.launch_config(4, "mhc", gpu=False)
     assert (consts["BT"], consts["BK"], warps, consts["DOT_P"]) == (16, 32, 1, "ieee")
-    assert set(x_consts) | {"GADD", "GPRE", "GMIX"} == constexprs(coeffs._coeffs_bwd_x_kernel)
+    assert set(x_consts) | {"GADD", "GPRE", "GMIX", "GX"} == constexprs(coeffs._coeffs_bwd_x_kernel)
+    assert set(coeffs.dh_consts(consts)) | {"GP", "GHP", "WRITE_HP"} == constexprs(coeffs._coeffs_bwd_dh_kernel)
     bconsts, bwarps, _ = boundary.launch_config(4, 100, "hc", gpu=False)
     assert (bconsts["BT"], bconsts["BC"], bwarps, bconsts["HC"]) == (16, 16, 1, True)
-    assert set(bconsts) | {"WRITE_HIN", "GHP"} == constexprs(boundary._boundary_fwd_kernel)
+    assert set(bconsts) | {"WRITE_HIN", "GHP", "SPLIT"} == constexprs(boundary._boundary_fwd_kernel)
 
 
 def test_ops_is_the_one_place_that_picks(monkeypatch):

@@ -1,9 +1,13 @@
-"""passes/placement: one helper places mHC parameters for the convert path and the backend."""
+"""placement: one helper places mHC parameters for the convert path and the backend."""
+import pickle
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from mhc_compile.passes.placement import (
+from mhc_compile.placement import (
     CONTAINER_ATTR, MHCPlacementError, MHCSiteParams, attach, safe_name, safe_path, site_container,
 )
 
@@ -129,3 +133,36 @@ def test_backend_containers_reset_too():
         assert _rel(compiled(*x), want) > 1e-3
         assert _reset_all(model) == 4
         assert _rel(compiled(*x), want) < 1e-5
+
+
+def test_models_pickled_under_the_old_module_paths_still_load(tmp_path):
+    """placement.py and mode_switch.py moved out of passes/ (and mode_switch out of convert.py
+    before): a model pickled then names the classes by the old paths; a fresh interpreter loads it."""
+    from mhc_compile import mode_switch
+
+    net = nn.Module()  # torch classes only, apart from the moved ones
+    net.blocks = nn.ModuleList([nn.Linear(2, 2)])
+    container, _ = site_container(net, "blocks.0.mhc")
+    attach(container, {"b_pre": nn.Parameter(torch.arange(3.0))})
+    net.drop, net.bn = mode_switch._ModeDropout(), mode_switch._ModeBatchNorm()
+    old = {MHCSiteParams: "mhc_compile.passes.placement", mode_switch._ModeDropout: "mhc_compile.passes.mode_switch",
+           mode_switch._ModeBatchNorm: "mhc_compile.convert"}
+    try:
+        for cls, path in old.items():
+            cls.__module__ = path
+        data = pickle.dumps(net)
+    finally:
+        for cls in old:
+            cls.__module__ = "mhc_compile." + ("placement" if cls is MHCSiteParams else "mode_switch")
+    for path in old.values():
+        assert path.encode() in data
+    (tmp_path / "old.pkl").write_bytes(data)
+    code = ("import pickle, sys, torch\n"
+            "net = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+            "from mhc_compile.placement import MHCSiteParams\n"
+            "from mhc_compile.mode_switch import _ModeBatchNorm, _ModeDropout\n"
+            "assert type(net.blocks[0].mhc) is MHCSiteParams, type(net.blocks[0].mhc)\n"
+            "assert type(net.drop) is _ModeDropout and type(net.bn) is _ModeBatchNorm\n"
+            "assert torch.equal(net.blocks[0].mhc.b_pre, torch.arange(3.0))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "old.pkl")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

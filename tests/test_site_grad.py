@@ -5,6 +5,7 @@ float64 gradcheck must pass through the same entry points."""
 import pytest
 import torch
 
+import mhc_compile.ops  # noqa: F401  (registers the mhc:: ops; the package imports it lazily)
 from mhc_compile import reference, site_grad
 
 T, N, C = 9, 4, 24
@@ -73,10 +74,15 @@ def test_grads_equal_reference_autograd(kernels, form, handovers):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
-    # post_res (site) or the boundary (block2) hands over the gradient of its mix (coeffs computes
-    # H_res^T g), pre its incoming gradient; site 2's X in block2 is read inside the boundary op, so
-    # its post_res has no mailbox; the reference keeps autograd's adds
-    assert sorted(handovers) == ([["g_hin", "h_pre"], ["g_mix", "h_mix"]] if kernels == "triton" else [])
+    # post_res (site) hands over the gradient of its mix (coeffs computes H_res^T g), the boundary
+    # (block2) its dX (computed in its own second pass), pre its incoming gradient; in block2 site
+    # 2's post_res hands its mix's gradient to the boundary (whose backward adds H_res^T g to dX');
+    # the reference keeps autograd's adds (autograd.grad of leaves: the engine cannot say whether
+    # coeffs runs, so pre computes its own dH_pre; with .backward() it leaves it to the coeffs dh
+    # kernel, "owe_dh")
+    want = [["g_hin", "h_pre"], ["g_mix", "h_mix"]]
+    want = want if form == "site" else [["g_add"], *want]
+    assert sorted(handovers) == (want if kernels == "triton" else [])
 
 
 def test_partial_pass_does_not_leak_into_the_next(handovers):
@@ -107,6 +113,37 @@ def test_retained_graph_twice_gives_the_same_grads():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_boundary_next_site_mailbox_with_other_consumers(handovers):
+    """Site 2's X (the boundary's X') feeds its post_res (hands over its mix's gradient), a
+    separate pre on the boundary's H_pre (hands over g_hin, computes its own dH_pre) and a plain
+    torch op (autograd's gradient): all reach dX' once; gradients equal the reference."""
+    x0 = torch.randn(T, N, C)
+    p, q = _params(9), _params(10)
+    g = torch.randn(T, N, C)
+
+    def run(k):
+        x = x0.clone().requires_grad_()
+        if k == "ref":
+            hp, ho, hr = reference.coeffs(x, *p, iters=20, eps=1e-6)
+            x1 = reference.post_res_mix(x, torch.tanh(reference.pre_mix(x, hp)), ho, hr)
+            hp2, ho2, hr2 = reference.coeffs(x1, *q, iters=20, eps=1e-6)
+            h2, extra = reference.pre_mix(x1, hp2), reference.pre_mix(x1, hp2)
+        else:
+            hp, ho, hr = torch.ops.mhc.coeffs(x, *p, 20, 1e-6, "mhc", k)
+            h = torch.ops.mhc.pre(x, hp, k)
+            x1, hp2, ho2, hr2, h2 = torch.ops.mhc.boundary(x, torch.tanh(h), ho, hr, *q, 20, 1e-6, "mhc", k)
+            extra = torch.ops.mhc.pre(x1, hp2, k)
+        out = reference.post_res_mix(x1, torch.sin(h2), ho2, hr2) if k == "ref" else \
+            torch.ops.mhc.post_res(x1, torch.sin(h2), ho2, hr2, k)
+        loss = (out * g).sum() + extra.square().sum() + 0.5 * x1.square().sum()
+        return torch.autograd.grad(loss, [x, *p, *q])
+
+    got, want = run("triton"), run("ref")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+    assert ["g_mix", "h_mix"] in handovers and ["g_hin", "h_pre"] in handovers
+
+
 def test_no_handover_without_x_grad_or_for_other_streams(handovers):
     p = _params(5)
     x = torch.randn(T, N, C)  # no grad: params only
@@ -115,8 +152,36 @@ def test_no_handover_without_x_grad_or_for_other_streams(handovers):
     hp, ho, hr = torch.ops.mhc.coeffs(y, *p, 20, 1e-6, "mhc", "triton")
     other = y.detach().clone().requires_grad_()  # post_res on other streams: not this site's X
     torch.ops.mhc.post_res(other, torch.ops.mhc.pre(y, hp, "triton"), ho, hr, "triton").sum().backward()
-    assert handovers == [["g_hin", "h_pre"]]
+    assert handovers == [["g_hin", "h_pre", "owe_dh"]]
     assert other.grad is not None and y.grad is not None
+
+
+def test_grad_of_h_pre_itself_is_computed_by_pre(handovers):
+    """Asked for the gradient of H_pre (coeffs' output) and not of X or the parameters, the
+    coeffs backward does not run in the pass: pre computes dH_pre itself (perturbed parameters),
+    and in a full pass it leaves it to coeffs (engine_will_run, a private engine query: this
+    test is its canary)."""
+    x0 = torch.randn(T, N, C)
+    p = _params(8)
+    x = x0.clone().requires_grad_()
+    hp, ho, hr = torch.ops.mhc.coeffs(x, *p, 20, 1e-6, "mhc", "triton")
+    out = torch.ops.mhc.post_res(x, torch.tanh(torch.ops.mhc.pre(x, hp, "triton")), ho, hr, "triton")
+    g = torch.randn_like(out)
+    (ghp,) = torch.autograd.grad(out, [hp], g, retain_graph=True)
+    assert sorted(handovers) == [["g_hin", "h_pre"], ["g_mix", "h_mix"]]
+    xr = x0.clone().requires_grad_()
+    hpr, hor, hrr = (t.detach().requires_grad_() for t in reference.coeffs(xr, *p, iters=20, eps=1e-6))
+    ref = reference.post_res_mix(xr, torch.tanh(reference.pre_mix(xr, hpr)), hor, hrr)
+    (ghp_ref,) = torch.autograd.grad(ref, [hpr], g)
+    torch.testing.assert_close(ghp, ghp_ref, rtol=2e-4, atol=2e-4)
+    handovers.clear()
+    out.backward(g)
+    assert sorted(handovers) == [["g_hin", "h_pre", "owe_dh"], ["g_mix", "h_mix"]]
+    xr.grad = None
+    hp_r, ho_r, hr_r = reference.coeffs(xr, *[t.detach().requires_grad_() for t in p], iters=20, eps=1e-6)
+    ref = reference.post_res_mix(xr, torch.tanh(reference.pre_mix(xr, hp_r)), ho_r, hr_r)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=2e-4, atol=2e-4)
 
 
 def test_float64_gradcheck_through_the_site():

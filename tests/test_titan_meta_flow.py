@@ -82,7 +82,7 @@ def _build(parallel_world: int, dump: str):
 
 
 def _mhc_at_init(model) -> int:
-    from mhc_compile.passes.placement import MHCSiteParams
+    from mhc_compile.placement import MHCSiteParams
 
     n = 0
     for box in model.modules():

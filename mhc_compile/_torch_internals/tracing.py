@@ -198,3 +198,17 @@ def at_backward_end(fn) -> bool:
     except RuntimeError:  # "Final callbacks can only be installed during backward pass"
         return False
     return True
+
+
+def engine_will_run(node) -> bool:
+    """Whether the autograd pass now running will execute ``node`` (a ``grad_fn``), from
+    ``torch._C._will_engine_execute_node``. False when unknown (outside a backward pass, no
+    node, the engine lacks the query, or a leaf's node under ``autograd.grad``, which the engine
+    does not answer): callers must then not rely on that node running."""
+    query = getattr(torch._C, "_will_engine_execute_node", None)
+    if query is None or node is None:
+        return False
+    try:
+        return bool(query(node))
+    except (RuntimeError, TypeError):
+        return False

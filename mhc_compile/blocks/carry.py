@@ -1,6 +1,6 @@
 """Rewrite each planned block's traced graph into its part of the chain, and install it.
 
-For a block, the passes run on its own graph (:func:`passes.rewrite.analyze`); the sites found
+For a block, the passes run on its own graph (:func:`graph_pipeline.analyze`); the sites found
 there must be the ones the whole-model graph found for the block (same kinds, channels and
 order), and take the whole graph's parameter names and chain positions, so the parameters and
 their init are the same in every path. Then :func:`passes.rewrite.rewrite_chain_part` emits the
@@ -28,8 +28,9 @@ from torch import fx, nn
 from .. import _torch_internals as _ti
 from ..config import MHCConfig
 from ..parallel.guard import check_block
-from ..passes.placement import safe_name, site_container
-from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, analyze, rewrite_chain_part
+from ..placement import safe_name, site_container
+from ..graph_pipeline import analyze
+from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, rewrite_chain_part
 from ..passes.streams import stream_wise_path
 from .plan import BlockPart, BlockPlan, BlockSpec
 from .signature import BlockCallError, ForwardSignature, call_key, describe_key

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..messages import first_line
-from ..passes.placement import MHCSiteParams, attach, site_container
+from ..placement import MHCSiteParams, attach, site_container
 from .signature import ForwardSignature, call_key, describe_key
 
 MAX_VARIANTS = 16   # captured graphs per model: more call signatures or sizes than this is a misuse
@@ -143,8 +143,9 @@ def _capture_variant(self: nn.Module, call: dict) -> fx.GraphModule:
     """The model's own forward captured for ``call`` and rewritten with its registered mHC
     parameters; refused when the capture does not find the same sites."""
     from ..convert import capture
-    from ..passes.mode_switch import make_mode_switchable
-    from ..passes.rewrite import BlockRewriteError, rewrite_graph
+    from ..graph_pipeline import rewrite_graph
+    from ..mode_switch import make_mode_switchable
+    from ..passes.rewrite import BlockRewriteError
     from .carry import _live_provider
 
     if any(p.device.type == "meta" for p in self.parameters()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -117,6 +118,22 @@ def mix_bwd_grid(tokens: int, channels: int, block_t: int, block_c: int, device:
     splits = c_splits(tokens, block_t, channels, block_c, device)
     chunk = triton.cdiv(triton.cdiv(channels, block_c), splits) * block_c
     return t_blocks, triton.cdiv(channels, chunk), chunk
+
+
+def reduction_splits(tblocks: int, chunks: int, sms: int, splits: Optional[int] = None,
+                     max_splits: int = 64, min_chunks: int = 4) -> tuple[int, int]:
+    """(S, chunks per split) of a split-K launch: a grid of ``tblocks`` token blocks, each of
+    whose reductions covers ``chunks`` chunks, on ``sms`` SMs. When there are fewer token blocks
+    than SMs (decode and short prefill shapes), each token block's reduction is shared by S
+    programs (at most ``max_splits``, at least ``min_chunks`` chunks each) so that the grid
+    fills the GPU; S = 1 otherwise (and with ``sms`` = 0, the interpreter). ``splits`` forces S
+    (tests). Pure arithmetic: tests/test_kernel_aot.py asserts the grids it gives."""
+    if splits is None:
+        if tblocks >= sms or chunks < 2 * min_chunks:
+            return 1, chunks
+        splits = min(max_splits, triton.cdiv(sms, tblocks), chunks // min_chunks)
+    per = triton.cdiv(chunks, max(1, min(int(splits), chunks)))
+    return triton.cdiv(chunks, per), per
 
 
 def sum_partials(part: torch.Tensor, static: bool, shape: torch.Size) -> torch.Tensor:

@@ -20,14 +20,10 @@ Bytes per token (element size e): reads X (nC e) + h_out (C e) once, writes X' (
 reads X' back (nC e), writes h_in (C e) and the coefficients ((2n + n^2) * 4). The unfused
 chain (post_res, coeffs, pre) moves (2n+1)C e + nC e + (n+1)C e.
 
-Backward (:func:`boundary_backward`), three launches plus post_res's backward:
-  1. this kernel again with WRITE_HIN=False, GHP=True: recompute X' (stored) and H_pre, and
-     accumulate the pre-mix's gradient of H_pre, sum_c g_h_in X', from the same chunks;
-  2. coeffs backward kernel 1 on X' (dh, on-chip Sinkhorn replay);
-  3. coeffs backward kernel 2 on X' with EXTRA: dX' = g_x_next + H_pre g_h_in + dp phi^T + s X'
-     summed in fp32 and written once in x's dtype, plus the gphi partials;
-  4. ``post_res_backward(dX', x, h_out, H_post, H_res)`` (kernels/post_res.py).
-  About 9 nC element moves per token instead of ~16 for the three unfused backwards.
+Backward (:func:`boundary_backward`), two passes over the streams (``kernels.boundary_bwd``):
+the coeffs dh kernel on the forward's saved X' (recomputed by this kernel with WRITE_HIN=False
+only when not given), then one kernel for dX' and site l's post_res backward; 5n + 4 units of
+C * e per token with X' saved (it is site l+1's X anyway).
 float64 inputs, and h_out in another dtype than x, are not run here: ``mhc_compile.ops`` sends
 them to the reference composition (forward and backward), so gradcheck runs through the same
 entry points; the wrappers refuse them.
@@ -40,11 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_post_res_shapes, coeff_rows, on_gpu
-from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, logit_consts
+from ._common import check_post_res_shapes, coeff_rows, num_sms, on_gpu, reduction_splits
+from .coeff_common import activate, as_f32, check_not_float64, check_phi, coeff_outputs, colmap, dot_acc, logit_consts
 from .coeff_common import logit_layout, site_logits, store_coeffs
-from .coeffs import coeffs_backward
-from .post_res import post_res_backward
+from .boundary_bwd import post_res_pass
+from .coeffs import dh_pass, small_grads, x_pass
+from .split_k import _finish_kernel, finish_config, hin_pass, store_partials
 
 Tensor = torch.Tensor
 
@@ -55,15 +52,19 @@ def _boundary_fwd_kernel(
     x_ptr, hout_ptr, hpost_ptr, hres_ptr,
     phi_ptr, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr,
     xn_ptr, hp_ptr, ho_ptr, hr_ptr, hin_ptr,
-    ghin_ptr, ghp_ptr,
-    T, C, J, stride_post, stride_res, eps, iters,
+    ghin_ptr, ghp_ptr, accp_ptr, ssp_ptr, ghpp_ptr,
+    T, C, J, stride_post, stride_res, CSPLIT, eps, iters,
     N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, HC: tl.constexpr, SPREAD_: tl.constexpr,
-    DOT_P: tl.constexpr, WRITE_HIN: tl.constexpr, GHP: tl.constexpr,
+    DOT_P: tl.constexpr, WRITE_HIN: tl.constexpr, GHP: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # GHP (backward recompute): also ghp[t, i] = sum_c g_hin[t, c] X'[t, i, c], the pre-mix's
     # gradient of H_pre, accumulated from the same X' chunks.
+    # SPLIT (split-K, grid (token blocks, S)): pass 1 over channels [s CSPLIT, (s+1) CSPLIT) only,
+    # then store the fp32 partials (acc, sumsq, ghp) for split_k._finish_kernel; otherwise
+    # CSPLIT = C, one program per token block runs everything.
     pid = tl.program_id(0)
+    c_lo = tl.program_id(1) * CSPLIT
     t = pid * BT + tl.arange(0, BT)
     tm = t < T
     t64 = t.to(tl.int64)
@@ -82,7 +83,7 @@ def _boundary_fwd_kernel(
     ghp = tl.zeros((BT, NP), dtype=tl.float32)
 
     # ---- pass 1: X' = H_res X + H_post h_out; projection and sum of squares of rounded X'
-    for c0 in range(0, C, BC):
+    for c0 in range(c_lo, tl.minimum(c_lo + CSPLIT, C), BC):
         c = c0 + tl.arange(0, BC)
         cm = c < C
         m2 = tm[:, None] & cm[None, :]
@@ -106,53 +107,69 @@ def _boundary_fwd_kernel(
         kmask = vec[:, None] & cm[None, :]
         ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
                      mask=kmask[:, :, None] & jvalid[None, None, :], other=0.0)
-        acc += tl.dot(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), input_precision=DOT_P)
+        acc = dot_acc(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), acc,
+                      xn_ptr.dtype.element_ty.primitive_bitwidth == 16, DOT_P)
 
-    # ---- site l+1's coefficients, in registers
-    r, h, u, ures, upre, upost, lpre, lpost, lres = site_logits(
-        acc, sumsq, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, K, eps, N, NP, G, BT, HC)
-    hp, ho, hr = activate(lpre, lpost, lres, iters, N, NP, HC, SPREAD_)
-    store_coeffs(hp_ptr, ho_ptr, hr_ptr, t, tm, hp, ho, hr, N, NP)
-    if GHP:
-        tl.store(ghp_ptr + t64[:, None] * N + i[None, :], ghp, mask=tm[:, None] & vec[None, :])
-
-    # ---- pass 2: h_in = sum_i H_pre[i] X'[i] from the X' this program just wrote
-    if WRITE_HIN:  # False when the backward only recomputes X' and the coefficients
-        tl.debug_barrier()
-        _hin_pass(xn_ptr, hin_ptr, hp, t64, tm, i, vec, C, N, BC)
-
-
-@triton.jit
-def _hin_pass(xn_ptr, hin_ptr, hp, t64, tm, i, vec, C, N: tl.constexpr, BC: tl.constexpr):
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
-        cm = c < C
-        m3 = tm[:, None, None] & vec[None, :, None] & cm[None, None, :]
-        offs3 = (t64[:, None, None] * N + i[None, :, None]) * C + c[None, None, :]
-        xf = tl.load(xn_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
-        hin = tl.sum(hp[:, :, None] * xf, axis=1)
-        tl.store(hin_ptr + t64[:, None] * C + c[None, :], hin.to(hin_ptr.dtype.element_ty),
-                 mask=tm[:, None] & cm[None, :])
+    if SPLIT:
+        store_partials(accp_ptr, ssp_ptr, acc, sumsq, t64, tm, T, W)
+        if GHP:
+            row = t64 + tl.program_id(1) * T
+            tl.store(ghpp_ptr + row[:, None] * NP + i[None, :], ghp, mask=tm[:, None])
+    else:
+        # ---- site l+1's coefficients, in registers
+        r, h, u, ures, upre, upost, lpre, lpost, lres = site_logits(
+            acc, sumsq, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, K, eps, N, NP, G, BT, HC)
+        hp, ho, hr = activate(lpre, lpost, lres, iters, N, NP, HC, SPREAD_)
+        store_coeffs(hp_ptr, ho_ptr, hr_ptr, t, tm, hp, ho, hr, N, NP)
+        if GHP:
+            tl.store(ghp_ptr + t64[:, None] * N + i[None, :], ghp, mask=tm[:, None] & vec[None, :])
+        # ---- pass 2: h_in = sum_i H_pre[i] X'[i] from the X' this program just wrote
+        if WRITE_HIN:  # False when the backward only recomputes X' and the coefficients
+            tl.debug_barrier()
+            hin_pass(xn_ptr, hin_ptr, hp, t64, tm, i, vec, 0, C, C, N, BC)
 
 
 # ============================================================================ launch configuration
 def launch_config(n: int, C: int, variant: str, gpu: bool) -> tuple[dict, int, int]:
-    """(constexprs but WRITE_HIN and GHP, num_warps, num_stages) for ``n`` streams of ``C``
-    channels; ``gpu``: compiled for CUDA rather than the interpreter. The wrappers below and
-    ``kernels.aot`` launch and compile from this one place.
+    """(constexprs but WRITE_HIN, GHP and SPLIT, num_warps, num_stages) for ``n`` streams of
+    ``C`` channels; ``gpu``: compiled for CUDA rather than the interpreter. The wrappers below
+    and ``kernels.aot`` launch and compile from this one place.
 
-    GPU: a K chunk of n_pad*BLOCK_C = 64 keeps the fp32 dot operands (BLOCK_T x 64 and 64 x W)
-    small (a chunk of 128 spilled at a decode T = 8); 4 warps at n = 3, 4 (8 warps held 128
-    registers and spilled 16 B at n = 3 with triton 3.6), 8 otherwise (4 spilled at n = 1, 2),
-    2 pipeline stages: no spills for n <= 4 in the sm_90 AOT compile with a launch's
-    divisibility (tests/test_kernel_aot.py, triton 3.6 and 3.9). Untuned on hardware.
+    GPU, n <= 4: 64-token tiles on one warpgroup (4 warps), so the projection
+    (64, n_pad*BLOCK_C) x (n_pad*BLOCK_C, W) is a wgmma (Hopper's tensor-core MMA needs M = 64
+    per warpgroup; W = 16 or 32, tf32x3 = three tf32 wgmmas per chunk), with a K chunk of
+    n_pad*BLOCK_C = 32: the fp32 X' tile (64, n_pad, BLOCK_C) then stays at 16 registers a
+    thread, and the kernel at 96-245 registers x 128 threads, <= 39 KiB of shared memory, so
+    >= 2 CTAs per SM and no spills (sm_90 AOT compile with a launch's divisibility, triton 3.6
+    and 3.9, tests/test_kernel_aot.py; a chunk of 64 held 255 registers and spilled at n = 3
+    in fp32). n > 4: 16-token tiles, n_pad*BLOCK_C = 64, 8 warps (mma.sync). Untuned on hardware.
     Interpreter: small blocks (its cost is per op)."""
-    if gpu:
-        np_, _, _ = logit_layout(n)
-        bt, bc, warps = 16, max(8, min(64 // np_, triton.next_power_of_2(C))), 4 if np_ == 4 else 8
-    else:
+    np_, _, _ = logit_layout(n)
+    if not gpu:
         bt, bc, warps = 16, 16, 1
+    elif np_ <= 4:
+        bt, bc, warps = 64, max(16 // np_, min(32 // np_, triton.next_power_of_2(C))), 4
+    else:
+        bt, bc, warps = 16, 8, 8
     return dict(logit_consts(n, variant, gpu), BT=bt, BC=bc), warps, 2
+
+
+def launch_grid(T: int, C: int, consts: dict, sms: int, splits: Optional[int] = None) -> tuple[int, int, int]:
+    """(token blocks, S, channels per split) of a launch at T tokens of C channels with
+    :func:`launch_config`'s ``consts`` on ``sms`` SMs (0 in the interpreter: no split unless
+    ``splits`` asks). S > 1: split-K, the kernel with SPLIT then ``split_k._finish_kernel``."""
+    tblocks = triton.cdiv(T, consts["BT"])
+    s, per = reduction_splits(tblocks, triton.cdiv(C, consts["BC"]), sms, splits)
+    return tblocks, s, per * consts["BC"]
+
+
+def hin_grid(T: int, C: int, fconsts: dict, sms: int, splits: Optional[int] = None) -> tuple[int, int, int]:
+    """(token blocks, programs per block, channels each) of the split-K finish kernel with its h_in
+    pass (``fconsts``: ``split_k.finish_config``'s). Every program re-sums its block's S partials,
+    so the blocks get at most 16 programs each (the partials' L2 re-reads grow with S x programs)."""
+    tblocks = triton.cdiv(T, fconsts["BT"])
+    s, per = reduction_splits(tblocks, triton.cdiv(C, fconsts["BC"]), sms, splits, max_splits=16)
+    return tblocks, s, per * fconsts["BC"]
 
 
 def _check(x, h_out, h_post, h_res, phi, *params) -> tuple[bool, bool]:
@@ -170,7 +187,7 @@ def boundary_forward(
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
     phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
     iters: int, eps: float, variant: str, out: Optional[tuple[Tensor, ...]] = None,
-    write_h_in: bool = True, g_h_in: Optional[Tensor] = None,
+    write_h_in: bool = True, g_h_in: Optional[Tensor] = None, splits: Optional[int] = None,
 ) -> tuple[Tensor, ...]:
     """(x_next (T, n, C), h_pre (T, n), h_post (T, n), h_res (T, n, n), h_in (T, C)).
 
@@ -180,10 +197,13 @@ def boundary_forward(
     ``write_h_in=False`` skips the second pass (h_in is then left unwritten; the backward uses
     it to recompute X' and H_pre only). ``g_h_in`` (T, C): also return a sixth output,
     ``sum_c g_h_in * X'`` (T, n) fp32 (the pre-mix's gradient of H_pre, for the backward).
+    ``splits``: split-K programs per token block (None: :func:`launch_grid` picks, 1 in the
+    interpreter; tests force it).
     """
     post_static, res_static = _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     T, n, C = x.shape
-    consts, warps, stages = launch_config(n, C, variant, on_gpu(x.device))
+    gpu = on_gpu(x.device)
+    consts, warps, stages = launch_config(n, C, variant, gpu)
     x, h_out = x.contiguous(), h_out.contiguous()
     h_post, h_res, phi, alpha, b_pre, b_post, b_res = as_f32(h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     dev = x.device
@@ -197,12 +217,25 @@ def boundary_forward(
     if T == 0:
         return out if ghp is None else (*out, ghp)
     ghin = out[4] if g_h_in is None else g_h_in.reshape(T, C).contiguous()
-    _boundary_fwd_kernel[(triton.cdiv(T, consts["BT"]),)](
-        x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *out,
-        ghin, out[1] if ghp is None else ghp,
-        T, C, 2 * n + n * n, 0 if post_static else n, 0 if res_static else n * n, float(eps), int(iters),
-        **consts, WRITE_HIN=bool(write_h_in), GHP=ghp is not None, num_warps=warps, num_stages=stages,
+    tblocks, S, csplit = launch_grid(T, C, consts, num_sms(dev) if gpu else 0, splits)
+    w, np_ = consts["W"], consts["NP"]
+    accp = torch.empty((S, T, w) if S > 1 else (1,), dtype=torch.float32, device=dev)
+    ssp = torch.empty((S, T) if S > 1 else (1,), dtype=torch.float32, device=dev)
+    ghpp = torch.empty((S, T, np_) if S > 1 and ghp is not None else (1,), dtype=torch.float32, device=dev)
+    hgp = out[1] if ghp is None else ghp
+    _boundary_fwd_kernel[(tblocks, S)](
+        x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *out, ghin, hgp, accp, ssp, ghpp,
+        T, C, 2 * n + n * n, 0 if post_static else n, 0 if res_static else n * n, csplit, float(eps), int(iters),
+        **consts, WRITE_HIN=bool(write_h_in), GHP=ghp is not None, SPLIT=S > 1, num_warps=warps, num_stages=stages,
     )
+    if S > 1:
+        fconsts, fwarps = finish_config(n, variant, gpu, consts["BC"])
+        ftb, fs, hsplit = hin_grid(T, C, fconsts, num_sms(dev) if gpu else 0, splits)
+        _finish_kernel[(ftb, fs if write_h_in else 1)](
+            accp, ssp, ghpp, alpha, b_pre, b_post, b_res, *out[1:4], hgp, out[0], out[4],
+            T, C, n * C, S, hsplit, float(eps), int(iters),
+            **fconsts, GHP=ghp is not None, HIN=bool(write_h_in), num_warps=fwarps,
+        )
     return out if ghp is None else (*out, ghp)
 
 
@@ -210,28 +243,36 @@ def boundary_backward(
     g_xn: Tensor, g_hp: Tensor, g_ho: Tensor, g_hr: Tensor, g_hin: Tensor,
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
     phi: Tensor, alpha: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
-    iters: int, eps: float, variant: str, write_gx: bool = True,
+    iters: int, eps: float, variant: str, x_next: Optional[Tensor] = None,
+    mix: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, ...]:
     """(gx, gh_out, gh_post, gh_res, gphi, galpha, gb_pre, gb_post, gb_res), each shaped like its input.
 
-    Recomputes X' and H_pre (fused forward), then chains the pre, coeffs and post_res backward
-    kernels. Same dtypes as :func:`boundary_forward`. ``write_gx=False``: the first element is
-    dX' (T, n, C) instead of gx, and gx = H_res^T dX' is not computed (the caller adds it into
-    its own dX: ops' site mailbox).
+    ``x_next``: the forward's X' (saved; it is site l+1's X); None recomputes it (this kernel,
+    no h_in pass). Then two passes (``kernels.boundary_bwd``): the coeffs dh kernel on X' (with
+    the pre-mix's dH_pre and H_pre from the same pass), and one kernel for dX' (fp32, never
+    written) and site l's post_res backward. Same dtypes as :func:`boundary_forward`.
+    ``g_xn`` None: 0; ``mix = (g (T, n, C), h_res (T, n, n))`` adds ``H_res^T g`` to dX' (the
+    next post_res mix's dX' from its incoming gradient: ops' site mailbox).
     """
-    _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
+    post_static, res_static = _check(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)
     T, n, C = x.shape
-    grads = (g_xn.reshape(T, n, C), g_hp.reshape(T, n), g_ho.reshape(T, n), g_hr.reshape(T, n, n), g_hin.reshape(T, C))
-    # recompute X' and H_pre (no h_in pass), and the pre-mix's gradient of H_pre on the way
-    xn, hp, _, _, _, ghp_pre = boundary_forward(
-        x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
-        write_h_in=False, g_h_in=grads[4],
+    params = (phi, alpha, b_pre, b_post, b_res)
+    if T == 0:
+        return (torch.zeros_like(x), torch.zeros_like(h_out), torch.zeros_like(h_post), torch.zeros_like(h_res),
+                *(torch.zeros_like(p) for p in params))
+    x, h_out = x.contiguous(), h_out.contiguous()
+    if x_next is None:
+        xn = boundary_forward(x, h_out, h_post, h_res, *params, iters, eps, variant, write_h_in=False)[0]
+    else:
+        xn = x_next.reshape(T, n, C).contiguous()
+    g_hin = g_hin.reshape(T, C).contiguous()
+    dh = dh_pass(g_hp.reshape(T, n), g_ho, g_hr, xn, params, iters, eps, variant, pre_grad=g_hin, want_hp=True)
+    hpost32, hres32 = as_f32(h_post, h_res)
+    gx, gho, ghp, ghr = post_res_pass(
+        x, h_out, hpost32, hres32, xn, dh.p32[0], dh.dp, dh.s, None if g_xn is None else g_xn.reshape(T, n, C).contiguous(),
+        g_hin, dh.hp, post_static, res_static, dh.consts,
+        None if mix is None else (mix[0].reshape(T, n, C).contiguous(), as_f32(mix[1].reshape(T, n, n))[0]),
     )
-    # coeffs backward on X'; its gx kernel also adds dL/dX' and the pre-mix's h_pre * g_h_in,
-    # so the total dX' is summed in fp32 and written once, in x's dtype
-    gxn, gphi, galpha, gbp, gbo, gbr = coeffs_backward(
-        grads[1].float() + ghp_pre, grads[2], grads[3], xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
-        extra=(grads[0], grads[4], hp),
-    )
-    gx, gh_out, gh_post, gh_res = post_res_backward(gxn, x, h_out, h_post, h_res, write_gx=write_gx)
-    return gx if write_gx else gxn, gh_out, gh_post.to(h_post.dtype), gh_res.to(h_res.dtype), gphi, galpha, gbp, gbo, gbr
+    gphi = x_pass(dh, xn, None)  # X'^T dp: one more read of X' (see kernels.boundary_bwd)
+    return (gx, gho, ghp.to(h_post.dtype), ghr.to(h_res.dtype), *small_grads(dh, gphi, params))

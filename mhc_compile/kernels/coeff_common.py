@@ -1,7 +1,8 @@
 """Triton building blocks shared by the two coefficient kernels, ``kernels.coeffs`` and
 ``kernels.boundary``: the in-register logit tile, the activations, Sinkhorn forward and its
-on-chip reverse-mode replay, and the launch helpers both wrappers use (variant flag, parameter
-checks, fp32 parameter copies, ``tl.dot`` precision, output buffers, the constexprs every
+on-chip reverse-mode replay, the coeffs backward's projection over every stream's channel
+chunks (:func:`project_streams`), and the launch helpers both wrappers use (variant flag,
+parameter checks, fp32 parameter copies, ``tl.dot`` precision, output buffers, the constexprs every
 coefficient kernel takes). Nothing here launches a kernel; the math is exactly
 ``reference.coeffs(..., dynamic=True)``.
 
@@ -32,6 +33,54 @@ def logit_layout(n: int) -> tuple[int, int, int]:
     np_ = max(2, next_power_of_2(n))
     w = max(16, 2 * np_ * np_)
     return np_, w // (np_ * np_), w
+
+
+@triton.jit
+def dot_acc(a, b, acc, A16: tl.constexpr, DOT_P: tl.constexpr):
+    """acc + a @ b, fp32 operands and accumulator, at precision DOT_P. ``A16``: a holds values of
+    a 16-bit float (x or X' upcast), exact in tf32, so tf32x3's a_lo * b_hi product is zero: with
+    DOT_P = "tf32x3" this takes two tf32 MMAs instead, a * hi(b) + a * (b - hi(b)), hi(b) = b
+    rounded to tf32 (10 mantissa bits; the MMA drops the lower bits of b - hi(b), an error below
+    2^-22 |b|, as tf32x3's). One wgmma of three saved per chunk, and the registers of a's split."""
+    if A16:
+        if DOT_P == "tf32x3":
+            hi = ((b.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(a, hi, acc, input_precision="tf32")
+            return tl.dot(a, b - hi, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision=DOT_P)
+
+
+@triton.jit
+def project_streams(x_ptr, phi_ptr, ghin_ptr, t, tm, C, J,
+                    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                    DOT_P: tl.constexpr, GHP: tl.constexpr):
+    """The coeffs dh kernel's projection and sum of squares (as ``coeffs._project``) over
+    channel chunks of every stream at once ((BT, NP, BC) tiles of x), and with GHP the pre-mix's
+    gradient of H_pre, ghp[t, i] = sum_c ghin[t, c] x[t, i, c], from the same chunks (ghin read
+    once per channel, not once per stream)."""
+    jcol, jvalid = colmap(N, NP, W)
+    i = tl.arange(0, NP)
+    vec = i < N
+    t64 = t.to(tl.int64)
+    acc = tl.zeros((BT, W), dtype=tl.float32)
+    sumsq = tl.zeros((BT,), dtype=tl.float32)
+    ghp = tl.zeros((BT, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < C
+        m3 = tm[:, None, None] & vec[None, :, None] & cm[None, None, :]
+        xf = tl.load(x_ptr + (t64[:, None, None] * N + i[None, :, None]) * C + c[None, None, :],
+                     mask=m3, other=0.0).to(tl.float32)
+        sumsq += tl.sum(tl.sum(xf * xf, axis=2), axis=1)
+        if GHP:
+            gh = tl.load(ghin_ptr + t64[:, None] * C + c[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
+            ghp += tl.sum(xf * gh.to(tl.float32)[:, None, :], axis=2)
+        krow = (i[:, None] * C + c[None, :]).to(tl.int64)  # flat index of (stream, channel)
+        ph = tl.load(phi_ptr + krow[:, :, None] * J + jcol[None, None, :],
+                     mask=(vec[:, None] & cm[None, :])[:, :, None] & jvalid[None, None, :], other=0.0)
+        acc = dot_acc(tl.reshape(xf, (BT, NP * BC)), tl.reshape(ph, (NP * BC, W)), acc,
+                      x_ptr.dtype.element_ty.primitive_bitwidth == 16, DOT_P)
+    return acc, sumsq, ghp
 
 
 @triton.jit

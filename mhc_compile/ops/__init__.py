@@ -32,9 +32,10 @@ The kernel modules implement, on 3-d tensors (T, n, C) and 2-d/3-d coefficients:
     kernels.pre.pre_forward / pre_backward
     kernels.post_res.post_res_forward / post_res_backward
 
-The package: ``custom.py`` (the ops, fakes, autograd), ``dispatch.py`` (which implementation runs,
-the calls into the kernels), ``recording.py`` (:class:`record_coeffs`); this module holds the public
-wrappers the passes emit.
+The package: ``table.py`` (the one table of the ops: outputs, saved inputs, reference / Triton /
+CPU functions), ``custom.py`` (the ops registered from it, autograd), ``dispatch.py`` (which
+implementation runs, the calls into the kernels), ``recording.py`` (:class:`record_coeffs`); this
+module holds the public wrappers the passes emit.
 """
 from __future__ import annotations
 

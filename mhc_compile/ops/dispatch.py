@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..config import KERNELS
 from ..site_grad import SiteGrad
+from .table import OPS
 
 # x dtypes the fused coefficient kernels (coeffs, boundary) run; see _fused_triton
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,25 +57,24 @@ def _flat_coeff(h: Tensor, tail: int) -> Tensor:
 # writes the site's one dX (no autograd adds; Triton, eager, plain tensors: see site_grad).
 def _coeffs_bwd_joined(ctx, g_pre, g_post, g_res, box: SiteGrad, saved: tuple):
     """coeffs backward (Triton: a mailbox exists only then) plus the dX parts handed over by pre
-    and post_res/boundary, summed in fp32 by the gx kernel and written once."""
-    from ..kernels.coeffs import coeffs_backward
-
+    and post_res/boundary, summed in fp32 by the gx kernel and written once, and pre's dH_pre
+    when pre left it to the dh kernel's pass over X (``g_pre`` None: no other gradient of H_pre)."""
+    coeffs_backward = OPS["coeffs"].function("triton", backward=True)
     x, phi, alpha, b_pre, b_post, b_res = saved
     iters, eps, variant, _ = ctx.args
-    g_add, g_hin, h_pre, g_mix, h_mix = box.take()
+    g_add, g_hin, h_pre, g_mix, h_mix, g_hpre = box.take()
     gx, *rest = coeffs_backward(
-        _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+        None if g_pre is None else _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
         _flat3(x), phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
         extra=(g_add, g_hin, h_pre), mix=None if g_mix is None else (g_mix, h_mix),
+        pre_grad=None if g_hpre is None else g_hpre.reshape(-1, x.shape[-1]),
     )
     return (gx.reshape(x.shape), *rest)
 
 
 def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -> tuple:
     """The Triton post_res backward, gradients shaped like the inputs (gx None without write_gx)."""
-    from ..kernels.post_res import post_res_backward
-
-    gx, gho, ghp, ghr = post_res_backward(
+    gx, gho, ghp, ghr = OPS["post_res"].function("triton", backward=True)(
         _flat3(grad), _flat3(x), h_out.reshape(-1, x.shape[-1]).contiguous(),
         _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), write_gx=write_gx,
     )
@@ -83,16 +83,16 @@ def _post_res_bwd_triton(grad, x, h_out, h_post, h_res, write_gx: bool = True) -
 
 
 def _boundary_bwd_triton(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res, *rest,
-                         write_gx: bool = True) -> tuple:
+                         x_next=None, mix=None) -> tuple:
     """The Triton boundary backward (``rest``: phi, alpha, b_pre, b_post, b_res, iters, eps,
-    variant), gradients shaped like the inputs; without write_gx the first is dX', not dX."""
-    from ..kernels.boundary import boundary_backward
-
+    variant), gradients shaped like the inputs; ``x_next``: the forward's X' (None: recomputed);
+    ``g_x_next`` None: 0; ``mix``: (g, H_res) of the next site's post_res mix (see the kernel)."""
     c = x.shape[-1]
-    grads = boundary_backward(
-        _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
+    grads = OPS["boundary"].function("triton", backward=True)(
+        None if g_x_next is None else _flat3(g_x_next), _flat_coeff(g_pre, 1), _flat_coeff(g_post, 1), _flat_coeff(g_res, 2),
         g_h_in.reshape(-1, c).contiguous(), _flat3(x), h_out.reshape(-1, c).contiguous(),
-        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, write_gx=write_gx,
+        _flat_coeff(h_post, 1), _flat_coeff(h_res, 2), *rest, x_next=None if x_next is None else _flat3(x_next),
+        mix=None if mix is None else (_flat3(mix[0]), mix[1]),
     )
     like = (x, h_out, h_post, h_res, *rest[:5])
     return tuple(g.reshape(t.shape).contiguous() for g, t in zip(grads, like))

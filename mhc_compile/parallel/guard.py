@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..passes.placement import MHCSiteParams
+from ..placement import MHCSiteParams
 from .mixed import HELPER, DTensor, MHCParallelError, Replicate
 
 

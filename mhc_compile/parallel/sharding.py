@@ -118,16 +118,16 @@ def _boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, 
 
 
 def _boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, x, h_out, h_post, h_res,
-                       phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels):
+                       phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels, x_next=None):
     grads = (g_x_next, g_pre, g_post, g_res, g_h_in)
     rest = (phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
 
-    def build(d):
+    def build(d):  # x_next (the forward's X', optional) is laid out like x
         if d is None:
-            return [_R] * 9, _rep(grads + (x, h_out, h_post, h_res) + rest)
+            return [_R] * 9, _rep(grads + (x, h_out, h_post, h_res) + rest + (x_next,))
         outs = [Shard(d), Shard(d), _follow(h_post, x, d, grad=True), _follow(h_res, x, d, grad=True)] + [Partial()] * 5
         ins = [Shard(d)] * 7 + [_follow(h_post, x, d), _follow(h_res, x, d)] + _rep(rest)
-        return outs, ins
+        return outs, ins + [Shard(d) if _is_spec(x_next) else None]
     return _strategies(x, build)
 
 

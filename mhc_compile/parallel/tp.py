@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..engine_init import is_titan_container
-from ..passes.placement import MHCSiteParams
+from ..placement import MHCSiteParams
 from .mixed import HELPER, MHCParallelError, declare_local_streams
 
 

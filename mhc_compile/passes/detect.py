@@ -45,9 +45,8 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .nodes import (  # noqa: F401 (re-exported: the passes and tests read nodes through detect too)
-    _SHAPE_ONLY_NAMES, carries_tensor, module_path, module_stack, node_val, normalize_path,
-    same_shape, target_name, tensor_info,
+from .nodes import (
+    _SHAPE_ONLY_NAMES, carries_tensor, module_path, module_stack, node_val, same_shape, target_name, tensor_info,
 )
 
 aten = torch.ops.aten

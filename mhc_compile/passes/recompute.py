@@ -46,6 +46,8 @@ import torch
 from torch import fx
 
 from .. import _torch_internals as _ti
+from ..ops import table as _table
+from ..ops.table import OPS, STREAM_OPS
 
 __all__ = [
     "recompute_block_size",
@@ -57,8 +59,7 @@ __all__ = [
     "MHC_FORWARD_OPS",
 ]
 
-MHC_FORWARD_OPS = ("coeffs", "pre", "post_res", "boundary")
-_OUT_OPS = ("post_res", "boundary")
+MHC_FORWARD_OPS = tuple(OPS)  # ops/table.py; STREAM_OPS: those that produce the streams
 _AC_GRAPH_ID_BASE = 1 << 20  # above any torch.utils.checkpoint region id of the user's own code
 _MAX_GLUE = 64               # stream-wise nodes searched between two sites
 _DONE_ATTR = "_mhc_recompute_tagged"
@@ -140,7 +141,7 @@ def last_records() -> list[RecomputeRecord]:
 
 # ----------------------------------------------------------------------------- graph helpers
 def _mhc_kind(node: fx.Node) -> Optional[str]:
-    """'coeffs' / 'pre' / 'post_res' / 'boundary' for a forward mhc:: op node, else None."""
+    """The table name (``ops/table.py``) of a forward mhc:: op node, else None."""
     if node.op != "call_function":
         return None
     name = _ti.op_schema_name(node.target)
@@ -189,11 +190,13 @@ def _getitems(node: fx.Node) -> list:
 
 
 def _stream_out(node: fx.Node, kind: str) -> Optional[fx.Node]:
-    """The node holding the streams an out-op produces: post_res itself, boundary's output 0."""
-    if kind == "post_res":
+    """The node holding the streams an out-op produces: the op itself when that is its one
+    output (post_res), else the getitem of its streams output (boundary's output 0)."""
+    op = OPS[kind]
+    if len(op.outputs) == 1:
         return node
     for g in _getitems(node):
-        if g.args[1] == 0:
+        if g.args[1] == op.stream_out:
             return g
     return None
 
@@ -272,7 +275,7 @@ def _collect_sites(graph: fx.Graph) -> list:
             continue
         sites.setdefault(node.args[0], _Site(node.args[0], [])).ops.append(node)
     for site in sites.values():
-        outs = [op for op in site.ops if _mhc_kind(op) in _OUT_OPS]
+        outs = [op for op in site.ops if _mhc_kind(op) in STREAM_OPS]
         site.out = outs[0] if len(outs) == 1 else None
     for site in sites.values():
         if site.out is not None:
@@ -450,8 +453,10 @@ _SOURCE_HASH: list = []
 
 def _source_hash() -> str:
     if not _SOURCE_HASH:
-        # the tags are written through _torch_internals: its source is part of the cache key too
-        src = Path(__file__).read_bytes() + b"".join(Path(f).read_bytes() for f in _ti.SOURCE_FILES)
+        # the tags are written through _torch_internals and follow the op table: their sources
+        # are part of the cache key too
+        files = (*_ti.SOURCE_FILES, _table.__file__)
+        src = Path(__file__).read_bytes() + b"".join(Path(f).read_bytes() for f in files)
         _SOURCE_HASH.append(hashlib.sha256(src).hexdigest()[:16])
     return _SOURCE_HASH[0]
 

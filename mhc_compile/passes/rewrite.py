@@ -1,4 +1,7 @@
-"""Rewrite a ``torch.fx.GraphModule``'s residual chains into n-stream mHC: emit the ops, rewire f, add parameters.
+"""Emit one residual chain of a ``torch.fx.GraphModule`` as n-stream mHC: the ops, f rewired, the parameters.
+
+The emitter only: which sites and chains, their names and the report come from
+``mhc_compile.graph_pipeline`` (``analyze``, ``rewrite_graph``, ``build_report``).
 
 For each chain (see ``streams``), with ``fa`` the feature axis (moved last around the mHC ops):
 
@@ -31,37 +34,22 @@ from typing import Callable, Optional
 import torch
 from torch import fx, nn
 
-from .. import ops, reference
+from .. import ops
 from ..config import MHCConfig
-from ..report import ChainReport, NativeStreamsReport, NotTakenReport, ResidualReport, SiteReport
-from .detect import DetectResult, Site, detect_sites, node_val
-from .placement import InitRecipe, SiteInit, attach, safe_path, site_container
+from ..ops.table import OPS, STREAMS
+from ..placement import InitRecipe, SiteInit, attach, site_container
+from .detect import Site
+from .nodes import node_val
 from .stream_views import restate, view_kind
-from .streams import Chain, build_chains
+from .streams import Chain
 
 ParamProvider = Callable[[str, dict], dict]
-_COEFF_NAMES = ("mhc_h_pre", "mhc_h_post", "mhc_h_res")
+_COEFFS, _PRE, _POST_RES, _BOUNDARY = OPS["coeffs"], OPS["pre"], OPS["post_res"], OPS["boundary"]  # ops/table.py
 
 
 def default_param_provider(site_name: str, init: dict) -> dict:
     """Fresh ``nn.Parameter``s initialised from ``init``."""
     return {k: nn.Parameter(v.detach().clone()) for k, v in init.items()}
-
-
-# ----------------------------------------------------------------------------- naming
-def assign_names(sites: list) -> None:
-    """Give each site a unique parameter prefix (``site.name``)."""
-    used: set = set()
-    for k, site in enumerate(sites):
-        base = safe_path(site.branch_path)
-        name = f"{base}.mhc" if base else ""
-        if not name or name in used:
-            owner = safe_path(site.module_path)
-            name = f"{owner}.mhc_site{k}" if owner else f"mhc_site{k}"
-        while name in used:
-            name += "_"
-        used.add(name)
-        site.name = name
 
 
 def _register(gm: nn.Module, site_name: str, params: dict, recipe: Optional[InitRecipe] = None) -> list:
@@ -79,13 +67,6 @@ def _param_device(gm: nn.Module, site: Site) -> torch.device:
     for p in gm.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def site_param_count(n: int, channels: int, dynamic: bool) -> int:
-    count = 2 * n + n * n
-    if dynamic:
-        count += n * channels * reference.num_logits(n) + 3
-    return count
 
 
 # ----------------------------------------------------------------------------- emitter
@@ -210,7 +191,7 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         X = _apply_stream_wise(st, e, ends.stream_in, ends.lead)
     else:
         e = _Emitter(st.graph, _cursor_for(st.graph, first.x))
-        X = e.named("mhc_x", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams)
+        X = e.named(f"mhc_{STREAMS}", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams)
     head: Optional[tuple] = None  # (h_pre, h_post, h_res, h_in) of the current site, from a boundary
     for k, site in enumerate(chain.sites):
         hp, ho, hr, h_in = head if head is not None else _site_head(st, site, e, X)
@@ -261,8 +242,8 @@ def _skip_nodes_only_the_add_reads(site: Site) -> list:
 def _site_head(st: _ChainRewrite, site: Site, e: _Emitter, X: fx.Node) -> tuple:
     """Emit a site's parameters, coefficients and pre-mix: (h_pre, h_post, h_res, h_in)."""
     p = _site_params(st.gm, site, st.config, st.provider, e, st.names)
-    hp, ho, hr = e.getitems(e.named("mhc_coeffs", ops.coeffs, X, *_coeff_args(p, st.config)), _COEFF_NAMES)
-    return hp, ho, hr, e.named("mhc_h_in", ops.pre, X, hp, st.config.kernels)
+    hp, ho, hr = e.getitems(e.named("mhc_coeffs", ops.coeffs, X, *_coeff_args(p, st.config)), _COEFFS.node_names)
+    return hp, ho, hr, e.named(_PRE.node_names[0], ops.pre, X, hp, st.config.kernels)
 
 
 def _reroute_branch(site: Site, h_in: fx.Node) -> None:
@@ -292,9 +273,9 @@ def _site_tail(st: _ChainRewrite, k: int, e: _Emitter, X: fx.Node, h_out: fx.Nod
     if nxt is not None and not chain.between[k] and config.fuse_boundaries:
         p = _site_params(st.gm, nxt, config, st.provider, e, st.names)
         outs = e.getitems(e.named("mhc_boundary", ops.boundary, X, h_out, ho, hr, *_coeff_args(p, config)),
-                          ("mhc_x",) + _COEFF_NAMES + ("mhc_h_in",))
-        return outs[0], tuple(outs[1:])
-    return e.named("mhc_x", ops.post_res, X, h_out, ho, hr, config.kernels), None
+                          _BOUNDARY.node_names)
+        return outs[_BOUNDARY.stream_out], tuple(o for i, o in enumerate(outs) if i != _BOUNDARY.stream_out)
+    return e.named(_POST_RES.node_names[0], ops.post_res, X, h_out, ho, hr, config.kernels), None
 
 
 def _apply_stream_wise(st: _ChainRewrite, e: _Emitter, X: fx.Node, gap: list, internal: bool = True) -> fx.Node:
@@ -380,69 +361,8 @@ def rewrite_chain_part(gm: fx.GraphModule, chain: Chain, config: MHCConfig, prov
     _rewrite_chain(gm, chain, config, provider, names, ends)
 
 
-def build_report(detected: DetectResult, chains: list, config: MHCConfig, rewritten: bool, names=()) -> ResidualReport:
-    n = config.streams
-    sites = [s for c in chains for s in c.sites]
-    order = {id(s): i for i, s in enumerate(detected.sites)}
-    sites.sort(key=lambda s: order[id(s)])
-    index = {id(s): i for i, s in enumerate(sites)}
-    rep = ResidualReport(streams=n, rewritten=rewritten, param_names=list(names))
-    for i, s in enumerate(sites):
-        try:
-            ch = s.channels
-        except Exception:
-            ch = None
-        rep.sites.append(SiteReport(
-            index=i, name=s.name, module_path=s.branch_path or s.module_path, add=s.add.name, kind=s.kind,
-            shape=list(s.shape), dtype=str(s.dtype).replace("torch.", ""), feature_axis=s.feature_axis,
-            channels=ch, chain=s.chain, index_in_chain=s.index_in_chain,
-            home_stream=reference.home_stream(s.index_in_chain, n), skip_ops=[p.name for p in s.skip_path],
-        ))
-        if ch is not None:
-            rep.params_added += site_param_count(n, ch, config.dynamic)
-    for c in chains:
-        rep.chains.append(ChainReport(
-            index=c.index, sites=[index[id(s)] for s in c.sites], start=c.start.name, end=c.sites[-1].add.name,
-            stream_wise_ops=[p.name for gap in c.between for p in gap],
-        ))
-        if config.collapse == "learned":
-            rep.params_added += n
-    rep.not_taken = [NotTakenReport(t.node, t.module_path, t.reason) for t in detected.not_taken]
-    rep.native = [NativeStreamsReport(s.axis, s.streams, [str(d) for d in s.shape], s.modules(), s.describe())
-                  for s in detected.native]
-    return rep
-
-
-def analyze(graph: fx.Graph, axis_hint: Optional[int] = None) -> tuple:
-    """Detect sites and build chains; returns (DetectResult, chains) with names assigned.
-    ``axis_hint``: see :func:`detect.detect_sites`."""
-    detected = detect_sites(graph, axis_hint)
-    chains = build_chains(graph, detected)
-    ordered = sorted((s for c in chains for s in c.sites), key=lambda s: detected.sites.index(s))
-    assign_names(ordered)
-    return detected, chains
-
-
-def rewrite_graph(gm: fx.GraphModule, config: Optional[MHCConfig] = None,
-                  param_provider: Optional[ParamProvider] = None, analysis: Optional[tuple] = None) -> ResidualReport:
-    """Rewrite every residual chain of ``gm`` in place into n-stream mHC and recompile it.
-
-    Works on aten-level (``torch.export``) and torch-level (Dynamo) graphs. Returns the report;
-    ``report.rewritten`` is False (and ``gm`` untouched apart from making in-place adds
-    explicit) when no site was found. ``analysis``: the :func:`analyze` of ``gm.graph`` when the
-    caller already has it (and has not changed the graph since).
-    """
-    config = MHCConfig() if config is None else config
-    if not isinstance(config, MHCConfig):  # entry points build the config once; passes never rebuild it
-        raise TypeError(f"rewrite_graph needs an MHCConfig, got {type(config).__name__}; "
-                        "build one with MHCConfig.from_options(options) at the entry point")
-    provider = param_provider or default_param_provider
-    detected, chains = analysis if analysis is not None else analyze(gm.graph)
-    names: list = []
-    if not chains:
-        return build_report(detected, chains, config, rewritten=False)
-    for chain in chains:
-        _rewrite_chain(gm, chain, config, provider, names)
-    gm.graph.lint()
-    gm.recompile()
-    return build_report(detected, chains, config, rewritten=True, names=names)
+def rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider: ParamProvider, names: list) -> None:
+    """Rewrite one whole ``chain`` of ``gm.graph`` in place (its sites named, see
+    ``graph_pipeline.assign_names``); registered parameter names are appended to ``names``. The
+    caller lints and recompiles."""
+    _rewrite_chain(gm, chain, config, provider, names)

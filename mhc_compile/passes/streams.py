@@ -33,8 +33,8 @@ from typing import Callable, Optional
 import networkx as nx
 from torch import fx, nn
 
-from .detect import DetectResult, Site, _is_param_node, dataflow_graph, node_val, target_name, tensor_info
-from .nodes import same_shape
+from .detect import DetectResult, Site, _is_param_node, dataflow_graph
+from .nodes import node_val, same_shape, target_name, tensor_info
 from .stream_views import view_kind
 
 _ELEMENTWISE = {

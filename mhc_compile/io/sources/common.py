@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...passes.mode_switch import set_training
+from ...mode_switch import set_training
 from ..errors import MHCIOError, MHCUsageError, first_line
 
 

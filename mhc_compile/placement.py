@@ -4,7 +4,7 @@ One helper for both entry points, so a site's parameters get the same names whic
 them and checkpoints move between the two: the ``convert`` path (``passes/rewrite``) attaches
 them to the captured ``GraphModule``, the ``torch.compile`` backend to the user's own root module.
 
-A site's name (from :func:`mhc_compile.passes.rewrite.assign_names`) is its parameter prefix, a
+A site's name (from :func:`mhc_compile.graph_pipeline.assign_names`) is its parameter prefix, a
 dotted module path such as ``blocks.0.attn.mhc`` or ``layer1.0.mhc_site3``. :func:`site_container`
 walks that path, creating empty :class:`MHCSiteParams` containers where modules are missing, and
 :func:`attach` registers the parameters on the container it returns.
@@ -45,7 +45,7 @@ class InitRecipe:
     alpha_init: float = 0.01
 
     def values(self) -> dict[str, torch.Tensor]:
-        from .. import reference
+        from . import reference
 
         if self.kind == "collapse":
             return {"weight": reference.init_collapse_weight(self.n)}

@@ -1,4 +1,4 @@
-"""Graph pass: let ``.train()`` / ``.eval()`` switch dropout and batch norm of a captured graph.
+"""Let ``.train()`` / ``.eval()`` switch dropout and batch norm of a captured ``GraphModule`` (adds modules, restores train/eval).
 
 ``ExportedProgram.module()`` bakes the train flag of ``aten.dropout`` / ``aten.batch_norm`` into
 the graph and makes ``train()`` / ``eval()`` raise. :func:`make_mode_switchable` routes those ops
