@@ -366,7 +366,7 @@ def _replay_h_in(graph: fx.Graph, op: fx.Node, backward: set, graph_id: int, nam
             h_pre = graph.call_function(operator.getitem, (op, 1))
             h_pre.meta["val"] = op.meta["val"][1]
             _ti.set_recompute_tag(h_pre, _ti.recompute_tag(op), op.meta.get("ac_graph_id"))
-        replica = {h_in: graph.call_function(torch.ops.mhc.pre.default, (x_next, h_pre, op.args[-1]))}
+        replica = {h_in: graph.call_function(OPS["pre"].op().default, (x_next, h_pre, op.args[-1]))}
         for v in closure[1:]:
             replica[v] = graph.call_function(v.target, (replica[v.args[0]], *v.args[1:]), dict(v.kwargs))
     for v, new in replica.items():
@@ -427,7 +427,7 @@ def tag_joint_graph(graph: fx.Graph, n: Optional[int] = None, block_override: Op
                 continue  # last site of the chain: its output streams feed the collapse only
             if (p + 1) in start_set:
                 _tag_op(site.out, CheckpointPolicy.MUST_SAVE, block_id, saved)
-                if _mhc_kind(site.out) == "boundary" and not site.hard:
+                if _table.BRANCH_INPUT in OPS[_mhc_kind(site.out)].outputs and not site.hard:  # fused boundary
                     _replay_h_in(graph, site.out, backward, next_id, recomputed)
             else:
                 _tag_op(site.out, CheckpointPolicy.MUST_RECOMPUTE, block_id, recomputed)
