@@ -128,6 +128,45 @@ def test_ctrl_c_exits_130_and_leaves_nothing(mods, monkeypatch):
     assert not (mods / "out").exists() and not [p for p in mods.iterdir() if p.name.startswith(".")]
 
 
+# A real SIGINT delivered while click parses: the group's options ("group") or the command's
+# ("command"), before any command body runs; the process must exit 130 like Ctrl-C inside a command.
+_SIGINT_WHILE_PARSING = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import click
+    from mhc_compile.cli.main import cli
+
+    target = cli if sys.argv[1] == "group" else cli.commands["convert"]
+    real = type(target).parse_args
+
+    def parse_args(self, ctx, args):
+        if self is target:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt arrives here
+        return real(self, ctx, args)
+
+    type(target).parse_args = parse_args
+    cli.main(["convert", "m.py:f", "-o", "out"], prog_name="mhc")
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["group", "command"])
+def test_ctrl_c_while_parsing_exits_130(tmp_path, where):
+    import os
+    import subprocess
+
+    script = tmp_path / "sigint_parse.py"
+    script.write_text(_SIGINT_WHILE_PARSING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mhc_compile.__path__[0].rsplit(os.sep, 1)[0]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), where], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip() == "mhc: interrupted", proc.stderr
+    assert "Aborted" not in proc.stderr + proc.stdout
+
+
 def test_progress_moves_during_the_capture(mods, monkeypatch):
     """The bar is redrawn while a stage runs (its elapsed time moves): the fake capture returns
     only after the bar was redrawn three times during it."""

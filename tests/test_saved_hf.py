@@ -184,6 +184,37 @@ def test_plain_transformers_refuses_converted_directories(name, tmp_path):
         assert cfg.model_type == model.config.model_type
 
 
+def test_mark_is_the_versioned_config_file_every_transformers_reads(tmp_path):
+    """The mechanism, independent of the installed transformers (4.x and 5.x alike): config.json
+    keeps the true values and lists config.4.0.0.json, which transformers' own version picker
+    chooses; that file's dtype holds the hint, which the base config class (every model's, in both
+    major versions) refuses naming mhc_compile.load. The base-class read of config.json
+    (Trainer's resume) works, and original_config undoes the mark exactly."""
+    from transformers.configuration_utils import get_configuration_file
+
+    from mhc_compile.io import hub
+
+    original = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, vocab_size=VOCAB).to_json_string()
+    (tmp_path / "config.json").write_text(original)
+    original = json.loads(original)
+    assert hub.mark_config(tmp_path / "config.json")
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    assert all(on_disk[k] == v for k, v in original.items())  # true values, nothing hidden
+    assert get_configuration_file(on_disk["configuration_files"]) == hub.MARKED
+    marked = json.loads((tmp_path / hub.MARKED).read_text())
+    assert marked["dtype"] == marked["torch_dtype"] == hub.LOAD_HINT
+    with pytest.raises(Exception, match=r"mhc_compile\.load"):
+        transformers.PretrainedConfig.from_dict(marked)
+    for load in (transformers.AutoConfig.from_pretrained, transformers.LlamaConfig.from_pretrained):
+        with pytest.raises(Exception, match=r"mhc_compile\.load"):
+            load(str(tmp_path))
+    assert transformers.PretrainedConfig.from_json_file(str(tmp_path / "config.json")).hidden_size == 32
+    assert hub.original_config(tmp_path / "config.json") == original
+    assert hub.mark_config(tmp_path / "config.json")  # marking twice changes nothing
+    assert json.loads((tmp_path / "config.json").read_text()) == on_disk
+
+
 def test_load_refuses_a_directory_missing_mhc_weights(tmp_path):
     _, cm, _, _ = _converted("llama")
     cm.save_pretrained(str(tmp_path / "saved"))
@@ -220,7 +251,9 @@ def test_real_minilm_plain_loaders_refuse_and_load_is_exact(tmp_path, monkeypatc
         for k, p in cm.named_parameters():
             if k in cm.mhc_report.param_names:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
-    st[0].model = cm  # auto_model is a read-only view of it
+    # sentence-transformers 6 runs st[0].model (auto_model is a read-only view of it); 5.x runs auto_model
+    slot = "model" if isinstance(getattr(type(st[0]), "auto_model", None), property) else "auto_model"
+    setattr(st[0], slot, cm)
     want = st.encode(sentences, convert_to_tensor=True)
     assert (want - plain).abs().max() > 1e-3  # the trained mHC model is another function
     out = tmp_path / "st-mhc"
@@ -234,5 +267,5 @@ def test_real_minilm_plain_loaders_refuse_and_load_is_exact(tmp_path, monkeypatc
             plain_load()
     loaded = mhc_compile.load(out)
     assert type(loaded) is type(bert)
-    st[0].model = loaded
+    setattr(st[0], slot, loaded)
     assert (st.encode(sentences, convert_to_tensor=True) - want).abs().max().item() == 0

@@ -117,8 +117,7 @@ def _handle_errors(fn):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT; outputs are atomic
-            click.echo("mhc: interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            _interrupted()
         except Exception as exc:
             if debug:
                 raise
@@ -197,7 +196,30 @@ def _read(src, *, state_dict, input_shapes, input_dtypes, trust_pickle, trust_co
 
 
 # ----------------------------------------------------------------------------------- the app
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The ``mhc`` group: Ctrl-C while click parses the arguments (the group's own options, or a
+    command's before its body runs) exits 130 with ``mhc: interrupted`` like Ctrl-C inside a
+    command, not click's ``Aborted!`` with exit 1."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            _interrupted()
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted()
+
+
+def _interrupted():
+    click.echo("mhc: interrupted", err=True)
+    raise click.exceptions.Exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mhc")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context

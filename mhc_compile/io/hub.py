@@ -1,18 +1,21 @@
 """The ``config.json`` of a converted Hugging Face directory, marked so that plain ``transformers``
-refuses it with a message that names :func:`mhc_compile.load`, instead of building the
-unconverted model silently (``AutoModel.from_pretrained``, the class's ``from_pretrained``,
-``SentenceTransformer(dir)``: all parse ``config.json`` with the model's own config class).
+(4.x and 5.x) refuses it with a message that names :func:`mhc_compile.load`, instead of building
+the unconverted model silently (``AutoModel.from_pretrained``, the class's ``from_pretrained``,
+``AutoConfig``, ``SentenceTransformer(dir)``).
 
-The mark (:func:`mark_config`): one integer field of the model's config (``hidden_size``, ...)
-holds :data:`LOAD_HINT` instead of its value, and ``config.json["mhc_compile"]`` keeps the
-field's name and value. transformers 5 validates config fields by type, so every parse of the
-marked file fails with ``Field 'hidden_size' expected int, got str (value: '... load it with
-mhc_compile.load(path)')``. The field is chosen by trying: it must be one the config class
-checks (the mark is verified before it is written); where none is (an older transformers that
-does not validate), the file is left unmarked. The base ``PretrainedConfig`` does not know the
-field, so ``Trainer(resume_from_checkpoint=...)``, which reads ``config.json`` with it, still
-works. :func:`original_config` undoes the mark for ``mhc_compile.load``. Why not transformers'
-custom-code mechanism or a weight-file variant: docs/huggingface.md.
+The mark (:func:`mark_config`) uses transformers' own versioned configuration files: every
+``from_pretrained`` of a config (``PretrainedConfig.get_config_dict``, 4.x and 5.x alike) reads
+``config.json`` and, when it lists ``configuration_files``, re-reads the one for its version
+instead. ``config.json`` keeps the model's true values and lists :data:`MARKED`
+(``config.4.0.0.json``: chosen by every transformers >= 4.0); that file is the same config with
+``dtype`` and ``torch_dtype`` set to :data:`LOAD_HINT`. Both major versions turn a string dtype
+into ``getattr(torch, dtype)`` in the base config class, so every config class fails with
+``AttributeError: module 'torch' has no attribute 'an mhc-compile converted model: load it with
+mhc_compile.load(path) ...'``. Readers of ``config.json`` itself are not refused:
+``Trainer(resume_from_checkpoint=...)`` (``PretrainedConfig.from_json_file``) and
+:func:`original_config`, which ``mhc_compile.load`` uses. The refusal is checked with the
+installed transformers before it is written. Why not the custom-code mechanism, a distinct
+``model_type`` or a weight-file variant: docs/huggingface.md.
 """
 from __future__ import annotations
 
@@ -20,30 +23,27 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Optional
 
 MARK = "mhc_compile"
+MARKED = "config.4.0.0.json"  # transformers >= 4.0 reads this one instead of config.json
 LOAD_HINT = "an mhc-compile converted model: load it with mhc_compile.load(path), not from_pretrained"
-_FIRST = ("hidden_size", "d_model", "n_embd", "num_hidden_layers", "num_layers", "vocab_size", "num_channels")
+_REFUSED_FIELDS = ("dtype", "torch_dtype")  # 5.x reads dtype, 4.x torch_dtype (and dtype from 4.56)
 
 
-def _config_class(model_type):
+def _refused(config: dict) -> bool:
+    """Whether the installed transformers refuses ``config`` with a message naming mhc_compile.load
+    (True when transformers is not installed: nothing can load it plainly here)."""
     try:
-        from transformers import CONFIG_MAPPING
-
-        return CONFIG_MAPPING[model_type]
-    except Exception:  # transformers missing or an unknown model type: nothing to verify against
-        return None
-
-
-def _refuses(cls, config: dict, field: str) -> bool:
-    """Whether ``cls`` refuses ``config`` with ``field`` set to the hint, naming mhc_compile.load."""
+        from transformers import CONFIG_MAPPING, PretrainedConfig
+    except ImportError:
+        return True
+    cls = CONFIG_MAPPING[config["model_type"]] if config.get("model_type") in CONFIG_MAPPING else PretrainedConfig
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cls.from_dict({**config, field: LOAD_HINT})
+            cls.from_dict(dict(config))
     except Exception as exc:  # noqa: BLE001 - any refusal that quotes the hint will do
         return "mhc_compile.load" in str(exc)
     finally:
@@ -51,36 +51,39 @@ def _refuses(cls, config: dict, field: str) -> bool:
     return False
 
 
-def _pick_field(config: dict) -> Optional[str]:
-    cls = _config_class(config.get("model_type"))
-    if cls is None:
-        return None
-    ints = [k for k, v in config.items() if type(v) is int]
-    for field in [k for k in _FIRST if k in ints] + [k for k in ints if k not in _FIRST]:
-        if _refuses(cls, config, field):
-            return field
-    return None
+def _dump(path: Path, config: dict) -> None:
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def mark_config(path: Path) -> bool:
-    """Mark the ``config.json`` at ``path`` (see the module); False when no field of its config
-    class is validated, so the file stays as it was."""
-    config = json.loads(Path(path).read_text())
-    if MARK in config:
+    """Mark the ``config.json`` at ``path`` (see the module): write :data:`MARKED` beside it and
+    point ``config.json`` to it. False (with a warning) when the installed transformers would not
+    refuse the marked file; the directory is still a correct converted model."""
+    path = Path(path)
+    original = original_config(path)
+    marked = {**original, **{f: LOAD_HINT for f in _REFUSED_FIELDS}}
+    _dump(path.parent / MARKED, marked)
+    note = {"load": "mhc_compile.load(path)", "marked": MARKED}
+    if "configuration_files" in original:
+        note["configuration_files"] = original["configuration_files"]
+    _dump(path, {**original, "configuration_files": [MARKED], MARK: note})
+    if _refused(marked):
         return True
-    field = _pick_field(config)
-    if field is None:
-        return False
-    config[MARK] = {"field": field, "value": config[field], "load": "mhc_compile.load(path)"}
-    config[field] = LOAD_HINT
-    Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return True
+    warnings.warn(f"mhc_compile: {path.parent}: this transformers version does not refuse {MARKED}, so its "
+                  "from_pretrained may load the directory without the mHC weights; use mhc_compile.load")
+    return False
 
 
 def original_config(path: Path) -> dict:
     """The ``config.json`` at ``path`` as the original model had it (the mark undone)."""
     config = json.loads(Path(path).read_text())
     mark = config.pop(MARK, None)
-    if isinstance(mark, dict) and mark.get("field") in config:
+    if not isinstance(mark, dict):
+        return config
+    if mark.get("field") in config:  # the mark of earlier versions: one int field held the hint
         config[mark["field"]] = mark["value"]
+    if config.get("configuration_files") == [mark.get("marked")]:
+        config.pop("configuration_files")
+    if "configuration_files" in mark:
+        config["configuration_files"] = mark["configuration_files"]
     return config
