@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .blocks.signature import is_constant
+from .forms.blocks.signature import is_constant
 
 _P = inspect.Parameter
 

@@ -10,9 +10,10 @@ sequence sizes work; when export cannot make them dynamic it falls back to stati
 warning.
 
 The whole-graph analysis of that capture finds the sites and chains. ``convert`` then keeps the
-model's class (``blocks``): the modules holding a chain's sites become stream-carrying
-(``blocks.carry``), or, when a chain cannot cross its blocks, the model's forward runs the
-rewritten whole graph (``blocks.whole_graph``). Either way the original state-dict keys are kept
+model's class (``forms``): the modules holding a chain's sites become stream-carrying
+(``forms.blocks.carry``), or, when a chain cannot cross its blocks, the model's forward runs the
+rewritten whole graph (``forms.whole_graph``); the model's ``ConvertedState`` (``forms.state``,
+``model.mhc_state``) says which. Either way the original state-dict keys are kept
 and the mHC parameters are ``nn.Parameter``s under ``<module path>.mhc.*``, the names of every
 path (backend, CLI), so checkpoints move between them.
 
@@ -354,9 +355,10 @@ def convert(
     residual sites is returned unchanged with a warning; a model that cannot be captured raises
     :class:`MHCCaptureError`.
     """
-    from .blocks import carry_blocks, plan_blocks
-    from .blocks.trace import BlockTraceError
-    from .blocks.whole_graph import install_whole_graph
+    from .forms.blocks import carry_blocks, plan_blocks
+    from .forms.blocks.trace import BlockTraceError
+    from .forms.state import ConvertedState, set_state
+    from .forms.whole_graph import install_whole_graph
     from .passes.rewrite import BlockRewriteError
 
     if form not in FORMS:
@@ -393,9 +395,10 @@ def convert(
     plan = plan_blocks(chains)
     reason = "asked for with form='whole-graph'" if form == "whole-graph" else plan.fallback
     names: list = []
+    carried: dict = {}
     if not reason:
         try:
-            names = carry_blocks(target, plan, args, kwargs, config, provider)
+            names, carried = carry_blocks(target, plan, args, kwargs, config, provider)
         except (BlockTraceError, BlockRewriteError) as exc:
             reason = str(exc)
     if reason and form == "blocks":
@@ -409,15 +412,15 @@ def convert(
     if reason:
         report = rewrite_graph(gm, config, provider, analysis=(detected, chains))
         make_mode_switchable(gm, target.training)
-        names = install_whole_graph(target, gm, fixed={k: v for k, v in captured.items() if k not in kwargs},
-                                    example=(len(args), list(kwargs)))
+        names, whole = install_whole_graph(target, gm, fixed={k: v for k, v in captured.items() if k not in kwargs},
+                                           example=(len(args), list(kwargs)))
         report.param_names = names
         report.form, report.form_reason = "whole-graph", reason
+        set_state(target, ConvertedState("whole-graph", report, config, whole_graph=whole))
     else:
         report = build_report(detected, chains, config, rewritten=True, names=names)
         report.form, report.blocks = "blocks", [b.path for b in plan.blocks]
-    target.mhc_report = report
-    target.mhc_config = config
+        set_state(target, ConvertedState("blocks", report, config, blocks=carried))
     for static, guards in sizes:  # only the dims the converted model really cannot vary
         _warn_sizes(*fixed_sizes(target, args, kwargs, static, guards), stacklevel=3)
     from . import engine_init

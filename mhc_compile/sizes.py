@@ -31,7 +31,7 @@ def _doubled(args: tuple, kwargs: dict, dims: Sequence[tuple]) -> tuple[tuple, d
 
 
 def _runs(model: nn.Module, args: tuple, kwargs: dict) -> bool:
-    from .blocks.trace import run_example
+    from .forms.blocks.trace import run_example
     from ._torch_internals import fake_mode
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -29,11 +29,13 @@ import shutil
 import sys
 import tempfile
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..forms.state import set_state, state_of
 from .atomic import _umask
 from .errors import MHCIOError, first_line
 from .format import INPUTS, MHC_JSON, MHC_WEIGHTS, dumps, flatten_inputs, mhc_meta, tied_names
@@ -53,7 +55,7 @@ def bind_save_pretrained(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Make ``model.save_pretrained`` write a converted HF directory (``args``/``kwargs``: the
     example inputs of the conversion, saved so :func:`mhc_compile.load` converts the same way)."""
     tensors = {k: v for k, v in kwargs.items() if v is not None and hasattr(v, "shape")}
-    model.__dict__["_mhc_example"] = (tuple(args), tensors)
+    set_state(model, replace(state_of(model), example=(tuple(args), tensors)))
     model.save_pretrained = types.MethodType(save_pretrained, model)
 
 
@@ -65,11 +67,12 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: A
     dst = Path(save_directory)
     if not kwargs.get("is_main_process", True):
         return type(self).save_pretrained(self, str(dst), *args, **kwargs)
-    ex_args, ex_kwargs = self.__dict__["_mhc_example"]
+    mhc = state_of(self)
+    ex_args, ex_kwargs = mhc.example
     config = self.config
     source = Source("hf", str(dst), self, ex_args, ex_kwargs,
                     {"architecture": type(self).__name__, "model_type": getattr(config, "model_type", None)})
-    meta = mhc_meta(source, self.mhc_config, self.mhc_report.to_dict())
+    meta = mhc_meta(source, mhc.config, mhc.report.to_dict())
     meta["tied"] = tied_names(self.state_dict())
     dst.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
@@ -80,7 +83,7 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: A
         state = dict(self.state_dict() if state is None else state)
         # the mHC parameters go to the class's weights too (Trainer's resume_from_checkpoint reads
         # those by name), and to mhc.safetensors under their own names, which load reads
-        added = {k: state[k] for k in self.mhc_report.param_names if k in state}
+        added = {k: state[k] for k in mhc.report.param_names if k in state}
         type(self).save_pretrained(self, str(tmp), *args, state_dict=state, **kwargs)
         if (tmp / "config.json").is_file():
             mark_config(tmp / "config.json")  # plain transformers refuses it, naming mhc_compile.load
