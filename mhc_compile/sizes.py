@@ -1,6 +1,6 @@
 """Which input sizes a converted model really cannot vary (the size warning of ``convert``).
 
-The capture says which dims its program keeps static (``convert.capture``: a fixed number of
+The capture says which dims its program keeps static (``capture.capture``: a fixed number of
 patches, a literal size in a view), but the converted model does not always run that program:
 the blocks form runs the model's own forward around traced blocks, which are generic over sizes
 (Whisper's decoder length, CLIP's text length). So before warning, ``convert`` runs the

@@ -142,7 +142,7 @@ def _run_variant(self: nn.Module, call: dict) -> Any:
 def _capture_variant(self: nn.Module, call: dict) -> fx.GraphModule:
     """The model's own forward captured for ``call`` and rewritten with its registered mHC
     parameters; refused when the capture does not find the same sites."""
-    from ..convert import capture
+    from ..capture import capture
     from ..passes.mode_switch import make_mode_switchable
     from ..passes.rewrite import BlockRewriteError, rewrite_graph
     from .carry import _live_provider

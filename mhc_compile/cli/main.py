@@ -98,7 +98,7 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         from ..config import MHCConfigError
-        from ..convert import MHCCaptureError
+        from ..capture import MHCCaptureError
         from ..io import MHCIOError, MHCUsageError
 
         debug = _debug_enabled(ctx)
