@@ -11,7 +11,6 @@ cannot run is told apart from a forward torch.export cannot trace (:class:`MHCCa
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import _torch_internals as _ti
+from .example_call import ExampleCall
 from .messages import first_line
 
 
@@ -82,15 +82,11 @@ def _kept_static(args: Sequence[Any], kwargs: dict) -> list:
     return out
 
 
-def _guards_failing_at_double(model: nn.Module, ep: Any, args: Sequence[Any], kwargs: dict) -> list:
+def _guards_failing_at_double(ep: Any, call: ExampleCall) -> list:
     """The size guards of ``ep`` that inputs with their dynamic dims doubled would fail: sizes
     (or relations between sizes) the model's code fixes, such as a fixed number of patches."""
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    except TypeError:
-        return []
     doubled = {}
-    for name, value in bound.items():
+    for name, value in call.by_parameter().items():
         if isinstance(value, torch.Tensor):
             dims = set(_dynamic_dims(value))
             doubled[name] = [2 * s if d in dims else s for d, s in enumerate(value.shape)]
@@ -112,7 +108,7 @@ def _warn_sizes(static: list, guards: list, stacklevel: int = 4) -> None:
     )
 
 
-def _dynamic_shapes(model: nn.Module, args: Sequence[Any], kwargs: Optional[dict] = None, level: str = "all"):
+def _dynamic_shapes(call: ExampleCall, level: str = "all"):
     auto = torch.export.Dim.AUTO
 
     def spec(a):
@@ -126,10 +122,11 @@ def _dynamic_shapes(model: nn.Module, args: Sequence[Any], kwargs: Optional[dict
             return {k: spec(v) for k, v in a.items()}
         return None
 
-    if not kwargs:
-        return tuple(spec(a) for a in args)
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: spec(value) for name, value in bound.arguments.items()}
+    if not call.kwargs:
+        return tuple(spec(a) for a in call.args)
+    if not call.bound:
+        raise TypeError(f"the example's keyword arguments {', '.join(call.kwargs)} do not bind to forward")
+    return {name: spec(value) for name, value in call.by_parameter().items()}
 
 
 def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
@@ -140,9 +137,11 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
 
     ``on_sizes(static, guards)`` receives the dims the program keeps static ((input, dim, size)
     triples) and the size guards that fix them, instead of the default warning (``convert``
-    checks them on the converted model first)."""
-    args = _as_tuple(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    checks them on the converted model first). ``example_inputs`` is the positional tuple (with
+    ``example_kwargs``) or the :class:`ExampleCall` of the conversion, already bound."""
+    call = (example_inputs if isinstance(example_inputs, ExampleCall)
+            else ExampleCall.bind(model, _as_tuple(example_inputs), example_kwargs))
+    args, kwargs = call.args, call.kwargs
     if dynamic and any(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 for a in (*args, *kwargs.values())):
         warnings.warn(
             "mhc_compile: an example input has batch size 1; torch.export specialises size-1 dims, so the "
@@ -155,13 +154,13 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
     tied = None  # (program, failing guards) of an all-dynamic export the model's code ties down
     for level in (["all", "batch", None] if dynamic else [None]):
         try:
-            shapes = _dynamic_shapes(model, args, kwargs, level) if level else None
+            shapes = _dynamic_shapes(call, level) if level else None
             ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised below with advice
             errors.append((level, exc))
             continue
         if level == "all":
-            failing = _guards_failing_at_double(model, ep, args, kwargs)
+            failing = _guards_failing_at_double(ep, call)
             if failing:
                 tied = (ep, failing)
                 continue  # the code fixes some sequence/spatial sizes: capture those static

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import types
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import fx, nn
@@ -27,6 +27,9 @@ from torch import fx, nn
 from ..messages import first_line
 from ..passes.placement import MHCSiteParams, attach, site_container
 from .signature import ForwardSignature, call_key, describe_key
+
+if TYPE_CHECKING:
+    from ..example_call import ExampleCall
 
 MAX_VARIANTS = 16   # captured graphs per model: more call signatures or sizes than this is a misuse
 
@@ -38,13 +41,14 @@ def _mhc_modules(gm: fx.GraphModule):
 
 
 def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[dict] = None,
-                        example: tuple = (0, ())) -> list:
+                        example: Optional["ExampleCall"] = None) -> list:
     """Register ``gm``'s mHC parameters on ``model`` and make ``model.forward`` run ``gm``.
 
     ``fixed``: keyword arguments the capture set that the example did not pass (``use_cache=False``):
     a call that leaves them out gets them, a call that passes another value is refused (the graph
-    has no KV cache to return). ``example``: (number of positional arguments, keyword names) of
-    the example; the graph takes those only, and another call is refused saying so."""
+    has no KV cache to return). ``example``: the conversion's :class:`ExampleCall`; the graph takes
+    its arguments only (positional ones by position, keyword ones by name), and another call is
+    captured again for its own arguments. Every user call is bound with the same binder."""
     names = []
     for path, mod in _mhc_modules(gm):
         container, cname = site_container(model, path)
@@ -53,10 +57,11 @@ def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[di
     model.__dict__["_mhc_graph"] = gm  # not a submodule: the state dict stays the model's
     model.__dict__["_mhc_fixed"] = dict(fixed or {})
     model.__dict__["_mhc_variants"] = []  # [(call key, rewritten graph)] for other calls
-    sig = ForwardSignature.of(model, type(model).__name__)
+    sig = example.signature if example is not None and example.bound else ForwardSignature.of(model, type(model).__name__)
     positional = [n for n, kind, _ in sig.params
                   if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    model.__dict__["_mhc_example_call"] = (sig, positional[:example[0]], tuple(example[1]))
+    n_args, names = (len(example.args), tuple(example.kwargs)) if example is not None else (0, ())
+    model.__dict__["_mhc_example_call"] = (sig, positional[:n_args], names)
     model.forward = types.MethodType(_whole_graph_forward, model)
     return names
 
