@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mhc_compile import MHCCaptureError, MHCConfig, convert
+from mhc_compile.example_call import ExampleCall
 from mhc_compile.forms import ConvertedState, state_of
 from mhc_compile.forms.blocks import BlockCallError
 from mhc_compile.placement import MHCSiteParams
@@ -240,6 +241,10 @@ def test_one_state_object_per_converted_model():
             assert all(state.blocks[p] is out.get_submodule(p).__dict__["_mhc_carry"] for p in state.blocks)
         else:
             assert not state.blocks and isinstance(state.whole_graph.graph, torch.fx.GraphModule)
+            call = state.whole_graph.call  # the conversion's ExampleCall, bound once
+            assert isinstance(call, ExampleCall) and call.bound and call.args[0] is args[0] and len(call.args) == 1
+            assert state.whole_graph.signature is call.signature
+            assert state.whole_graph.positional == call.positional_names()[:len(args)]
         with pytest.raises(dataclasses.FrozenInstanceError):
             state.form = "blocks"
     with pytest.raises(TypeError, match="not a model converted"):

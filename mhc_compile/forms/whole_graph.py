@@ -16,7 +16,6 @@ blocks form traces a block again. ``use_cache=True`` stays refused: the graph re
 """
 from __future__ import annotations
 
-import inspect
 import types
 import warnings
 from typing import Any, Optional
@@ -24,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
+from ..example_call import ExampleCall
 from ..messages import first_line
 from ..placement import MHCSiteParams, attach, site_container
 from .blocks.signature import ForwardSignature, call_key, describe_key
@@ -39,23 +39,24 @@ def _mhc_modules(gm: fx.GraphModule):
 
 
 def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[dict] = None,
-                        example: tuple = (0, ())) -> tuple[list, WholeGraph]:
+                        example: Optional[ExampleCall] = None) -> tuple[list, WholeGraph]:
     """Register ``gm``'s mHC parameters on ``model`` and make ``model.forward`` run ``gm``; returns
     the parameter names and the :class:`WholeGraph` the caller puts in the model's state.
 
     ``fixed``: keyword arguments the capture set that the example did not pass (``use_cache=False``):
     a call that leaves them out gets them, a call that passes another value is refused (the graph
-    has no KV cache to return). ``example``: (number of positional arguments, keyword names) of
-    the example; the graph takes those only, and another call is refused saying so."""
+    has no KV cache to return). ``example``: the conversion's :class:`ExampleCall`; the graph takes
+    its arguments only (positional ones by position, keyword ones by name), and another call is
+    captured again for its own arguments. Every user call is bound with the same binder."""
     names = []
     for path, mod in _mhc_modules(gm):
         container, cname = site_container(model, path)
         params = attach(container, dict(mod._parameters), mod.init_recipe)
         names += [f"{cname}.{k}" for k in params]
-    sig = ForwardSignature.of(model, type(model).__name__)
-    positional = [n for n, kind, _ in sig.params
-                  if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    whole = WholeGraph(gm, (sig, positional[:example[0]], tuple(example[1])), dict(fixed or {}))
+    if example is None:
+        example = ExampleCall(())
+    sig = example.signature if example.bound else ForwardSignature.of(model, type(model).__name__)
+    whole = WholeGraph(gm, example, sig, dict(fixed or {}))
     model.forward = types.MethodType(_whole_graph_forward, model)
     return names, whole
 
@@ -64,9 +65,8 @@ def _given(self: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The call's arguments by name: the example's, the required ones, and any passed at other
     than its default (an argument left, or passed, at its default is no change)."""
     whole = state_of(self).whole_graph
-    sig, positional, names = whole.call
-    fixed = whole.fixed
-    want = set(positional) | set(names)
+    sig, fixed = whole.signature, whole.fixed
+    want = set(whole.positional) | set(whole.keywords)
     defaults = {n: d for n, _, d in sig.params}
     given: dict = {}
     for name, value in zip(*sig.bind(args, kwargs)):  # defaults applied
@@ -80,8 +80,7 @@ def _given(self: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 def _whole_graph_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     whole = state_of(self).whole_graph
-    _, positional, names = whole.call
-    fixed = whole.fixed
+    positional, names, fixed = whole.positional, whole.keywords, whole.fixed
     given = _given(self, args, kwargs)
     for name, value in fixed.items():
         if given.get(name, value) != value:
@@ -143,7 +142,7 @@ def _run_variant(self: nn.Module, call: dict) -> Any:
 def _capture_variant(self: nn.Module, call: dict) -> fx.GraphModule:
     """The model's own forward captured for ``call`` and rewritten with its registered mHC
     parameters; refused when the capture does not find the same sites."""
-    from ..convert import capture
+    from ..capture import capture
     from ..graph_pipeline import rewrite_graph
     from ..mode_switch import make_mode_switchable
     from ..passes.rewrite import BlockRewriteError
