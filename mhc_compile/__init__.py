@@ -14,8 +14,8 @@ import types
 
 __version__ = "0.1.0"
 _FROM = {"MHCConfig": "config", "MHCConfigError": "config", "convert": "convert", "find_residuals": "convert",
-         "MHCCaptureError": "convert", "ResidualReport": "report", "materialize": "backend", "load": "io",
-         "parallelize_mhc": "parallel", "MHCParallel": "parallel", "MHCParallelError": "parallel"}
+         "MHCCaptureError": "capture", "ResidualReport": "report", "materialize": "backend", "load": "io",
+         "parallelize_mhc": "parallel.tp", "MHCParallel": "parallel.tp", "MHCParallelError": "parallel"}
 _MODULES = ("reference", "ops", "diagnostics")
 __all__ = ["MHCConfig", "MHCConfigError", "convert", "find_residuals", "ResidualReport", "MHCCaptureError", "reference", "ops", "diagnostics", "materialize", "load",
            "parallelize_mhc", "MHCParallel", "MHCParallelError"]

@@ -21,7 +21,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .blocks.signature import is_constant
+from .example_call import ExampleCall
+from .forms.blocks.signature import is_constant
 
 _P = inspect.Parameter
 
@@ -35,54 +36,51 @@ def is_opaque(value: Any) -> bool:
     return len(leaves) == 1 and leaves[0] is value
 
 
-def _split(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
-    """``(args, kwargs, opaque)``: the call with its opaque arguments taken out by name. The
-    positional arguments before the first opaque one stay positional, the others go by keyword."""
-    try:
-        sig = inspect.signature(model.forward)
-        bound = sig.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return args, kwargs, {}
+def _split(call: ExampleCall) -> tuple[ExampleCall, dict]:
+    """``(call, opaque)``: the call with its opaque arguments taken out by name. The positional
+    arguments before the first opaque one stay positional, the others go by keyword."""
+    if not call.bound:
+        return call, {}
+    kinds = {n: kind for n, kind, _ in call.signature.params}
     pos: list = []
     kw: dict = {}
     fixed: dict = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
+    for name, value in call.by_parameter().items():
+        kind = kinds[name]
         if kind is _P.VAR_KEYWORD:
             for k, v in value.items():
                 (fixed if is_opaque(v) else kw)[k] = v
-        elif kind is _P.VAR_POSITIONAL:
-            if kw or fixed or any(is_opaque(v) for v in value):
-                return args, kwargs, {}
-            pos.extend(value)
         elif is_opaque(value):
             if kind is _P.POSITIONAL_ONLY:
-                return args, kwargs, {}
+                return call, {}
             fixed[name] = value
         elif kind is _P.POSITIONAL_ONLY or (kind is _P.POSITIONAL_OR_KEYWORD and not kw and not fixed):
             if kw or fixed:
-                return args, kwargs, {}
+                return call, {}
             pos.append(value)
         else:
             kw[name] = value
-    return tuple(pos), kw, fixed
+    if not fixed:
+        return call, {}
+    rest = call.without(set(fixed))
+    return ExampleCall(tuple(pos), kw, rest.signature, rest.names, rest.values), fixed
 
 
 @contextlib.contextmanager
-def bound_objects(model: nn.Module, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict, dict]]:
+def bound_objects(model: nn.Module, call: ExampleCall) -> Iterator[tuple[ExampleCall, dict]]:
     """Within: ``model.forward`` takes the call without its opaque arguments (bound to their
-    example values) and grad is off; yields ``(args, kwargs, {name: opaque value})``. Without
-    opaque arguments nothing changes."""
-    pos, kw, fixed = _split(model, args, kwargs)
+    example values) and grad is off; yields ``(the call without them, {name: opaque value})``.
+    Without opaque arguments nothing changes."""
+    rest, fixed = _split(call)
     if not fixed:
-        yield args, kwargs, {}
+        yield call, {}
         return
     had = "forward" in model.__dict__
     previous = model.__dict__.get("forward")
     model.__dict__["forward"] = functools.partial(model.forward, **fixed)
     try:
         with torch.no_grad():
-            yield pos, kw, fixed
+            yield rest, fixed
     finally:
         if had:
             model.__dict__["forward"] = previous

@@ -1,11 +1,13 @@
-"""The pass pipeline on one FX graph: analyze (detect sites, build chains, name them), emit the
+"""The graph analysis pipeline on one FX graph (not the conversion pipeline of a model,
+``pipeline.py``): analyze (detect sites, build chains, name them), emit the
 mHC ops for every chain (``passes.rewrite``), and build the ``ResidualReport``.
 
     analyze(graph) -> (DetectResult, [Chain])          sites named (``assign_names``)
     rewrite_graph(gm, config, param_provider) -> ResidualReport
     build_report(detected, chains, config, rewritten, names) -> ResidualReport
 
-Every entry point reads graphs through here: ``convert``, the ``torch.compile`` backend, the
+Every entry point reads graphs through here: the conversion pipeline (``pipeline.py``, which works
+on a model: example, capture, this analysis, the forms), the ``torch.compile`` backend, the
 stream-carrying blocks (``analyze`` on a block's graph, then ``passes.rewrite.rewrite_chain_part``)
 and the whole-graph form. ``passes/`` holds the passes themselves; this module only orders them.
 """

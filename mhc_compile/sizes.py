@@ -1,6 +1,6 @@
 """Which input sizes a converted model really cannot vary (the size warning of ``convert``).
 
-The capture says which dims its program keeps static (``convert.capture``: a fixed number of
+The capture says which dims its program keeps static (``capture.capture``: a fixed number of
 patches, a literal size in a view), but the converted model does not always run that program:
 the blocks form runs the model's own forward around traced blocks, which are generic over sizes
 (Whisper's decoder length, CLIP's text length). So before warning, ``convert`` runs the
@@ -11,11 +11,13 @@ whose doubled run fails are named.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .example_call import ExampleCall
 
 
 def _doubled(args: tuple, kwargs: dict, dims: Sequence[tuple]) -> tuple[tuple, dict]:
@@ -31,7 +33,7 @@ def _doubled(args: tuple, kwargs: dict, dims: Sequence[tuple]) -> tuple[tuple, d
 
 
 def _runs(model: nn.Module, args: tuple, kwargs: dict) -> bool:
-    from .blocks.trace import run_example
+    from .forms.blocks.trace import run_example
     from ._torch_internals import fake_mode
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -42,31 +44,30 @@ def _runs(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     return True
 
 
-def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list:
+def _input_names(call: ExampleCall) -> list:
     """The forward argument name of each tensor leaf of the example ('' when not a plain tensor)."""
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    except (TypeError, ValueError):
+    if not call.bound:
         return []
     names = []
-    for name, value in bound.items():
+    for name, value in call.by_parameter().items():
         names += [name if isinstance(value, torch.Tensor) else ""] * len(
             [v for v in torch.utils._pytree.tree_leaves(value) if isinstance(v, torch.Tensor)])
     return names
 
 
-def fixed_sizes(model: nn.Module, args: tuple, kwargs: dict, static: list, guards: list) -> tuple[list, list]:
+def fixed_sizes(model: nn.Module, call: ExampleCall, static: list, guards: list) -> tuple[list, list]:
     """(the (input, dim, size) triples of ``static`` that ``model`` cannot run at twice the
     size, the guards of ``guards`` that name those inputs)."""
     if not static:
         return [], guards
+    args, kwargs = call.args, call.kwargs
     if _runs(model, *_doubled(args, kwargs, static)):
         return [], []
     groups: dict = {}
     for triple in static:
         groups.setdefault(triple[2], []).append(triple)
     fixed = [t for group in groups.values() if not _runs(model, *_doubled(args, kwargs, group)) for t in group]
-    names = _input_names(model, args, kwargs)
+    names = _input_names(call)
     bad = {names[i] for i, _, _ in fixed if i < len(names) and names[i]}
     if len(bad) == len({i for i, _, _ in fixed}):
         guards = [g for g in guards if any(f"L['{n}']" in g for n in bad)]

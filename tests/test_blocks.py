@@ -9,13 +9,16 @@ block carries the right streams with the right parameters.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from mhc_compile import MHCCaptureError, MHCConfig, convert
-from mhc_compile.blocks import BlockCallError
+from mhc_compile.example_call import ExampleCall
+from mhc_compile.forms import ConvertedState, state_of
+from mhc_compile.forms.blocks import BlockCallError
 from mhc_compile.placement import MHCSiteParams
 
 from models import zoo
@@ -195,7 +198,8 @@ def test_block_called_with_other_constants_is_traced_again():
     out = _perturbed(convert(model, cfg, args))
     ref = convert(model, cfg, args, example_kwargs={"scale": 2.0})
     ref.load_state_dict(out.state_dict())
-    carry = out.blocks[1].__dict__["_mhc_carry"]
+    carry = state_of(out).blocks["blocks.1"]
+    assert carry is out.blocks[1].__dict__["_mhc_carry"]  # the block's own forward state, listed in the model's
     before = len(carry.variants)
     got, want = out(*args, scale=2.0), ref(*args, scale=2.0)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
@@ -218,11 +222,40 @@ def test_block_call_that_cannot_carry_the_streams_raises():
         out(*args, scale=0)
 
 
+def test_one_state_object_per_converted_model():
+    """convert leaves one ConvertedState (form, report, config, what the form runs) under one
+    attribute; mhc_report / mhc_config are read from it; no other mHC attribute on the model."""
+    torch.manual_seed(0)
+    model, args = _Scaled().eval(), zoo.token_inputs()
+    cfg = MHCConfig(streams=4, kernels="reference")
+    for form in ("blocks", "whole-graph"):
+        out = convert(model, cfg, args, form=form)
+        state = state_of(out)
+        assert isinstance(state, ConvertedState) and state.form == out.mhc_report.form == form
+        assert state.report is out.mhc_report and state.config is out.mhc_config == cfg
+        assert state.example is None  # save_pretrained's inputs: HF models only
+        own = {k for k in out.__dict__ if "mhc" in k and k != "_mhc_carry"}
+        assert own == {"mhc_state", "mhc_report", "mhc_config"}, own
+        if form == "blocks":
+            assert state.whole_graph is None and set(state.blocks) == set(out.mhc_report.blocks)
+            assert all(state.blocks[p] is out.get_submodule(p).__dict__["_mhc_carry"] for p in state.blocks)
+        else:
+            assert not state.blocks and isinstance(state.whole_graph.graph, torch.fx.GraphModule)
+            call = state.whole_graph.call  # the conversion's ExampleCall, bound once
+            assert isinstance(call, ExampleCall) and call.bound and call.args[0] is args[0] and len(call.args) == 1
+            assert state.whole_graph.signature is call.signature
+            assert state.whole_graph.positional == call.positional_names()[:len(args)]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            state.form = "blocks"
+    with pytest.raises(TypeError, match="not a model converted"):
+        state_of(model)
+
+
 def test_mode_branch_in_block_forward_follows_train_and_eval():
     torch.manual_seed(0)
     model, args = _Scaled().eval(), zoo.token_inputs()
     out = convert(model, MHCConfig(streams=4, kernels="reference"), args)
-    assert len(out.blocks[0].__dict__["_mhc_carry"].variants) == 2
+    assert len(state_of(out).blocks["blocks.0"].variants) == 2
     for training in (False, True):
         model.train(training), out.train(training)
         with torch.no_grad():

@@ -599,10 +599,10 @@ def test_error_corrupt_hf_weights_names_the_file(hf_dirs, tmp_path):
 
 
 def _count_captures(monkeypatch) -> list:
-    """Count the calls of mhc_compile.convert.capture (the torch.export capture)."""
+    """Count the calls of mhc_compile.pipeline.capture (the torch.export capture)."""
     import importlib
 
-    convert_mod = importlib.import_module("mhc_compile.convert")  # the module (the package attribute is the function)
+    convert_mod = importlib.import_module("mhc_compile.pipeline")  # the one pipeline: its capture
     calls = []
     real = convert_mod.capture
 

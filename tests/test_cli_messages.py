@@ -116,7 +116,7 @@ def test_load_of_a_broken_pt2_is_one_line_without_a_traceback(tmp_path, capfd):
 
 
 def test_ctrl_c_exits_130_and_leaves_nothing(mods, monkeypatch):
-    convert_mod = importlib.import_module("mhc_compile.convert")
+    convert_mod = importlib.import_module("mhc_compile.pipeline")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -174,7 +174,7 @@ def test_progress_moves_during_the_capture(mods, monkeypatch):
 
     from mhc_compile.cli import main as cli_main
 
-    convert_mod = importlib.import_module("mhc_compile.convert")
+    convert_mod = importlib.import_module("mhc_compile.pipeline")
     real_capture, real_refresh = convert_mod.capture, tqdm.tqdm.refresh
     redraws = []
 

@@ -135,7 +135,7 @@ def no_work(tmp_path, monkeypatch):
 
     import mhc_compile.io as io_mod
 
-    convert_mod = importlib.import_module("mhc_compile.convert")  # the module, not the function
+    convert_mod = importlib.import_module("mhc_compile.pipeline")  # the one pipeline: its capture
     (tmp_path / "safetymods.py").write_text(GOOD_SRC)
     monkeypatch.setattr(sys, "path", [str(tmp_path)] + list(sys.path))
     monkeypatch.delitem(sys.modules, "safetymods", raising=False)
@@ -209,7 +209,7 @@ def test_inspect_output_exists_needs_force(tmp_path, monkeypatch):
     report.write_text("precious")
     import importlib
 
-    convert_mod = importlib.import_module("mhc_compile.convert")
+    convert_mod = importlib.import_module("mhc_compile.pipeline")
     real = convert_mod.capture
     calls = []
     monkeypatch.setattr(convert_mod, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import mhc_compile  # noqa: E402
 from mhc_compile import MHCConfig  # noqa: E402
+from mhc_compile.forms import state_of  # noqa: E402
 from tests._convert_checks import mhc_params, one_thread  # noqa: E402, F401 (one_thread: autouse fixture)
 from tests.models.hf import DEFAULT_CONFIG_MODELS, VOCAB, default_gpt2  # noqa: E402
 
@@ -343,7 +344,7 @@ def test_whole_graph_form_takes_the_example_arguments_and_captures_others():
         torch.testing.assert_close(cm(x, labels=labels).loss, model(x, labels=labels).loss, atol=1e-5, rtol=1e-4)
         other = torch.randn(3, 3, 48, 40)
         torch.testing.assert_close(cm(other).logits, model(other).logits, atol=1e-5, rtol=1e-4)
-        assert len(cm.__dict__["_mhc_variants"]) >= 1
+        assert len(state_of(cm).whole_graph.variants) >= 1
 
 
 def _whole_graph_pair(name: str):

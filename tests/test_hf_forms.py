@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import mhc_compile  # noqa: E402
 from mhc_compile import MHCConfig  # noqa: E402
-from mhc_compile.blocks.signature import BlockCallError  # noqa: E402
+from mhc_compile.forms import state_of  # noqa: E402
+from mhc_compile.forms.blocks.signature import BlockCallError  # noqa: E402
 from tests._convert_checks import main_output, mhc_params, one_thread  # noqa: E402, F401 (autouse fixture)
 from tests.models.hf import VOCAB, default_dinov2, default_opt, default_wav2vec2_ctc  # noqa: E402
 
@@ -270,9 +271,9 @@ def test_whole_graph_form_captures_again_for_other_sizes_and_arguments(dinov2):
     other, again = torch.randn(3, 3, 48, 40), torch.randn(4, 3, 48, 40)
     with torch.no_grad():
         _close(whole(other), blocks(other))
-        n = len(whole.__dict__["_mhc_variants"])
+        n = len(state_of(whole).whole_graph.variants)
         _close(whole(again), blocks(again))
-        assert len(whole.__dict__["_mhc_variants"]) == n
+        assert len(state_of(whole).whole_graph.variants) == n
         a, b = whole(x, output_hidden_states=True), blocks(x, output_hidden_states=True)
         _close(a, b)
         assert len(a.hidden_states) == len(b.hidden_states) == 3

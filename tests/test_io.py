@@ -19,13 +19,12 @@ from mhc_compile.io import (
     MHCIOError,
     Source,
     atomic_path,
-    convert_source,
     dedup_state_dict,
     hf_example_inputs,
-    positional_inputs,
     read_source,
     save_converted,
 )
+from mhc_compile.pipeline import convert_source
 from tests._convert_checks import one_thread  # noqa: F401 (autouse fixture)
 
 MODULE_SRC = textwrap.dedent(
@@ -192,19 +191,6 @@ def test_load_errors(tmp_path):
         mhc_compile.load(tmp_path / "d")
 
 
-def test_positional_inputs():
-    class M(nn.Module):
-        def forward(self, a, b=None, c=None, d=None):
-            return a
-
-    t = torch.zeros(1)
-    assert positional_inputs(M(), (t,), {}) == (t,)
-    out = positional_inputs(M(), (t,), {"c": t})
-    assert out[1] is None and out[2] is t and len(out) == 3
-    with pytest.raises(MHCIOError, match="not a positional"):
-        positional_inputs(M(), (t,), {"zzz": t})
-
-
 def test_hf_example_inputs():
     from types import SimpleNamespace as NS
 
@@ -219,23 +205,23 @@ def test_hf_example_inputs():
 
 
 def test_encoder_decoder_roundtrip(tmp_path):
-    """T5: decoder_input_ids is passed positionally with None for attention_mask in between."""
+    """T5: decoder_input_ids is passed by keyword, as the model is called (no positions padded with None)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16,
                                 vocab_size=50, decoder_start_token_id=0)
     transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
     source = read_source(str(tmp_path / "t5"))
-    assert source.args[1] is None and source.args[2].shape == (2, 16)
+    assert len(source.args) == 1 and source.kwargs["decoder_input_ids"].shape == (2, 16)
     config = MHCConfig(streams=2)
     converted = convert_source(source, config)
     _perturb_mhc(converted)
     save_converted(converted, str(tmp_path / "o"), source, config)
     loaded = mhc_compile.load(tmp_path / "o")
     with torch.no_grad():
-        want = converted(*source.args).logits
-        got = loaded(*source.args).logits
-        ref = source.model(*source.args).logits
+        want = converted(*source.args, **source.kwargs).logits
+        got = loaded(*source.args, **source.kwargs).logits
+        ref = source.model(*source.args, **source.kwargs).logits
     assert (got - want).abs().max() <= 1e-6
     assert (want - ref).abs().max() > 1e-4
 

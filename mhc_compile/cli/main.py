@@ -98,7 +98,7 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         from ..config import MHCConfigError
-        from ..convert import MHCCaptureError
+        from ..capture import MHCCaptureError
         from ..io import MHCIOError, MHCUsageError
 
         debug = _debug_enabled(ctx)
@@ -277,24 +277,27 @@ Examples:
 @_debug_option
 @_handle_errors
 def convert(src, dst, streams, config_options, progress, debug, **source_options):
-    from ..convert import capture, rewrite_captured
-    from ..io import MHCUsageError, check_destination, detect_kind, save_converted, source_inputs
+    from ..io import MHCUsageError, check_destination, detect_kind, save_converted
+    from ..pipeline import analyze_example, convert_analyzed
 
     config = parse_config(streams, config_options)
     kind = detect_kind(src)
     if kind == "converted":
         raise MHCUsageError(f"{src}: is already an mhc output; convert the original model instead")
-    check_destination(dst, is_dir=not str(dst).endswith(".pt2"))  # before any work on the model
+    to_pt2 = str(dst).endswith(".pt2")
+    check_destination(dst, is_dir=not to_pt2)  # before any work on the model
 
     bar = _Progress(["load", "capture", "rewrite", "save"], progress)
     try:
         with bar.stage("load"), _quiet_libraries():
             source = _read(src, **source_options)
-        with bar.stage("capture"), _quiet_libraries():  # the one capture: the rewrite reports what it found
-            captured = capture(source.model, source_inputs(source))
+        with bar.stage("capture"), _quiet_libraries():  # the one pipeline of mhc_compile.convert, in two stages
+            analysis = analyze_example(source.model, config, source.args, source.kwargs)
         with bar.stage("rewrite"), _quiet_libraries():
-            converted, report = rewrite_captured(source.model, captured, config)
-        if report.num_sites == 0:
+            # a .pt2 is one exported program: the whole-graph form, exported again by save_converted
+            conversion = convert_analyzed(analysis, config, form="whole-graph" if to_pt2 else "auto")
+        converted, report = conversion.converted, conversion.report
+        if not conversion.rewritten:
             raise NoResidualsError(f"{src}: no residual add x + f(x) found, nothing to convert ({_why_none(report)})")
         with bar.stage("save"), _quiet_libraries():
             out = save_converted(converted, dst, source, config, report=report.to_dict())
@@ -364,7 +367,8 @@ def _inspect_text(src, fmt, streams, config_options, source_options) -> str:
     """The inspect report of ``src`` in format ``fmt``, as text. The model is captured once:
     the report, the converted module and the graph before the rewrite come from one conversion."""
     from . import render as rp
-    from ..io import MHCIOError, convert_source_with_report
+    from ..io import MHCIOError
+    from ..pipeline import rewrite_whole
 
     graphs_wanted = fmt not in ("text", "json")
     source = _read(src, **source_options)
@@ -384,7 +388,7 @@ def _inspect_text(src, fmt, streams, config_options, source_options) -> str:
             report, original, before = source.conversion.report, source.model, source.conversion.original_graph
     else:
         config = parse_config(streams, config_options)
-        conversion = convert_source_with_report(source, config, keep_graph=graphs_wanted)
+        conversion = rewrite_whole(source.model, config, source.args, source.kwargs, keep_graph=graphs_wanted)
         report, original, before = conversion.report, source.model, conversion.original_graph
         converted = conversion.converted if report.num_sites else None
     view = rp.build_view(report, config, original, converted)

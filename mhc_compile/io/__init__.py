@@ -22,16 +22,19 @@ A converted *directory* holds ``mhc.json``, ``model.safetensors`` (tied tensors 
 ``example_inputs.safetensors`` (``format.py``), and what its source kind needs to rebuild:
 for ``hf`` the original ``config.json``, for ``pickle`` ``module.pt`` (the original pickled
 module), for ``export`` ``source.pt2`` (the original program). :func:`load` rebuilds the
-original model, re-runs :func:`mhc_compile.convert` with the saved config and example inputs,
-then loads the saved state_dict strictly (``load.py``). A converted ``.pt2`` is loaded with
+original model, runs the conversion pipeline (``mhc_compile.pipeline``, the one ``mhc_compile.convert``
+runs) with the saved config and example inputs, then loads the saved state_dict strictly
+(``rebuild.py``). A converted ``.pt2`` is loaded with
 ``torch.export.load`` and returned as ``ExportedProgram.module()``. All writes are atomic
 (``atomic.py``).
 
 Modules: ``errors`` (MHCIOError, MHCUsageError), ``format`` (on-disk format), ``atomic``
 (atomic writes), ``examples`` (example inputs), ``hub`` (the mark in an HF output's
-config.json), ``registry`` (source kinds, detection,
-:func:`read_source`), ``sources/`` (one reader per kind), ``conversion`` (convert a Source),
-``save`` (:func:`save_converted`), ``load`` (:func:`load`).
+config.json), ``registry`` (source kinds, detection, :func:`read_source`), ``sources/`` (one
+reader per kind), ``save`` (:func:`save_converted`), ``pretrained`` (``save_pretrained`` of a
+converted HF model), ``rebuild`` (a converted directory rebuilt and converted again), ``load``
+(:func:`load`). Persistence only: converting is ``mhc_compile.pipeline``'s, which imports
+nothing from here.
 
 Public API::
 
@@ -48,9 +51,8 @@ from __future__ import annotations
 
 from .sources import BUILTIN_KINDS  # importing sources registers the built-in kinds
 from .atomic import atomic_path, atomic_write_text, check_destination
-from .conversion import Conversion, convert_source, convert_source_with_report, find_source_residuals, source_inputs
 from .errors import MHCIOError, MHCUsageError, first_line
-from .examples import hf_example_inputs, make_inputs, normalize_inputs, positional_inputs
+from .examples import hf_example_inputs, make_inputs, normalize_inputs
 from .format import FORMAT_VERSION, MHC_JSON, dedup_state_dict, input_specs, read_mhc_json
 from .load import load
 from .registry import (
@@ -67,9 +69,8 @@ from .save import save_converted
 
 __all__ = [
     "MHCIOError", "MHCUsageError", "Source", "load", "read_source", "save_converted", "detect_kind",
-    "FORMAT_VERSION", "MHC_JSON", "atomic_path", "atomic_write_text", "check_destination", "Conversion", "convert_source",
-    "convert_source_with_report", "find_source_residuals", "source_inputs", "first_line",
-    "hf_example_inputs", "make_inputs", "normalize_inputs", "positional_inputs", "dedup_state_dict",
+    "FORMAT_VERSION", "MHC_JSON", "atomic_path", "atomic_write_text", "check_destination", "first_line",
+    "hf_example_inputs", "make_inputs", "normalize_inputs", "dedup_state_dict",
     "input_specs", "read_mhc_json", "ReadOptions", "SourceKind", "get_source_kind",
     "register_source_kind", "source_kinds", "BUILTIN_KINDS",
 ]

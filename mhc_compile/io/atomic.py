@@ -4,6 +4,8 @@ place with ``os.replace``, so a crash or an error mid-write leaves no partial ou
 older output at the same path intact.
 
 :func:`atomic_path` yields the temporary path (a file or a directory) to write into;
+:func:`atomic_files` the same for files that join a directory that may hold others (a
+``save_pretrained`` into a Trainer checkpoint), each moved in atomically, the marker last;
 :func:`atomic_write_text` writes one text file; :func:`check_destination` makes the same checks
 up front (and tries a file next to the destination), so a command can refuse before any work.
 """
@@ -19,7 +21,7 @@ from typing import Iterator, Optional
 from .errors import MHCIOError, first_line
 from .format import MHC_JSON
 
-__all__ = ["atomic_path", "atomic_write_text", "check_destination"]
+__all__ = ["atomic_path", "atomic_files", "atomic_write_text", "check_destination"]
 
 
 def _umask() -> int:
@@ -108,3 +110,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to the file ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(Path(path), is_dir=False) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_files(dst: str | os.PathLike, *, marker: str = MHC_JSON, stale: tuple = ()) -> Iterator[Path]:
+    """Yield a temporary directory next to the directory ``dst`` (made when missing); when the
+    block finishes without an error, move each file written there into ``dst`` with
+    ``os.replace``: ``dst/marker`` is removed first and moved in last, so a crash leaves either
+    the old output or a directory without ``marker``, never a mix. Files of ``dst`` whose name
+    starts with one of ``stale`` and that this write does not replace are removed; other files
+    of ``dst`` are kept. OS errors become :class:`MHCIOError` naming ``dst``; the temporary
+    directory is always removed."""
+    dst = Path(dst)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MHCIOError(f"{dst}: cannot write: {exc.strerror or first_line(exc)}") from None
+    tmp = _make_temporary(dst, dst.parent, is_dir=True)
+    try:
+        yield tmp
+        new = {f.name for f in tmp.iterdir()}
+        (dst / marker).unlink(missing_ok=True)
+        for f in dst.iterdir():  # files of an older write that this one does not overwrite
+            if f.is_file() and f.name not in new and stale and f.name.startswith(stale):
+                f.unlink()
+        for name in new:
+            os.chmod(tmp / name, 0o666 & ~_umask())  # some writers (safetensors) create private files
+        for name in sorted(new - {marker}) + ([marker] if marker in new else []):
+            os.replace(tmp / name, dst / name)
+    except OSError as exc:
+        raise MHCIOError(f"{dst}: cannot write: {exc.strerror or first_line(exc)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

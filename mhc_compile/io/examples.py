@@ -1,13 +1,13 @@
 """Example inputs: the tensors a source's model is captured with.
 
 :func:`hf_example_inputs` makes them from a transformers config, :func:`make_inputs` from
-shapes and dtypes (``--input-shape`` / ``--input-dtype``), :func:`normalize_inputs` reads what a
-factory module's ``example_inputs()`` returns, and :func:`positional_inputs` turns args plus
-kwargs into the positional tuple ``mhc_compile.convert`` takes.
+shapes and dtypes (``--input-shape`` / ``--input-dtype``), and :func:`normalize_inputs` reads what a
+factory module's ``example_inputs()`` returns: always ``(args, kwargs)`` as the model is called,
+which the conversion pipeline binds once (``mhc_compile.example_call.ExampleCall``) and saving
+writes as they are (``format.flatten_inputs``).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional, Sequence
 
 import torch
@@ -92,22 +92,3 @@ def normalize_inputs(ex: Any, where: str) -> tuple[tuple, dict]:
             return tuple(ex[0]), dict(ex[1])
         return tuple(ex), {}
     raise MHCIOError(f"{where}: example_inputs() must return a tensor, a tuple of tensors or (args, kwargs)")
-
-
-def positional_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
-    """``args`` plus ``kwargs`` as one tuple of positional arguments of ``model.forward``, with
-    None for the parameters skipped in between (``mhc_compile.convert`` takes positional inputs)."""
-    if not kwargs:
-        return tuple(args)
-    names = [p.name for p in inspect.signature(model.forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    out = list(args)
-    for key, val in kwargs.items():
-        if key not in names:
-            raise MHCIOError(f"example input {key!r} is not a positional parameter of {type(model).__name__}.forward")
-        i = names.index(key)
-        if i < len(args):
-            raise MHCIOError(f"example input {key!r} is given twice (positionally and by name)")
-        out += [None] * (i + 1 - len(out))
-        out[i] = val
-    return tuple(out)

@@ -11,9 +11,9 @@ families, ours too; the class's weights file holds them as well, for ``Trainer``
 ``mhc.json`` (source kind ``hf``, MHCConfig, report) and ``example_inputs.safetensors``.
 ``mhc convert`` on an HF directory writes the same kind of directory.
 
-Writes are atomic per file: everything goes to a temporary directory next to the destination
-first; then the old ``mhc.json`` is removed, each file is moved in with ``os.replace`` (stale
-weight shards of an older save are removed), and ``mhc.json`` comes last, so a crash leaves
+Writes are atomic per file (``atomic.atomic_files``): everything goes to a temporary directory next
+to the destination first; then the old ``mhc.json`` is removed, each file is moved in with
+``os.replace`` (stale weight shards of an older save are removed), and ``mhc.json`` comes last, so a crash leaves
 either the old output or a directory without ``mhc.json`` that :func:`mhc_compile.load`
 refuses, never a mix. Files the directory already holds (a Trainer checkpoint's optimizer
 state) are kept.
@@ -25,20 +25,23 @@ state) are kept.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import types
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .atomic import _umask
-from .errors import MHCIOError, first_line
+from ..forms.state import set_state, state_of
+from .atomic import atomic_files
+from .errors import MHCIOError
 from .format import INPUTS, MHC_JSON, MHC_WEIGHTS, dumps, flatten_inputs, mhc_meta, tied_names
 from .hub import mark_config
 from .registry import Source
+
+if TYPE_CHECKING:
+    from ..example_call import ExampleCall
 
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
@@ -49,11 +52,11 @@ def is_pretrained(model: nn.Module) -> bool:
     return transformers is not None and isinstance(model, getattr(transformers, "PreTrainedModel", ()))
 
 
-def bind_save_pretrained(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Make ``model.save_pretrained`` write a converted HF directory (``args``/``kwargs``: the
-    example inputs of the conversion, saved so :func:`mhc_compile.load` converts the same way)."""
-    tensors = {k: v for k, v in kwargs.items() if v is not None and hasattr(v, "shape")}
-    model.__dict__["_mhc_example"] = (tuple(args), tensors)
+def bind_save_pretrained(model: nn.Module, call: "ExampleCall") -> None:
+    """Make ``model.save_pretrained`` write a converted HF directory (``call``: the example call of
+    the conversion, kept in the model's state, whose inputs are saved so :func:`mhc_compile.load`
+    converts the same way)."""
+    set_state(model, replace(state_of(model), example=call))
     model.save_pretrained = types.MethodType(save_pretrained, model)
 
 
@@ -65,22 +68,22 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: A
     dst = Path(save_directory)
     if not kwargs.get("is_main_process", True):
         return type(self).save_pretrained(self, str(dst), *args, **kwargs)
-    ex_args, ex_kwargs = self.__dict__["_mhc_example"]
+    mhc = state_of(self)
+    ex_args = tuple(mhc.example.args)
+    ex_kwargs = {k: v for k, v in mhc.example.kwargs.items() if v is not None and hasattr(v, "shape")}
     config = self.config
     source = Source("hf", str(dst), self, ex_args, ex_kwargs,
                     {"architecture": type(self).__name__, "model_type": getattr(config, "model_type", None)})
-    meta = mhc_meta(source, self.mhc_config, self.mhc_report.to_dict())
+    meta = mhc_meta(source, mhc.config, mhc.report.to_dict())
     meta["tied"] = tied_names(self.state_dict())
-    dst.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
+    with atomic_files(dst, stale=_WEIGHT_PREFIXES) as tmp:
         from safetensors.torch import save_file
 
         state = kwargs.pop("state_dict", None)
         state = dict(self.state_dict() if state is None else state)
         # the mHC parameters go to the class's weights too (Trainer's resume_from_checkpoint reads
         # those by name), and to mhc.safetensors under their own names, which load reads
-        added = {k: state[k] for k in self.mhc_report.param_names if k in state}
+        added = {k: state[k] for k in mhc.report.param_names if k in state}
         type(self).save_pretrained(self, str(tmp), *args, state_dict=state, **kwargs)
         if (tmp / "config.json").is_file():
             mark_config(tmp / "config.json")  # plain transformers refuses it, naming mhc_compile.load
@@ -88,21 +91,3 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: A
                   metadata={"format": "pt", "mhc_compile": "1"})
         save_file(flatten_inputs(ex_args, ex_kwargs), str(tmp / INPUTS))
         (tmp / MHC_JSON).write_text(dumps(meta) + "\n")
-        _move_files(tmp, dst)
-    except OSError as exc:
-        raise MHCIOError(f"{dst}: cannot write: {exc.strerror or first_line(exc)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _move_files(tmp: Path, dst: Path) -> None:
-    new = {f.name for f in tmp.iterdir()}
-    (dst / MHC_JSON).unlink(missing_ok=True)
-    for f in dst.iterdir():  # weights of an older save that this one does not overwrite
-        if f.is_file() and f.name not in new and f.name.startswith(_WEIGHT_PREFIXES):
-            f.unlink()
-    for name in new:
-        os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors writes private files
-    for name in sorted(new - {MHC_JSON}):
-        os.replace(tmp / name, dst / name)
-    os.replace(tmp / MHC_JSON, dst / MHC_JSON)

@@ -27,10 +27,14 @@ from torch import nn
 from .errors import MHCIOError, MHCUsageError
 
 if TYPE_CHECKING:
-    from .conversion import Conversion
+    from ..pipeline import Conversion
 
 __all__ = ["Source", "ReadOptions", "SourceKind", "register_source_kind", "get_source_kind", "source_kinds",
-           "detect_kind", "read_source"]
+           "detect_kind", "read_source", "UNEXPECTED"]
+
+# set by a kind's rebuild that loads the saved weights itself (hf: from_pretrained), read by the
+# rebuild of a converted directory: the instance attribute holding the keys its loader did not take
+UNEXPECTED = "_mhc_unexpected_keys"
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ..reference import compute_dtype
 STREAMS = "x"          # (..., n, C), dtype of x: the streams after the op
 COEFFICIENTS = ("h_pre", "h_post", "h_res")  # (..., n), (..., n), (..., n, n) in the compute dtype
 BRANCH_INPUT = "h_in"  # (..., C), dtype of x: what f reads
+IMPLS = ("reference", "triton", "cpu")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class MHCOp:
 
     def function(self, impl: str, backward: bool = False) -> Callable:
         """The ``impl`` ("reference", "triton" or "cpu") forward, or backward, function."""
+        if impl not in IMPLS:
+            raise ValueError(f"{self.qualname}: impl={impl!r}; expected one of {IMPLS}")
         return _resolve(getattr(self, impl)[int(backward)])
 
     def backward_launchers(self) -> tuple[Callable, ...]:

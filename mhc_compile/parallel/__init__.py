@@ -9,19 +9,12 @@ tp.py         ``parallelize_mhc`` / :class:`MHCParallel` (a ``ParallelStyle``): 
               become replicated DTensors on the TP mesh
 guard.py      ``check_block``: a tensor-parallel block with plain mHC parameters raises
 
-``tp`` (and so ``MHCParallel``, ``parallelize_mhc``) needs ``torch.distributed``; it is imported
-on first use, so this package imports on builds without it.
+``tp`` (``MHCParallel``, ``parallelize_mhc``; public as ``mhc_compile.parallelize_mhc``) needs
+``torch.distributed``; this package does not import it, so it imports on builds without it (and
+``ops``, which uses ``mixed``, does not depend on the passes that ``tp`` reads).
 """
 from __future__ import annotations
 
 from .mixed import MHCParallelError
 
-__all__ = ["MHCParallelError", "MHCParallel", "parallelize_mhc"]
-
-
-def __getattr__(name: str):
-    if name in ("MHCParallel", "parallelize_mhc"):
-        from . import tp
-
-        return getattr(tp, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["MHCParallelError"]

@@ -1,4 +1,4 @@
-"""The guard a stream-carrying block runs on every call (``blocks/carry.py``): tensor parallel
+"""The guard a stream-carrying block runs on every call (``forms/blocks/carry.py``): tensor parallel
 with plain mHC parameters raises :class:`MHCParallelError`, never a silent partial gradient.
 
 Under SequenceParallel with local activations (``torch.distributed.tensor.parallel`` styles,

@@ -2,7 +2,7 @@
 ``.pt2`` carrying ``mhc.json`` as an extra file), read back for ``mhc inspect``.
 
 Read: a ``.pt2`` is loaded as is (the original graph is not in it); a directory is rebuilt and
-converted again (see ``io.load``), keeping that conversion (report, original graph) on the
+converted again by the one pipeline (``io.rebuild``), keeping that conversion (report, original graph) on the
 Source. An mhc output is not converted again: saving one as a directory, or rebuilding one, is
 refused.
 """
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import MHCIOError, MHCUsageError
 from ..format import MHC_JSON, read_mhc_json
+from ..rebuild import convert_rebuilt, rebuild_original
 from ..registry import ReadOptions, Source, SourceKind
 from .pt2 import carries_mhc_json, export_inputs, load_pt2, pt2_members
 
@@ -39,8 +40,6 @@ def _read_pt2(path: str) -> Source:
 
 
 def read(path: str, options: ReadOptions) -> Source:
-    from ..load import convert_rebuilt, rebuild_original
-
     p = Path(path)
     if p.is_file():
         return _read_pt2(path)

@@ -19,10 +19,10 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import MHCIOError, first_line
-from ..examples import hf_example_inputs, positional_inputs
+from ..examples import hf_example_inputs
 from ..format import MHC_JSON
 from ..hub import mark_config, original_config
-from ..registry import ReadOptions, Source, SourceKind
+from ..registry import UNEXPECTED, ReadOptions, Source, SourceKind
 
 CONFIG_FILES = ("config.json", "generation_config.json")  # copied into a converted directory
 
@@ -128,7 +128,6 @@ def read(path: str, options: ReadOptions) -> Source:
     model, arch = _hf_build(transformers, config, path, weights=True)
     try:
         args, kwargs = hf_example_inputs(config, options.batch_size, options.seq_len)
-        args, kwargs = positional_inputs(model, args, kwargs), {}
     except MHCIOError as exc:
         raise MHCIOError(f"{path}: {exc}") from None
     meta = {"architecture": arch, "model_type": getattr(config, "model_type", None), "config_overrides": {"use_cache": False}}
@@ -143,7 +142,6 @@ def save_extras(source: Source, directory: Path) -> None:
         mark_config(directory / "config.json")  # plain transformers refuses it, naming mhc_compile.load
 
 
-UNEXPECTED = "_mhc_unexpected_keys"  # instance attribute: the keys from_pretrained did not take
 
 
 def rebuild(directory: Path, meta: dict, options: ReadOptions) -> nn.Module:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..passes.nodes import module_path, module_stack
-from ..passes.streams import Chain
+from ...passes.nodes import module_path, module_stack
+from ...passes.streams import Chain
 
 
 @dataclass

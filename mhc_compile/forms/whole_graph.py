@@ -16,7 +16,6 @@ blocks form traces a block again. ``use_cache=True`` stays refused: the graph re
 """
 from __future__ import annotations
 
-import inspect
 import types
 import warnings
 from typing import Any, Optional
@@ -24,9 +23,11 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
+from ..example_call import ExampleCall
 from ..messages import first_line
 from ..placement import MHCSiteParams, attach, site_container
-from .signature import ForwardSignature, call_key, describe_key
+from .blocks.signature import ForwardSignature, call_key, describe_key
+from .state import WholeGraph, state_of
 
 MAX_VARIANTS = 16   # captured graphs per model: more call signatures or sizes than this is a misuse
 
@@ -38,35 +39,34 @@ def _mhc_modules(gm: fx.GraphModule):
 
 
 def install_whole_graph(model: nn.Module, gm: fx.GraphModule, fixed: Optional[dict] = None,
-                        example: tuple = (0, ())) -> list:
-    """Register ``gm``'s mHC parameters on ``model`` and make ``model.forward`` run ``gm``.
+                        example: Optional[ExampleCall] = None) -> tuple[list, WholeGraph]:
+    """Register ``gm``'s mHC parameters on ``model`` and make ``model.forward`` run ``gm``; returns
+    the parameter names and the :class:`WholeGraph` the caller puts in the model's state.
 
     ``fixed``: keyword arguments the capture set that the example did not pass (``use_cache=False``):
     a call that leaves them out gets them, a call that passes another value is refused (the graph
-    has no KV cache to return). ``example``: (number of positional arguments, keyword names) of
-    the example; the graph takes those only, and another call is refused saying so."""
+    has no KV cache to return). ``example``: the conversion's :class:`ExampleCall`; the graph takes
+    its arguments only (positional ones by position, keyword ones by name), and another call is
+    captured again for its own arguments. Every user call is bound with the same binder."""
     names = []
     for path, mod in _mhc_modules(gm):
         container, cname = site_container(model, path)
         params = attach(container, dict(mod._parameters), mod.init_recipe)
         names += [f"{cname}.{k}" for k in params]
-    model.__dict__["_mhc_graph"] = gm  # not a submodule: the state dict stays the model's
-    model.__dict__["_mhc_fixed"] = dict(fixed or {})
-    model.__dict__["_mhc_variants"] = []  # [(call key, rewritten graph)] for other calls
-    sig = ForwardSignature.of(model, type(model).__name__)
-    positional = [n for n, kind, _ in sig.params
-                  if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    model.__dict__["_mhc_example_call"] = (sig, positional[:example[0]], tuple(example[1]))
+    if example is None:
+        example = ExampleCall(())
+    sig = example.signature if example.bound else ForwardSignature.of(model, type(model).__name__)
+    whole = WholeGraph(gm, example, sig, dict(fixed or {}))
     model.forward = types.MethodType(_whole_graph_forward, model)
-    return names
+    return names, whole
 
 
 def _given(self: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The call's arguments by name: the example's, the required ones, and any passed at other
     than its default (an argument left, or passed, at its default is no change)."""
-    sig, positional, names = self.__dict__["_mhc_example_call"]
-    fixed = self.__dict__["_mhc_fixed"]
-    want = set(positional) | set(names)
+    whole = state_of(self).whole_graph
+    sig, fixed = whole.signature, whole.fixed
+    want = set(whole.positional) | set(whole.keywords)
     defaults = {n: d for n, _, d in sig.params}
     given: dict = {}
     for name, value in zip(*sig.bind(args, kwargs)):  # defaults applied
@@ -79,19 +79,19 @@ def _given(self: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 def _whole_graph_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    _, positional, names = self.__dict__["_mhc_example_call"]
-    fixed = self.__dict__["_mhc_fixed"]
+    whole = state_of(self).whole_graph
+    positional, names, fixed = whole.positional, whole.keywords, whole.fixed
     given = _given(self, args, kwargs)
     for name, value in fixed.items():
         if given.get(name, value) != value:
             raise TypeError(
-                f"{type(self).__name__} was converted in the whole-graph form ({self.mhc_report.form_reason}), "
+                f"{type(self).__name__} was converted in the whole-graph form ({state_of(self).report.form_reason}), "
                 f"whose graph was captured with {name}={value!r}; it cannot be called with {name}={given[name]!r}. "
                 "The whole-graph form has no KV cache (no generate()).")
     call = {**given, **fixed}
     if set(given) - set(fixed) == set(positional) | set(names):  # the example's arguments: its graph
         try:
-            return _run(self, self.__dict__["_mhc_graph"], tuple(given[n] for n in positional),
+            return _run(self, whole.graph, tuple(given[n] for n in positional),
                         {k: v for k, v in call.items() if k not in positional})
         except _SizeGuardFailed:
             pass  # other sizes than the capture allows: a graph of their own
@@ -122,7 +122,7 @@ def _run_variant(self: nn.Module, call: dict) -> Any:
     """Run the graph captured for this call signature (argument names, constants, tensor dtypes),
     capturing and rewriting it on first use with the model's own mHC parameters; one signature
     may hold several graphs when sizes fail the guards of the ones before."""
-    variants = self.__dict__["_mhc_variants"]
+    variants = state_of(self).whole_graph.variants
     key = call_key(False, tuple(call), list(call.values()))
     for k, gm in variants:
         if k == key:
@@ -135,18 +135,18 @@ def _run_variant(self: nn.Module, call: dict) -> Any:
                         f"argument signatures or sizes (now {describe_key(key)}); a number or flag that changes on "
                         "every call cannot be specialised. Pass it as a tensor.")
     gm = _capture_variant(self, call)
-    self.__dict__["_mhc_variants"].append((key, gm))  # fetched again: export restores the module's attributes
+    state_of(self).whole_graph.variants.append((key, gm))  # fetched again: export restores the module's attributes
     return _run(self, gm, (), call)
 
 
 def _capture_variant(self: nn.Module, call: dict) -> fx.GraphModule:
     """The model's own forward captured for ``call`` and rewritten with its registered mHC
     parameters; refused when the capture does not find the same sites."""
-    from ..convert import capture
+    from ..capture import capture
     from ..graph_pipeline import rewrite_graph
     from ..mode_switch import make_mode_switchable
     from ..passes.rewrite import BlockRewriteError
-    from .carry import _live_provider
+    from .blocks.carry import _live_provider
 
     if any(p.device.type == "meta" for p in self.parameters()):
         raise TypeError(f"{type(self).__name__} (whole-graph form) is on the meta device: load its weights before "
@@ -161,8 +161,9 @@ def _capture_variant(self: nn.Module, call: dict) -> fx.GraphModule:
         self.__dict__["forward"] = carried
     why = ""
     try:
-        report = rewrite_graph(gm, self.mhc_config, _live_provider(self))
-        got, want = [s.name for s in report.sites], [s.name for s in self.mhc_report.sites]
+        state = state_of(self)
+        report = rewrite_graph(gm, state.config, _live_provider(self))
+        got, want = [s.name for s in report.sites], [s.name for s in state.report.sites]
         if got != want:
             why = f"its sites are {got}, the conversion's {want}"
     except BlockRewriteError as exc:

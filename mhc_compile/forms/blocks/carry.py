@@ -25,13 +25,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx, nn
 
-from .. import _torch_internals as _ti
-from ..config import MHCConfig
-from ..parallel.guard import check_block
-from ..placement import safe_name, site_container
-from ..graph_pipeline import analyze
-from ..passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, rewrite_chain_part
-from ..passes.streams import stream_wise_path
+from ... import _torch_internals as _ti
+from ...config import MHCConfig
+from ...parallel.guard import check_block
+from ...placement import safe_name, site_container
+from ...graph_pipeline import analyze
+from ...passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, rewrite_chain_part
+from ...passes.streams import stream_wise_path
 from .plan import BlockPart, BlockPlan, BlockSpec
 from .signature import BlockCallError, ForwardSignature, call_key, describe_key
 from .trace import (BlockCall, BlockGraph, BlockRandomError, BlockTraceError, buffers_kept, call_from, record_calls,
@@ -295,8 +295,9 @@ def _install(block: nn.Module, spec: BlockSpec, call: BlockCall, prepared: dict,
 
 
 def carry_blocks(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, config: MHCConfig,
-                 provider: ParamProvider) -> list:
-    """Make every block of ``plan`` carry its part of the chains; the registered parameter names.
+                 provider: ParamProvider) -> tuple[list, dict]:
+    """Make every block of ``plan`` carry its part of the chains; the registered parameter names,
+    and each block's ``CarriedForward`` by path (for the model's ``ConvertedState``).
 
     Every block is traced and matched first; :class:`BlockTraceError` / :class:`BlockRewriteError`
     (the caller falls back to the whole-graph form) are raised before ``model`` is changed."""
@@ -309,7 +310,9 @@ def carry_blocks(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, c
             except (BlockRewriteError, BlockTraceError) as exc:
                 raise type(exc)(f"{spec.path or 'the root'}: {exc}") from exc
     names: list = []
+    carried: dict = {}
     for spec, prep in prepared:
         block = model.get_submodule(spec.path) if spec.path else model
         _install(block, spec, calls[spec.path], prep, config, provider, names)
-    return list(dict.fromkeys(names))
+        carried[spec.path] = block.__dict__["_mhc_carry"]
+    return list(dict.fromkeys(names)), carried

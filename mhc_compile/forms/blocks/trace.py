@@ -24,9 +24,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx, nn
 
-from .. import _torch_internals as _ti
-from ..messages import first_line
-from ..flex_mask import on_device
+from ... import _torch_internals as _ti
+from ...messages import first_line
+from ...flex_mask import on_device
 from .signature import BlockCallError, ForwardSignature, is_constant
 
 
