@@ -429,6 +429,29 @@ def test_hf_blocks_with_keyword_arguments(name, blocks):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_whole_graph_call_without_the_examples_mask_captures_its_own_graph():
+    """Converted with an ``attention_mask`` example, the whole-graph form called without the mask
+    (left at its default None) must not run the example's graph (captured with a mask tensor; it
+    crashed): it captures that call's own graph and, at perturbed mHC parameters, equals the
+    blocks form called the same way, and differs from the masked call."""
+    torch.manual_seed(0)
+    model = _hf("llama").eval()
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    cfg = MHCConfig(streams=4, kernels="reference")
+    kw = {"attention_mask": mask}
+    carried = convert(model, cfg, (ids,), example_kwargs=kw)
+    whole = convert(model, cfg, (ids,), example_kwargs=kw, form="whole-graph")
+    with torch.no_grad():
+        torch.testing.assert_close(whole(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-4)
+        _randomize(carried, whole)
+        got, want, masked = whole(ids).logits, carried(ids).logits, whole(ids, **kw).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got[1] - masked[1]).abs().max() > 1e-3  # the padded row: the mask matters
+    assert len(state_of(whole).whole_graph.variants) == 1
+
+
 def test_convert_leaves_buffers_and_random_state_alone():
     """The example forward that records the block calls runs for real (in training mode here):
     batch-norm statistics and the caller's random stream are as before."""

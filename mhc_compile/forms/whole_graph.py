@@ -68,13 +68,18 @@ def _given(self: nn.Module, args: tuple, kwargs: dict) -> dict:
     sig, fixed = whole.signature, whole.fixed
     want = set(whole.positional) | set(whole.keywords)
     defaults = {n: d for n, _, d in sig.params}
+    # what the example passed: an argument the example gave a value that this call leaves at its
+    # default is not the example's argument (the graph holds the example's, e.g. a mask tensor)
+    example = whole.call.given() if whole.call.bound else {}
     given: dict = {}
     for name, value in zip(*sig.bind(args, kwargs)):  # defaults applied
         if name in fixed:
             if name in kwargs or value is not defaults[name]:  # passed: checked against the capture's value
                 given[name] = value
-        elif name in want or name not in defaults or value is not defaults[name]:
+        elif name not in defaults or value is not defaults[name]:
             given[name] = value
+        elif name in want and (not whole.call.bound or example.get(name, defaults[name]) is defaults[name]):
+            given[name] = value  # at its default, as in the example
     return given
 
 
