@@ -399,15 +399,8 @@ def _hf(name):
                                     num_attention_heads=2, **common))
 
 
-@pytest.mark.parametrize("name,blocks", [
-    ("gpt2", ["transformer.h.0", "transformer.h.1"]),
-    ("llama", ["model.layers.0", "model.layers.1"]),
-    ("bert", ["encoder.layer.0", "encoder.layer.1"]),   # post-LN adds inside the layer's submodules
-])
-def test_hf_blocks_with_keyword_arguments(name, blocks):
-    """HF layers take **kwargs (attention masks, position embeddings): each keyword the parent
-    passes becomes its own traced argument; with a padded mask the blocks equal the whole graph
-    at random mHC parameters."""
+def _both_forms_with_a_padded_mask(name):
+    """(model, ids, {"attention_mask": padded mask}, blocks form, whole-graph form) of ``_hf(name)``."""
     torch.manual_seed(0)
     model = _hf(name).eval()
     ids = torch.randint(0, 64, (2, 8))
@@ -417,6 +410,19 @@ def test_hf_blocks_with_keyword_arguments(name, blocks):
     kw = {"attention_mask": mask}
     carried = convert(model, cfg, (ids,), example_kwargs=kw)
     whole = convert(model, cfg, (ids,), example_kwargs=kw, form="whole-graph")
+    return model, ids, kw, carried, whole
+
+
+@pytest.mark.parametrize("name,blocks", [
+    ("gpt2", ["transformer.h.0", "transformer.h.1"]),
+    ("llama", ["model.layers.0", "model.layers.1"]),
+    ("bert", ["encoder.layer.0", "encoder.layer.1"]),   # post-LN adds inside the layer's submodules
+])
+def test_hf_blocks_with_keyword_arguments(name, blocks):
+    """HF layers take **kwargs (attention masks, position embeddings): each keyword the parent
+    passes becomes its own traced argument; with a padded mask the blocks equal the whole graph
+    at random mHC parameters."""
+    model, ids, kw, carried, whole = _both_forms_with_a_padded_mask(name)
     assert type(carried) is type(model) and carried.mhc_report.form == "blocks", carried.mhc_report.form_reason
     assert carried.mhc_report.blocks == blocks
     main = (lambda o: o.logits) if name != "bert" else (lambda o: o.last_hidden_state)
@@ -434,15 +440,7 @@ def test_whole_graph_call_without_the_examples_mask_captures_its_own_graph():
     (left at its default None) must not run the example's graph (captured with a mask tensor; it
     crashed): it captures that call's own graph and, at perturbed mHC parameters, equals the
     blocks form called the same way, and differs from the masked call."""
-    torch.manual_seed(0)
-    model = _hf("llama").eval()
-    ids = torch.randint(0, 64, (2, 8))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 5:] = 0
-    cfg = MHCConfig(streams=4, kernels="reference")
-    kw = {"attention_mask": mask}
-    carried = convert(model, cfg, (ids,), example_kwargs=kw)
-    whole = convert(model, cfg, (ids,), example_kwargs=kw, form="whole-graph")
+    model, ids, kw, carried, whole = _both_forms_with_a_padded_mask("llama")
     with torch.no_grad():
         torch.testing.assert_close(whole(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-4)
         _randomize(carried, whole)
