@@ -61,8 +61,8 @@ def _perturb(model, seed: int = 0, scale: float = 0.3) -> None:
 # --- torchtitan ------------------------------------------------------------------------------
 
 def _titan():
-    pytest.importorskip("torchtitan.models.llama3", exc_type=ImportError,
-                        reason="torchtitan or its Llama3 does not import with this torch (torchtitan 0.3.0 needs a newer torch than 2.11)")
+    from models.titan_llama3 import require_torchtitan
+    require_torchtitan()
     from models.titan_llama3 import flex_masks, tiny_llama3
     return tiny_llama3, flex_masks
 

@@ -37,8 +37,9 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-pytest.importorskip("torchtitan.models.llama3", exc_type=ImportError,
-                    reason="torchtitan or its Llama3 does not import with this torch (torchtitan 0.3.0 needs a newer torch than 2.11)")
+from models.titan_llama3 import require_torchtitan  # noqa: E402
+
+require_torchtitan()
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
 
 from test_tensor_parallel import _mhc_vector, _rel  # noqa: E402  (per-tensor rel error with its floor)

@@ -3,13 +3,21 @@
 
 ``attn_backend="flex"`` is torchtitan's default: every block takes a flex-attention ``BlockMask``
 (``model.get_attention_masks(positions)``); ``"sdpa"`` is its causal SDPA backend (no mask).
-Skipped by the callers when torchtitan is not installed.
+Callers skip with :func:`require_torchtitan` when torchtitan or its Llama3 does not import.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 VOCAB = 256
+
+
+def require_torchtitan():
+    """Skip the calling test (or module) when torchtitan's Llama3 does not import with this torch."""
+    return pytest.importorskip(
+        "torchtitan.models.llama3", exc_type=ImportError,
+        reason="torchtitan or its Llama3 does not import with this torch (torchtitan 0.3.0 needs a newer torch than 2.11)")
 
 
 def tiny_llama3_config(attn_backend: str = "flex", dim: int = 64, layers: int = 2, heads: int = 4,
