@@ -180,14 +180,9 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
         return ep.module()
     _, exc = errors[-1]
     first = first_line(exc, 500)
-    eager = _eager_error(model, args, kwargs)
-    if eager is not None:  # not a tracing problem: forward fails on these inputs, export or not
-        raise MHCCaptureError(
-            f"mhc_compile could not capture {type(model).__name__}: its forward fails on the example inputs "
-            f"when run as plain Python too: {type(eager).__name__}: {first_line(eager, 500)}\n"
-            f"What to try: give example inputs with the shapes and dtypes forward expects (example inputs: "
-            f"{_describe(args, kwargs)}; on the command line --input-shape/--input-dtype)."
-        ) from exc
+    wrong_inputs = inputs_error(model, args, kwargs)
+    if wrong_inputs is not None:  # not a tracing problem: forward fails on these inputs, export or not
+        raise wrong_inputs from exc
     raise MHCCaptureError(
         f"mhc_compile could not capture {type(model).__name__} with torch.export(strict=False): "
         f"{type(exc).__name__}: {first}\n"
@@ -196,6 +191,22 @@ def capture(model: nn.Module, example_inputs: Any, dynamic: bool = True,
         "example_inputs as a tuple of the exact positional arguments, or use the torch.compile "
         "backend instead: torch.compile(model, backend='mhc'), which tolerates graph breaks."
     ) from exc
+
+
+def inputs_error(model: nn.Module, args: tuple, kwargs: dict) -> Optional[MHCCaptureError]:
+    """The error to raise when ``model``'s forward fails on the example when simply called (the
+    inputs' shapes or dtypes are wrong, not the tracing), or None when it runs. The CLI checks
+    inputs made from ``--input-shape``/``--input-dtype`` with it before any capture: some
+    mistakes (float indices into ``nn.Embedding``) export without an error on torch 2.11."""
+    eager = _eager_error(model, args, kwargs)
+    if eager is None:
+        return None
+    return MHCCaptureError(
+        f"mhc_compile could not capture {type(model).__name__}: its forward fails on the example inputs "
+        f"when run as plain Python too: {type(eager).__name__}: {first_line(eager, 500)}\n"
+        f"What to try: give example inputs with the shapes and dtypes forward expects (example inputs: "
+        f"{_describe(args, kwargs)}; on the command line --input-shape/--input-dtype)."
+    )
 
 
 def _eager_error(model: nn.Module, args: tuple, kwargs: dict) -> Optional[BaseException]:

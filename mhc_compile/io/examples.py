@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..capture import inputs_error
 from .errors import MHCIOError, MHCUsageError
 
 
@@ -92,3 +93,16 @@ def normalize_inputs(ex: Any, where: str) -> tuple[tuple, dict]:
             return tuple(ex[0]), dict(ex[1])
         return tuple(ex), {}
     raise MHCIOError(f"{where}: example_inputs() must return a tensor, a tuple of tensors or (args, kwargs)")
+
+
+def make_checked_inputs(model: nn.Module, shapes: Sequence[tuple[int, ...]],
+                        dtypes: Sequence[torch.dtype]) -> tuple:
+    """:func:`make_inputs`, then one plain call of ``model`` on them (eval, no grad): a shape or
+    dtype that forward does not take fails here, in a second, with advice about the inputs,
+    before any capture work (and on torch 2.11, whose export takes float indices into an
+    ``nn.Embedding``, at all)."""
+    args = make_inputs(model, shapes, dtypes)
+    wrong = inputs_error(model, args, {})
+    if wrong is not None:
+        raise wrong
+    return args

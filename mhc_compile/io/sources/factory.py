@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import MHCIOError, MHCUsageError, first_line
-from ..examples import make_inputs, normalize_inputs
+from ..examples import make_checked_inputs, normalize_inputs
 from ..format import MHC_JSON
 from ..registry import ReadOptions, Source, SourceKind
 from .common import apply_state_dict, eval_mode
@@ -65,7 +65,7 @@ def read(spec: str, options: ReadOptions) -> Source:
     if not options.input_shapes and callable(getattr(module, "example_inputs", None)):
         args, kwargs = normalize_inputs(module.example_inputs(), f"{spec.partition(':')[0]}.example_inputs")
     else:  # without shapes this raises the usage error that asks for them
-        args, kwargs = make_inputs(model, options.input_shapes, options.input_dtypes), {}
+        args, kwargs = make_checked_inputs(model, options.input_shapes, options.input_dtypes), {}
     return Source("factory", spec, model, args, kwargs, {"factory": spec})
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import MHCIOError, first_line
-from ..examples import make_inputs
+from ..examples import make_checked_inputs
 from ..registry import ReadOptions, Source, SourceKind
 from .common import apply_state_dict, eval_mode
 
@@ -58,7 +58,7 @@ def read(path: str, options: ReadOptions) -> Source:
     if options.state_dict is not None:
         apply_state_dict(model, options.state_dict)
     eval_mode(model)
-    args = make_inputs(model, options.input_shapes, options.input_dtypes)
+    args = make_checked_inputs(model, options.input_shapes, options.input_dtypes)
     return Source("pickle", path, model, args, {}, {})
 
 
