@@ -111,7 +111,7 @@ def _no_parallel():
 def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, dtensor_stream: bool = False) -> nn.Module:
     """Tensor parallel (and SequenceParallel) on a converted :class:`TPLlama`, then the mHC parameters
     replicated on ``tp_mesh``. The logits come back whole (``Replicate``) on every TP rank."""
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
 
@@ -142,6 +142,11 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool, dtensor_stre
                 "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
+    from mhc_compile.parallel.partial_grads import foreach_skips_partial, replicate_partial_grads
+
+    if foreach_skips_partial(tp_mesh):  # torch 2.11 would leave the SP norms' Partial gradients unclipped
+        replicate_partial_grads(p for p in model.parameters() if isinstance(p, DTensor) and
+                                all(isinstance(pl, Replicate) for pl in p.placements))
     from mhc_compile.placement import MHCSiteParams
 
     if not any(isinstance(m, MHCSiteParams) for m in model.modules()):  # plain (train_distributed --variant plain)

@@ -33,6 +33,9 @@ if str(EXAMPLES) not in sys.path:
 VOCAB, C, LAYERS, HEADS, B, T, STEPS = 64, 16, 2, 2, 4, 8, 3
 VARIANTS = {"tp": dict(sequence_parallel=False), "tp-sp": dict(sequence_parallel=True),
             "tp-sp-dtensor": dict(sequence_parallel=True, dtensor_stream=True)}
+# tp-sp with the mHC gradients reduced when accumulated, as parallelize_mhc does on torch 2.11
+# (parallel/partial_grads.py), forced here so every torch runs that path
+REDUCED = "tp-sp-reduced"
 
 
 def _build():
@@ -117,23 +120,41 @@ def _init(rank, world, d):
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'rendezvous')}", rank=rank, world_size=world)
 
 
+def _clip_skips_partial(mesh) -> bool:
+    """Whether clip_grad_norm_(foreach=True) leaves a Partial gradient unclipped on this torch."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    p = torch.nn.Parameter(DTensor.from_local(torch.zeros(3), mesh, [Replicate()]))
+    p.grad = DTensor.from_local(torch.full((3,), 2.0), mesh, [Partial()])  # whole gradient 2 * world
+    torch.nn.utils.clip_grad_norm_([p], max_norm=1e-3, foreach=True)
+    return bool(p.grad.full_tensor().norm() > 2e-3)
+
+
 def _tp_worker(rank, world, d):
     _init(rank, world, d)
     try:
         from torch.distributed.device_mesh import init_device_mesh
+        from mhc_compile.parallel import partial_grads
         from tp_llama import apply_tp
 
         mesh = init_device_mesh("cpu", (world,))
         base = _build()
-        out = {}
+        out = {"probe": (partial_grads.foreach_skips_partial(mesh), _clip_skips_partial(mesh))}
         model = None
-        for name, kw in VARIANTS.items():
+        for name, kw in [*VARIANTS.items(), (REDUCED, VARIANTS["tp-sp"])]:
             del model  # one SP layout per TP mesh among the live models
             model = copy.deepcopy(base)
-            apply_tp(model, mesh, **kw)
+            real = partial_grads._SKIPS
+            partial_grads._SKIPS = True if name == REDUCED else real
+            try:
+                apply_tp(model, mesh, **kw)
+            finally:
+                partial_grads._SKIPS = real
             res = _train(model)
             res["spread"] = _mhc_spread(model, dist.group.WORLD)
             res["mhc_dtensor"] = all(hasattr(p, "to_local") for n, p in model.named_parameters() if ".mhc." in n)
+            res["mhc_grad_partial"] = any(p.grad.placements[0].is_partial() for n, p in model.named_parameters()
+                                          if ".mhc." in n)
             out[name] = res
         # the guard: the same SP plans without parallelize_mhc
         import mhc_compile
@@ -246,6 +267,19 @@ def test_tp_matches_single_process(single, tp_runs, variant):
     out = tp_runs[variant]
     assert out["mhc_dtensor"]
     _compare(single, out, variant)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_mhc_gradients_reduced_when_accumulated_match_single_process(single, tp_runs):
+    """The torch 2.11 path of parallelize_mhc (partial_grads.py), forced: the mHC gradients leave
+    backward replicated, and training equals one process. The probe agrees with clip_grad_norm_."""
+    probe, clip_skips = tp_runs["probe"]
+    assert probe == clip_skips
+    assert tp_runs["tp-sp"]["mhc_grad_partial"] == (not probe)  # hooked only where torch needs it
+    out = tp_runs[REDUCED]
+    assert out["mhc_dtensor"] and not out["mhc_grad_partial"]
+    _compare(single, out, REDUCED)
 
 
 @pytest.mark.distributed

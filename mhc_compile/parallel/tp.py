@@ -17,7 +17,9 @@ sequence shard, SequenceParallel with local activations; ``False``: the whole hi
 DTensor stream carries its own layout. Call it after the TP plan and before ``fully_shard``.
 
 Forgetting it raises instead of training on partial gradients: ``parallel/guard.py`` for plain
-streams, ``parallel/mixed.py`` for DTensor streams.
+streams, ``parallel/mixed.py`` for DTensor streams. On torch 2.11, whose ``clip_grad_norm_``
+leaves ``Partial`` gradients unclipped, the mHC gradients are reduced when accumulated
+(``parallel/partial_grads.py``).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from ..engine_init import is_titan_container
 from ..placement import MHCSiteParams
 from .mixed import HELPER, MHCParallelError, declare_local_streams
+from .partial_grads import foreach_skips_partial, replicate_partial_grads
 
 
 def _containers(module: nn.Module) -> list[MHCSiteParams]:
@@ -72,6 +75,8 @@ class MHCParallel(ParallelStyle):
                 kw = {} if src == 0 or p.is_meta else {"src_data_rank": src}
                 value = distribute_tensor(p.detach(), device_mesh, [Replicate()] * device_mesh.ndim, **kw)
                 container.register_parameter(name, nn.Parameter(value, requires_grad=p.requires_grad))
+        if foreach_skips_partial(device_mesh):  # torch 2.11 would not clip their gradients: partial_grads.py
+            replicate_partial_grads(p for c in containers for p in c.parameters())
         return module
 
     def __repr__(self) -> str:
