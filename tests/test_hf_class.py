@@ -164,6 +164,38 @@ def test_trainer_trains_the_converted_model(tmp_path):
     assert resumed.state.global_step == 14
 
 
+def test_new_keyword_in_training_with_a_kv_cache_traces_on_a_copy_of_the_cache():
+    """A call with a new keyword (Trainer passes ``num_items_in_batch``) retraces each block. In
+    training mode the cache holds tensors with a grad_fn, which deepcopy refuses; the trace used
+    to run on the caller's cache itself, wrote fake keys into it, and every later layer returned
+    FakeTensors (the loss's backward then failed). At trained mHC parameters the new call's
+    logits equal the old one's, its loss is the summed loss over ``num_items_in_batch``, and so
+    are the gradients."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    _, cm, _, _, _ = _convert("llama")
+    _perturb(cm).train()
+    ids = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(3))
+    items = int(ids[:, 1:].numel())
+    runs = []
+    for extra in ({}, {"num_items_in_batch": torch.tensor(items)}):
+        cm.zero_grad(set_to_none=True)
+        out = cm(input_ids=ids, labels=ids, use_cache=True, **extra)
+        leaves = [t for t in torch.utils._pytree.tree_leaves([out.logits, out.loss, list(out.past_key_values.layers)])
+                  if isinstance(t, torch.Tensor)]
+        assert not any(isinstance(t, FakeTensor) for t in leaves)
+        keys = [layer.keys for layer in out.past_key_values.layers]
+        assert not any(isinstance(k, FakeTensor) for k in keys) and len(keys) == cm.config.num_hidden_layers
+        out.loss.backward()
+        runs.append((out.logits.detach(), float(out.loss), {k: p.grad.clone() for k, p in mhc_params(cm).items()}))
+    (logits0, loss0, grads0), (logits1, loss1, grads1) = runs
+    torch.testing.assert_close(logits1, logits0, atol=0, rtol=0)
+    assert loss1 == pytest.approx(loss0, rel=1e-6)  # the mean over all labels == sum / num_items here
+    for k in grads0:
+        torch.testing.assert_close(grads1[k], grads0[k], atol=1e-7, rtol=1e-5)
+    assert max(float(g.abs().max()) for g in grads0.values()) > 1e-4
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     """Item 3: model.gradient_checkpointing_enable() recomputes the layers (the MLP runs twice per
     step) and gives the same loss and gradients, at trained mHC parameters."""

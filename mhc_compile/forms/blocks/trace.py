@@ -89,10 +89,29 @@ def snapshot(value: Any) -> Any:
         return type(value)(snapshot(e) for e in value)
     if type(value) is dict:
         return {k: snapshot(v) for k, v in value.items()}
+    # a cache filled in a training forward holds non-leaf tensors, which deepcopy refuses: copy
+    # those as detached clones (the trace must never write fake keys into the caller's cache)
+    memo = {id(t): t.detach().clone() for t in _tensors_inside(value) if t.grad_fn is not None}
     try:
-        return copy.deepcopy(value)
+        return copy.deepcopy(value, memo)
     except Exception:  # noqa: BLE001 - an object that cannot be copied is traced as it is
         return value
+
+
+def _tensors_inside(value: Any, depth: int = 4) -> list:
+    """The tensors an object holds in its attributes, lists, tuples and dicts (a few levels:
+    ``DynamicCache.layers[i].keys``)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0:
+        return []
+    if isinstance(value, (list, tuple)):
+        items = value
+    elif isinstance(value, dict):
+        items = list(value.values())
+    else:
+        items = list(getattr(value, "__dict__", {}).values())
+    return [t for item in items for t in _tensors_inside(item, depth - 1)]
 
 
 @contextlib.contextmanager
