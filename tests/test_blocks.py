@@ -222,6 +222,65 @@ def test_block_call_that_cannot_carry_the_streams_raises():
         out(*args, scale=0)
 
 
+class _Memo:
+    """A cache-like argument: the block's leaf appends to it."""
+
+    def __init__(self):
+        self.items = []
+
+
+class _Uncopyable(_Memo):
+    def __deepcopy__(self, memo):
+        raise TypeError("this cache cannot be copied")
+
+
+class _Writer(nn.Module):
+    def forward(self, y, memo):
+        if memo is not None:
+            memo.items.append(y)
+        return y
+
+
+class _MemoBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc, self.writer = nn.LayerNorm(32), nn.Linear(32, 32), _Writer()
+
+    def forward(self, x, memo=None):
+        return x + self.writer(self.fc(self.ln(x)), memo)
+
+
+class _MemoModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(zoo.VOCAB, 32)
+        self.blocks = nn.ModuleList(_MemoBlock() for _ in range(2))
+
+    def forward(self, idx, memo=None):
+        h = self.emb(idx)
+        for blk in self.blocks:
+            h = blk(h, memo=memo)
+        return h
+
+
+def test_retrace_never_leaves_fake_tensors_in_the_callers_objects():
+    """A call with a new cache-like argument traces each block again on a copy of it; the caller's
+    object gets only the real call's tensors. One that cannot be copied and that the trace wrote
+    into raises, instead of a real call that runs on fake values."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    torch.manual_seed(0)
+    model, args = _MemoModel().train(), zoo.token_inputs()
+    out = _perturbed(convert(model, MHCConfig(streams=4, kernels="reference"), args))
+    memo = _Memo()
+    got = out(*args, memo=memo)
+    assert not isinstance(got, FakeTensor) and len(memo.items) == 2
+    assert not any(isinstance(t, FakeTensor) for t in memo.items)
+    torch.testing.assert_close(got, out(*args), atol=0, rtol=0)
+    with pytest.raises(BlockCallError, match=r"changed the argument 'memo' \(_Uncopyable\).*copy.deepcopy"):
+        _perturbed(convert(model, MHCConfig(streams=4, kernels="reference"), args))(*args, memo=_Uncopyable())
+
+
 def test_one_state_object_per_converted_model():
     """convert leaves one ConvertedState (form, report, config, what the form runs) under one
     attribute; mhc_report / mhc_config are read from it; no other mHC attribute on the model."""

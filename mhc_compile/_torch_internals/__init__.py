@@ -31,7 +31,7 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
   functorch transform is active (``torch._C._len_torch_dispatch_stack``,
   ``torch._C._are_functorch_transforms_active``): :func:`plain_dispatch`, used by ``ops/cpu_paths.py``;
 * fake tensors for tracing a block without compute (``torch._subclasses.FakeTensorMode`` and
-  ``torch.fx.passes.fake_tensor_prop.FakeTensorProp``): :func:`fake_mode`, :func:`fake_propagate`,
+  ``torch.fx.passes.fake_tensor_prop.FakeTensorProp``): :func:`fake_mode`, :func:`fake_propagate`, :func:`is_fake_tensor`,
   used by ``blocks.trace``;
 * tracing a converted block again in the middle of a real forward (``blocks``): torch.fx's
   patcher revert (``torch.fx._symbolic_trace._maybe_revert_all_patches``,
@@ -89,6 +89,7 @@ from .tracing import (
     engine_will_run,
     fake_mode,
     fake_propagate,
+    is_fake_tensor,
     fx_patches_reverted,
     is_pytree_container,
     forward_hooks_suspended,
@@ -132,6 +133,7 @@ __all__ = [
     "engine_will_run",
     "fake_mode",
     "fake_propagate",
+    "is_fake_tensor",
     "fx_patches_reverted",
     "is_pytree_container",
     "forward_hooks_suspended",

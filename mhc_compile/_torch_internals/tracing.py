@@ -113,6 +113,13 @@ def fake_mode() -> Any:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
+def is_fake_tensor(value: Any) -> bool:
+    """Whether ``value`` is a ``FakeTensor`` (``torch._subclasses``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
 def fake_propagate(gm: torch.fx.GraphModule, mode: Any, *args: Any) -> None:
     """Run ``gm`` on fake ``args`` under ``mode``, recording ``node.meta["val"]`` on every node."""
     import logging

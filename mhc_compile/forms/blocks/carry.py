@@ -35,7 +35,7 @@ from ...passes.streams import stream_wise_path
 from .plan import BlockPart, BlockPlan, BlockSpec
 from .signature import BlockCallError, ForwardSignature, call_key, describe_key
 from .trace import (BlockCall, BlockGraph, BlockRandomError, BlockTraceError, buffers_kept, call_from, record_calls,
-                    trace_block)
+                    tensors_inside as _tensors_inside, trace_block)
 
 
 MAX_VARIANTS = 16   # traced graphs per block: more call signatures than this is a misuse
@@ -83,6 +83,7 @@ class CarriedForward:
             mode = _ti.fake_mode()
             with buffers_kept(block), torch.no_grad():
                 prep = _prepare(trace_block(block, call, mode, block.training, self.spec.through), self.spec)
+            _check_untouched(names, values)
             fn, src = _rewrite_compile(block, prep, self.config, _live_provider(block), [],
                                        f"{self.path} {len(self.variants)}")
         except (BlockTraceError, BlockRewriteError) as exc:
@@ -92,6 +93,16 @@ class CarriedForward:
                 f"streams: {exc}") from exc
         self.variants[key], self.source[key] = fn, src
         return fn
+
+
+def _check_untouched(names: tuple, values: list) -> None:
+    """Raise when tracing left fake tensors in an argument the trace could not copy (a cache
+    object ``deepcopy`` refuses): the real call would run on them and return FakeTensors."""
+    for name, value in zip(names, values):
+        if not isinstance(value, torch.Tensor) and any(
+                _ti.is_fake_tensor(t) for t in _tensors_inside(value)):
+            raise BlockTraceError(f"tracing it changed the argument {name!r} ({type(value).__name__}), which could "
+                                  "not be copied for the trace; make that object copyable with copy.deepcopy")
 
 
 def _unwidened(streams: torch.Tensor, feature_axis: int, rank: int) -> torch.Tensor:

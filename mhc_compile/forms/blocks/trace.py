@@ -91,14 +91,14 @@ def snapshot(value: Any) -> Any:
         return {k: snapshot(v) for k, v in value.items()}
     # a cache filled in a training forward holds non-leaf tensors, which deepcopy refuses: copy
     # those as detached clones (the trace must never write fake keys into the caller's cache)
-    memo = {id(t): t.detach().clone() for t in _tensors_inside(value) if t.grad_fn is not None}
+    memo = {id(t): t.detach().clone() for t in tensors_inside(value) if t.grad_fn is not None}
     try:
         return copy.deepcopy(value, memo)
     except Exception:  # noqa: BLE001 - an object that cannot be copied is traced as it is
         return value
 
 
-def _tensors_inside(value: Any, depth: int = 4) -> list:
+def tensors_inside(value: Any, depth: int = 4) -> list:
     """The tensors an object holds in its attributes, lists, tuples and dicts (a few levels:
     ``DynamicCache.layers[i].keys``)."""
     if isinstance(value, torch.Tensor):
@@ -111,7 +111,7 @@ def _tensors_inside(value: Any, depth: int = 4) -> list:
         items = list(value.values())
     else:
         items = list(getattr(value, "__dict__", {}).values())
-    return [t for item in items for t in _tensors_inside(item, depth - 1)]
+    return [t for item in items for t in tensors_inside(item, depth - 1)]
 
 
 @contextlib.contextmanager
@@ -452,7 +452,7 @@ def _propagate(gm: fx.GraphModule, mode: Any, values: list, what: str) -> None:
     except Exception as exc:  # noqa: BLE001
         fake_error = exc
     real = [v for v in torch.utils._pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
-    if any(isinstance(v, torch._subclasses.FakeTensor) or v.device.type == "meta" for v in real):
+    if any(_ti.is_fake_tensor(v) or v.device.type == "meta" for v in real):
         raise BlockTraceError(f"the traced {what}.forward did not run on the example ({_cause(fake_error)})") from fake_error
     devices = [v.device for v in real if v.device.type == "cuda"][:1]
     try:
