@@ -19,7 +19,9 @@ processes, which matters on a shared machine; ``OMP_WAIT_POLICY=PASSIVE`` unless
 OpenMP workers do not spin), 1 and 2 threads, after warm-up; the variants run
 interleaved (one call of each in turn, ``--reps`` rounds) and the median per variant is printed
 as a ratio against ``original`` measured in the same rounds. ``--profile`` prints the per-op
-breakdown (torch.profiler, self CPU time) of one eval forward and one train step per variant.
+breakdown (torch.profiler, self CPU time, 1 thread) of the eval forward and the train step: the top
+ops per variant and a table of op families (:data:`FAMILIES`: GEMMs, mHC kernels, copies, ...) with
+each converted variant's extra over the original per family, i.e. where the extra time goes.
 
 Usage:
   python benchmarks/bench_cpu.py                         # both models, eager, 1 and 2 threads
@@ -27,6 +29,7 @@ Usage:
   python benchmarks/bench_cpu.py --quick                 # tiny shapes, a few rounds (smoke test)
   python benchmarks/bench_cpu.py --tune-malloc           # glibc keeps freed memory (no page-fault churn)
   python benchmarks/bench_cpu.py --site --reps 7         # one site's kernels and ops alone (us per call)
+  python benchmarks/bench_cpu.py --profile --threads 1 --profile-rows 0   # extra time per op family
 """
 from __future__ import annotations
 
@@ -144,13 +147,77 @@ def measure(steps: dict, reps: int, warmup: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def profile_table(step, rows: int) -> str:
+# op families of the per-op breakdown, first match wins (aten names without the "aten::" prefix)
+FAMILIES = (
+    ("mhc kernels (mhc_cpu::, mhc::)", lambda k: k.startswith(("mhc_cpu::", "mhc::"))),
+    ("GEMM (mm, addmm, bmm, baddbmm)", lambda k: k in ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation")),
+    ("attention (sdpa, softmax)", lambda k: "attention" in k or "softmax" in k),
+    ("layer norm", lambda k: "layer_norm" in k or "rms_norm" in k),
+    ("optimizer (AdamW foreach)", lambda k: k.startswith("_foreach") or "adam" in k),
+    ("copies, casts, allocation", lambda k: k in ("copy_", "_to_copy", "clone", "empty", "empty_like", "empty_strided",
+                                                  "zeros", "zeros_like", "zero_", "fill_", "cat", "contiguous",
+                                                  "resize_", "new_zeros", "new_empty", "new_empty_strided")),
+    ("pointwise (add, mul, gelu, ...)", lambda k: k in ("add", "add_", "mul", "mul_", "div", "div_", "sub", "rsub",
+                                                         "gelu", "gelu_backward", "tanh", "tanh_backward", "addcmul_",
+                                                         "addcdiv_", "sqrt", "rsqrt", "pow", "neg", "where",
+                                                         "masked_fill", "masked_fill_", "threshold_backward", "relu",
+                                                         "lerp_", "exp", "sigmoid", "clamp", "maximum")),
+    ("reductions (sum, mean, ...)", lambda k: k in ("sum", "mean", "max", "amax", "norm", "linalg_vector_norm")),
+    ("embedding", lambda k: "embedding" in k),
+    ("views and reshapes", lambda k: k in ("view", "reshape", "_reshape_alias", "_unsafe_view", "t", "transpose",
+                                           "expand", "as_strided", "unsqueeze", "squeeze", "slice", "select", "permute",
+                                           "unflatten", "flatten", "split", "chunk", "detach", "alias", "narrow",
+                                           "view_as", "expand_as", "numpy_T", "unbind", "lift_fresh")),
+    ("autograd engine and Function nodes", lambda k: k.startswith("autograd::") or "Backward" in k
+                                                     or k.startswith(("_Coeffs", "_Pre", "_PostRes", "_Boundary"))),
+)
+OTHER_OPS = "other ops"
+
+
+def family_of(key: str) -> str:
+    name = key.split("::", 1)[1] if key.startswith("aten::") else key
+    for label, match in FAMILIES:
+        if match(name):
+            return label
+    return OTHER_OPS
+
+
+def profile_families(step, steps: int = 3) -> tuple[dict, list]:
+    """Self time (ms per step, 1 thread) per op family of ``steps`` profiled calls of ``step``, and the
+    key_averages (for the top-ops table). The profiler's self times are wall-clock and include its own
+    per-op overhead, so they add up to more than the step's CPU time on a loaded machine and with
+    many small ops; the differences between variants are what the table is for."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        for _ in range(steps):
+            step()
+    avgs = prof.key_averages()
+    fam = {label: 0.0 for label, _ in FAMILIES} | {OTHER_OPS: 0.0}
+    for e in avgs:
+        fam[family_of(e.key)] += e.self_cpu_time_total / 1e3 / steps
+    return fam, avgs
+
+
+def family_table(fams: dict) -> str:
+    """Markdown table: ms per step of each family per variant, and each converted variant's extra over
+    ``original`` with its share of that variant's whole extra."""
+    names = list(fams)
+    conv = [v for v in names if v != "original"]
+    extra = {v: sum(fams[v].values()) - sum(fams["original"].values()) for v in conv}
+    head = "| op family | " + " | ".join(f"{v} ms" for v in names) + " | " + " | ".join(f"{v} extra (share)" for v in conv) + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) + len(conv))]
+    for label in [*fams["original"].keys()]:
+        vals = [fams[v][label] for v in names]
+        if max(vals) < 0.05:
+            continue
+        deltas = [fams[v][label] - fams["original"][label] for v in conv]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.1f}" for x in vals) + " | "
+                     + " | ".join(f"{d:+.1f} ({100 * d / extra[v]:.0f}%)" if extra[v] else f"{d:+.1f}" for d, v in zip(deltas, conv)) + " |")
+    lines.append("| **total** | " + " | ".join(f"{sum(fams[v].values()):.1f}" for v in names) + " | "
+                 + " | ".join(f"{extra[v]:+.1f} ({100 * extra[v] / sum(fams['original'].values()):.0f}% of original)" for v in conv) + " |")
+    return "\n".join(lines)
 
 
 def count_aten_calls(step) -> int:
@@ -190,9 +257,16 @@ def run(args) -> list[dict]:
                           flush=True)
                 if args.profile and not compiled:
                     torch.set_num_threads(1)
+                    fams = {}
                     for k, fn in steps.items():
+                        fams[k], avgs = profile_families(fn, args.profile_steps)
                         print(f"\n### {model_name} {mode} {k}: {count_aten_calls(fn)} aten calls (dispatch level)")
-                        print(profile_table(fn, args.profile_rows))
+                        if args.profile_rows:
+                            print(avgs.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+                    print(f"\n### {model_name} {mode}: self CPU time per op family, ms per step "
+                          f"(1 thread, eager, mean of {args.profile_steps} profiled steps)\n")
+                    print(family_table(fams), flush=True)
+                    rows[-1]["families"] = fams
     return rows
 
 
@@ -261,7 +335,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also under torch.compile (inductor)")
     p.add_argument("--profile", action="store_true", help="per-op breakdown (1 thread, eager)")
-    p.add_argument("--profile-rows", type=int, default=20)
+    p.add_argument("--profile-rows", type=int, default=20, help="top ops per variant (0: only the family table)")
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (family table)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
     p.add_argument("--site", action="store_true", help="only one site's kernels and ops alone (site_table)")
     p.add_argument("--tune-malloc", action="store_true", help="glibc mallopt: no page-fault churn (see tune_malloc)")
