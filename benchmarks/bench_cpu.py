@@ -9,6 +9,9 @@ Models:
 Variants (each converted with ``MHCConfig(streams=4)``):
   original      the model as given;
   mhc           converted, ``kernels="auto"`` (on CPU: the fused kernels of ``mhc_compile.kernels_cpu``);
+  mhc_unfused   the ``mhc`` model run with ``kernels_cpu.launch.FUSED`` off (aten's mm for the phi
+                projection, the boundary forward as post_res, coeffs and pre in turn): the path
+                before ``fused.cpp``, for its before/after in the same rounds;
   mhc_ref       converted, ``kernels="reference"`` (the plain-torch reference: the "before").
 
 Modes: ``eval`` (no_grad forward in eval mode) and ``train`` (forward, backward of a mean-square
@@ -48,7 +51,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("original", "mhc", "mhc_ref")
+VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_ref")
 
 
 # ----------------------------------------------------------------------------- models
@@ -99,7 +102,7 @@ def make_variants(model, args, kwargs):
     from mhc_compile import MHCConfig, convert
 
     out = {"original": model}
-    for name, kernels in (("mhc", "auto"), ("mhc_ref", "reference")):
+    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_ref", "reference")):
         conv = convert(model, MHCConfig(streams=4, kernels=kernels), args, example_kwargs=kwargs)
         with torch.no_grad():  # move off the function-preserving init (costs do not depend on it)
             g = torch.Generator().manual_seed(1)
@@ -108,6 +111,20 @@ def make_variants(model, args, kwargs):
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
         out[name] = conv
     return out
+
+
+def unfused(step):
+    """``step`` with ``kernels_cpu.launch.FUSED`` off while it runs (the ``mhc_unfused`` variant)."""
+    from mhc_compile.kernels_cpu import launch
+
+    def run_unfused():
+        launch.FUSED = False
+        try:
+            step()
+        finally:
+            launch.FUSED = True
+
+    return run_unfused
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
@@ -172,6 +189,7 @@ FAMILIES = (
                                                      or k.startswith(("_Coeffs", "_Pre", "_PostRes", "_Boundary"))),
 )
 OTHER_OPS = "other ops"
+OUTSIDE = "outside ops (Python, glue, profiler)"
 
 
 def family_of(key: str) -> str:
@@ -182,22 +200,36 @@ def family_of(key: str) -> str:
     return OTHER_OPS
 
 
-def profile_families(step, steps: int = 3) -> tuple[dict, list]:
-    """Self time (ms per step, 1 thread) per op family of ``steps`` profiled calls of ``step``, and the
-    key_averages (for the top-ops table). The profiler's self times are wall-clock and include its own
-    per-op overhead, so they add up to more than the step's CPU time on a loaded machine and with
-    many small ops; the differences between variants are what the table is for."""
+def profile_families(steps: dict, rounds: int = 5) -> tuple[dict, dict]:
+    """Time per op family (ms per step, 1 thread) of every variant's step, and each variant's last
+    key_averages (for the top-ops table). The variants are profiled in turn, one step each, ``rounds``
+    times, and the families averaged over the rounds.
+
+    torch.profiler's self times are wall-clock: on a shared machine they include the time the
+    process waited for a core. Preemption falls on the ops in proportion to their time, so each
+    profiled step's wall self times are scaled by that step's CPU time / wall time; the row
+    ``OUTSIDE`` is the step's wall time that no op covers (Python, module glue, the profiler's own
+    work), scaled the same way. A variant's families add up to its CPU time under the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    avgs = prof.key_averages()
-    fam = {label: 0.0 for label, _ in FAMILIES} | {OTHER_OPS: 0.0}
-    for e in avgs:
-        fam[family_of(e.key)] += e.self_cpu_time_total / 1e3 / steps
-    return fam, avgs
+    fams = {k: {label: 0.0 for label, _ in FAMILIES} | {OTHER_OPS: 0.0, OUTSIDE: 0.0} for k in steps}
+    avgs = {}
+    for fn in steps.values():
+        fn()
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            avgs[k] = prof.key_averages()
+            scale = cpu / wall / rounds * 1e-3  # us of wall self time -> ms of CPU time, averaged over rounds
+            covered = 0.0
+            for e in avgs[k]:
+                fams[k][family_of(e.key)] += e.self_cpu_time_total * scale
+                covered += e.self_cpu_time_total * scale
+            fams[k][OUTSIDE] += max(0.0, 1e3 * cpu / rounds - covered)
+    return fams, avgs
 
 
 def family_table(fams: dict) -> str:
@@ -244,6 +276,7 @@ def run(args) -> list[dict]:
         for compiled in ([False, True] if args.compile else [False]):
             for mode in args.modes.split(","):
                 steps = {k: make_step(m, m_args, m_kwargs, mode, compiled) for k, m in variants.items()}
+                steps["mhc_unfused"] = unfused(steps["mhc_unfused"])
                 for threads in [int(t) for t in args.threads.split(",")]:
                     torch.set_num_threads(threads)
                     med = measure(steps, args.reps, args.warmup)
@@ -257,14 +290,13 @@ def run(args) -> list[dict]:
                           flush=True)
                 if args.profile and not compiled:
                     torch.set_num_threads(1)
-                    fams = {}
+                    fams, avgs = profile_families(steps, args.profile_steps)
                     for k, fn in steps.items():
-                        fams[k], avgs = profile_families(fn, args.profile_steps)
                         print(f"\n### {model_name} {mode} {k}: {count_aten_calls(fn)} aten calls (dispatch level)")
                         if args.profile_rows:
-                            print(avgs.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
-                    print(f"\n### {model_name} {mode}: self CPU time per op family, ms per step "
-                          f"(1 thread, eager, mean of {args.profile_steps} profiled steps)\n")
+                            print(avgs[k].table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+                    print(f"\n### {model_name} {mode}: CPU time per op family, ms per step (1 thread, eager, "
+                          f"mean of {args.profile_steps} interleaved profiled steps; profile_families)\n")
                     print(family_table(fams), flush=True)
                     rows[-1]["families"] = fams
     return rows
@@ -296,6 +328,9 @@ def site_table(reps: int) -> list[dict]:
             "pre_bwd kernel": lambda: k.pre_bwd(h_out, x, hp),
             "post_res_fwd kernel": lambda: k.post_res_fwd(x, h_out, ho, hr),
             "post_res_bwd kernel": lambda: k.post_res_bwd(gx, x, h_out, ho, hr),
+            "proj_mm kernel": lambda: k.proj_mm(flat, phi),
+            "boundary_fwd kernel": lambda: k.boundary_fwd(x, h_out, ho, hr, phi, *small, 1e-6, 20, False),
+            "boundary, unfused": lambda: unfused_boundary(x, h_out, ho, hr, phi, small),
             "ops.coeffs": lambda: ops.coeffs(x, phi, *small),
             "ops.pre": lambda: ops.pre(x, hp),
             "ops.post_res": lambda: ops.post_res(x, h_out, ho, hr),
@@ -314,6 +349,15 @@ def site_table(reps: int) -> list[dict]:
                 rows.append({"shape": f"{name} T={t} C={c}", "call": label, "us": 1e6 * best})
                 print(f"{name:6s} T={t} C={c}  {label:22s} {1e6 * best:8.1f} us", flush=True)
     return rows
+
+
+def unfused_boundary(x, h_out, ho, hr, phi, small):
+    """The boundary forward's kernels before ``boundary_fwd``: post_res, aten mm, coeffs_fwd, pre."""
+    k = torch.ops.mhc_cpu
+    xn = k.post_res_fwd(x, h_out, ho, hr)
+    flat = xn.reshape(xn.shape[0], -1)
+    hp = k.coeffs_fwd(flat, torch.mm(flat, phi), *small, 1e-6, x.shape[1], 20, False)[0]
+    return k.pre_fwd(xn, hp)
 
 
 def tune_malloc() -> None:
@@ -336,7 +380,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also under torch.compile (inductor)")
     p.add_argument("--profile", action="store_true", help="per-op breakdown (1 thread, eager)")
     p.add_argument("--profile-rows", type=int, default=20, help="top ops per variant (0: only the family table)")
-    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (family table)")
+    p.add_argument("--profile-steps", type=int, default=5, help="profiled rounds (one step per variant each)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
     p.add_argument("--site", action="store_true", help="only one site's kernels and ops alone (site_table)")
     p.add_argument("--tune-malloc", action="store_true", help="glibc mallopt: no page-fault churn (see tune_malloc)")
