@@ -9,6 +9,9 @@ Models:
 Variants (each converted with ``MHCConfig(streams=4)``):
   original      the model as given;
   mhc           converted, ``kernels="auto"`` (on CPU: the fused kernels of ``mhc_compile.kernels_cpu``);
+  mhc_unfused   the ``mhc`` model run with ``kernels_cpu.launch.FUSED`` off (aten's mm for the phi
+                projection, the boundary forward as post_res, coeffs and pre in turn): the path
+                before ``fused.cpp``, for its before/after in the same rounds;
   mhc_ref       converted, ``kernels="reference"`` (the plain-torch reference: the "before").
 
 Modes: ``eval`` (no_grad forward in eval mode) and ``train`` (forward, backward of a mean-square
@@ -19,7 +22,9 @@ processes, which matters on a shared machine; ``OMP_WAIT_POLICY=PASSIVE`` unless
 OpenMP workers do not spin), 1 and 2 threads, after warm-up; the variants run
 interleaved (one call of each in turn, ``--reps`` rounds) and the median per variant is printed
 as a ratio against ``original`` measured in the same rounds. ``--profile`` prints the per-op
-breakdown (torch.profiler, self CPU time) of one eval forward and one train step per variant.
+breakdown (torch.profiler, self CPU time, 1 thread) of the eval forward and the train step: the top
+ops per variant and a table of op families (:data:`FAMILIES`: GEMMs, mHC kernels, copies, ...) with
+each converted variant's extra over the original per family, i.e. where the extra time goes.
 
 Usage:
   python benchmarks/bench_cpu.py                         # both models, eager, 1 and 2 threads
@@ -27,6 +32,7 @@ Usage:
   python benchmarks/bench_cpu.py --quick                 # tiny shapes, a few rounds (smoke test)
   python benchmarks/bench_cpu.py --tune-malloc           # glibc keeps freed memory (no page-fault churn)
   python benchmarks/bench_cpu.py --site --reps 7         # one site's kernels and ops alone (us per call)
+  python benchmarks/bench_cpu.py --profile --threads 1 --profile-rows 0   # extra time per op family
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("original", "mhc", "mhc_ref")
+VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_ref")
 
 
 # ----------------------------------------------------------------------------- models
@@ -96,7 +102,7 @@ def make_variants(model, args, kwargs):
     from mhc_compile import MHCConfig, convert
 
     out = {"original": model}
-    for name, kernels in (("mhc", "auto"), ("mhc_ref", "reference")):
+    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_ref", "reference")):
         conv = convert(model, MHCConfig(streams=4, kernels=kernels), args, example_kwargs=kwargs)
         with torch.no_grad():  # move off the function-preserving init (costs do not depend on it)
             g = torch.Generator().manual_seed(1)
@@ -105,6 +111,20 @@ def make_variants(model, args, kwargs):
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
         out[name] = conv
     return out
+
+
+def unfused(step):
+    """``step`` with ``kernels_cpu.launch.FUSED`` off while it runs (the ``mhc_unfused`` variant)."""
+    from mhc_compile.kernels_cpu import launch
+
+    def run_unfused():
+        launch.FUSED = False
+        try:
+            step()
+        finally:
+            launch.FUSED = True
+
+    return run_unfused
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
@@ -144,13 +164,92 @@ def measure(steps: dict, reps: int, warmup: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def profile_table(step, rows: int) -> str:
+# op families of the per-op breakdown, first match wins (aten names without the "aten::" prefix)
+FAMILIES = (
+    ("mhc kernels (mhc_cpu::, mhc::)", lambda k: k.startswith(("mhc_cpu::", "mhc::"))),
+    ("GEMM (mm, addmm, bmm, baddbmm)", lambda k: k in ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation")),
+    ("attention (sdpa, softmax)", lambda k: "attention" in k or "softmax" in k),
+    ("layer norm", lambda k: "layer_norm" in k or "rms_norm" in k),
+    ("optimizer (AdamW foreach)", lambda k: k.startswith("_foreach") or "adam" in k),
+    ("copies, casts, allocation", lambda k: k in ("copy_", "_to_copy", "clone", "empty", "empty_like", "empty_strided",
+                                                  "zeros", "zeros_like", "zero_", "fill_", "cat", "contiguous",
+                                                  "resize_", "new_zeros", "new_empty", "new_empty_strided")),
+    ("pointwise (add, mul, gelu, ...)", lambda k: k in ("add", "add_", "mul", "mul_", "div", "div_", "sub", "rsub",
+                                                         "gelu", "gelu_backward", "tanh", "tanh_backward", "addcmul_",
+                                                         "addcdiv_", "sqrt", "rsqrt", "pow", "neg", "where",
+                                                         "masked_fill", "masked_fill_", "threshold_backward", "relu",
+                                                         "lerp_", "exp", "sigmoid", "clamp", "maximum")),
+    ("reductions (sum, mean, ...)", lambda k: k in ("sum", "mean", "max", "amax", "norm", "linalg_vector_norm")),
+    ("embedding", lambda k: "embedding" in k),
+    ("views and reshapes", lambda k: k in ("view", "reshape", "_reshape_alias", "_unsafe_view", "t", "transpose",
+                                           "expand", "as_strided", "unsqueeze", "squeeze", "slice", "select", "permute",
+                                           "unflatten", "flatten", "split", "chunk", "detach", "alias", "narrow",
+                                           "view_as", "expand_as", "numpy_T", "unbind", "lift_fresh")),
+    ("autograd engine and Function nodes", lambda k: k.startswith("autograd::") or "Backward" in k
+                                                     or k.startswith(("_Coeffs", "_Pre", "_PostRes", "_Boundary"))),
+)
+OTHER_OPS = "other ops"
+OUTSIDE = "outside ops (Python, glue, profiler)"
+
+
+def family_of(key: str) -> str:
+    name = key.split("::", 1)[1] if key.startswith("aten::") else key
+    for label, match in FAMILIES:
+        if match(name):
+            return label
+    return OTHER_OPS
+
+
+def profile_families(steps: dict, rounds: int = 5) -> tuple[dict, dict]:
+    """Time per op family (ms per step, 1 thread) of every variant's step, and each variant's last
+    key_averages (for the top-ops table). The variants are profiled in turn, one step each, ``rounds``
+    times, and the families averaged over the rounds.
+
+    torch.profiler's self times are wall-clock: on a shared machine they include the time the
+    process waited for a core. Preemption falls on the ops in proportion to their time, so each
+    profiled step's wall self times are scaled by that step's CPU time / wall time; the row
+    ``OUTSIDE`` is the step's wall time that no op covers (Python, module glue, the profiler's own
+    work), scaled the same way. A variant's families add up to its CPU time under the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    fams = {k: {label: 0.0 for label, _ in FAMILIES} | {OTHER_OPS: 0.0, OUTSIDE: 0.0} for k in steps}
+    avgs = {}
+    for fn in steps.values():
+        fn()
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            avgs[k] = prof.key_averages()
+            scale = cpu / wall / rounds * 1e-3  # us of wall self time -> ms of CPU time, averaged over rounds
+            covered = 0.0
+            for e in avgs[k]:
+                fams[k][family_of(e.key)] += e.self_cpu_time_total * scale
+                covered += e.self_cpu_time_total * scale
+            fams[k][OUTSIDE] += max(0.0, 1e3 * cpu / rounds - covered)
+    return fams, avgs
+
+
+def family_table(fams: dict) -> str:
+    """Markdown table: ms per step of each family per variant, and each converted variant's extra over
+    ``original`` with its share of that variant's whole extra."""
+    names = list(fams)
+    conv = [v for v in names if v != "original"]
+    extra = {v: sum(fams[v].values()) - sum(fams["original"].values()) for v in conv}
+    head = "| op family | " + " | ".join(f"{v} ms" for v in names) + " | " + " | ".join(f"{v} extra (share)" for v in conv) + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) + len(conv))]
+    for label in [*fams["original"].keys()]:
+        vals = [fams[v][label] for v in names]
+        if max(vals) < 0.05:
+            continue
+        deltas = [fams[v][label] - fams["original"][label] for v in conv]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.1f}" for x in vals) + " | "
+                     + " | ".join(f"{d:+.1f} ({100 * d / extra[v]:.0f}%)" if extra[v] else f"{d:+.1f}" for d, v in zip(deltas, conv)) + " |")
+    lines.append("| **total** | " + " | ".join(f"{sum(fams[v].values()):.1f}" for v in names) + " | "
+                 + " | ".join(f"{extra[v]:+.1f} ({100 * extra[v] / sum(fams['original'].values()):.0f}% of original)" for v in conv) + " |")
+    return "\n".join(lines)
 
 
 def count_aten_calls(step) -> int:
@@ -177,6 +276,7 @@ def run(args) -> list[dict]:
         for compiled in ([False, True] if args.compile else [False]):
             for mode in args.modes.split(","):
                 steps = {k: make_step(m, m_args, m_kwargs, mode, compiled) for k, m in variants.items()}
+                steps["mhc_unfused"] = unfused(steps["mhc_unfused"])
                 for threads in [int(t) for t in args.threads.split(",")]:
                     torch.set_num_threads(threads)
                     med = measure(steps, args.reps, args.warmup)
@@ -190,9 +290,15 @@ def run(args) -> list[dict]:
                           flush=True)
                 if args.profile and not compiled:
                     torch.set_num_threads(1)
+                    fams, avgs = profile_families(steps, args.profile_steps)
                     for k, fn in steps.items():
                         print(f"\n### {model_name} {mode} {k}: {count_aten_calls(fn)} aten calls (dispatch level)")
-                        print(profile_table(fn, args.profile_rows))
+                        if args.profile_rows:
+                            print(avgs[k].table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+                    print(f"\n### {model_name} {mode}: CPU time per op family, ms per step (1 thread, eager, "
+                          f"mean of {args.profile_steps} interleaved profiled steps; profile_families)\n")
+                    print(family_table(fams), flush=True)
+                    rows[-1]["families"] = fams
     return rows
 
 
@@ -222,6 +328,9 @@ def site_table(reps: int) -> list[dict]:
             "pre_bwd kernel": lambda: k.pre_bwd(h_out, x, hp),
             "post_res_fwd kernel": lambda: k.post_res_fwd(x, h_out, ho, hr),
             "post_res_bwd kernel": lambda: k.post_res_bwd(gx, x, h_out, ho, hr),
+            "proj_mm kernel": lambda: k.proj_mm(flat, phi),
+            "boundary_fwd kernel": lambda: k.boundary_fwd(x, h_out, ho, hr, phi, *small, 1e-6, 20, False),
+            "boundary, unfused": lambda: unfused_boundary(x, h_out, ho, hr, phi, small),
             "ops.coeffs": lambda: ops.coeffs(x, phi, *small),
             "ops.pre": lambda: ops.pre(x, hp),
             "ops.post_res": lambda: ops.post_res(x, h_out, ho, hr),
@@ -240,6 +349,15 @@ def site_table(reps: int) -> list[dict]:
                 rows.append({"shape": f"{name} T={t} C={c}", "call": label, "us": 1e6 * best})
                 print(f"{name:6s} T={t} C={c}  {label:22s} {1e6 * best:8.1f} us", flush=True)
     return rows
+
+
+def unfused_boundary(x, h_out, ho, hr, phi, small):
+    """The boundary forward's kernels before ``boundary_fwd``: post_res, aten mm, coeffs_fwd, pre."""
+    k = torch.ops.mhc_cpu
+    xn = k.post_res_fwd(x, h_out, ho, hr)
+    flat = xn.reshape(xn.shape[0], -1)
+    hp = k.coeffs_fwd(flat, torch.mm(flat, phi), *small, 1e-6, x.shape[1], 20, False)[0]
+    return k.pre_fwd(xn, hp)
 
 
 def tune_malloc() -> None:
@@ -261,7 +379,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also under torch.compile (inductor)")
     p.add_argument("--profile", action="store_true", help="per-op breakdown (1 thread, eager)")
-    p.add_argument("--profile-rows", type=int, default=20)
+    p.add_argument("--profile-rows", type=int, default=20, help="top ops per variant (0: only the family table)")
+    p.add_argument("--profile-steps", type=int, default=5, help="profiled rounds (one step per variant each)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
     p.add_argument("--site", action="store_true", help="only one site's kernels and ops alone (site_table)")
     p.add_argument("--tune-malloc", action="store_true", help="glibc mallopt: no page-fault churn (see tune_malloc)")

@@ -1,26 +1,9 @@
 // mhc::coeffs on CPU after the projection GEMM: RMS, logits, gates and the Sinkhorn loop (forward),
 // and its backward with the Sinkhorn replay; plus the schema of every torch.ops.mhc_cpu op.
-#include "common.h"
+#include "gates.h"
 
 namespace mhc_cpu {
 namespace {
-
-// One Sinkhorn step on m (n x n): A = m / colsum(m) (into A), row sums into r, M = A / rowsum(A)
-// (into M); c receives the column sums. A and M may alias m.
-template <typename acc, int N>
-inline void sk_step(const acc* m, acc* c, acc* A, acc* r, acc* M, int64_t n_rt) {
-  const int64_t n = N ? N : n_rt;
-  for (int64_t j = 0; j < n; ++j) c[j] = m[j];
-  for (int64_t i = 1; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) c[j] += m[i * n + j];
-  for (int64_t i = 0; i < n; ++i) {
-    acc sum{};
-    for (int64_t j = 0; j < n; ++j) { A[i * n + j] = m[i * n + j] / c[j]; sum += A[i * n + j]; }
-    r[i] = sum;
-  }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) M[i * n + j] = A[i * n + j] / r[i];
-}
 
 // Backward through the Sinkhorn steps, last to first, in place on g (n x n), from the stored
 // column sums cs, row sums rs, A and M of every step (sk_step's outputs); s is n scratch.
@@ -43,59 +26,6 @@ inline void sk_backward(acc* g, const acc* cs, const acc* rs, const acc* As, con
   }
 }
 
-// W tokens side by side, one per lane of a 32-byte vector: the Sinkhorn loops of W tokens run as
-// vector divisions (the same IEEE operations in the same order as the one-token path, so the
-// results are identical to it).
-template <typename T>
-struct Lanes {
-  typedef T V __attribute__((vector_size(32)));
-  static constexpr int W = 32 / sizeof(T);
-};
-
-// exp(clamp(L - max(L), -SPREAD)) into m0; returns max(L)
-template <typename acc, int N>
-inline acc sk_start(const acc* L, acc* m0, int64_t n_rt) {
-  const int64_t nn = (N ? N : n_rt) * (N ? N : n_rt);
-  acc mx = L[0];
-  for (int64_t k = 1; k < nn; ++k) mx = std::max(mx, L[k]);
-  for (int64_t k = 0; k < nn; ++k) m0[k] = std::exp(std::max(L[k] - mx, acc(-kSpread)));
-  return mx;
-}
-
-// Per token: r = sqrt(mean(flat^2) + eps), h_raw = proj / r, h = h_raw (tanh(h_raw) for hc),
-// z = alpha_segment * h + b. Writes h_raw, h, z (K = 2n+n^2 each); returns r.
-template <typename acc>
-inline acc logits(const acc* flat, int64_t nc, const acc* proj, const acc* alpha, const acc* bp, const acc* bo,
-                  const acc* br, int64_t n, double eps, bool hc, acc* h_raw, acc* h, acc* z) {
-  const acc r = std::sqrt(dot(flat, flat, nc) / acc(nc) + acc(eps));
-  const int64_t K = 2 * n + n * n;
-  for (int64_t k = 0; k < K; ++k) {
-    h_raw[k] = proj[k] / r;
-    h[k] = hc ? std::tanh(h_raw[k]) : h_raw[k];
-    const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
-    const acc bias = seg == 0 ? bp[k] : (seg == 1 ? bo[k - n] : br[k - 2 * n]);
-    z[k] = alpha[seg] * h[k] + bias;
-  }
-  return r;
-}
-
-// mhc::coeffs on one token's logits z: H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn (hc: z itself).
-template <typename acc, int N>
-inline void activate(const acc* z, int64_t n, int64_t iters, bool hc, acc* hp, acc* ho, acc* hr, acc* col, acc* row) {
-  const int64_t nn = n * n;
-  if (hc) {
-    for (int64_t i = 0; i < n; ++i) { hp[i] = z[i]; ho[i] = z[n + i]; }
-    for (int64_t k = 0; k < nn; ++k) hr[k] = z[2 * n + k];
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    hp[i] = sigm(z[i]);
-    ho[i] = acc(2) * sigm(z[n + i]);
-  }
-  sk_start<acc, N>(z + 2 * n, hr, n);
-  for (int64_t it = 0; it < iters; ++it) sk_step<acc, N>(hr, col, hr, row, hr, n);
-}
-
 // Forward of dynamic mhc::coeffs after the projection: flat = vec(X) (T, nC) and proj = flat . phi
 // (T, K), both in the compute type -> H_pre (T,n), H_post (T,n), H_res (T,n,n).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coeffs_fwd(
@@ -116,33 +46,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coeffs_fwd(
     with_n(n, [&](auto NC_) {
       constexpr int N = decltype(NC_)::value;
       at::parallel_for(0, T, grain(iters * nn * 4 + NC), [&](int64_t b, int64_t e) {
-        std::vector<acc> col(n), row(n), h_raw(K), h(K), z(K);
-        using V = typename Lanes<acc>::V;
-        constexpr int W = Lanes<acc>::W;
-        std::vector<V> mv(nn), colv(n), rowv(n);
-        int64_t t = b;
-        if (!hc) {
-          for (; t + W <= e; t += W) {  // W tokens at once: gates per token, Sinkhorn in lanes
-            for (int l = 0; l < W; ++l) {
-              const int64_t tl = t + l;
-              logits(fp + tl * NC, NC, pj + tl * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
-              for (int64_t i = 0; i < n; ++i) {
-                pp[tl * n + i] = sigm(z[i]);
-                op[tl * n + i] = acc(2) * sigm(z[n + i]);
-              }
-              acc* m = rp + tl * nn;
-              sk_start<acc, N>(z.data() + 2 * n, m, n);
-              for (int64_t k = 0; k < nn; ++k) mv[k][l] = m[k];
-            }
-            for (int64_t it = 0; it < iters; ++it) sk_step<V, N>(mv.data(), colv.data(), mv.data(), rowv.data(), mv.data(), n);
-            for (int l = 0; l < W; ++l)
-              for (int64_t k = 0; k < nn; ++k) rp[(t + l) * nn + k] = mv[k][l];
-          }
-        }
-        for (; t < e; ++t) {
-          logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, h_raw.data(), h.data(), z.data());
-          activate<acc, N>(z.data(), n, iters, hc, pp + t * n, op + t * n, rp + t * nn, col.data(), row.data());
-        }
+        GateScratch<acc> s(n);
+        gates_range<acc, N>(fp + b * NC, NC, pj + b * K, al, bpp, bop, brp, n, eps, iters, hc, pp + b * n, op + b * n,
+                            rp + b * nn, e - b, s);
       });
     });
   });

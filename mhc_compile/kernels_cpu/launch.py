@@ -9,6 +9,8 @@ backward 8, whatever n and the Sinkhorn iteration count (``tests/test_kernels_cp
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,11 @@ _COMPUTE = {dt: reference.compute_dtype(dt) for dt in (torch.float32, torch.floa
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """:func:`mhc_compile.reference.compute_dtype`, looked up (no aten call per op)."""
     return _COMPUTE[dtype]
+
+FUSED = os.environ.get("MHC_CPU_FUSED", "1") != "0"
+"""Whether the projection runs ``proj_mm`` and the boundary forward ``boundary_fwd`` (both ``fused.cpp``).
+False (``MHC_CPU_FUSED=0``): aten's mm and the boundary as post_res, coeffs and pre in turn, the path
+before them, which ``benchmarks/bench_cpu.py``'s ``mhc_unfused`` variant measures against."""
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -55,14 +62,17 @@ def _check_variant(variant: str) -> bool:
 
 
 def _project(x: Tensor, phi: Tensor, alpha, b_pre, b_post, b_res, proj: Tensor | None = None):
-    """vec(X) (T, nC) and its projection vec(X) . phi (T, 2n+n^2) in the compute dtype (one GEMM, unless
-    ``proj`` is that projection already), plus phi and the small parameters in the compute dtype."""
+    """vec(X) (T, nC) and its projection vec(X) . phi (T, 2n+n^2) in the compute dtype (``proj_mm``, the
+    skinny GEMM of ``fused.cpp``, unless ``proj`` is that projection already), plus phi and the small
+    parameters in the compute dtype."""
     n, c = x.shape[-2], x.shape[-1]
     cd = compute_dtype(x.dtype)
     flat = x.reshape(-1, n * c).to(cd)
     phi_c = phi.to(cd)
     small = tuple(t.to(cd) for t in (alpha, b_pre, b_post, b_res))
-    return flat, torch.mm(flat, phi_c) if proj is None else proj, phi_c, small
+    if proj is None:
+        proj = _ops().proj_mm(flat, phi_c) if FUSED else torch.mm(flat, phi_c)
+    return flat, proj, phi_c, small
 
 
 def coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str, keep: list | None = None):
@@ -154,10 +164,24 @@ def _reduce(g: Tensor, h: Tensor, lead: torch.Size) -> Tensor:
 # ----------------------------------------------------------------------------- boundary
 def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
                      keep: list | None = None):
-    """``mhc::boundary``: (x_next, h_pre, h_post, h_res, h_in) of site l+1 (``keep``: :func:`coeffs_forward`)."""
-    xn = post_res_forward(x, h_out, h_post, h_res)
-    hp, ho, hr = coeffs_forward(xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
-    return xn, hp, ho, hr, pre_forward(xn, hp)
+    """``mhc::boundary``: (x_next, h_pre, h_post, h_res, h_in) of site l+1 (``keep``: :func:`coeffs_forward`), in
+    one pass over the streams per token block (``boundary_fwd`` of ``fused.cpp``: post_res, the
+    projection, gates and pre while the block is in cache); the same bits as :func:`post_res_forward`,
+    :func:`coeffs_forward` and :func:`pre_forward` in turn."""
+    if not FUSED:
+        xn = post_res_forward(x, h_out, h_post, h_res)
+        hp, ho, hr = coeffs_forward(xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
+        return xn, hp, ho, hr, pre_forward(xn, hp)
+    hc = _check_variant(variant)
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    cd = compute_dtype(x.dtype)
+    xn, hp, ho, hr, h_in, proj = _ops().boundary_fwd(
+        _flat3(x), h_out.reshape(-1, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd), phi.to(cd),
+        *(t.to(cd) for t in (alpha, b_pre, b_post, b_res)), eps, iters, hc)
+    if keep is not None:
+        keep.append(proj)
+    return (xn.reshape(x.shape), hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n),
+            h_in.reshape(*lead, c))
 
 
 def boundary_backward(

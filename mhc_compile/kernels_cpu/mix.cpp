@@ -1,36 +1,9 @@
 // Stream mixing on CPU: pre and post_res forward and backward, and the boundary backward's
 // one-pass x_next gradient (schemas in coeffs.cpp).
-#include "common.h"
+#include "mix_tokens.h"
 
 namespace mhc_cpu {
 namespace {
-
-// float, n = N known: out[i, c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] over C, eight lanes at a time
-// with the n stream chunks held in registers (one read of x and h, one write of out per token); the
-// same operations in the same order as the generic loop of post_res_fwd.
-template <int N>
-inline void post_res_token_f32(const float* xt, const float* ht, const float* R, const float* P, float* out, int64_t C) {
-  typedef float V __attribute__((vector_size(32)));
-  constexpr int64_t W = 8;
-  int64_t c = 0;
-  for (; c + W <= C; c += W) {
-    V xs[N], h;
-    for (int j = 0; j < N; ++j) std::memcpy(&xs[j], xt + j * C + c, 32);
-    std::memcpy(&h, ht + c, 32);
-    for (int i = 0; i < N; ++i) {
-      V b = R[i * N] * xs[0];
-      for (int j = 1; j < N; ++j) b += R[i * N + j] * xs[j];
-      b += P[i] * h;
-      std::memcpy(out + i * C + c, &b, 32);
-    }
-  }
-  for (; c < C; ++c)
-    for (int i = 0; i < N; ++i) {
-      float b = R[i * N] * xt[c];
-      for (int j = 1; j < N; ++j) b += R[i * N + j] * xt[j * C + c];
-      out[i * C + c] = b + P[i] * ht[c];
-    }
-}
 
 // float, n = N known, one token of post_res_bwd: gx[j] = sum_i R[i, j] g[i], gout = sum_i P[i] g[i],
 // gpost[i] = g[i] . h, gres[i, j] = g[i] . x[j], eight lanes at a time with every stream chunk and
@@ -110,26 +83,6 @@ inline void pre_bwd_token_f32(const float* g, const float* xt, const float* h, f
     for (int k = 0; k < W; ++k) s += a[i][k];
     for (int64_t cc = c; cc < C; ++cc) { gx[i * C + cc] = h[i] * g[cc]; s += g[cc] * xt[i * C + cc]; }
     gh[i] = s;
-  }
-}
-
-// float, n = N known: h_in[c] = sum_i hp[i] x[i, c], eight lanes at a time.
-template <int N>
-inline void pre_token_f32(const float* xt, const float* h, float* out, int64_t C) {
-  typedef float V __attribute__((vector_size(32)));
-  constexpr int64_t W = 8;
-  int64_t c = 0;
-  for (; c + W <= C; c += W) {
-    V b, xi;
-    std::memcpy(&xi, xt + c, 32);
-    b = h[0] * xi;
-    for (int i = 1; i < N; ++i) { std::memcpy(&xi, xt + i * C + c, 32); b += h[i] * xi; }
-    std::memcpy(out + c, &b, 32);
-  }
-  for (; c < C; ++c) {
-    float b = h[0] * xt[c];
-    for (int i = 1; i < N; ++i) b += h[i] * xt[i * C + c];
-    out[c] = b;
   }
 }
 

@@ -1,0 +1,211 @@
+// The forward of mhc::boundary in one pass over the streams per block of tokens: post_res of site l
+// (x_next = H_res x + H_post h_out), then, while the block's x_next rows are in cache, the phi
+// projection of site l+1 (a register-blocked GEMM of our own), RMS, gates, the Sinkhorn loop and the
+// pre mix h_in = sum_i H_pre[i] x_next[i]. The launcher otherwise reads x_next three more times (the
+// aten GEMM, coeffs_fwd's RMS, pre_fwd). Same per-token code as mix.cpp / coeffs.cpp (mix_tokens.h,
+// gates.h), so x_next, h_in and the gates given the projection are the same bits as theirs; the
+// projection's summation order is this file's (fixed per token: results do not depend on threads).
+#include "gates.h"
+#include "mix_tokens.h"
+
+namespace mhc_cpu {
+namespace {
+
+constexpr int64_t kBlock = 16;  // tokens per block: 16 x (n C) values stay in L2 between the passes
+constexpr int kTileTokens = 4;  // register tile of the GEMM: 4 tokens x up to 3 vectors of outputs
+constexpr int kTileVecs = 3;
+
+// out[t, v*W:(v+1)*W] = sum_p x[t, p] ph[p, v*W:(v+1)*W] for TB tokens and KV vectors of outputs,
+// accumulated in p order (one FMA chain per output: the order does not depend on the tiling).
+template <typename acc, int TB, int KV>
+inline void gemm_tile(const acc* x, int64_t NC, const acc* ph, int64_t ldp, acc* out, int64_t ldo) {
+  using V = typename Lanes<acc>::V;
+  constexpr int W = Lanes<acc>::W;
+  V s[TB][KV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < KV; ++v) s[t][v] = V{};
+  for (int64_t p = 0; p < NC; ++p) {
+    V w[KV];
+    for (int v = 0; v < KV; ++v) std::memcpy(&w[v], ph + p * ldp + v * W, sizeof(V));
+    for (int t = 0; t < TB; ++t) {
+      const acc xv = x[t * NC + p];
+      for (int v = 0; v < KV; ++v) s[t][v] += xv * w[v];
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < KV; ++v) std::memcpy(out + t * ldo + v * W, &s[t][v], sizeof(V));
+}
+
+template <typename acc, int TB>
+inline void gemm_tile_kv(int kv, const acc* x, int64_t NC, const acc* ph, int64_t ldp, acc* out, int64_t ldo) {
+  switch (kv) {
+    case 1: gemm_tile<acc, TB, 1>(x, NC, ph, ldp, out, ldo); break;
+    case 2: gemm_tile<acc, TB, 2>(x, NC, ph, ldp, out, ldo); break;
+    default: gemm_tile<acc, TB, kTileVecs>(x, NC, ph, ldp, out, ldo);
+  }
+}
+
+// out (count, Kp) = x (count, NC) . ph (NC, Kp), Kp a multiple of the vector width.
+template <typename acc>
+inline void gemm_block(const acc* x, int64_t NC, const acc* ph, int64_t Kp, int64_t count, acc* out) {
+  constexpr int W = Lanes<acc>::W;
+  const int64_t nv = Kp / W;
+  for (int64_t v0 = 0; v0 < nv; v0 += kTileVecs) {
+    const int kv = int(std::min<int64_t>(kTileVecs, nv - v0));
+    int64_t t = 0;
+    for (; t + kTileTokens <= count; t += kTileTokens)
+      gemm_tile_kv<acc, kTileTokens>(kv, x + t * NC, NC, ph + v0 * W, Kp, out + t * Kp + v0 * W, Kp);
+    for (; t < count; ++t) gemm_tile_kv<acc, 1>(kv, x + t * NC, NC, ph + v0 * W, Kp, out + t * Kp + v0 * W, Kp);
+  }
+}
+
+// post_res of one token, generic dtype / n: mix.cpp post_res_fwd's generic loop (the same roundings).
+template <typename scalar_t, typename acc>
+inline void post_res_token(const scalar_t* xt, const scalar_t* ht, const acc* R, const acc* P, scalar_t* out,
+                           int64_t n, int64_t C, acc* xa, acc* ha, acc* buf) {
+  for (int64_t k = 0; k < n * C; ++k) xa[k] = acc(xt[k]);
+  for (int64_t c = 0; c < C; ++c) ha[c] = acc(ht[c]);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc r0 = R[i * n];
+    for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
+    for (int64_t j = 1; j < n; ++j) {
+      const acc rij = R[i * n + j];
+      const acc* xj = xa + j * C;
+      for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
+    }
+    const acc pi = P[i];
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = scalar_t(buf[c] + pi * ha[c]);
+  }
+}
+
+// pre of one token, generic dtype / n: mix.cpp pre_fwd's generic loop.
+template <typename scalar_t, typename acc>
+inline void pre_token(const scalar_t* xt, const acc* h, scalar_t* o, int64_t n, int64_t C, acc* buf) {
+  for (int64_t c = 0; c < C; ++c) buf[c] = h[0] * acc(xt[c]);
+  for (int64_t i = 1; i < n; ++i) {
+    const acc hi = h[i];
+    const scalar_t* xi = xt + i * C;
+    for (int64_t c = 0; c < C; ++c) buf[c] += hi * acc(xi[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c]);
+}
+
+// (x_next (T,n,C), H_pre (T,n), H_post (T,n), H_res (T,n,n), h_in (T,C), proj (T,K)): post_res of x
+// (T,n,C) with h_out (T,C) and site l's h_post (1|T, n), h_res (1|T, n, n), then mhc::coeffs and pre
+// of site l+1 on x_next; phi (nC, K) and the small parameters in the compute type.
+std::vector<at::Tensor> boundary_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at::Tensor& hpo_,
+                                     const at::Tensor& hre_, const at::Tensor& phi_, const at::Tensor& alpha_,
+                                     const at::Tensor& bp_, const at::Tensor& bo_, const at::Tensor& br_, double eps,
+                                     int64_t iters, bool hc) {
+  at::Tensor x = x_.contiguous(), hout = hout_.contiguous(), hpo = hpo_.contiguous(), hre = hre_.contiguous();
+  at::Tensor phi = phi_.contiguous(), alpha = alpha_.contiguous(), bp = bp_.contiguous(), bo = bo_.contiguous();
+  at::Tensor br = br_.contiguous();
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2), NC = n * C, nn = n * n, K = 2 * n + nn;
+  const int64_t so = cstride(hpo, T, n), sr = cstride(hre, T, nn);
+  const auto cd = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(hout.numel() == T * C && hout.scalar_type() == x.scalar_type() && phi.size(0) == NC &&
+              phi.size(1) == K && phi.scalar_type() == cd && alpha.numel() == 3 && bp.numel() == n &&
+              bo.numel() == n && br.numel() == nn, "mhc_cpu::boundary_fwd: shapes or dtypes do not match x (T, n, C)");
+  at::Tensor xn = at::empty({T, n, C}, x.options()), hin = at::empty({T, C}, x.options());
+  const auto copt = x.options().dtype(cd);
+  at::Tensor hp = at::empty({T, n}, copt), ho = at::empty({T, n}, copt), hr = at::empty({T, n, n}, copt);
+  at::Tensor proj = at::empty({T, K}, copt);
+  MHC_DISPATCH(x, "mhc_cpu_boundary_fwd", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+    constexpr int64_t W = Lanes<acc>::W;
+    const int64_t Kp = (K + W - 1) / W * W;
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *hop = hout.data_ptr<scalar_t>();
+    const acc *hpop = hpo.data_ptr<acc>(), *hrep = hre.data_ptr<acc>(), *al = alpha.data_ptr<acc>();
+    const acc *bpp = bp.data_ptr<acc>(), *bop = bo.data_ptr<acc>(), *brp = br.data_ptr<acc>();
+    scalar_t *xnp = xn.data_ptr<scalar_t>(), *hinp = hin.data_ptr<scalar_t>();
+    acc *pp = hp.data_ptr<acc>(), *op = ho.data_ptr<acc>(), *rp = hr.data_ptr<acc>(), *pj = proj.data_ptr<acc>();
+    std::vector<acc> packed;  // phi with its K columns padded to Kp (zeros)
+    const acc* ph = phi.data_ptr<acc>();
+    if (Kp != K) {
+      packed.assign(NC * Kp, acc(0));
+      for (int64_t p = 0; p < NC; ++p) std::memcpy(&packed[p * Kp], ph + p * K, K * sizeof(acc));
+      ph = packed.data();
+    }
+    with_n(n, [&](auto NC_) {
+      constexpr int N = decltype(NC_)::value;
+      at::parallel_for(0, T, kBlock, [&](int64_t b, int64_t e) {
+        GateScratch<acc> s(n);
+        std::vector<acc> pb(kBlock * Kp), xa(kF32 && N ? 0 : kBlock * NC), ha(C), buf(C);
+        for (int64_t t0 = b; t0 < e; t0 += kBlock) {
+          const int64_t cnt = std::min(kBlock, e - t0);
+          for (int64_t t = t0; t < t0 + cnt; ++t) {
+            if constexpr (kF32 && N > 0)
+              post_res_token_f32<N>(xp + t * NC, hop + t * C, hrep + t * sr, hpop + t * so, xnp + t * NC, C);
+            else
+              post_res_token(xp + t * NC, hop + t * C, hrep + t * sr, hpop + t * so, xnp + t * NC, n, C,
+                             &xa[(t - t0) * NC], ha.data(), buf.data());
+          }
+          const acc* fb;  // vec(x_next) rows of the block in the compute type
+          if constexpr (kF32) {
+            fb = xnp + t0 * NC;
+          } else {
+            for (int64_t k = 0; k < cnt * NC; ++k) xa[k] = acc(xnp[t0 * NC + k]);
+            fb = xa.data();
+          }
+          gemm_block(fb, NC, ph, Kp, cnt, pb.data());
+          for (int64_t t = 0; t < cnt; ++t) std::memcpy(pj + (t0 + t) * K, &pb[t * Kp], K * sizeof(acc));
+          gates_range<acc, N>(fb, NC, pj + t0 * K, al, bpp, bop, brp, n, eps, iters, hc, pp + t0 * n, op + t0 * n,
+                              rp + t0 * nn, cnt, s);
+          for (int64_t t = t0; t < t0 + cnt; ++t) {
+            if constexpr (kF32 && N > 0)
+              pre_token_f32<N>(xnp + t * NC, pp + t * n, hinp + t * C, C);
+            else
+              pre_token(xnp + t * NC, pp + t * n, hinp + t * C, n, C, buf.data());
+          }
+        }
+      });
+    });
+  });
+  return {xn, hp, ho, hr, hin, proj};
+}
+
+// proj (T, K) = flat (T, nC) . phi (nC, K) in the compute type, with boundary_fwd's GEMM (the same
+// bits per token): the projection recomputed by a backward that did not keep it.
+at::Tensor proj_mm(const at::Tensor& flat_, const at::Tensor& phi_) {
+  at::Tensor flat = flat_.contiguous(), phi = phi_.contiguous();
+  const int64_t T = flat.size(0), NC = flat.size(1), K = phi.size(1);
+  TORCH_CHECK(phi.size(0) == NC && phi.scalar_type() == flat.scalar_type(), "mhc_cpu::proj_mm: shapes do not match");
+  at::Tensor proj = at::empty({T, K}, flat.options());
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "mhc_cpu_proj_mm", [&] {
+    using acc = scalar_t;
+    constexpr int64_t W = Lanes<acc>::W;
+    const int64_t Kp = (K + W - 1) / W * W;
+    const acc *fp = flat.data_ptr<acc>(), *ph = phi.data_ptr<acc>();
+    acc* pj = proj.data_ptr<acc>();
+    std::vector<acc> packed;
+    if (Kp != K) {
+      packed.assign(NC * Kp, acc(0));
+      for (int64_t p = 0; p < NC; ++p) std::memcpy(&packed[p * Kp], ph + p * K, K * sizeof(acc));
+      ph = packed.data();
+    }
+    at::parallel_for(0, T, kBlock, [&](int64_t b, int64_t e) {
+      std::vector<acc> pb(kBlock * Kp);
+      for (int64_t t0 = b; t0 < e; t0 += kBlock) {
+        const int64_t cnt = std::min(kBlock, e - t0);
+        gemm_block(fp + t0 * NC, NC, ph, Kp, cnt, pb.data());
+        for (int64_t t = 0; t < cnt; ++t) std::memcpy(pj + (t0 + t) * K, &pb[t * Kp], K * sizeof(acc));
+      }
+    });
+  });
+  return proj;
+}
+
+}  // namespace
+}  // namespace mhc_cpu
+
+TORCH_LIBRARY_FRAGMENT(mhc_cpu, m) {
+  m.def("boundary_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res, Tensor phi, Tensor alpha, Tensor b_pre, "
+        "Tensor b_post, Tensor b_res, float eps, int iters, bool hc) -> Tensor[]");
+  m.def("proj_mm(Tensor flat, Tensor phi) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mhc_cpu, CPU, m) {
+  m.impl("boundary_fwd", &mhc_cpu::boundary_fwd);
+  m.impl("proj_mm", &mhc_cpu::proj_mm);
+}

@@ -1,0 +1,58 @@
+// One token of the float pre / post_res forward with the n stream chunks in registers: shared by
+// mix.cpp (pre_fwd, post_res_fwd) and fused.cpp (the one-pass boundary forward), so both give the
+// same bits.
+#pragma once
+#include "common.h"
+
+namespace mhc_cpu {
+namespace {
+
+// float, n = N known: out[i, c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] over C, eight lanes at a time
+// with the n stream chunks held in registers (one read of x and h, one write of out per token); the
+// same operations in the same order as the generic loop of post_res_fwd.
+template <int N>
+inline void post_res_token_f32(const float* xt, const float* ht, const float* R, const float* P, float* out, int64_t C) {
+  typedef float V __attribute__((vector_size(32)));
+  constexpr int64_t W = 8;
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V xs[N], h;
+    for (int j = 0; j < N; ++j) std::memcpy(&xs[j], xt + j * C + c, 32);
+    std::memcpy(&h, ht + c, 32);
+    for (int i = 0; i < N; ++i) {
+      V b = R[i * N] * xs[0];
+      for (int j = 1; j < N; ++j) b += R[i * N + j] * xs[j];
+      b += P[i] * h;
+      std::memcpy(out + i * C + c, &b, 32);
+    }
+  }
+  for (; c < C; ++c)
+    for (int i = 0; i < N; ++i) {
+      float b = R[i * N] * xt[c];
+      for (int j = 1; j < N; ++j) b += R[i * N + j] * xt[j * C + c];
+      out[i * C + c] = b + P[i] * ht[c];
+    }
+}
+
+// float, n = N known: h_in[c] = sum_i hp[i] x[i, c], eight lanes at a time.
+template <int N>
+inline void pre_token_f32(const float* xt, const float* h, float* out, int64_t C) {
+  typedef float V __attribute__((vector_size(32)));
+  constexpr int64_t W = 8;
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V b, xi;
+    std::memcpy(&xi, xt + c, 32);
+    b = h[0] * xi;
+    for (int i = 1; i < N; ++i) { std::memcpy(&xi, xt + i * C + c, 32); b += h[i] * xi; }
+    std::memcpy(out + c, &b, 32);
+  }
+  for (; c < C; ++c) {
+    float b = h[0] * xt[c];
+    for (int i = 1; i < N; ++i) b += h[i] * xt[i * C + c];
+    out[c] = b;
+  }
+}
+
+}  // namespace
+}  // namespace mhc_cpu
