@@ -90,3 +90,13 @@ def test_boundary_op_matches_reference_forward_and_backward(n, dtype, fused, mon
         assert a.dtype == b.dtype and a.shape == b.shape
         err = (a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1.0)
         assert err <= TOL[dtype], f"relative error {err:.2e} for {tuple(b.shape)}"
+
+
+def test_wide_streams_take_aten_mm(monkeypatch):
+    """proj_mm holds one register tile of 2n+n^2 outputs only up to n = 4; wider n (slower there by
+    1.2-2.4x, measured) take aten's mm and the unfused boundary; MHC_CPU_FUSED=0 turns both off."""
+    from mhc_compile.kernels_cpu import launch
+
+    assert [launch._fused(n) for n in (1, 2, 4, 5, 8)] == [True, True, True, False, False]
+    monkeypatch.setattr(launch, "FUSED", False)
+    assert not launch._fused(4)

@@ -28,6 +28,16 @@ FUSED = os.environ.get("MHC_CPU_FUSED", "1") != "0"
 False (``MHC_CPU_FUSED=0``): aten's mm and the boundary as post_res, coeffs and pre in turn, the path
 before them, which ``benchmarks/bench_cpu.py``'s ``mhc_unfused`` variant measures against."""
 
+FUSED_MAX_STREAMS = 4
+"""``proj_mm`` keeps one register tile of outputs per token block up to 2n+n^2 = 24 columns (n <= 4); at
+n = 8 (80 columns) it re-reads the tokens per column tile and is 1.2-2.4x slower than aten's mm
+(C = 512-4096, 1 thread), so wider n take aten's mm and the unfused boundary."""
+
+
+def _fused(n: int) -> bool:
+    return FUSED and n <= FUSED_MAX_STREAMS
+
+
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -71,7 +81,7 @@ def _project(x: Tensor, phi: Tensor, alpha, b_pre, b_post, b_res, proj: Tensor |
     phi_c = phi.to(cd)
     small = tuple(t.to(cd) for t in (alpha, b_pre, b_post, b_res))
     if proj is None:
-        proj = _ops().proj_mm(flat, phi_c) if FUSED else torch.mm(flat, phi_c)
+        proj = _ops().proj_mm(flat, phi_c) if _fused(n) else torch.mm(flat, phi_c)
     return flat, proj, phi_c, small
 
 
@@ -168,7 +178,7 @@ def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, 
     one pass over the streams per token block (``boundary_fwd`` of ``fused.cpp``: post_res, the
     projection, gates and pre while the block is in cache); the same bits as :func:`post_res_forward`,
     :func:`coeffs_forward` and :func:`pre_forward` in turn."""
-    if not FUSED:
+    if not _fused(x.shape[-2]):
         xn = post_res_forward(x, h_out, h_post, h_res)
         hp, ho, hr = coeffs_forward(xn, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
         return xn, hp, ho, hr, pre_forward(xn, hp)
