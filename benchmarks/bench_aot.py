@@ -76,7 +76,7 @@ def cell(r1: dict, r2, decode: bool) -> str:
         parts.append(_pair(r1["wgmma"], g("wgmma")) + " wgmma")
     parts.append(_pair(r1["ctas_per_sm"], g("ctas_per_sm")) + "/SM")
     if decode:
-        parts.append(_pair(r1["grid_ctas"], g("grid_ctas")) + " CTAs")
+        parts.append("grid " + _pair(r1["grid_ctas"], g("grid_ctas")))
     return ", ".join(parts)
 
 

@@ -15,7 +15,7 @@ against an SM's 64 K registers and 228 KiB); at T <= 256 the coeffs forward and 
 (split-K, for the 132 SMs of an H100 / H200; the coeffs forward 48 at n = 3, its split's
 least share), the boundary's finish (h_in) kernel >= 16.
 Skipped unless triton's NVIDIA backend and its CUDA tools are importable. Each case runs in a
-subprocess (the test process may have TRITON_INTERPRET=1) and takes ~15-30 s on one core.
+subprocess (the test process may have TRITON_INTERPRET=1) and takes ~6-15 s on one core (cold cache).
 The full table (n = 1 ... 8, both dtypes, triton 3.6 and 3.9): benchmarks/bench_aot.py.
 """
 import json
