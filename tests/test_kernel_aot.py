@@ -8,12 +8,15 @@ at decode shapes) and the boundary backward's mix kernel (dX' and site l's post_
 spills and shared memory with cuobjdump and counts wgmma instructions in the PTX. Asserted
 (machine-independent facts of the compile and of the launch grid): no spills (stack and local
 0), at most 255 registers, shared memory within sm_90's 227 KiB, for n <= 4 in bf16 and fp32, at
-T = 16384, 256 and a decode T = 8 (T then loses its divisibility); the boundary's projection on
-wgmma with >= 2 CTAs per SM (registers x threads and shared memory against an SM's 64 K
-registers and 228 KiB); at T <= 256 the coeffs forward and the boundary launch >= 64 CTAs
-(split-K, for the 132 SMs of an H100 / H200), the boundary's finish (h_in) kernel >= 16.
+T = 16384, 256 and a decode T = 8 (T then loses its divisibility; n = 3 in fp32, where the
+coeffs backward kernels spilled on triton 3.9 before their n_pad = 4 tiles shrank, at both);
+the boundary's projection on wgmma with >= 2 CTAs per SM (registers x threads and shared memory
+against an SM's 64 K registers and 228 KiB); at T <= 256 the coeffs forward and the boundary launch >= 64 CTAs
+(split-K, for the 132 SMs of an H100 / H200; the coeffs forward 48 at n = 3, its split's
+least share), the boundary's finish (h_in) kernel >= 16.
 Skipped unless triton's NVIDIA backend and its CUDA tools are importable. Each case runs in a
-subprocess (the test process may have TRITON_INTERPRET=1) and takes ~15-30 s on one core.
+subprocess (the test process may have TRITON_INTERPRET=1) and takes ~6-15 s on one core (cold cache).
+The full table (n = 1 ... 8, both dtypes, triton 3.6 and 3.9): benchmarks/bench_aot.py.
 """
 import json
 import os
@@ -51,7 +54,7 @@ def _nvidia_tools() -> bool:
 @pytest.mark.skipif(not _nvidia_tools(), reason="triton's sm_90 compiler path (NVIDIA backend, cuobjdump) is not importable")
 @pytest.mark.parametrize("n,dtype,T,which", [
     (4, "bf16", 16384, "all"), (4, "fp32", 16384, "all"), (4, "bf16", 8, "all"), (4, "fp32", 256, "all"),
-    (3, "bf16", 16384, "all"), (3, "fp32", 16384, "boundary"), (2, "fp32", 16384, "all"),
+    (3, "bf16", 16384, "all"), (3, "fp32", 16384, "all"), (3, "fp32", 8, "all"), (2, "fp32", 16384, "all"),
     (2, "bf16", 16384, "boundary"), (1, "bf16", 16384, "all")])
 def test_sm90_no_spills(n, dtype, T, which):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -72,6 +75,6 @@ def test_sm90_no_spills(n, dtype, T, which):
     assert b["wgmma"] > 0 and b["ctas_per_sm"] >= 2, b
     if decode:  # split-K fills the GPU at decode shapes
         assert b["grid_ctas"] >= 64 and res["_finish_kernel(boundary)"]["grid_ctas"] >= 16, res
-        if which == "all":
-            assert res["_coeffs_part_kernel"]["grid_ctas"] >= 64, res
+        if which == "all":  # each split takes >= 4 K blocks of 64 columns: 48 CTAs at n = 3
+            assert res["_coeffs_part_kernel"]["grid_ctas"] >= min(64, n * 4096 // (4 * 64)), res
     print(json.dumps(res))

@@ -164,6 +164,25 @@ def test_bad_shapes_raise():
 # sm_90 ahead-of-time compiles of these kernels (resources, spills): tests/test_kernel_aot.py
 
 
+@pytest.mark.parametrize("T,n,C,dtype", [(70, 3, 20, torch.float32), (40, 4, 19, torch.float16)])
+def test_cuda_blocks_match_float64_reference_in_interpreter(monkeypatch, T, n, C, dtype):
+    """The CUDA tiles at n_pad = 4 (64-token forward and dh tiles, the dh kernel's 32-column K
+    chunk, the gx kernel's 16-token tiles; chosen for sm_90 registers) run in the interpreter
+    with ieee dots: two token blocks, masked tails, the same float64 bounds."""
+    from mhc_compile.kernels import coeffs
+
+    orig = coeffs.launch_config
+
+    def cuda_config(n_, variant, gpu):
+        consts, x_consts, warps = orig(n_, variant, True)
+        return dict(consts, DOT_P="ieee"), dict(x_consts, DOT_P="ieee"), warps
+
+    monkeypatch.setattr(coeffs, "launch_config", cuda_config)
+    consts, x_consts, _ = cuda_config(n, "mhc", True)
+    assert (consts["BT"], coeffs.dh_consts(consts)["BC"], x_consts["BT"]) == (64, 8, 16)
+    check_case(T, n, C, dtype, "mhc", 20)
+
+
 # ---------------------------------------------------------------------------- CUDA
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,n,C,variant", [(300, 4, 1000, "mhc"), (77, 8, 257, "mhc"), (129, 1, 64, "hc"), (1, 3, 5, "mhc")])

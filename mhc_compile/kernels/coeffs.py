@@ -300,17 +300,22 @@ def launch_config(n: int, variant: str, gpu: bool) -> tuple[dict, dict, int]:
     x_consts["BC"] = max(16 // consts["NP"], bk // consts["NP"], 8 if gpu else 1)
     if gpu and bt == 64:
         # the gx kernel holds dp, x, gx and the extra tiles at once: 64-token tiles spill on sm_90
-        # (fp32 x, n = 3, 4; tests/test_kernel_aot.py); 32 fit
-        x_consts["BT"] = 32
+        # (fp32 x, n = 3, 4; tests/test_kernel_aot.py); 32 fit at n <= 2, but at n_pad = 4 they
+        # sit at 240-255 registers and triton 3.9 spilled 8-16 B at n = 3 in fp32; 16 hold
+        # 128-166 registers, 3 CTAs/SM, no spills (triton 3.6 and 3.9)
+        x_consts["BT"] = 16 if consts["NP"] == 4 else 32
     return consts, x_consts, warps
 
 
 def dh_consts(consts: dict) -> dict:
     """The dh kernel's constexprs from :func:`launch_config`'s first dict: its channel chunk BC
-    of every stream (NP * BC = BLOCK_K flat columns, >= 16 for ``tl.dot``) replaces BLOCK_K."""
+    of every stream (NP * BC = BLOCK_K flat columns, >= 16 for ``tl.dot``) replaces BLOCK_K.
+    At NP = 4 at most 32 columns: with 64 on sm_90 the kernel held 255 registers in fp32 and
+    triton 3.9 spilled 40-72 B at n = 3; 32 hold 128-166, 3-4 CTAs/SM (tests/test_kernel_aot.py)."""
     np_ = consts["NP"]
     out = {k: v for k, v in consts.items() if k != "BK"}
-    out["BC"] = max(consts["BK"] // np_, 16 // np_)
+    bk = min(consts["BK"], 32) if np_ == 4 else consts["BK"]
+    out["BC"] = max(bk // np_, 16 // np_)
     return out
 
 
