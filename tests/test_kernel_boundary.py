@@ -88,6 +88,18 @@ def test_kernel_matches_float64_reference(T, n, C, dtype, variant, static, devic
         assert_close("grad " + name, a, b, c, LOWP_TOL[dtype])
 
 
+def test_mix_cuda_tiles_match_float64_reference_in_interpreter(monkeypatch):
+    """The boundary backward's mix kernel with its CUDA tiles at n_pad = 8 (16 tokens x 4
+    channels per stream, chosen for sm_90 registers) in the interpreter: two token blocks, C
+    chunks with a masked tail, perturbed coefficients, the same float64 bounds."""
+    from mhc_compile.kernels import boundary_bwd
+
+    orig = boundary_bwd.mix_config
+    monkeypatch.setattr(boundary_bwd, "mix_config", lambda n, gpu: orig(n, True))
+    assert orig(8, True) == (dict(BT=16, BC=4), 4)
+    test_kernel_matches_float64_reference(20, 8, 9, torch.float32, "mhc", False)
+
+
 def test_op_triton_autograd_matches_reference():
     T, n, C = 6, 3, 5
     inputs = make_inputs(T, n, C, torch.float32)

@@ -304,6 +304,10 @@ def launch_config(n: int, variant: str, gpu: bool) -> tuple[dict, dict, int]:
         # sit at 240-255 registers and triton 3.9 spilled 8-16 B at n = 3 in fp32; 16 hold
         # 128-166 registers, 3 CTAs/SM, no spills (triton 3.6 and 3.9)
         x_consts["BT"] = 16 if consts["NP"] == 4 else 32
+    elif gpu and consts["NP"] == 8:
+        # n_pad = 8: 32-token tiles (64 columns, 8 warps) held 255 registers and spilled 56-296 B
+        # on sm_90 (bf16 and fp32, triton 3.6 and 3.9); 16-token tiles spill nothing
+        x_consts["BT"] = 16
     return consts, x_consts, warps
 
 
