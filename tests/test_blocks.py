@@ -281,6 +281,74 @@ def test_retrace_never_leaves_fake_tensors_in_the_callers_objects():
         _perturbed(convert(model, MHCConfig(streams=4, kernels="reference"), args))(*args, memo=_Uncopyable())
 
 
+class _TupleInner(nn.Module):
+    """A leaf returning ``(output, extra)``, as attention returns its weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, y.mean(-1)
+
+
+class _TupleSublayer(nn.Module):
+    """A transformers-4.x-style sublayer (T5LayerSelfAttention): ``(x + out[0],) + out[1:]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.inner = nn.LayerNorm(32), _TupleInner()
+
+    def forward(self, x):
+        out = self.inner(self.ln(x))
+        return (x + out[0],) + out[1:]
+
+
+class _TupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList(_TupleSublayer() for _ in range(2))
+
+    def forward(self, x):
+        outputs = self.layer[0](x)
+        hidden, extras = outputs[0], outputs[1:]
+        hidden = self.layer[1](hidden)[0]
+        return (hidden,) + extras
+
+
+class _TupleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(zoo.VOCAB, 32)
+        self.blocks = nn.ModuleList(_TupleBlock() for _ in range(2))
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        for blk in self.blocks:
+            h = blk(h)[0]
+        return h
+
+
+def test_blocks_returning_tuple_concatenations_carry_the_streams():
+    """``(hidden,) + outputs[1:]`` (how transformers 4.x layers return, T5's among them) used to
+    break the block's own chain at the tuple node and sent the model to the whole-graph form. At
+    trained mHC parameters the blocks form equals the whole-graph form, loss and gradients."""
+    torch.manual_seed(0)
+    model, args = _TupleModel(), zoo.token_inputs()
+    cfg = MHCConfig(streams=4, kernels="reference")
+    carried, whole = convert(model, cfg, args), convert(model, cfg, args, form="whole-graph")
+    assert carried.mhc_report.form == "blocks", carried.mhc_report.form_reason
+    assert len(carried.mhc_report.sites) == 4
+    _randomize(carried, whole)
+    l1, g1 = _loss_and_grads(carried, args)
+    l2, g2 = _loss_and_grads(whole, args)
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
+    assert set(g1) == set(g2) and any(".mhc" in k for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
 def test_one_state_object_per_converted_model():
     """convert leaves one ConvertedState (form, report, config, what the form runs) under one
     attribute; mhc_report / mhc_config are read from it; no other mHC attribute on the model."""

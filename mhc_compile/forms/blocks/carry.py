@@ -17,6 +17,7 @@ registered on it (``blocks.0.attn.mhc.phi``), so ``fully_shard(block)``, checkpo
 from __future__ import annotations
 
 import linecache
+import operator
 import types
 import weakref
 from dataclasses import dataclass, field, replace
@@ -172,13 +173,24 @@ def _ends(graph: fx.Graph, chain, part: BlockPart) -> ChainEnds:
             raise BlockRewriteError("the chain's hidden state does not come in through an argument")
     if part.stream_out:
         out = _entry_call(graph, part.into) if part.into else next(n for n in graph.nodes if n.op == "output")
-        hit = stream_wise_path(last.add, lambda v, _: v in out.all_input_nodes, last)
-        if hit is None:
+        readers = [out] if part.into else [out, *_tuple_concats(out)]
+        for reader in readers:
+            hit = stream_wise_path(last.add, lambda v, _: v in reader.all_input_nodes, last)
+            if hit is not None:
+                break
+        else:
             raise BlockRewriteError(f"the block does not {'pass' if part.into else 'return'} its last residual's "
                                     f"value{f' to {part.into}' if part.into else ''}")
         ends.stream_out, ends.trail = True, hit[1]
-        ends.out_node = out if part.into else None
+        ends.out_node = reader if reader is not out or part.into else None
     return ends
+
+
+def _tuple_concats(out: fx.Node) -> list:
+    """The ``(h, ...) + rest`` nodes the output returns (``return (hidden_states,) + outputs``,
+    transformers 4.x): the returned residual sits in their literal head."""
+    return [n for n in out.all_input_nodes if n.op == "call_function" and n.target is operator.add
+            and isinstance(n.args[0], (tuple, list))]
 
 
 def _entry_call(graph: fx.Graph, child: str) -> fx.Node:

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from ... import _torch_internals as _ti
 from ...messages import first_line
+from ...passes.tuple_fold import fold_tuple_getitems
 from ...flex_mask import on_device
 from .signature import BlockCallError, ForwardSignature, is_constant
 
@@ -380,6 +381,7 @@ def _trace_block(block: nn.Module, call: BlockCall, mode: Any, training: bool, t
     for node in graph.nodes:  # targets relative to the block
         if node.op in ("call_module", "get_attr") and str(node.target).startswith("block."):
             node.target = str(node.target)[len("block."):]
+    fold_tuple_getitems(graph)  # ``((h,) + rest)[0]`` -> ``h``: the chain passes through (passes/tuple_fold.py)
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(call.names):
