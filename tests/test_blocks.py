@@ -55,6 +55,16 @@ def _loss_and_grads(model: nn.Module, inputs: tuple) -> tuple:
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_loss_and_grads(a: nn.Module, b: nn.Module, inputs: tuple, label: str) -> None:
+    """Equal loss and every gradient (mHC included) of two forms of one model."""
+    l1, g1 = _loss_and_grads(a, inputs)
+    l2, g2 = _loss_and_grads(b, inputs)
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
+    assert set(g1) == set(g2) and any(".mhc" in k for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{label} {k}: {m}")
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
     build, inputs, blocks = FAMILIES[request.param]
@@ -90,12 +100,7 @@ def test_random_mhc_params_equal_whole_graph(family):
     with torch.no_grad():
         assert (carried(*args) - model(*args)).abs().max() > 1e-3  # the mHC parameters matter
     carried.train(model.training), whole.train(model.training)
-    l1, g1 = _loss_and_grads(carried, args)
-    l2, g2 = _loss_and_grads(whole, args)
-    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
-    assert set(g1) == set(g2) and any(".mhc" in k for k in g1)
-    for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} {k}: {m}")
+    _assert_same_loss_and_grads(carried, whole, args, name)
 
 
 def test_stream_crosses_the_blocks():
@@ -341,12 +346,7 @@ def test_blocks_returning_tuple_concatenations_carry_the_streams():
     assert carried.mhc_report.form == "blocks", carried.mhc_report.form_reason
     assert len(carried.mhc_report.sites) == 4
     _randomize(carried, whole)
-    l1, g1 = _loss_and_grads(carried, args)
-    l2, g2 = _loss_and_grads(whole, args)
-    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
-    assert set(g1) == set(g2) and any(".mhc" in k for k in g1)
-    for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    _assert_same_loss_and_grads(carried, whole, args, "tuple blocks")
 
 
 def test_one_state_object_per_converted_model():
