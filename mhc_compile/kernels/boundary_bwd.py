@@ -114,12 +114,12 @@ def mix_config(n: int, gpu: bool) -> tuple[dict, int]:
     np_, _, _ = logit_layout(n)
     if not gpu:
         return dict(BT=16, BC=max(16 // np_, 8)), 1
-    # n = 4: 16-token tiles (32 spilled 8 B on triton 3.6 in bf16; 16 gives 128-139 registers,
-    # 3-4 CTAs/SM, no spills on 3.6 and 3.9); n = 3 keeps 32 (16 spills there in bf16)
     if np_ == 8:
         # n_pad = 8: 32 tokens x 64 columns held 255 registers and spilled 280-760 B on sm_90;
         # 16 tokens x 32 flat columns (BC = 4 of each stream) spill nothing (triton 3.6 and 3.9)
         return dict(BT=16, BC=4), 4
+    # n = 4: 16-token tiles (32 spilled 8 B on triton 3.6 in bf16; 16 gives 128-139 registers,
+    # 3-4 CTAs/SM, no spills on 3.6 and 3.9); n = 3 keeps 32 (16 spills there in bf16)
     return dict(BT=16 if n == 4 else 32, BC=max(64 // np_, 8)), 4
 
 

@@ -23,6 +23,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """:func:`mhc_compile.reference.compute_dtype`, looked up (no aten call per op)."""
     return _COMPUTE[dtype]
 
+
 FUSED = os.environ.get("MHC_CPU_FUSED", "1") != "0"
 """Whether the projection runs ``proj_mm`` and the boundary forward ``boundary_fwd`` (both ``fused.cpp``).
 False (``MHC_CPU_FUSED=0``): aten's mm and the boundary as post_res, coeffs and pre in turn, the path

@@ -143,15 +143,16 @@ class ChainEnds:
     ``lead`` the stream-wise ops from it to the chain's first skip operand. ``stream_out``: the
     output returns the streams at the chain's end, after the stream-wise ops ``trail`` from the
     last add (no collapse). ``collapse_weight``: register the chain's learned collapse weight
-    (the graph holds the chain's end). ``out_node``: the node that reads the streams instead of
-    the output (the call of the next block, in a block that calls it)."""
+    (the graph holds the chain's end). ``out_node``: the node that reads the streams (the output
+    when None; the call of the next block, in a block that calls it; a ``(h,) + rest`` tuple the
+    output returns)."""
 
     stream_in: Optional[fx.Node] = None
     lead: list = field(default_factory=list)
     stream_out: bool = False
     trail: list = field(default_factory=list)
     collapse_weight: bool = True
-    out_node: Optional[fx.Node] = None  # takes the streams instead of the output (an entry block's child call)
+    out_node: Optional[fx.Node] = None
 
 
 class BlockRewriteError(RuntimeError):

@@ -182,7 +182,7 @@ def _ends(graph: fx.Graph, chain, part: BlockPart) -> ChainEnds:
             raise BlockRewriteError(f"the block does not {'pass' if part.into else 'return'} its last residual's "
                                     f"value{f' to {part.into}' if part.into else ''}")
         ends.stream_out, ends.trail = True, hit[1]
-        ends.out_node = reader if reader is not out or part.into else None
+        ends.out_node = reader
     return ends
 
 
