@@ -12,6 +12,8 @@ Variants (each converted with ``MHCConfig(streams=4)``):
   mhc_unfused   the ``mhc`` model run with ``kernels_cpu.launch.FUSED`` off (aten's mm for the phi
                 projection, the boundary forward as post_res, coeffs and pre in turn): the path
                 before ``fused.cpp``, for its before/after in the same rounds;
+  mhc_nocache   the ``mhc`` model with the CPU kernels' output cache off (``kernels_cpu.pool.h``:
+                every stream-sized output a fresh allocation, as before the cache);
   mhc_ref       converted, ``kernels="reference"`` (the plain-torch reference: the "before").
 
 Modes: ``eval`` (no_grad forward in eval mode) and ``train`` (forward, backward of a mean-square
@@ -51,7 +53,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_ref")
+VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_ref")
 
 
 # ----------------------------------------------------------------------------- models
@@ -98,11 +100,13 @@ def _main_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
 
 
-def make_variants(model, args, kwargs):
+def make_variants(model, args, kwargs, names=VARIANTS):
     from mhc_compile import MHCConfig, convert
 
     out = {"original": model}
-    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_ref", "reference")):
+    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_ref", "reference")):
+        if name not in names:
+            continue
         conv = convert(model, MHCConfig(streams=4, kernels=kernels), args, example_kwargs=kwargs)
         with torch.no_grad():  # move off the function-preserving init (costs do not depend on it)
             g = torch.Generator().manual_seed(1)
@@ -125,6 +129,20 @@ def unfused(step):
             launch.FUSED = True
 
     return run_unfused
+
+
+def nocache(step):
+    """``step`` with the CPU kernels' output cache off while it runs (the ``mhc_nocache`` variant)."""
+    from mhc_compile import kernels_cpu
+
+    def run_nocache():
+        old = kernels_cpu.set_output_cache_limit(0)
+        try:
+            step()
+        finally:
+            kernels_cpu.set_output_cache_limit(old)
+
+    return run_nocache
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
@@ -271,12 +289,15 @@ def run(args) -> list[dict]:
     rows = []
     for model_name in args.models.split(","):
         model, m_args, m_kwargs, source = MODELS[model_name](args.quick)
-        variants = make_variants(model, m_args, m_kwargs)
+        variants = make_variants(model, m_args, m_kwargs, args.variants.split(","))
         print(f"\n## {model_name}: {source}", flush=True)
         for compiled in ([False, True] if args.compile else [False]):
             for mode in args.modes.split(","):
                 steps = {k: make_step(m, m_args, m_kwargs, mode, compiled) for k, m in variants.items()}
-                steps["mhc_unfused"] = unfused(steps["mhc_unfused"])
+                if "mhc_unfused" in steps:
+                    steps["mhc_unfused"] = unfused(steps["mhc_unfused"])
+                if "mhc_nocache" in steps:
+                    steps["mhc_nocache"] = nocache(steps["mhc_nocache"])
                 for threads in [int(t) for t in args.threads.split(",")]:
                     torch.set_num_threads(threads)
                     med = measure(steps, args.reps, args.warmup)
@@ -375,6 +396,8 @@ def main(argv=None):
     p.add_argument("--models", default="minilm,gpt")
     p.add_argument("--modes", default="eval,train")
     p.add_argument("--threads", default="1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS[1:]),
+                   help=f"converted variants to run beside the original (comma-separated; of {', '.join(VARIANTS[1:])})")
     p.add_argument("--reps", type=int, default=11)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also under torch.compile (inductor)")
@@ -385,6 +408,9 @@ def main(argv=None):
     p.add_argument("--site", action="store_true", help="only one site's kernels and ops alone (site_table)")
     p.add_argument("--tune-malloc", action="store_true", help="glibc mallopt: no page-fault churn (see tune_malloc)")
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS[1:])
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS[1:])}")
     if args.tune_malloc:
         tune_malloc()
     if args.quick:

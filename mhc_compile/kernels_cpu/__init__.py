@@ -14,6 +14,11 @@ cached in torch's extension directory, ``TORCH_EXTENSIONS_DIR``) the first time 
 reaches an ``mhc::`` op under ``kernels="auto"``. Where it cannot be built (no C++ compiler or
 ninja), :func:`available` is False, a warning says so once, and ``mhc_compile.ops`` runs the plain-torch
 reference instead: same numbers, slower. ``MHC_CPU_KERNELS=0`` skips the build.
+
+The kernels' large outputs (stream-sized tensors) come from a cache of freed buffers (``pool.h``),
+so a model's next call reuses mapped memory instead of page-faulting fresh pages: at most
+``MHC_CPU_POOL_MB`` megabytes (default 1024; 0 turns it off) are kept, :func:`release_cached_memory`
+returns them to the system, :func:`output_cache_stats` says how much it holds.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 
 _DIR = Path(__file__).parent
 _SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp", _DIR / "fused.cpp")
-_HEADERS = (_DIR / "common.h", _DIR / "gates.h", _DIR / "mix_tokens.h")
+_HEADERS = (_DIR / "common.h", _DIR / "gates.h", _DIR / "mix_tokens.h", _DIR / "pool.h")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once the build was tried, "error": str when it failed
 
@@ -56,6 +61,7 @@ def available() -> bool:
         if os.environ.get("MHC_CPU_KERNELS", "1") == "0":
             _state.update(ok=False, error="MHC_CPU_KERNELS=0")
             return False
+        _check_pool_env()
         try:
             from torch.utils.cpp_extension import load
 
@@ -80,3 +86,40 @@ def available() -> bool:
 def build_error() -> str | None:
     """Why the kernels are not available (None when they are, or the build was not tried yet)."""
     return _state.get("error")
+
+
+def _check_pool_env() -> None:
+    """``MHC_CPU_POOL_MB``, when set, is a whole number of megabytes >= 0 (the C++ side reads it)."""
+    raw = os.environ.get("MHC_CPU_POOL_MB", "").strip()
+    if raw and not (raw.isdigit()):
+        raise ValueError(
+            f"MHC_CPU_POOL_MB={raw!r}: expected a whole number of megabytes >= 0 for the CPU kernels' output "
+            "cache (default 1024; 0 turns the cache off)"
+        )
+
+
+def output_cache_stats() -> dict:
+    """The CPU kernels' output cache: bytes cached now, the budget in bytes, and how many large outputs
+    were served from it (``hits``) or newly allocated (``misses``). Zeros when the kernels are not loaded."""
+    if not _state.get("ok"):
+        return {"cached_bytes": 0, "budget_bytes": 0, "hits": 0, "misses": 0}
+    cached, budget, hits, misses = torch.ops.mhc_cpu.pool_stats()
+    return {"cached_bytes": cached, "budget_bytes": budget, "hits": hits, "misses": misses}
+
+
+def set_output_cache_limit(megabytes: int) -> int:
+    """Sets how many megabytes of freed outputs the CPU kernels keep (0: none, every output is a fresh
+    allocation); returns the previous limit in megabytes. Buffers kept already stay until
+    :func:`release_cached_memory` or their next use."""
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int) or megabytes < 0:
+        raise ValueError(f"set_output_cache_limit: expected a whole number of megabytes >= 0, got {megabytes!r}")
+    if not available():
+        return 0
+    return torch.ops.mhc_cpu.pool_set_budget(megabytes << 20) >> 20
+
+
+def release_cached_memory() -> int:
+    """Returns every buffer the CPU kernels' output cache holds to the system; the number of bytes freed."""
+    if not _state.get("ok"):
+        return 0
+    return torch.ops.mhc_cpu.pool_release()

@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include "pool.h"
 #include <torch/library.h>
 
 #include <algorithm>

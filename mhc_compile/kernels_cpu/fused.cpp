@@ -106,7 +106,7 @@ std::vector<at::Tensor> boundary_fwd(const at::Tensor& x_, const at::Tensor& hou
   TORCH_CHECK(hout.numel() == T * C && hout.scalar_type() == x.scalar_type() && phi.size(0) == NC &&
               phi.size(1) == K && phi.scalar_type() == cd && alpha.numel() == 3 && bp.numel() == n &&
               bo.numel() == n && br.numel() == nn, "mhc_cpu::boundary_fwd: shapes or dtypes do not match x (T, n, C)");
-  at::Tensor xn = at::empty({T, n, C}, x.options()), hin = at::empty({T, C}, x.options());
+  at::Tensor xn = out_empty({T, n, C}, x.options()), hin = out_empty({T, C}, x.options());
   const auto copt = x.options().dtype(cd);
   at::Tensor hp = at::empty({T, n}, copt), ho = at::empty({T, n}, copt), hr = at::empty({T, n, n}, copt);
   at::Tensor proj = at::empty({T, K}, copt);
@@ -197,9 +197,17 @@ at::Tensor proj_mm(const at::Tensor& flat_, const at::Tensor& phi_) {
 }
 
 }  // namespace
+
+int64_t pool_release() { return OutputPool::get().release(); }
+std::vector<int64_t> pool_stats() { return OutputPool::get().stats(); }
+int64_t pool_set_budget(int64_t bytes) { return OutputPool::get().set_budget(bytes); }
+
 }  // namespace mhc_cpu
 
 TORCH_LIBRARY_FRAGMENT(mhc_cpu, m) {
+  m.def("pool_release() -> int", &mhc_cpu::pool_release);
+  m.def("pool_stats() -> int[]", &mhc_cpu::pool_stats);
+  m.def("pool_set_budget(int bytes) -> int", &mhc_cpu::pool_set_budget);
   m.def("boundary_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res, Tensor phi, Tensor alpha, Tensor b_pre, "
         "Tensor b_post, Tensor b_res, float eps, int iters, bool hc) -> Tensor[]");
   m.def("proj_mm(Tensor flat, Tensor phi) -> Tensor");

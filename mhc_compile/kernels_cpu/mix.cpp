@@ -90,7 +90,7 @@ inline void pre_bwd_token_f32(const float* g, const float* xt, const float* h, f
 at::Tensor pre_fwd(const at::Tensor& x_, const at::Tensor& hp_) {
   at::Tensor x = x_.contiguous(), hp = hp_.contiguous();
   const int64_t T = x.size(0), n = x.size(1), C = x.size(2), sh = cstride(hp, T, n);
-  at::Tensor out = at::empty({T, C}, x.options());
+  at::Tensor out = out_empty({T, C}, x.options());
   MHC_DISPATCH(x, "mhc_cpu_pre_fwd", [&] {
     using acc = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -124,7 +124,7 @@ at::Tensor pre_fwd(const at::Tensor& x_, const at::Tensor& hp_) {
 std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& hp_) {
   at::Tensor g = g_.contiguous(), x = x_.contiguous(), hp = hp_.contiguous();
   const int64_t T = x.size(0), n = x.size(1), C = x.size(2), sh = cstride(hp, T, n);
-  at::Tensor gx = at::empty({T, n, C}, x.options()), gh = at::empty({T, n}, hp.options());
+  at::Tensor gx = out_empty({T, n, C}, x.options()), gh = at::empty({T, n}, hp.options());
   MHC_DISPATCH(x, "mhc_cpu_pre_bwd", [&] {
     using acc = at::opmath_type<scalar_t>;
     const scalar_t *xp = x.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
@@ -195,7 +195,7 @@ at::Tensor boundary_gx(const at::Tensor& gmm_, const at::Tensor& x_, const at::T
   TORCH_CHECK(gmm.numel() == T * n * C && coef.numel() == T && gxn.numel() == T * n * C && ghin.numel() == T * C &&
               hp.numel() == T * n && gxn.scalar_type() == x.scalar_type() && ghin.scalar_type() == x.scalar_type(),
               "mhc_cpu::boundary_gx: shapes or dtypes do not match x (T, n, C)");
-  at::Tensor out = at::empty({T, n, C}, x.options());
+  at::Tensor out = out_empty({T, n, C}, x.options());
   MHC_DISPATCH(x, "mhc_cpu_boundary_gx", [&] {
     using acc = at::opmath_type<scalar_t>;
     const scalar_t *xp = x.data_ptr<scalar_t>(), *gxp = gxn.data_ptr<scalar_t>(), *ghp = ghin.data_ptr<scalar_t>();
@@ -225,7 +225,7 @@ at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at:
   const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
   const int64_t so = cstride(ho, T, n), sr = cstride(hr, T, n * n);
   TORCH_CHECK(hout.scalar_type() == x.scalar_type(), "mhc_cpu::post_res_fwd: h_out dtype must be x's");
-  at::Tensor out = at::empty({T, n, C}, x.options());
+  at::Tensor out = out_empty({T, n, C}, x.options());
   MHC_DISPATCH(x, "mhc_cpu_post_res_fwd", [&] {
     using acc = at::opmath_type<scalar_t>;
     const scalar_t *xp = x.data_ptr<scalar_t>(), *hop = hout.data_ptr<scalar_t>();
@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> post_res_bwd(
   const int64_t so = cstride(ho, T, n), sr = cstride(hr, T, n * n);
   TORCH_CHECK(hout.scalar_type() == x.scalar_type() && g.scalar_type() == x.scalar_type(),
               "mhc_cpu::post_res_bwd: grad and h_out dtype must be x's");
-  at::Tensor gx = at::empty({T, n, C}, x.options()), gout = at::empty({T, C}, x.options());
+  at::Tensor gx = out_empty({T, n, C}, x.options()), gout = out_empty({T, C}, x.options());
   at::Tensor gpost = at::empty({T, n}, ho.options()), gres = at::empty({T, n, n}, hr.options());
   MHC_DISPATCH(x, "mhc_cpu_post_res_bwd", [&] {
     using acc = at::opmath_type<scalar_t>;
