@@ -49,6 +49,25 @@ def test_boundary_fwd_equals_the_unfused_kernels(n, c, t, dtype, hc, static):
     assert torch.equal(h_in, k.pre_fwd(xn_ref, hp))
 
 
+@pytest.mark.parametrize("n,c,t,dtype,hc", [
+    (1, 7, 37, torch.float32, False), (3, 5, 37, torch.float32, False), (4, 384, 37, torch.float32, False),
+    (4, 13, 53, torch.bfloat16, False), (2, 7, 21, torch.float64, False), (4, 24, 33, torch.float32, True),
+    (9, 5, 19, torch.float32, False),
+])
+def test_site_start_fwd_equals_the_unfused_kernels(n, c, t, dtype, hc):
+    """coeffs and pre on x in one pass: the bits of proj_mm, coeffs_fwd and pre_fwd in turn."""
+    k = torch.ops.mhc_cpu
+    x, _, _, _, phi, small = _inputs(n, c, t, dtype, 3 * n + t)
+    hp, ho, hr, h_in, proj = k.site_start_fwd(x, phi, *small, 1e-6, 20, hc)
+    flat = x.reshape(t, -1).to(phi.dtype)
+    assert torch.equal(k.proj_mm(flat, phi), proj)
+    for got, want in zip((hp, ho, hr), k.coeffs_fwd(flat, proj, *small, 1e-6, n, 20, hc)):
+        assert torch.equal(got, want)
+    assert torch.equal(h_in, k.pre_fwd(x, hp))
+    ref_hp = R.coeffs(x.double(), phi.double(), *(v.double() for v in small), variant="hc" if hc else "mhc")[0]
+    assert (hp.double() - ref_hp).abs().max() <= TOL[dtype] * 10
+
+
 def test_boundary_fwd_two_threads_same_bits():
     k = torch.ops.mhc_cpu
     x, h_out, ho, hr, phi, small = _inputs(4, 40, 203, torch.float32, 1)

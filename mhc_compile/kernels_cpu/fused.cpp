@@ -5,6 +5,7 @@
 // aten GEMM, coeffs_fwd's RMS, pre_fwd). Same per-token code as mix.cpp / coeffs.cpp (mix_tokens.h,
 // gates.h), so x_next, h_in and the gates given the projection are the same bits as theirs; the
 // projection's summation order is this file's (fixed per token: results do not depend on threads).
+// The same pass without the post_res (site_start_fwd) is a site's start: coeffs and pre on x.
 #include "gates.h"
 #include "mix_tokens.h"
 
@@ -90,23 +91,32 @@ inline void pre_token(const scalar_t* xt, const acc* h, scalar_t* o, int64_t n, 
   for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c]);
 }
 
-// (x_next (T,n,C), H_pre (T,n), H_post (T,n), H_res (T,n,n), h_in (T,C), proj (T,K)): post_res of x
-// (T,n,C) with h_out (T,C) and site l's h_post (1|T, n), h_res (1|T, n, n), then mhc::coeffs and pre
-// of site l+1 on x_next; phi (nC, K) and the small parameters in the compute type.
-std::vector<at::Tensor> boundary_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at::Tensor& hpo_,
-                                     const at::Tensor& hre_, const at::Tensor& phi_, const at::Tensor& alpha_,
-                                     const at::Tensor& bp_, const at::Tensor& bo_, const at::Tensor& br_, double eps,
-                                     int64_t iters, bool hc) {
-  at::Tensor x = x_.contiguous(), hout = hout_.contiguous(), hpo = hpo_.contiguous(), hre = hre_.contiguous();
-  at::Tensor phi = phi_.contiguous(), alpha = alpha_.contiguous(), bp = bp_.contiguous(), bo = bo_.contiguous();
-  at::Tensor br = br_.contiguous();
+// One pass per block of tokens over the streams a site reads: with `mix` (a boundary), first post_res of
+// x (T,n,C) with h_out (T,C) and site l's h_post (1|T, n), h_res (1|T, n, n) into x_next; then, on
+// x_next (or x itself without `mix`: a site's start), the projection, mhc::coeffs and pre of the
+// site. phi (nC, K) and the small parameters in the compute type. Returns
+// (x_next (T,n,C) or undefined, H_pre (T,n), H_post (T,n), H_res (T,n,n), h_in (T,C), proj (T,K)).
+std::vector<at::Tensor> streams_fwd(bool mix, const at::Tensor& x_, const at::Tensor& hout_, const at::Tensor& hpo_,
+                                    const at::Tensor& hre_, const at::Tensor& phi_, const at::Tensor& alpha_,
+                                    const at::Tensor& bp_, const at::Tensor& bo_, const at::Tensor& br_, double eps,
+                                    int64_t iters, bool hc) {
+  at::Tensor x = x_.contiguous(), phi = phi_.contiguous(), alpha = alpha_.contiguous(), bp = bp_.contiguous();
+  at::Tensor bo = bo_.contiguous(), br = br_.contiguous(), hout, hpo, hre;
   const int64_t T = x.size(0), n = x.size(1), C = x.size(2), NC = n * C, nn = n * n, K = 2 * n + nn;
-  const int64_t so = cstride(hpo, T, n), sr = cstride(hre, T, nn);
   const auto cd = at::toOpMathType(x.scalar_type());
-  TORCH_CHECK(hout.numel() == T * C && hout.scalar_type() == x.scalar_type() && phi.size(0) == NC &&
-              phi.size(1) == K && phi.scalar_type() == cd && alpha.numel() == 3 && bp.numel() == n &&
-              bo.numel() == n && br.numel() == nn, "mhc_cpu::boundary_fwd: shapes or dtypes do not match x (T, n, C)");
-  at::Tensor xn = out_empty({T, n, C}, x.options()), hin = out_empty({T, C}, x.options());
+  TORCH_CHECK(phi.size(0) == NC && phi.size(1) == K && phi.scalar_type() == cd && alpha.numel() == 3 &&
+              bp.numel() == n && bo.numel() == n && br.numel() == nn,
+              "mhc_cpu: the site's parameters do not match x (T, n, C)");
+  int64_t so = 0, sr = 0;
+  at::Tensor xn;
+  if (mix) {
+    hout = hout_.contiguous(), hpo = hpo_.contiguous(), hre = hre_.contiguous();
+    so = cstride(hpo, T, n), sr = cstride(hre, T, nn);
+    TORCH_CHECK(hout.numel() == T * C && hout.scalar_type() == x.scalar_type(),
+                "mhc_cpu::boundary_fwd: h_out does not match x (T, n, C)");
+    xn = out_empty({T, n, C}, x.options());
+  }
+  at::Tensor hin = out_empty({T, C}, x.options());
   const auto copt = x.options().dtype(cd);
   at::Tensor hp = at::empty({T, n}, copt), ho = at::empty({T, n}, copt), hr = at::empty({T, n, n}, copt);
   at::Tensor proj = at::empty({T, K}, copt);
@@ -115,10 +125,13 @@ std::vector<at::Tensor> boundary_fwd(const at::Tensor& x_, const at::Tensor& hou
     constexpr bool kF32 = std::is_same_v<scalar_t, float>;
     constexpr int64_t W = Lanes<acc>::W;
     const int64_t Kp = (K + W - 1) / W * W;
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *hop = hout.data_ptr<scalar_t>();
-    const acc *hpop = hpo.data_ptr<acc>(), *hrep = hre.data_ptr<acc>(), *al = alpha.data_ptr<acc>();
-    const acc *bpp = bp.data_ptr<acc>(), *bop = bo.data_ptr<acc>(), *brp = br.data_ptr<acc>();
-    scalar_t *xnp = xn.data_ptr<scalar_t>(), *hinp = hin.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* hop = mix ? hout.data_ptr<scalar_t>() : nullptr;
+    const acc *hpop = mix ? hpo.data_ptr<acc>() : nullptr, *hrep = mix ? hre.data_ptr<acc>() : nullptr;
+    const acc *al = alpha.data_ptr<acc>(), *bpp = bp.data_ptr<acc>(), *bop = bo.data_ptr<acc>(), *brp = br.data_ptr<acc>();
+    scalar_t* xnp = mix ? xn.data_ptr<scalar_t>() : nullptr;
+    scalar_t* hinp = hin.data_ptr<scalar_t>();
+    const scalar_t* src = mix ? xnp : xp;  // the streams the site reads
     acc *pp = hp.data_ptr<acc>(), *op = ho.data_ptr<acc>(), *rp = hr.data_ptr<acc>(), *pj = proj.data_ptr<acc>();
     std::vector<acc> packed;  // phi with its K columns padded to Kp (zeros)
     const acc* ph = phi.data_ptr<acc>();
@@ -134,7 +147,7 @@ std::vector<at::Tensor> boundary_fwd(const at::Tensor& x_, const at::Tensor& hou
         std::vector<acc> pb(kBlock * Kp), xa(kF32 && N ? 0 : kBlock * NC), ha(C), buf(C);
         for (int64_t t0 = b; t0 < e; t0 += kBlock) {
           const int64_t cnt = std::min(kBlock, e - t0);
-          for (int64_t t = t0; t < t0 + cnt; ++t) {
+          for (int64_t t = t0; mix && t < t0 + cnt; ++t) {
             if constexpr (kF32 && N > 0)
               post_res_token_f32<N>(xp + t * NC, hop + t * C, hrep + t * sr, hpop + t * so, xnp + t * NC, C);
             else
@@ -143,9 +156,9 @@ std::vector<at::Tensor> boundary_fwd(const at::Tensor& x_, const at::Tensor& hou
           }
           const acc* fb;  // vec(x_next) rows of the block in the compute type
           if constexpr (kF32) {
-            fb = xnp + t0 * NC;
+            fb = src + t0 * NC;
           } else {
-            for (int64_t k = 0; k < cnt * NC; ++k) xa[k] = acc(xnp[t0 * NC + k]);
+            for (int64_t k = 0; k < cnt * NC; ++k) xa[k] = acc(src[t0 * NC + k]);
             fb = xa.data();
           }
           gemm_block(fb, NC, ph, Kp, cnt, pb.data());
@@ -154,15 +167,33 @@ std::vector<at::Tensor> boundary_fwd(const at::Tensor& x_, const at::Tensor& hou
                               rp + t0 * nn, cnt, s);
           for (int64_t t = t0; t < t0 + cnt; ++t) {
             if constexpr (kF32 && N > 0)
-              pre_token_f32<N>(xnp + t * NC, pp + t * n, hinp + t * C, C);
+              pre_token_f32<N>(src + t * NC, pp + t * n, hinp + t * C, C);
             else
-              pre_token(xnp + t * NC, pp + t * n, hinp + t * C, n, C, buf.data());
+              pre_token(src + t * NC, pp + t * n, hinp + t * C, n, C, buf.data());
           }
         }
       });
     });
   });
   return {xn, hp, ho, hr, hin, proj};
+}
+
+// mhc::boundary's forward: (x_next, H_pre, H_post, H_res, h_in, proj) of site l+1 (streams_fwd with mix).
+std::vector<at::Tensor> boundary_fwd(const at::Tensor& x, const at::Tensor& hout, const at::Tensor& hpo,
+                                     const at::Tensor& hre, const at::Tensor& phi, const at::Tensor& alpha,
+                                     const at::Tensor& bp, const at::Tensor& bo, const at::Tensor& br, double eps,
+                                     int64_t iters, bool hc) {
+  return streams_fwd(true, x, hout, hpo, hre, phi, alpha, bp, bo, br, eps, iters, hc);
+}
+
+// A site's start, mhc::coeffs and pre on x in one pass per token block: (H_pre, H_post, H_res, h_in, proj),
+// the bits of proj_mm, coeffs_fwd and pre_fwd in turn.
+std::vector<at::Tensor> site_start_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                                       const at::Tensor& bp, const at::Tensor& bo, const at::Tensor& br, double eps,
+                                       int64_t iters, bool hc) {
+  auto out = streams_fwd(false, x, at::Tensor(), at::Tensor(), at::Tensor(), phi, alpha, bp, bo, br, eps, iters, hc);
+  out.erase(out.begin());
+  return out;
 }
 
 // proj (T, K) = flat (T, nC) . phi (nC, K) in the compute type, with boundary_fwd's GEMM (the same
@@ -211,9 +242,12 @@ TORCH_LIBRARY_FRAGMENT(mhc_cpu, m) {
   m.def("boundary_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res, Tensor phi, Tensor alpha, Tensor b_pre, "
         "Tensor b_post, Tensor b_res, float eps, int iters, bool hc) -> Tensor[]");
   m.def("proj_mm(Tensor flat, Tensor phi) -> Tensor");
+  m.def("site_start_fwd(Tensor x, Tensor phi, Tensor alpha, Tensor b_pre, Tensor b_post, Tensor b_res, float eps, "
+        "int iters, bool hc) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mhc_cpu, CPU, m) {
   m.impl("boundary_fwd", &mhc_cpu::boundary_fwd);
   m.impl("proj_mm", &mhc_cpu::proj_mm);
+  m.impl("site_start_fwd", &mhc_cpu::site_start_fwd);
 }
