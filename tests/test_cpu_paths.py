@@ -163,3 +163,55 @@ def test_mhc_backend_keeps_the_custom_ops(monkeypatch):
     out.float().pow(2).mean().backward()
     assert not inlined and torch.isfinite(out).all()
     torch._dynamo.reset()
+
+
+def _count_pre_calls(monkeypatch):
+    from mhc_compile.kernels_cpu import launch
+
+    calls = []
+    real = launch.pre_forward
+    monkeypatch.setattr(launch, "pre_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_site_start_hands_its_h_in_to_the_pre_that_follows(monkeypatch, grad):
+    """coeffs computes h_in in its pass; the pre on the same, unmodified X with the same H_pre takes it
+    (no pre kernel), bit-equal to the custom ops; a modified X, another H_pre or inference tensors
+    compute pre anew, with the numbers of the new inputs."""
+    n, c = 4, 24
+    x = torch.randn(2, 5, n, c, generator=torch.Generator().manual_seed(2))
+    p = _params(n, c, 5, torch.float32)
+    args = (p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"])
+    calls = _count_pre_calls(monkeypatch)
+    with torch.set_grad_enabled(grad):
+        xx = x.clone().requires_grad_(grad)
+        hp, _, _ = ops.coeffs(xx, *args)
+        h_in = ops.pre(xx, hp)
+        assert calls == []
+        want = R.pre_mix(x, hp.detach())
+        torch.testing.assert_close(h_in.detach(), want, rtol=1e-6, atol=1e-6)
+        monkeypatch.setattr(cpu_paths, "_FAST", False)
+        assert torch.equal(h_in.detach(), ops.pre(x, hp.detach()))  # the custom op's bits
+        monkeypatch.setattr(cpu_paths, "_FAST", True)
+        if grad:
+            (h_in.sum() + hp.sum()).backward()
+            assert xx.grad is not None and torch.isfinite(xx.grad).all()
+
+    calls.clear()  # the custom op's pre above ran the kernel
+    with torch.no_grad():
+        y = x.clone()
+        hp, _, _ = ops.coeffs(y, *args)
+        y.mul_(2.0)  # modified after coeffs: pre must read the new values
+        torch.testing.assert_close(ops.pre(y, hp), R.pre_mix(y, hp), rtol=1e-6, atol=1e-6)
+        assert len(calls) == 1
+        hp, _, _ = ops.coeffs(x, *args)
+        other = hp.flip(-1).contiguous()
+        torch.testing.assert_close(ops.pre(x, other), R.pre_mix(x, other), rtol=1e-6, atol=1e-6)
+        assert len(calls) == 2
+    with torch.inference_mode():
+        z = x.clone()
+        hp, _, _ = ops.coeffs(z, *args)
+        z.add_(1.0)  # inference tensors track no version: the hand-over is off for them
+        torch.testing.assert_close(ops.pre(z, hp), R.pre_mix(z, hp), rtol=1e-6, atol=1e-6)
+        assert len(calls) == 3

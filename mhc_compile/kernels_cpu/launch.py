@@ -99,6 +99,24 @@ def coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, 
     return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)
 
 
+def site_start_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
+                       keep: list | None = None):
+    """``mhc::coeffs`` and ``mhc::pre`` of one site on x in one pass per token block (``site_start_fwd`` of
+    ``fused.cpp``): (H_pre, H_post, H_res, h_in), the bits of :func:`coeffs_forward` then
+    :func:`pre_forward`; None where the one-pass kernel does not run (n > ``FUSED_MAX_STREAMS``,
+    ``MHC_CPU_FUSED=0``). ``keep`` as in :func:`coeffs_forward`."""
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    if not _fused(n):
+        return None
+    hc = _check_variant(variant)
+    cd = compute_dtype(x.dtype)
+    hp, ho, hr, h_in, proj = _ops().site_start_fwd(_flat3(x), phi.to(cd), *(t.to(cd) for t in (alpha, b_pre, b_post, b_res)),
+                                                  eps, iters, hc)
+    if keep is not None:
+        keep.append(proj)
+    return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n), h_in.reshape(*lead, c)
+
+
 def _gate_grads(g_pre, g_post, g_res, lead, n: int, cd):
     """The H_pre, H_post, H_res gradients per token, (T, n), (T, n), (T, n, n) in the compute dtype."""
     return tuple(g.to(cd).expand(*lead, *tail).reshape(-1, *tail) for g, tail in ((g_pre, (n,)), (g_post, (n,)), (g_res, (n, n))))
