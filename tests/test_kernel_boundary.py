@@ -68,6 +68,8 @@ CASES = [
     (20, 2, 3, torch.float32, "mhc", False),  # two token blocks
     (4, 2, 18, torch.float16, "mhc", False),
     (3, 8, 3, torch.float16, "hc", True),
+    (17, 8, 11, torch.bfloat16, "mhc", False),  # n = 8, odd T and C: two token blocks, masked tails
+    (9, 5, 7, torch.float32, "hc", False),  # n = 5 (n_pad = 8, padded streams)
 ]
 
 
@@ -90,14 +92,34 @@ def test_kernel_matches_float64_reference(T, n, C, dtype, variant, static, devic
 
 def test_mix_cuda_tiles_match_float64_reference_in_interpreter(monkeypatch):
     """The boundary backward's mix kernel with its CUDA tiles at n_pad = 8 (16 tokens x 4
-    channels per stream, chosen for sm_90 registers) in the interpreter: two token blocks, C
-    chunks with a masked tail, perturbed coefficients, the same float64 bounds."""
+    channels per stream, chosen for sm_90 registers; X' recomputed) in the interpreter: two token
+    blocks, C chunks with masked tails (odd T and C), perturbed coefficients, float64 bounds."""
     from mhc_compile.kernels import boundary_bwd
 
     orig = boundary_bwd.mix_config
     monkeypatch.setattr(boundary_bwd, "mix_config", lambda n, gpu: orig(n, True))
-    assert orig(8, True) == (dict(BT=16, BC=4), 4)
-    test_kernel_matches_float64_reference(20, 8, 9, torch.float32, "mhc", False)
+    assert orig(8, True) == (dict(BT=16, BC=4, XREC=True), 4)
+    test_kernel_matches_float64_reference(21, 8, 9, torch.float32, "mhc", False)
+
+
+@pytest.mark.parametrize("T,n,C,dtype,static", [(21, 8, 13, torch.bfloat16, False), (19, 4, 11, torch.float16, True),
+                                                (7, 6, 5, torch.float32, False)])
+def test_mix_recomputed_x_next_equals_the_saved_one(monkeypatch, T, n, C, dtype, static):
+    """XREC (n >= 4): the mix kernel recomputes X' = H_res X + H_post h_out from the X and h_out
+    tiles it reads anyway, in the forward's fp32 order and rounding, instead of reading the saved
+    X': every gradient is bitwise the one computed from the saved X' (XREC off)."""
+    from mhc_compile.kernels import boundary_bwd
+
+    inputs = make_inputs(T, n, C, dtype, static)
+    grads = out_grads(T, n, C, dtype)
+    x_next = boundary_forward(*inputs, 20, 1e-6, "mhc")[0]
+    orig = boundary_bwd.mix_config
+    assert orig(n, False)[0]["XREC"] and orig(n, True)[0]["XREC"] and not orig(3, True)[0]["XREC"]
+    got = boundary_backward(*grads, *inputs, 20, 1e-6, "mhc", x_next=x_next)
+    monkeypatch.setattr(boundary_bwd, "mix_config", lambda n_, gpu: (dict(orig(n_, gpu)[0], XREC=False), 1))
+    read = boundary_backward(*grads, *inputs, 20, 1e-6, "mhc", x_next=x_next)
+    for name, a, b in zip(NAMES_IN, got, read):
+        assert torch.equal(a, b), name
 
 
 def test_op_triton_autograd_matches_reference():

@@ -164,14 +164,16 @@ def test_bad_shapes_raise():
 # sm_90 ahead-of-time compiles of these kernels (resources, spills): tests/test_kernel_aot.py
 
 
-@pytest.mark.parametrize("T,n,C,dtype,tiles", [(70, 3, 20, torch.float32, (64, 8, 16)),
-                                               (40, 4, 19, torch.float16, (64, 8, 16)),
-                                               (40, 8, 9, torch.float32, (32, 4, 16))])
+@pytest.mark.parametrize("T,n,C,dtype,tiles", [(70, 3, 20, torch.float32, (64, 64, 8, 16)),
+                                               (40, 4, 19, torch.float16, (64, 64, 8, 16)),
+                                               (40, 8, 9, torch.float32, (32, 16, 4, 16)),
+                                               (37, 6, 7, torch.bfloat16, (32, 16, 4, 16))])
 def test_cuda_blocks_match_float64_reference_in_interpreter(monkeypatch, T, n, C, dtype, tiles):
     """The CUDA tiles (n_pad = 4: 64-token forward and dh tiles, the dh kernel's 32-column K
-    chunk, the gx kernel's 16-token tiles; n_pad = 8: 32-token forward and dh tiles, 16-token gx
-    tiles; chosen for sm_90 registers) run in the interpreter with ieee dots: two or more token
-    blocks, masked tails, the same float64 bounds."""
+    chunk, the gx kernel's 16-token tiles; n_pad = 8: 32-token forward tiles, the dh kernel's own
+    16-token tiles (its own grid) with 4 channels of every stream, 16-token gx tiles; chosen for
+    sm_90 registers) run in the interpreter with ieee dots: two or more token blocks, masked
+    tails, the same float64 bounds."""
     from mhc_compile.kernels import coeffs
 
     orig = coeffs.launch_config
@@ -182,7 +184,8 @@ def test_cuda_blocks_match_float64_reference_in_interpreter(monkeypatch, T, n, C
 
     monkeypatch.setattr(coeffs, "launch_config", cuda_config)
     consts, x_consts, _ = cuda_config(n, "mhc", True)
-    assert (consts["BT"], coeffs.dh_consts(consts)["BC"], x_consts["BT"]) == tiles
+    dh = coeffs.dh_consts(consts)
+    assert (consts["BT"], dh["BT"], dh["BC"], x_consts["BT"]) == tiles
     check_case(T, n, C, dtype, "mhc", 20)
 
 

@@ -123,8 +123,9 @@ def compile_coeffs(n: int, dtype: str = "bf16", variant: str = "mhc", arch: int 
     xt = "*" + dtype
     x_ints = _launch_ints(n, T, C, x_consts["BT"], x_consts["NP"] * x_consts["BC"])
     x_grid = (triton.cdiv(C, x_consts["BC"]), x_ints["splits"])
-    runs = [(coeffs._coeffs_bwd_dh_kernel, dict(coeffs.dh_consts(consts), GP=True, GHP=True, WRITE_HP=True),
-             {"x_ptr": xt, "ghin_ptr": xt}, ints, (tblocks,)),
+    dconsts = coeffs.dh_consts(consts)
+    runs = [(coeffs._coeffs_bwd_dh_kernel, dict(dconsts, GP=True, GHP=True, WRITE_HP=True),
+             {"x_ptr": xt, "ghin_ptr": xt}, ints, (triton.cdiv(T, dconsts["BT"]),)),
             (coeffs._coeffs_bwd_x_kernel, dict(x_consts, GADD=True, GPRE=True, GMIX=True, GX=True),
              {"x_ptr": xt, "gx_ptr": xt, "gadd_ptr": xt, "ghin_ptr": xt, "gmix_ptr": xt}, x_ints, x_grid)]
     if S == 1:

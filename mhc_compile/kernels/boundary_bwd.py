@@ -1,21 +1,26 @@
 """Second pass of the boundary backward (``kernels.boundary.boundary_backward``): site l+1's dX'
 and site l's post_res backward in one kernel, dX' never written.
 
-The boundary's backward in two passes over the streams (no recompute of X': the forward's X'
-is saved, it is site l+1's X anyway):
+The boundary's backward (no recompute of X' before it: the forward's X' is saved, it is site
+l+1's X anyway):
   pass 1  ``kernels.coeffs``'s dh kernel on X' (reads X' and g_h_in): site l+1's dlogits, with
           the pre-mix's dH_pre summed from the same chunks, and H_pre recomputed (coefficient-
           sized outputs dp, s, H_pre, partials);
-  pass 2  this kernel, grid (cdiv(C, BC), S) with a loop over token blocks, per chunk of BC
-          channels of every stream: dX' = dp . phi^T + s * X' + g_x_next + H_pre g_h_in in fp32
-          (as ``coeffs._coeffs_bwd_x_kernel``; its gphi partial X'^T dp), then from that fp32
-          dX' in registers site l's post_res backward: dX = H_res^T dX' (written, x's dtype),
-          dh_out = sum_i H_post[i] dX'[i] (written), and per-chunk partials of
-          dH_post = sum_c dX' h_out and dH_res = sum_c dX' (x) X (coefficient-sized; summed in
-          torch: deterministic, no atomics).
-Stream bytes per token (units of C * e): pass 1 reads X' (n) and g_h_in (1); pass 2 reads X'
-(n), g_x_next (n), g_h_in (1), X (n), h_out (1) and writes dX (n), dh_out (1): 5n + 4 in all,
-against 9n + 8 for recompute + dh + gx + post_res backward.
+  pass 2  this kernel, grid (token blocks, C splits), each program walking its C range in
+          chunks of BC channels of every stream: dX' = dp . phi^T + s * X' + g_x_next +
+          H_pre g_h_in in fp32, then from that fp32 dX' in registers site l's post_res
+          backward: dX = H_res^T dX' (written, x's dtype), dh_out = sum_i H_post[i] dX'[i]
+          (written), dH_post = sum_c dX' h_out and dH_res = sum_c dX' (x) X summed in registers
+          over the program's C range (per-split partials summed in torch: deterministic, no
+          atomics). XREC (n >= 4, ``mix_config``): the X' of s * X' is recomputed from the X and
+          h_out tiles this pass reads anyway (H_res X + H_post h_out in the forward's fp32 order,
+          rounded to X's dtype: the values the forward stored), so X' is not read here;
+  pass 3  ``coeffs._coeffs_bwd_x_kernel`` with GX=False: gphi = X'^T dp (a reduction over
+          tokens, which pass 2's grid cannot hold: docs/benchmarks.md).
+Stream bytes per token (units of C * e): pass 1 reads X' (n) and g_h_in (1); pass 2 reads
+g_x_next (n), g_h_in (1), X (n), h_out (1) (and X' (n) without XREC) and writes dX (n),
+dh_out (1); pass 3 reads X' (n): 5n + 4 with XREC (6n + 4 without), against 9n + 8 for
+recompute + dh + gx + post_res backward.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def _boundary_bwd_mix_kernel(
     gx_ptr, gho_ptr, ghp_part_ptr, ghr_part_ptr,
     T, C, J, C_CHUNK, stride_post, stride_res,
     N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    DOT_P: tl.constexpr, GADD: tl.constexpr, GMIX: tl.constexpr,
+    DOT_P: tl.constexpr, GADD: tl.constexpr, GMIX: tl.constexpr, XREC: tl.constexpr,
 ):
     """GADD: add g_x_next (the gradient of X' from its consumers); GMIX: add H_mix^T g_mix, the
     dX' of site l+1's post_res mix from its incoming gradient (ops' site mailbox: that post_res's
@@ -77,7 +82,20 @@ def _boundary_bwd_mix_kernel(
         phT = tl.load(phi_ptr + krow[None, :, :] * J + jcol[:, None, None],
                       mask=jvalid[:, None, None] & (vec[:, None] & cm[None, :])[None, :, :], other=0.0)
         g3 = tl.reshape(tl.dot(dp, tl.reshape(phT, (W, NP * BC)), input_precision=DOT_P), (BT, NP, BC))
-        g3 += s[:, None, None] * tl.load(xn_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
+        # XREC: X' from the X and h_out tiles read anyway, as the forward made it (the same fp32
+        # sum order, rounded to X's dtype); else the saved X' is read
+        if XREC:
+            xl = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
+            ho = tl.load(hout_ptr + t64[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            mixed = tl.zeros((BT, NP, BC), dtype=tl.float32)
+            for jj in tl.static_range(N):
+                xj = tl.sum(tl.where(i[None, :, None] == jj, xl, 0.0), axis=1)  # X[t, jj, c]
+                hcol = tl.sum(tl.where(i[None, None, :] == jj, hres, 0.0), axis=2)  # H_res[t, :, jj]
+                mixed += hcol[:, :, None] * xj[:, None, :]
+            xn = (mixed + hpost[:, :, None] * ho[:, None, :]).to(gx_ptr.dtype.element_ty).to(tl.float32)
+            g3 += s[:, None, None] * xn
+        else:
+            g3 += s[:, None, None] * tl.load(xn_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
         if GADD:
             g3 += tl.load(gxn_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
         if GMIX:
@@ -88,8 +106,9 @@ def _boundary_bwd_mix_kernel(
         gh = tl.load(ghin_ptr + t64[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
         g3 += hp[:, :, None] * gh[:, None, :]
         # ---- site l's post_res backward from dX'
-        xl = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
-        ho = tl.load(hout_ptr + t64[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        if not XREC:
+            xl = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
+            ho = tl.load(hout_ptr + t64[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
         gho = tl.sum(hpost[:, :, None] * g3, axis=1)
         tl.store(gho_ptr + t64[:, None] * C + c[None, :], gho.to(gho_ptr.dtype.element_ty), mask=m2)
         ghp += tl.sum(g3 * ho[:, None, :], axis=2)
@@ -108,19 +127,22 @@ def _boundary_bwd_mix_kernel(
 
 
 def mix_config(n: int, gpu: bool) -> tuple[dict, int]:
-    """(BT, BC) and num_warps of :func:`_boundary_bwd_mix_kernel`: NP * BC = 64 flat columns per
-    chunk on CUDA (the tl.dot's K), small tiles in the interpreter. Checked for sm_90 by
-    tests/test_kernel_aot.py (kernels.aot); untuned on hardware."""
+    """(BT, BC, XREC) and num_warps of :func:`_boundary_bwd_mix_kernel`: NP * BC = 64 flat columns
+    per chunk on CUDA (the tl.dot's K), small tiles in the interpreter. XREC (n >= 4, on CUDA and
+    in the interpreter alike): X' recomputed from X and h_out, not read (n units of C * e per
+    token less); at n = 1 and 3 it spilled 8-16 B on sm_90, so those read X'. Checked for sm_90
+    by tests/test_kernel_aot.py (kernels.aot); untuned on hardware."""
     np_, _, _ = logit_layout(n)
+    xrec = n >= 4
     if not gpu:
-        return dict(BT=16, BC=max(16 // np_, 8)), 1
+        return dict(BT=16, BC=max(16 // np_, 8), XREC=xrec), 1
     if np_ == 8:
         # n_pad = 8: 32 tokens x 64 columns held 255 registers and spilled 280-760 B on sm_90;
         # 16 tokens x 32 flat columns (BC = 4 of each stream) spill nothing (triton 3.6 and 3.9)
-        return dict(BT=16, BC=4), 4
-    # n = 4: 16-token tiles (32 spilled 8 B on triton 3.6 in bf16; 16 gives 128-139 registers,
+        return dict(BT=16, BC=4, XREC=xrec), 4
+    # n = 4: 16-token tiles (32 spilled 8 B on triton 3.6 in bf16; 16 gives 128-168 registers,
     # 3-4 CTAs/SM, no spills on 3.6 and 3.9); n = 3 keeps 32 (16 spills there in bf16)
-    return dict(BT=16 if n == 4 else 32, BC=max(64 // np_, 8)), 4
+    return dict(BT=16 if n == 4 else 32, BC=max(64 // np_, 8), XREC=xrec), 4
 
 
 def post_res_pass(

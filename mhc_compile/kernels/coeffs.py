@@ -17,9 +17,10 @@ Kernels and grids (T tokens, BT = BLOCK_T):
     forward   grid (cdiv(T, BT),): one pass over x in BLOCK_K chunks of the flat nC axis,
               fp32 ``tl.dot`` (BT, BK) x (BK, W) plus the sum of squares, then the
               epilogue in registers; writes H_pre, H_post, H_res.
-    backward  kernel 1 (dh), grid (cdiv(T, BT),): the same projection over x, in (BT, NP, BC)
-              channel chunks of every stream (recompute r and p) and, with GHP, the pre-mix's
-              dH_pre = sum_c g_hin x from the same chunks (so pre's backward reads no x), then
+    backward  kernel 1 (dh), grid (cdiv(T, BT),) (its own BT at n > 4: dh_consts): the same
+              projection over x, in (BT, NP, BC) channel chunks of every stream (recompute r
+              and p) and, with GHP, the pre-mix's dH_pre = sum_c g_hin x from the same chunks
+              (so pre's backward reads no x), then
               the activations' backward and Sinkhorn's backward replayed on chip: for each
               iteration k from last to first, the iterate M_k is recomputed from M_0 by k
               forward iterations (O(iters^2) tiny n x n steps per token, no storage), then
@@ -103,7 +104,6 @@ def _block_logits(x_ptr, phi_ptr, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, T, K
     return t, tm, r, h, u, ures, upre, upost, lpre, lpost, lres
 
 
-# ============================================================================ kernels
 @triton.jit
 def _coeffs_fwd_kernel(
     x_ptr, phi_ptr, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr,
@@ -299,14 +299,11 @@ def launch_config(n: int, variant: str, gpu: bool) -> tuple[dict, dict, int]:
     # the gx kernel's chunk: BC channels of every stream, NP * BC columns (>= 16 for tl.dot)
     x_consts["BC"] = max(16 // consts["NP"], bk // consts["NP"], 8 if gpu else 1)
     if gpu and bt == 64:
-        # the gx kernel holds dp, x, gx and the extra tiles at once: 64-token tiles spill on sm_90
-        # (fp32 x, n = 3, 4; tests/test_kernel_aot.py); 32 fit at n <= 2, but at n_pad = 4 they
-        # sit at 240-255 registers and triton 3.9 spilled 8-16 B at n = 3 in fp32; 16 hold
-        # 128-166 registers, 3 CTAs/SM, no spills (triton 3.6 and 3.9)
+        # the gx kernel holds dp, x, gx and the extra tiles at once: on sm_90 64-token tiles spill
+        # (fp32, n = 3, 4), 32 at n_pad = 4 too (8-16 B, triton 3.9); 16 hold 128-166 registers
         x_consts["BT"] = 16 if consts["NP"] == 4 else 32
     elif gpu and consts["NP"] == 8:
-        # n_pad = 8: 32-token tiles (64 columns, 8 warps) held 255 registers and spilled 56-296 B
-        # on sm_90 (bf16 and fp32, triton 3.6 and 3.9); 16-token tiles spill nothing
+        # n_pad = 8: 32-token tiles spilled 56-296 B on sm_90 (bf16, fp32, triton 3.6, 3.9); 16 none
         x_consts["BT"] = 16
     return consts, x_consts, warps
 
@@ -314,12 +311,15 @@ def launch_config(n: int, variant: str, gpu: bool) -> tuple[dict, dict, int]:
 def dh_consts(consts: dict) -> dict:
     """The dh kernel's constexprs from :func:`launch_config`'s first dict: its channel chunk BC
     of every stream (NP * BC = BLOCK_K flat columns, >= 16 for ``tl.dot``) replaces BLOCK_K.
-    At NP = 4 at most 32 columns: with 64 on sm_90 the kernel held 255 registers in fp32 and
-    triton 3.9 spilled 40-72 B at n = 3; 32 hold 128-166, 3-4 CTAs/SM (tests/test_kernel_aot.py)."""
+    At NP = 4 at most 32 columns (64 spilled 40-72 B at n = 3 in fp32 on sm_90, triton 3.9); at
+    NP = 8 its own token tile of at most 16 (grid cdiv(T, BT)): with the forward's 32, triton 3.6
+    spilled 24 B in bf16 at n = 6, 8; 16 hold 107-128 registers, 2 CTAs/SM (tests/test_kernel_aot.py)."""
     np_ = consts["NP"]
     out = {k: v for k, v in consts.items() if k != "BK"}
     bk = min(consts["BK"], 32) if np_ == 4 else consts["BK"]
     out["BC"] = max(bk // np_, 16 // np_)
+    if np_ == 8:
+        out["BT"] = min(consts["BT"], 16)
     return out
 
 
@@ -470,10 +470,11 @@ def dh_pass(g_pre: Optional[Tensor], g_post: Tensor, g_res: Tensor, x: Tensor, p
     ``g_pre`` None and ``pre_grad``); ``want_hp``: also write the recomputed H_pre."""
     T, n, C = x.shape
     consts, x_consts, warps = launch_config(n, variant, on_gpu(x.device))
+    kconsts = dh_consts(consts)
     p32 = as_f32(*params)
     go, gr = (g.reshape(T, *s).contiguous() for g, s in ((g_post, (n,)), (g_res, (n, n))))
     dev = x.device
-    w, bt = consts["W"], consts["BT"]
+    w, bt = kconsts["W"], kconsts["BT"]
     tblocks = triton.cdiv(T, bt)
     dp = torch.empty((T, w), dtype=torch.float32, device=dev)
     s = torch.empty((T,), dtype=torch.float32, device=dev)
@@ -483,7 +484,7 @@ def dh_pass(g_pre: Optional[Tensor], g_post: Tensor, g_res: Tensor, x: Tensor, p
     ghin = s if pre_grad is None else pre_grad.reshape(T, C).contiguous()
     _coeffs_bwd_dh_kernel[(tblocks,)](
         gp, go, gr, ghin, x, *p32, dp, s, part, s if hp is None else hp, T, C, 2 * n + n * n, float(eps), int(iters),
-        **dh_consts(consts), GP=g_pre is not None, GHP=pre_grad is not None, WRITE_HP=want_hp, num_warps=warps,
+        **kconsts, GP=g_pre is not None, GHP=pre_grad is not None, WRITE_HP=want_hp, num_warps=warps,
     )
     return DhPass(dp, s, part, hp, p32, consts, x_consts, warps)
 
