@@ -129,8 +129,9 @@ OPS: dict[str, MHCOp] = {op.name: op for op in (
           cpu=("kernels_cpu.launch.boundary_forward", "kernels_cpu.launch.boundary_backward"),
           site_entry="output",
           saved_outputs=((STREAMS, "x_next"),),
-          # two passes over the saved X' (kernels/boundary_bwd.py): dh (site l+1's coefficients,
-          # its pre-mix's dH_pre), then dX' (never written) and site l's post_res backward; gphi
+          # two passes (kernels/boundary_bwd.py): dh over the saved X' (site l+1's coefficients, its
+          # pre-mix's dH_pre), then dX' (never written) and site l's post_res backward, which at
+          # n >= 4 recomputes X' from the X and h_out tiles it reads instead of reading X'; gphi
           backward_kernels=(_DH, "kernels.boundary_bwd.post_res_pass", _GX)),
 )}
 
