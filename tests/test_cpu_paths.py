@@ -14,6 +14,7 @@ from mhc_compile import MHCConfig, convert, kernels_cpu, ops
 from mhc_compile import reference as R
 from mhc_compile._torch_internals import dispatch_mode_base, plain_dispatch
 from mhc_compile.models import TinyGPT
+from mhc_compile.kernels_cpu import launch
 from mhc_compile.ops import cpu_paths
 
 pytestmark = pytest.mark.skipif(not kernels_cpu.available(), reason=f"CPU kernels not built: {kernels_cpu.build_error()}")
@@ -215,3 +216,62 @@ def test_site_start_hands_its_h_in_to_the_pre_that_follows(monkeypatch, grad):
         z.add_(1.0)  # inference tensors track no version: the hand-over is off for them
         torch.testing.assert_close(ops.pre(z, hp), R.pre_mix(z, hp), rtol=1e-6, atol=1e-6)
         assert len(calls) == 3
+
+
+def _coef_always(h, lead, tail, cd):
+    per = h.shape[h.dim() - tail:]
+    if h.numel() != per.numel():
+        h = h.expand(*lead, *per)
+    return h.reshape(-1, *per).to(cd)
+
+
+# the launchers' layout helpers as they were before the shortcuts: an aten call every time
+_ALWAYS_ATEN = {
+    "_to": lambda t, dtype: t.to(dtype),
+    "_flat3": lambda x: x.reshape(-1, x.shape[-2], x.shape[-1]),
+    "_flat2": lambda t, c: t.reshape(-1, c),
+    "_rows": lambda t, lead, *tail: t.reshape(*lead, *tail),
+    "_shaped": lambda t, shape: t.reshape(shape),
+    "_coef": _coef_always,
+    "_per_token": lambda g, lead, tail, cd: g.to(cd).expand(*lead, *tail).reshape(-1, *tail),
+}
+
+
+@pytest.mark.parametrize("lead,coef_lead", [((), ()), ((5,), (5,)), ((5,), (1,)), ((5,), ()), ((2, 3), (2, 3)),
+                                            ((2, 3), (3,)), ((2, 3), (1, 1))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_layout_shortcuts(monkeypatch, lead, coef_lead, dtype):
+    """The launchers skip reshape / expand / .to where they would not change the data (kernels_cpu/launch.py):
+    every token layout (no token dim, one, two), per-token and broadcast coefficients, float64 streams with
+    float32 coefficients, bit for bit the custom ops' outputs and gradients (the shortcut cannot pick a wrong path)."""
+    n, c = 4, 8
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*lead, n, c, generator=g, dtype=dtype)
+    h_out = torch.randn(*lead, c, generator=g, dtype=dtype)
+    h_pre = torch.rand(*coef_lead, n, generator=g)
+    h_post = torch.rand(*coef_lead, n, generator=g)
+    h_res = torch.rand(*coef_lead, n, n, generator=g)
+    p = _params(n, c, 2, torch.float32)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, h_out, h_pre, h_post, h_res)]
+        xx, hh, hp, ho, hr = leaves
+        pp = [p[k].clone().requires_grad_() for k in ("phi", "alpha", "b_pre", "b_post", "b_res")]
+        outs = (*ops.coeffs(xx, *pp), ops.pre(xx, hp), ops.post_res(xx, hh, ho, hr))
+        if dtype == torch.float32:
+            outs += ops.boundary(xx, hh, ho, hr, *pp)
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum() for o in outs)
+        loss.backward()
+        only_res = torch.autograd.grad(ops.coeffs(xx, *pp)[2].sum(), [xx, *pp])  # h_pre, h_post: no gradient (zeros)
+        with torch.no_grad():
+            nograd = (*ops.coeffs(x, *pp), ops.pre(x, h_pre), ops.post_res(x, h_out, h_post, h_res))
+        return [o.detach() for o in outs] + [t.grad for t in leaves + pp] + list(only_res) + list(nograd)
+
+    fast = run()
+    monkeypatch.setattr(cpu_paths, "_FAST", False)  # the custom ops, and the launchers' helpers always calling aten
+    for name, always in _ALWAYS_ATEN.items():
+        monkeypatch.setattr(launch, name, always)
+    slow = run()
+    assert len(fast) == len(slow)
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), i

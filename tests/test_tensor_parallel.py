@@ -431,6 +431,33 @@ def test_local_streams_with_dtensor_parameters(mesh1, monkeypatch):
     assert mixed.local_streams_sharded(mesh1) is (not sp)
 
 
+def test_block_guard_names_the_parameters(mesh1):
+    """The per-call block guard (parallel/guard.py, a walk without names): all plain passes; a replicated
+    DTensor weight beside a plain mHC parameter raises naming both (also through a shared submodule and
+    a None child); mHC parameters that are DTensors too pass."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from mhc_compile.parallel import MHCParallelError
+    from mhc_compile.parallel.guard import check_block
+    from mhc_compile.placement import MHCSiteParams
+
+    rep = lambda t: torch.nn.Parameter(distribute_tensor(t.detach(), mesh1, [Replicate()]))
+    block = torch.nn.Module()
+    block.attn = torch.nn.Linear(CH, CH)
+    block.attn.mhc = MHCSiteParams()
+    block.attn.mhc.phi = torch.nn.Parameter(torch.zeros(N * CH, 2 * N + N * N))
+    block.attn.mhc.alpha = torch.nn.Parameter(torch.zeros(3))
+    block.inner = torch.nn.Sequential(torch.nn.LayerNorm(CH))
+    block.register_module("absent", None)
+    block.again = block.inner  # a shared submodule is walked once
+    check_block(block)
+    block.inner[0].weight = rep(block.inner[0].weight)
+    with pytest.raises(MHCParallelError, match=r"inner\.0\.weight is a replicated DTensor.*'attn\.mhc\.phi'"):
+        check_block(block)
+    for k in ("phi", "alpha"):
+        setattr(block.attn.mhc, k, rep(getattr(block.attn.mhc, k)))
+    check_block(block)
+
+
 def test_dtensor_stream_with_plain_parameters_raises(mesh1):
     """A DTensor stream meeting plain mHC parameters raises (never a silent partial gradient); a plain
     branch output next to a DTensor stream is taken as its local shard only when the shapes agree."""

@@ -39,7 +39,8 @@ def _fused(n: int) -> bool:
     return FUSED and n <= FUSED_MAX_STREAMS
 
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+"""The x dtypes the kernels take (:func:`supported`)."""
 
 
 def _ops():
@@ -49,20 +50,35 @@ def _ops():
 
 def supported(x: Tensor, *others: Tensor) -> bool:
     """x on CPU in a float dtype, every other tensor on CPU (the kernels' contract)."""
-    return x.device.type == "cpu" and x.dtype in _DTYPES and all(t.device.type == "cpu" for t in others)
+    return x.device.type == "cpu" and x.dtype in DTYPES and all(t.device.type == "cpu" for t in others)
 
 
 # ----------------------------------------------------------------------------- layout helpers
+# Each helper skips the aten call (about 1 us of Python and dispatch each) when it would return its
+# input's data unchanged: a 3-d x needs no reshape, a tensor already in the dtype no .to, a per-token
+# coefficient no expand. Same data, same numbers.
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _flat3(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
+    return x if x.dim() == 3 else x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _rows(t: Tensor, lead: torch.Size, *tail: int) -> Tensor:
+    """A per-token output (T, *tail) as (*lead, *tail)."""
+    return t if len(lead) == 1 else t.reshape(*lead, *tail)
 
 
 def _coef(h: Tensor, lead: torch.Size, tail: int, cd: torch.dtype) -> Tensor:
     """A coefficient as (1 or T, *tail dims) in the compute dtype (a broadcast one keeps one row)."""
-    per = h.shape[h.dim() - tail :]
-    if h.numel() != per.numel():
+    d = h.dim()
+    per = h.shape[d - tail :]
+    if h.numel() != per.numel() and h.shape[: d - tail] != lead:
         h = h.expand(*lead, *per)
-    return h.reshape(-1, *per).to(cd)
+    if h.dim() != tail + 1:
+        h = h.reshape(-1, *per)
+    return _to(h, cd)
 
 
 # ----------------------------------------------------------------------------- coeffs
@@ -78,9 +94,9 @@ def _project(x: Tensor, phi: Tensor, alpha, b_pre, b_post, b_res, proj: Tensor |
     parameters in the compute dtype."""
     n, c = x.shape[-2], x.shape[-1]
     cd = compute_dtype(x.dtype)
-    flat = x.reshape(-1, n * c).to(cd)
-    phi_c = phi.to(cd)
-    small = tuple(t.to(cd) for t in (alpha, b_pre, b_post, b_res))
+    flat = _to(x.reshape(-1, n * c), cd)
+    phi_c = _to(phi, cd)
+    small = (_to(alpha, cd), _to(b_pre, cd), _to(b_post, cd), _to(b_res, cd))
     if proj is None:
         proj = _ops().proj_mm(flat, phi_c) if _fused(n) else torch.mm(flat, phi_c)
     return flat, proj, phi_c, small
@@ -96,7 +112,7 @@ def coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, 
     if keep is not None:
         keep.append(proj)
     hp, ho, hr = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)
-    return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n)
+    return _rows(hp, lead, n), _rows(ho, lead, n), _rows(hr, lead, n, n)
 
 
 def site_start_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
@@ -119,19 +135,31 @@ def site_start_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: flo
 
 def _gate_grads(g_pre, g_post, g_res, lead, n: int, cd):
     """The H_pre, H_post, H_res gradients per token, (T, n), (T, n), (T, n, n) in the compute dtype."""
-    return tuple(g.to(cd).expand(*lead, *tail).reshape(-1, *tail) for g, tail in ((g_pre, (n,)), (g_post, (n,)), (g_res, (n, n))))
+    return tuple(_per_token(g, lead, tail, cd) for g, tail in ((g_pre, (n,)), (g_post, (n,)), (g_res, (n, n))))
+
+
+def _per_token(g: Tensor, lead: torch.Size, tail: tuple, cd: torch.dtype) -> Tensor:
+    """``g`` in the compute dtype, broadcast to (*lead, *tail), as (T, *tail)."""
+    g = _to(g, cd)
+    if g.shape != (*lead, *tail):
+        g = g.expand(*lead, *tail)
+    return g if g.dim() == len(tail) + 1 else g.reshape(-1, *tail)
 
 
 def _param_grads(dh_r, flat, g_alpha, g_bp, g_bo, g_br, phi, alpha, b_pre, b_post, b_res):
     """(phi, alpha, b_pre, b_post, b_res) gradients in the parameters' shapes and dtypes."""
     g_phi = torch.mm(dh_r.t(), flat).t()  # (K, T) @ (T, nC): MKL runs it 2x faster than flat^T @ dh_r
     return (
-        g_phi.contiguous().to(phi.dtype),
-        g_alpha.to(alpha.dtype),
-        g_bp.reshape(b_pre.shape).to(b_pre.dtype),
-        g_bo.reshape(b_post.shape).to(b_post.dtype),
-        g_br.reshape(b_res.shape).to(b_res.dtype),
+        _to(g_phi.contiguous(), phi.dtype),
+        _to(g_alpha, alpha.dtype),
+        _to(_shaped(g_bp, b_pre.shape), b_pre.dtype),
+        _to(_shaped(g_bo, b_post.shape), b_post.dtype),
+        _to(_shaped(g_br, b_res.shape), b_res.dtype),
     )
+
+
+def _shaped(t: Tensor, shape: torch.Size) -> Tensor:
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
@@ -144,7 +172,7 @@ def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, i
     gates = _gate_grads(g_pre, g_post, g_res, x.shape[:-2], n, flat.dtype)
     dh_r, coef, *small_grads = _ops().coeffs_bwd(*gates, flat, proj, *small, eps, n, iters, hc)
     g_flat = torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0)
-    return (g_flat.reshape(x.shape).to(x.dtype),
+    return (_to(g_flat.reshape(x.shape), x.dtype),
             *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))
 
 
@@ -153,41 +181,44 @@ def pre_forward(x: Tensor, h_pre: Tensor) -> Tensor:
     """``mhc::pre``: h_in = sum_i H_pre[i] X[i], (..., C) in x's dtype."""
     lead = x.shape[:-2]
     out = _ops().pre_fwd(_flat3(x), _coef(h_pre, lead, 1, compute_dtype(x.dtype)))
-    return out.reshape(*lead, x.shape[-1])
+    return _rows(out, lead, x.shape[-1])
 
 
 def pre_backward(grad: Tensor, x: Tensor, h_pre: Tensor):
     """``mhc::pre_backward``: gradients (x, h_pre)."""
     lead, c = x.shape[:-2], x.shape[-1]
-    gx, gh = _ops().pre_bwd(grad.reshape(-1, c).to(x.dtype), _flat3(x), _coef(h_pre, lead, 1, compute_dtype(x.dtype)))
-    return gx.reshape(x.shape), _reduce(gh, h_pre, lead)
+    gx, gh = _ops().pre_bwd(_to(_flat2(grad, c), x.dtype), _flat3(x), _coef(h_pre, lead, 1, compute_dtype(x.dtype)))
+    return _shaped(gx, x.shape), _reduce(gh, h_pre, lead)
+
+
+def _flat2(t: Tensor, c: int) -> Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, c)
 
 
 def post_res_forward(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """``mhc::post_res``: X' = H_res X + H_post h_out, (..., n, C) in x's dtype (h_out in x's dtype)."""
     lead, cd = x.shape[:-2], compute_dtype(x.dtype)
     out = _ops().post_res_fwd(
-        _flat3(x), h_out.reshape(-1, x.shape[-1]), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd)
+        _flat3(x), _flat2(h_out, x.shape[-1]), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd)
     )
-    return out.reshape(x.shape)
+    return _shaped(out, x.shape)
 
 
 def post_res_backward(grad: Tensor, x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor):
     """``mhc::post_res_backward``: gradients (x, h_out, h_post, h_res)."""
     lead, c, cd = x.shape[:-2], x.shape[-1], compute_dtype(x.dtype)
     gx, go, gp, gr = _ops().post_res_bwd(
-        _flat3(grad).to(x.dtype), _flat3(x), h_out.reshape(-1, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd)
+        _to(_flat3(grad), x.dtype), _flat3(x), _flat2(h_out, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd)
     )
-    return gx.reshape(x.shape), go.reshape(h_out.shape), _reduce(gp, h_post, lead), _reduce(gr, h_res, lead)
+    return _shaped(gx, x.shape), _shaped(go, h_out.shape), _reduce(gp, h_post, lead), _reduce(gr, h_res, lead)
 
 
 def _reduce(g: Tensor, h: Tensor, lead: torch.Size) -> Tensor:
     """Per-token gradient (T, *per) -> h's shape (summing over broadcast token dims) and dtype."""
-    per = g.shape[1:]
-    g = g.reshape(*lead, *per)
+    g = _rows(g, lead, *g.shape[1:])
     if g.shape != h.shape:
         g = g.sum_to_size(h.shape)
-    return g.to(h.dtype)
+    return _to(g, h.dtype)
 
 
 # ----------------------------------------------------------------------------- boundary
@@ -205,12 +236,11 @@ def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, 
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     cd = compute_dtype(x.dtype)
     xn, hp, ho, hr, h_in, proj = _ops().boundary_fwd(
-        _flat3(x), h_out.reshape(-1, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd), phi.to(cd),
-        *(t.to(cd) for t in (alpha, b_pre, b_post, b_res)), eps, iters, hc)
+        _flat3(x), _flat2(h_out, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd), _to(phi, cd),
+        _to(alpha, cd), _to(b_pre, cd), _to(b_post, cd), _to(b_res, cd), eps, iters, hc)
     if keep is not None:
         keep.append(proj)
-    return (xn.reshape(x.shape), hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n),
-            h_in.reshape(*lead, c))
+    return (_shaped(xn, x.shape), _rows(hp, lead, n), _rows(ho, lead, n), _rows(hr, lead, n, n), _rows(h_in, lead, c))
 
 
 def boundary_backward(
@@ -226,10 +256,10 @@ def boundary_backward(
     xn = post_res_forward(x, h_out, h_post, h_res)
     flat, proj, phi_c, small = _project(xn, phi, alpha, b_pre, b_post, b_res, proj)
     hp = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)[0]
-    g_hin = g_hin.reshape(-1, c).to(x.dtype)
+    g_hin = _to(_flat2(g_hin, c), x.dtype)
     gp, go, gr = _gate_grads(g_hp, g_ho, g_hr, lead, n, flat.dtype)
     gp = gp + _ops().pre_grad_h(g_hin, _flat3(xn))
     dh_r, coef, *small_grads = _ops().coeffs_bwd(gp, go, gr, flat, proj, *small, eps, n, iters, hc)
-    gxn = _ops().boundary_gx(torch.mm(dh_r, phi_c.t()), _flat3(xn), coef, _flat3(g_xn).to(x.dtype), g_hin, hp)
-    return (*post_res_backward(gxn.reshape(x.shape), x, h_out, h_post, h_res),
+    gxn = _ops().boundary_gx(torch.mm(dh_r, phi_c.t()), _flat3(xn), coef, _to(_flat3(g_xn), x.dtype), g_hin, hp)
+    return (*post_res_backward(_shaped(gxn, x.shape), x, h_out, h_post, h_res),
             *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))

@@ -58,6 +58,8 @@ def coeffs(
     iters: int = 20, eps: float = 1e-6, variant: str = "mhc", dynamic: bool = True, kernels: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """H_pre, H_post, H_res for streams ``x``; dynamic ones through ``mhc::coeffs``."""
+    if dynamic and (cpu := _cpu_paths.eager_cpu(kernels, x, phi, alpha, b_pre, b_post, b_res)):  # plain: no align
+        return _cpu_paths.coeffs_eager(cpu, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     (x,), (phi, alpha, b_pre, b_post, b_res) = _align((x,), (phi, alpha, b_pre, b_post, b_res))
     if not dynamic:
         outs = reference.coeffs(x, None, None, b_pre, b_post, b_res, iters=iters, eps=eps, variant=variant, dynamic=False)
@@ -71,21 +73,21 @@ def coeffs(
 
 def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
     """h_in = sum_i H_pre[i] X[i]."""
+    if (cpu := _cpu_paths.eager_cpu(kernels, x, h_pre)):  # eager only, plain tensors: no align, no inlining
+        return _cpu_paths.pre_eager(cpu, x, h_pre)
     (x, h_pre), _ = _align((x, h_pre), ())
     if _cpu_paths.compiling_on_cpu(kernels, x, h_pre):
         return _cpu_paths.pre_inline(x, h_pre)
-    if (cpu := _cpu_paths.eager_cpu(kernels, x, h_pre)):
-        return _cpu_paths.pre_eager(cpu, x, h_pre)
     return torch.ops.mhc.pre(x, h_pre, kernels)
 
 
 def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: str = "auto") -> Tensor:
     """X' = H_res X + H_post h_out."""
+    if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res)):
+        return _cpu_paths.post_res_eager(cpu, x, h_out, h_post, h_res)
     (x, h_out, h_post, h_res), _ = _align((x, h_out, h_post, h_res), ())
     if _cpu_paths.compiling_on_cpu(kernels, x, h_out, h_post, h_res):
         return _cpu_paths.post_res_inline(x, h_out, h_post, h_res)
-    if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res)):
-        return _cpu_paths.post_res_eager(cpu, x, h_out, h_post, h_res)
     return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
 
 
@@ -101,13 +103,14 @@ def boundary(
     site l+1's coefficients, and site l+1's branch input. The fused Triton version reads
     ``x`` and ``h_out`` once.
     """
+    if dynamic and h_out.dtype == x.dtype and (
+            cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
+        return _cpu_paths.boundary_eager(cpu, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res) = _align(
         (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res))
     if dynamic and not _cpu_paths.compiling_on_cpu(kernels, x, h_out, h_post, h_res):
         if phi is None or alpha is None:
             raise ValueError("dynamic coefficients need phi and alpha")
-        if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
-            return _cpu_paths.boundary_eager(cpu, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
         return torch.ops.mhc.boundary(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
     # static site l+1 (its coefficients do not depend on x), or compiled on CPU (cpu_paths): the
     # three ops compose directly

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .. import _torch_internals as _ti
 from .. import reference
+from ..kernels_cpu import available, launch as _launch
 from ..parallel.mixed import any_dtensor
-from .dispatch import _cpu
 from .recording import _RECORDERS
 
 _INLINE = os.environ.get("MHC_CPU_INLINE", "1") != "0"
@@ -57,21 +57,34 @@ def post_res_inline(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor) -> 
 
 
 # ============================================================================ eager fast path
-def eager_cpu(kernels: str, *tensors: Tensor):
-    """``kernels_cpu.launch`` when an eager call may skip the ``mhc::`` custom op (module docstring), else None."""
+def eager_cpu(kernels: str, x: Tensor, *others: Tensor):
+    """``kernels_cpu.launch`` when an eager call may skip the ``mhc::`` custom op (module docstring), else None.
+
+    Plain tensors only (so the caller may run it before ``parallel.mixed.align``, a no-op for them), the
+    conditions of ``dispatch._cpu`` (x in a float dtype, everything on CPU, the extension built)
+    checked inline: this runs three times per site and call, every check on every call."""
     if not _FAST or kernels != "auto" or _RECORDERS or torch.compiler.is_compiling():
         return None
-    if any(type(t) not in _PLAIN for t in tensors) or not _ti.plain_dispatch():
+    if type(x) not in _PLAIN or not x.is_cpu or x.dtype not in _launch.DTYPES:
         return None
-    return _cpu(kernels, *tensors)
+    for t in others:
+        if type(t) not in _PLAIN or not t.is_cpu:
+            return None
+    return _launch if _ti.plain_dispatch() and available() else None
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False
 
 
-def _zeros_for(x: Tensor, g, tail: tuple, dtype) -> Tensor:
-    return x.new_zeros((*x.shape[:-2], *tail), dtype=dtype) if g is None else g
+def _zeros_for(x: Tensor, g, tail: tuple) -> Tensor:
+    """``g``, or zeros for an output that got no gradient (per token, in the compute dtype)."""
+    return x.new_zeros((*x.shape[:-2], *tail), dtype=_launch.compute_dtype(x.dtype)) if g is None else g
 
 
 # ---------------------------------------------------------------------------- a site's start in one pass
@@ -119,9 +132,9 @@ class _Coeffs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_pre, g_post, g_res):
         x, *params, proj = ctx.saved_tensors
-        n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
-        g_pre, g_post = _zeros_for(x, g_pre, (n,), cd), _zeros_for(x, g_post, (n,), cd)
-        g_res = _zeros_for(x, g_res, (n, n), cd)
+        if g_pre is None or g_post is None or g_res is None:
+            n = x.shape[-2]
+            g_pre, g_post, g_res = _zeros_for(x, g_pre, (n,)), _zeros_for(x, g_post, (n,)), _zeros_for(x, g_res, (n, n))
         grads = ctx.launch.coeffs_backward(g_pre, g_post, g_res, x, *params, *ctx.args, proj=proj)
         return (None, *grads, None, None, None)
 
@@ -168,10 +181,10 @@ class _Boundary(torch.autograd.Function):
     def backward(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
         *saved, proj = ctx.saved_tensors
         x, h_out = saved[0], saved[1]
-        n, cd = x.shape[-2], reference.compute_dtype(x.dtype)
         g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
-        g_pre, g_post = _zeros_for(x, g_pre, (n,), cd), _zeros_for(x, g_post, (n,), cd)
-        g_res = _zeros_for(x, g_res, (n, n), cd)
+        if g_pre is None or g_post is None or g_res is None:
+            n = x.shape[-2]
+            g_pre, g_post, g_res = _zeros_for(x, g_pre, (n,)), _zeros_for(x, g_post, (n,)), _zeros_for(x, g_res, (n, n))
         g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
         grads = ctx.launch.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, proj=proj)
         return (None, *grads, None, None, None)

@@ -13,6 +13,7 @@ in the op itself (``parallel/mixed.py``).
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..placement import MHCSiteParams
@@ -21,9 +22,37 @@ from .mixed import HELPER, DTensor, MHCParallelError, Replicate
 
 def check_block(block: nn.Module) -> None:
     """Raise when ``block`` is tensor parallel (a replicated DTensor weight outside its mHC
-    containers) while one of its mHC parameters is a plain tensor (module docstring)."""
+    containers) while one of its mHC parameters is a plain tensor (module docstring).
+
+    It runs on every call of the block, so in eager mode it first walks the modules without names (a
+    few us for a transformer layer; ``named_modules`` builds a name per module) and names the offending
+    parameters only when it raises. Under ``torch.compile`` Dynamo traces ``named_modules`` (the walk's
+    ``id`` set would guard every block on its own object: one recompile per block)."""
     if DTensor is None:
         return
+    if torch.compiler.is_compiling():
+        _check_named(block)
+        return
+    plain = tp = False
+    stack, seen = [block], set()
+    while stack:
+        mod = stack.pop()
+        if mod is None or id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        stack += mod._modules.values()
+        site = isinstance(mod, MHCSiteParams)
+        for p in mod._parameters.values():
+            if site:
+                plain = plain or (p is not None and not isinstance(p, DTensor))
+            elif isinstance(p, DTensor) and all(isinstance(pl, Replicate) for pl in p.placements):
+                tp = True
+    if plain and tp:
+        _check_named(block)
+
+
+def _check_named(block: nn.Module) -> None:
+    """The check with names: raise naming the first plain mHC parameter and the first replicated weight."""
     plain, tp = None, None
     for mname, mod in block.named_modules():
         for name, p in mod._parameters.items():
