@@ -33,3 +33,18 @@ def test_site_table_times_every_call():
     rows = _bench().main(["--site", "--reps", "1"])
     assert len(rows) == 36 and {r["shape"] for r in rows} == {"minilm T=360 C=384", "gpt T=512 C=256"}
     assert all(r["us"] > 0 for r in rows)
+
+
+def test_glue_script_times_every_call():
+    """benchmarks/bench_cpu_glue.py (Python glue per call of the CPU eager path) runs and times each row."""
+    from mhc_compile import kernels_cpu
+
+    if not kernels_cpu.available():
+        import pytest
+
+        pytest.skip("CPU kernels not built")
+    spec = importlib.util.spec_from_file_location("bench_cpu_glue", SCRIPT.with_name("bench_cpu_glue.py"))
+    glue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(glue)
+    rows = glue.main(["--reps", "8"])
+    assert len(rows) == 10 and all(us > 0 for _, us in rows)
