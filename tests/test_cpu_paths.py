@@ -210,12 +210,16 @@ def test_site_start_hands_its_h_in_to_the_pre_that_follows(monkeypatch, grad):
         other = hp.flip(-1).contiguous()
         torch.testing.assert_close(ops.pre(x, other), R.pre_mix(x, other), rtol=1e-6, atol=1e-6)
         assert len(calls) == 2
+        hp, _, _ = ops.coeffs(x, *args)
+        hp.mul_(0.5)  # the coeffs output itself, modified in place (its version moved): pre anew
+        torch.testing.assert_close(ops.pre(x, hp), R.pre_mix(x, hp), rtol=1e-6, atol=1e-6)
+        assert len(calls) == 3
     with torch.inference_mode():
         z = x.clone()
         hp, _, _ = ops.coeffs(z, *args)
         z.add_(1.0)  # inference tensors track no version: the hand-over is off for them
         torch.testing.assert_close(ops.pre(z, hp), R.pre_mix(z, hp), rtol=1e-6, atol=1e-6)
-        assert len(calls) == 3
+        assert len(calls) == 4
 
 
 def _coef_always(h, lead, tail, cd):

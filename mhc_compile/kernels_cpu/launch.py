@@ -126,11 +126,11 @@ def site_start_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: flo
         return None
     hc = _check_variant(variant)
     cd = compute_dtype(x.dtype)
-    hp, ho, hr, h_in, proj = _ops().site_start_fwd(_flat3(x), phi.to(cd), *(t.to(cd) for t in (alpha, b_pre, b_post, b_res)),
-                                                  eps, iters, hc)
+    hp, ho, hr, h_in, proj = _ops().site_start_fwd(_flat3(x), _to(phi, cd), _to(alpha, cd), _to(b_pre, cd), _to(b_post, cd),
+                                                  _to(b_res, cd), eps, iters, hc)
     if keep is not None:
         keep.append(proj)
-    return hp.reshape(*lead, n), ho.reshape(*lead, n), hr.reshape(*lead, n, n), h_in.reshape(*lead, c)
+    return _rows(hp, lead, n), _rows(ho, lead, n), _rows(hr, lead, n, n), _rows(h_in, lead, c)
 
 
 def _gate_grads(g_pre, g_post, g_res, lead, n: int, cd):

@@ -102,7 +102,7 @@ def _coeffs_and_start(launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, v
         return launch.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
     *outs, h_in = start
     # inference tensors (torch.inference_mode) track no version: their pre computes h_in anew
-    _START.slot = None if x.is_inference() else (weakref.ref(x), x._version, outs[0], h_in)
+    _START.slot = None if x.is_inference() else (weakref.ref(x), x._version, outs[0], outs[0]._version, h_in)
     return tuple(outs)
 
 
@@ -112,8 +112,13 @@ def _started_h_in(x: Tensor, h_pre: Tensor) -> Tensor | None:
     if slot is None:
         return None
     _START.slot = None
-    ref, version, hp, h_in = slot
-    if ref() is x and not x.is_inference() and x._version == version and h_pre.shape == hp.shape and h_pre.dtype == hp.dtype and torch.equal(h_pre, hp):
+    ref, version, hp, hp_version, h_in = slot
+    # X and the slot's H_pre unmodified since coeffs (the slot holds that very tensor: an in-place change
+    # of it would make it equal to itself with new values), then H_pre that tensor (what the generated
+    # code passes on: no aten call) or equal to it
+    if ref() is not x or x.is_inference() or x._version != version or hp._version != hp_version:
+        return None
+    if h_pre is hp or (h_pre.shape == hp.shape and h_pre.dtype == hp.dtype and torch.equal(h_pre, hp)):
         return h_in
     return None
 
