@@ -279,3 +279,23 @@ def test_fast_path_layout_shortcuts(monkeypatch, lead, coef_lead, dtype):
     assert len(fast) == len(slow)
     for i, (a, b) in enumerate(zip(fast, slow)):
         assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), i
+
+
+def test_boundary_backward_reuses_the_forwards_x_next_and_h_pre():
+    """The fast path's boundary saves x_next and H_pre of site l+1: its backward runs no post_res or
+    coeffs forward kernel (it recomputed both before), and its gradients stay the custom op's bits
+    (test_eager_fast_path_equals_the_custom_ops)."""
+    n, c = 4, 24
+    g = torch.Generator().manual_seed(9)
+    p = _params(n, c, 4, torch.float32)
+    x = torch.randn(7, n, c, generator=g).requires_grad_()
+    h_out = torch.randn(7, c, generator=g).requires_grad_()
+    ho, hr = torch.rand(7, n, generator=g), torch.softmax(torch.randn(7, n, n, generator=g), -1)
+    outs = ops.boundary(x, h_out, ho, hr, p["phi"], p["alpha"], p["b_pre"], p["b_post"], p["b_res"])
+    assert type(outs[0].grad_fn).__name__ == "_BoundaryBackward"
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    names = [e.name for e in prof.events()]
+    assert "mhc_cpu::coeffs_bwd" in names and "mhc_cpu::post_res_bwd" in names
+    assert "mhc_cpu::post_res_fwd" not in names and "mhc_cpu::coeffs_fwd" not in names

@@ -245,17 +245,21 @@ def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, 
 
 def boundary_backward(
     g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
-    proj: Tensor | None = None,
+    proj: Tensor | None = None, x_next: Tensor | None = None, h_pre_next: Tensor | None = None,
 ):
     """``mhc::boundary_backward``: gradients (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res),
-    the chain of :func:`mhc_compile.reference.boundary_backward` (x_next and H_pre recomputed) with one
-    projection GEMM shared by H_pre and the coeffs backward, and the three x_next gradients (the
-    next streams', pre's, coeffs') summed in one pass (``boundary_gx``)."""
+    the chain of :func:`mhc_compile.reference.boundary_backward` (x_next and H_pre recomputed unless the
+    forward's are given: ``x_next``, ``h_pre_next``, the same bits) with one projection GEMM shared by
+    H_pre and the coeffs backward, and the three x_next gradients (the next streams', pre's, coeffs')
+    summed in one pass (``boundary_gx``)."""
     hc = _check_variant(variant)
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-    xn = post_res_forward(x, h_out, h_post, h_res)
+    xn = post_res_forward(x, h_out, h_post, h_res) if x_next is None else x_next
     flat, proj, phi_c, small = _project(xn, phi, alpha, b_pre, b_post, b_res, proj)
-    hp = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)[0]
+    if h_pre_next is None:
+        hp = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)[0]
+    else:
+        hp = h_pre_next.reshape(-1, n)
     g_hin = _to(_flat2(g_hin, c), x.dtype)
     gp, go, gr = _gate_grads(g_hp, g_ho, g_hr, lead, n, flat.dtype)
     gp = gp + _ops().pre_grad_h(g_hin, _flat3(xn))

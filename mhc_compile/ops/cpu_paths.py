@@ -176,7 +176,9 @@ class _Boundary(torch.autograd.Function):
     def forward(ctx, launch, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
         keep = []
         outs = launch.boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
-        ctx.save_for_backward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *keep)
+        # x_next and H_pre of site l+1 saved too (outputs: x_next stays alive as the next op's input),
+        # so the backward does not recompute them (autograd's version check guards in-place changes)
+        ctx.save_for_backward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *keep, outs[0], outs[1])
         ctx.args, ctx.launch = (iters, eps, variant), launch
         ctx.set_materialize_grads(False)
         return outs
@@ -184,14 +186,15 @@ class _Boundary(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
-        *saved, proj = ctx.saved_tensors
+        *saved, proj, x_next, h_pre_next = ctx.saved_tensors
         x, h_out = saved[0], saved[1]
         g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
         if g_pre is None or g_post is None or g_res is None:
             n = x.shape[-2]
             g_pre, g_post, g_res = _zeros_for(x, g_pre, (n,)), _zeros_for(x, g_post, (n,)), _zeros_for(x, g_res, (n, n))
         g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
-        grads = ctx.launch.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, proj=proj)
+        grads = ctx.launch.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, proj=proj,
+                                             x_next=x_next, h_pre_next=h_pre_next)
         return (None, *grads, None, None, None)
 
 
