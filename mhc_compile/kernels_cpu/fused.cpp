@@ -154,7 +154,7 @@ std::vector<at::Tensor> streams_fwd(bool mix, const at::Tensor& x_, const at::Te
               post_res_token(xp + t * NC, hop + t * C, hrep + t * sr, hpop + t * so, xnp + t * NC, n, C,
                              &xa[(t - t0) * NC], ha.data(), buf.data());
           }
-          const acc* fb;  // vec(x_next) rows of the block in the compute type
+          const acc* fb;  // vec(x_next) (or vec(x) at a site's start) rows of the block in the compute type
           if constexpr (kF32) {
             fb = src + t0 * NC;
           } else {

@@ -61,6 +61,11 @@ def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _site_params(cd: torch.dtype, phi, alpha, b_pre, b_post, b_res) -> tuple:
+    """phi and the small parameters (alpha, b_pre, b_post, b_res) in the compute dtype, in that order."""
+    return _to(phi, cd), _to(alpha, cd), _to(b_pre, cd), _to(b_post, cd), _to(b_res, cd)
+
+
 def _flat3(x: Tensor) -> Tensor:
     return x if x.dim() == 3 else x.reshape(-1, x.shape[-2], x.shape[-1])
 
@@ -95,8 +100,7 @@ def _project(x: Tensor, phi: Tensor, alpha, b_pre, b_post, b_res, proj: Tensor |
     n, c = x.shape[-2], x.shape[-1]
     cd = compute_dtype(x.dtype)
     flat = _to(x.reshape(-1, n * c), cd)
-    phi_c = _to(phi, cd)
-    small = (_to(alpha, cd), _to(b_pre, cd), _to(b_post, cd), _to(b_res, cd))
+    phi_c, *small = _site_params(cd, phi, alpha, b_pre, b_post, b_res)
     if proj is None:
         proj = _ops().proj_mm(flat, phi_c) if _fused(n) else torch.mm(flat, phi_c)
     return flat, proj, phi_c, small
@@ -126,8 +130,8 @@ def site_start_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: flo
         return None
     hc = _check_variant(variant)
     cd = compute_dtype(x.dtype)
-    hp, ho, hr, h_in, proj = _ops().site_start_fwd(_flat3(x), _to(phi, cd), _to(alpha, cd), _to(b_pre, cd), _to(b_post, cd),
-                                                  _to(b_res, cd), eps, iters, hc)
+    hp, ho, hr, h_in, proj = _ops().site_start_fwd(_flat3(x), *_site_params(cd, phi, alpha, b_pre, b_post, b_res),
+                                                  eps, iters, hc)
     if keep is not None:
         keep.append(proj)
     return _rows(hp, lead, n), _rows(ho, lead, n), _rows(hr, lead, n, n), _rows(h_in, lead, c)
@@ -236,8 +240,8 @@ def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, 
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     cd = compute_dtype(x.dtype)
     xn, hp, ho, hr, h_in, proj = _ops().boundary_fwd(
-        _flat3(x), _flat2(h_out, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd), _to(phi, cd),
-        _to(alpha, cd), _to(b_pre, cd), _to(b_post, cd), _to(b_res, cd), eps, iters, hc)
+        _flat3(x), _flat2(h_out, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd),
+        *_site_params(cd, phi, alpha, b_pre, b_post, b_res), eps, iters, hc)
     if keep is not None:
         keep.append(proj)
     return (_shaped(xn, x.shape), _rows(hp, lead, n), _rows(ho, lead, n), _rows(hr, lead, n, n), _rows(h_in, lead, c))
@@ -259,7 +263,7 @@ def boundary_backward(
     if h_pre_next is None:
         hp = _ops().coeffs_fwd(flat, proj, *small, eps, n, iters, hc)[0]
     else:
-        hp = h_pre_next.reshape(-1, n)
+        hp = _flat2(h_pre_next, n)
     g_hin = _to(_flat2(g_hin, c), x.dtype)
     gp, go, gr = _gate_grads(g_hp, g_ho, g_hr, lead, n, flat.dtype)
     gp = gp + _ops().pre_grad_h(g_hin, _flat3(xn))

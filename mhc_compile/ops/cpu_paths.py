@@ -87,6 +87,14 @@ def _zeros_for(x: Tensor, g, tail: tuple) -> Tensor:
     return x.new_zeros((*x.shape[:-2], *tail), dtype=_launch.compute_dtype(x.dtype)) if g is None else g
 
 
+def _grads_or_zeros(x: Tensor, g_pre, g_post, g_res) -> tuple:
+    """The H_pre, H_post, H_res gradients a backward got, zeros for those it did not."""
+    if g_pre is None or g_post is None or g_res is None:
+        n = x.shape[-2]
+        g_pre, g_post, g_res = _zeros_for(x, g_pre, (n,)), _zeros_for(x, g_post, (n,)), _zeros_for(x, g_res, (n, n))
+    return g_pre, g_post, g_res
+
+
 # ---------------------------------------------------------------------------- a site's start in one pass
 # A site's coeffs and its pre read the same streams X. The eager coeffs computes h_in with the gates in
 # the same pass (launch.site_start_forward) and leaves it here, per thread; the pre that follows takes
@@ -123,6 +131,12 @@ def _started_h_in(x: Tensor, h_pre: Tensor) -> Tensor | None:
     return None
 
 
+def _pre_forward(launch, x: Tensor, h_pre: Tensor) -> Tensor:
+    """pre's h_in: the one its site's coeffs handed over (above), else the kernel's."""
+    h_in = _started_h_in(x, h_pre)
+    return launch.pre_forward(x, h_pre) if h_in is None else h_in
+
+
 class _Coeffs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
@@ -137,9 +151,7 @@ class _Coeffs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_pre, g_post, g_res):
         x, *params, proj = ctx.saved_tensors
-        if g_pre is None or g_post is None or g_res is None:
-            n = x.shape[-2]
-            g_pre, g_post, g_res = _zeros_for(x, g_pre, (n,)), _zeros_for(x, g_post, (n,)), _zeros_for(x, g_res, (n, n))
+        g_pre, g_post, g_res = _grads_or_zeros(x, g_pre, g_post, g_res)
         grads = ctx.launch.coeffs_backward(g_pre, g_post, g_res, x, *params, *ctx.args, proj=proj)
         return (None, *grads, None, None, None)
 
@@ -149,8 +161,7 @@ class _Pre(torch.autograd.Function):
     def forward(ctx, launch, x, h_pre):
         ctx.save_for_backward(x, h_pre)
         ctx.launch = launch
-        h_in = _started_h_in(x, h_pre)
-        return launch.pre_forward(x, h_pre) if h_in is None else h_in
+        return _pre_forward(launch, x, h_pre)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -189,9 +200,7 @@ class _Boundary(torch.autograd.Function):
         *saved, proj, x_next, h_pre_next = ctx.saved_tensors
         x, h_out = saved[0], saved[1]
         g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
-        if g_pre is None or g_post is None or g_res is None:
-            n = x.shape[-2]
-            g_pre, g_post, g_res = _zeros_for(x, g_pre, (n,)), _zeros_for(x, g_post, (n,)), _zeros_for(x, g_res, (n, n))
+        g_pre, g_post, g_res = _grads_or_zeros(x, g_pre, g_post, g_res)
         g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
         grads = ctx.launch.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, proj=proj,
                                              x_next=x_next, h_pre_next=h_pre_next)
@@ -205,10 +214,7 @@ def coeffs_eager(launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, varian
 
 
 def pre_eager(launch, x, h_pre):
-    if _needs_grad(x, h_pre):
-        return _Pre.apply(launch, x, h_pre)
-    h_in = _started_h_in(x, h_pre)
-    return launch.pre_forward(x, h_pre) if h_in is None else h_in
+    return _Pre.apply(launch, x, h_pre) if _needs_grad(x, h_pre) else _pre_forward(launch, x, h_pre)
 
 
 def post_res_eager(launch, x, h_out, h_post, h_res):
