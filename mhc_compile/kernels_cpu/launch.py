@@ -5,7 +5,7 @@ Every function takes and returns the shapes of the ``mhc::`` op it implements (s
 math of :mod:`mhc_compile.reference` (its hand-written backward formulas, the same recomputation
 from the op inputs). :func:`supported` says which calls they take; ``mhc_compile.ops`` runs the reference
 for the rest. Per site (coeffs + pre + post_res) the forward makes 4 calls that do work and the
-backward 8, whatever n and the Sinkhorn iteration count (``tests/test_kernels_cpu.py`` counts them).
+backward 7, whatever n and the Sinkhorn iteration count (``tests/test_kernels_cpu.py`` counts them).
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 FUSED = os.environ.get("MHC_CPU_FUSED", "1") != "0"
-"""Whether the projection runs ``proj_mm`` and the boundary forward ``boundary_fwd`` (both ``fused.cpp``).
-False (``MHC_CPU_FUSED=0``): aten's mm and the boundary as post_res, coeffs and pre in turn, the path
-before them, which ``benchmarks/bench_cpu.py``'s ``mhc_unfused`` variant measures against."""
+"""Whether the projection runs ``proj_mm`` and the boundary forward ``boundary_fwd`` (both ``fused.cpp``),
+and the backward's X gradient ``coeffs_gx`` (``grad_mm.cpp``: the dh_r . phi^T GEMM with its epilogue,
+any n). False (``MHC_CPU_FUSED=0``): aten's mm, the boundary forward as post_res, coeffs and pre in
+turn, and the X gradient as aten's mm plus a separate epilogue pass: the path before them, which
+``benchmarks/bench_cpu.py``'s ``mhc_unfused`` variant measures against."""
 
 FUSED_MAX_STREAMS = 4
 """``proj_mm`` keeps one register tile of outputs per token block up to 2n+n^2 = 24 columns (n <= 4); at
@@ -175,9 +177,11 @@ def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, i
     flat, proj, phi_c, small = _project(x, phi, alpha, b_pre, b_post, b_res, proj)
     gates = _gate_grads(g_pre, g_post, g_res, x.shape[:-2], n, flat.dtype)
     dh_r, coef, *small_grads = _ops().coeffs_bwd(*gates, flat, proj, *small, eps, n, iters, hc)
-    g_flat = torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0)
-    return (_to(g_flat.reshape(x.shape), x.dtype),
-            *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))
+    if FUSED:
+        g_x = _shaped(_ops().coeffs_gx(dh_r, phi_c, _flat3(x), coef), x.shape)
+    else:
+        g_x = _to(torch.mm(dh_r, phi_c.t()).addcmul_(flat, coef, value=-1.0).reshape(x.shape), x.dtype)
+    return (g_x, *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))
 
 
 # ----------------------------------------------------------------------------- pre / post_res
@@ -255,7 +259,7 @@ def boundary_backward(
     the chain of :func:`mhc_compile.reference.boundary_backward` (x_next and H_pre recomputed unless the
     forward's are given: ``x_next``, ``h_pre_next``, the same bits) with one projection GEMM shared by
     H_pre and the coeffs backward, and the three x_next gradients (the next streams', pre's, coeffs')
-    summed in one pass (``boundary_gx``)."""
+    summed in the epilogue of the X-gradient GEMM (``coeffs_gx``; ``boundary_gx`` after aten's mm unfused)."""
     hc = _check_variant(variant)
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     xn = post_res_forward(x, h_out, h_post, h_res) if x_next is None else x_next
@@ -268,6 +272,10 @@ def boundary_backward(
     gp, go, gr = _gate_grads(g_hp, g_ho, g_hr, lead, n, flat.dtype)
     gp = gp + _ops().pre_grad_h(g_hin, _flat3(xn))
     dh_r, coef, *small_grads = _ops().coeffs_bwd(gp, go, gr, flat, proj, *small, eps, n, iters, hc)
-    gxn = _ops().boundary_gx(torch.mm(dh_r, phi_c.t()), _flat3(xn), coef, _to(_flat3(g_xn), x.dtype), g_hin, hp)
+    g_xn = _to(_flat3(g_xn), x.dtype)
+    if FUSED:
+        gxn = _ops().coeffs_gx(dh_r, phi_c, _flat3(xn), coef, g_xn, g_hin, hp)
+    else:
+        gxn = _ops().boundary_gx(torch.mm(dh_r, phi_c.t()), _flat3(xn), coef, g_xn, g_hin, hp)
     return (*post_res_backward(_shaped(gxn, x.shape), x, h_out, h_post, h_res),
             *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))
