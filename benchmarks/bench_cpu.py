@@ -14,6 +14,9 @@ Variants (each converted with ``MHCConfig(streams=4)``):
                 before ``fused.cpp``, for its before/after in the same rounds;
   mhc_nocache   the ``mhc`` model with the CPU kernels' output cache off (``kernels_cpu.pool.h``:
                 every stream-sized output a fresh allocation, as before the cache);
+  mhc_mmgx      the ``mhc`` model with the backward's X gradient as aten's mm plus a separate
+                epilogue pass (``launch.FUSED`` off inside the coeffs / boundary backward only), the
+                path before ``coeffs_gx`` (``grad_mm.cpp``), for its before/after in the same rounds;
   mhc_ref       converted, ``kernels="reference"`` (the plain-torch reference: the "before").
 
 Modes: ``eval`` (no_grad forward in eval mode) and ``train`` (forward, backward of a mean-square
@@ -53,7 +56,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_ref")
+VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_mmgx", "mhc_ref")
 
 
 # ----------------------------------------------------------------------------- models
@@ -104,7 +107,8 @@ def make_variants(model, args, kwargs, names=VARIANTS):
     from mhc_compile import MHCConfig, convert
 
     out = {"original": model}
-    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_ref", "reference")):
+    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_mmgx", "auto"),
+                          ("mhc_ref", "reference")):
         if name not in names:
             continue
         conv = convert(model, MHCConfig(streams=4, kernels=kernels), args, example_kwargs=kwargs)
@@ -143,6 +147,33 @@ def nocache(step):
             kernels_cpu.set_output_cache_limit(old)
 
     return run_nocache
+
+
+def mm_gx(step):
+    """``step`` with the coeffs / boundary backward's X gradient as aten's mm plus an epilogue pass (the
+    ``mhc_mmgx`` variant): ``launch.FUSED`` off inside those two launchers only, where it selects that
+    and nothing else (the eager fast path hands them the forward's projection)."""
+    from mhc_compile.kernels_cpu import launch
+
+    def unfused_in(fn):
+        def run(*a, **k):
+            launch.FUSED = False
+            try:
+                return fn(*a, **k)
+            finally:
+                launch.FUSED = True
+
+        return run
+
+    def run_mm_gx():
+        saved = launch.coeffs_backward, launch.boundary_backward
+        launch.coeffs_backward, launch.boundary_backward = (unfused_in(f) for f in saved)
+        try:
+            step()
+        finally:
+            launch.coeffs_backward, launch.boundary_backward = saved
+
+    return run_mm_gx
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
@@ -298,6 +329,8 @@ def run(args) -> list[dict]:
                     steps["mhc_unfused"] = unfused(steps["mhc_unfused"])
                 if "mhc_nocache" in steps:
                     steps["mhc_nocache"] = nocache(steps["mhc_nocache"])
+                if "mhc_mmgx" in steps:
+                    steps["mhc_mmgx"] = mm_gx(steps["mhc_mmgx"])
                 for threads in [int(t) for t in args.threads.split(",")]:
                     torch.set_num_threads(threads)
                     med = measure(steps, args.reps, args.warmup)
@@ -325,7 +358,8 @@ def run(args) -> list[dict]:
 
 def site_table(reps: int) -> list[dict]:
     """One site's ops alone at the two models' site shapes (n = 4, fp32, 1 thread, warm caches): each
-    ``mhc_cpu`` kernel, the phi GEMM, and each public op (``mhc_compile.ops``, eager fast path where
+    ``mhc_cpu`` kernel, the phi GEMMs (the backward's X-gradient one with its epilogue: ``coeffs_gx``
+    against aten's mm plus the epilogue pass it replaces), and each public op (``mhc_compile.ops``, eager fast path where
     it applies) forward without grad; CPU time per call in us, min over ``reps`` blocks of 100 calls."""
     from mhc_compile import ops
     from mhc_compile.kernels_cpu import available
@@ -341,7 +375,7 @@ def site_table(reps: int) -> list[dict]:
         hp, ho, hr = torch.rand(t, n, generator=g), torch.rand(t, n, generator=g), torch.rand(t, n, n, generator=g)
         phi = 0.01 * torch.randn(n * c, 2 * n + n * n, generator=g)
         small = (torch.ones(3), torch.zeros(n), torch.zeros(n), torch.zeros(n, n))
-        flat, proj = x.reshape(t, -1), x.reshape(t, -1) @ phi
+        flat, proj, coef = x.reshape(t, -1), x.reshape(t, -1) @ phi, torch.rand(t, 1, generator=g)
         calls = {
             "phi GEMM": lambda: torch.mm(flat, phi),
             "coeffs_fwd kernel": lambda: k.coeffs_fwd(flat, proj, *small, 1e-6, n, 20, False),
@@ -358,6 +392,10 @@ def site_table(reps: int) -> list[dict]:
             "coeffs_bwd kernel": lambda: k.coeffs_bwd(hp, ho, hr, flat, proj, *small, 1e-6, n, 20, False),
             "bwd GEMM dh_r.phi^T": lambda: torch.mm(proj, phi.t()),
             "bwd GEMM dh_r^T.flat": lambda: torch.mm(proj.t(), flat),
+            "coeffs_gx kernel": lambda: k.coeffs_gx(proj, phi, x, coef),
+            "bwd GEMM + addcmul_": lambda: torch.mm(proj, phi.t()).addcmul_(flat, coef, value=-1.0),
+            "coeffs_gx, boundary": lambda: k.coeffs_gx(proj, phi, x, coef, gx, h_out, hp),
+            "bwd GEMM + boundary_gx": lambda: k.boundary_gx(torch.mm(proj, phi.t()), x, coef, gx, h_out, hp),
             "ops.coeffs": lambda: ops.coeffs(x, phi, *small),
             "ops.pre": lambda: ops.pre(x, hp),
             "ops.post_res": lambda: ops.post_res(x, h_out, ho, hr),
@@ -374,7 +412,7 @@ def site_table(reps: int) -> list[dict]:
                         fn()
                     best = min(best, (time.process_time() - t0) / 100)
                 rows.append({"shape": f"{name} T={t} C={c}", "call": label, "us": 1e6 * best})
-                print(f"{name:6s} T={t} C={c}  {label:22s} {1e6 * best:8.1f} us", flush=True)
+                print(f"{name:6s} T={t} C={c}  {label:24s} {1e6 * best:8.1f} us", flush=True)
     return rows
 
 

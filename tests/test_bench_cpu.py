@@ -20,7 +20,7 @@ def test_quick_run_writes_ratio_rows():
     assert [(r["model"], r["mode"], r["threads"]) for r in rows] == [("gpt", "eval", 1), ("gpt", "train", 1)]
     for r in rows:
         assert r["original_ms"] > 0 and r["mhc_ms"] > 0 and r["mhc_unfused_ms"] > 0 and r["mhc_ref_ms"] > 0
-        assert r["mhc_nocache_ms"] > 0
+        assert r["mhc_nocache_ms"] > 0 and r["mhc_mmgx_ms"] > 0
         assert abs(r["mhc_ratio"] - r["mhc_ms"] / r["original_ms"]) < 1e-9
 
 
@@ -31,7 +31,7 @@ def test_site_table_times_every_call():
         import pytest
         pytest.skip("CPU kernels not built")
     rows = _bench().main(["--site", "--reps", "1"])
-    assert len(rows) == 36 and {r["shape"] for r in rows} == {"minilm T=360 C=384", "gpt T=512 C=256"}
+    assert len(rows) == 44 and {r["shape"] for r in rows} == {"minilm T=360 C=384", "gpt T=512 C=256"}
     assert all(r["us"] > 0 for r in rows)
 
 
