@@ -55,6 +55,33 @@ struct GxEpilogue {
     }
   }
 
+  // brings in the lines of columns [p0, p0 + cnt) of token t that row() will read and write (and g_h_in's
+  // while p0 < C), so that in a model, where they come from memory, the misses overlap the GEMM instead
+  // of stalling row(). x is read (one byte per line, summed into the return value for the caller to
+  // keep; volatile, so the loads are not sunk past the GEMM), the rest prefetched: on the AMD EPYC we
+  // measured, with x prefetched too the stall stayed, and with every input read it grew (benchmarks.md
+  // "Fifth pass").
+  unsigned touch(int64_t t, int64_t p0, int64_t cnt) const {
+    const int64_t NC = n * C, bytes = cnt * int64_t(sizeof(scalar_t)), at = (t * NC + p0) * int64_t(sizeof(scalar_t));
+    using B = const volatile unsigned char;
+    B* xb = reinterpret_cast<B*>(x) + at;
+    const char* ob = reinterpret_cast<const char*>(out) + at;
+    unsigned sum = 0;
+    for (int64_t off = 0; off < bytes; off += 64) {
+      sum += xb[off];
+      __builtin_prefetch(ob + off, 1, 2);
+    }
+    if (gxn == nullptr) return sum;
+    const char* gb = reinterpret_cast<const char*>(gxn) + at;
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(gb + off, 0, 2);
+    if (p0 < C) {
+      const char* hb = reinterpret_cast<const char*>(ghin + t * C + p0);
+      const int64_t hbytes = std::min(cnt, C - p0) * int64_t(sizeof(scalar_t));
+      for (int64_t off = 0; off < hbytes; off += 64) __builtin_prefetch(hb + off, 0, 2);
+    }
+    return sum;
+  }
+
   // the whole row of token t (gm in g): W lanes at a time where x is in the compute type (float,
   // double; the same operations as run() on each lane), run() for the rest
   void row(int64_t t, const acc* g) const {
@@ -125,7 +152,12 @@ inline void gx_rows(const acc* d, int64_t K, const acc* pt, int64_t NC, int64_t 
                     const Epi& epi) {
   constexpr int64_t W = Lanes<acc>::W, kCols = kGxVecs * W;
   int64_t p0 = 0;
-  for (; p0 + kCols <= NC; p0 += kCols, pt += K * kCols) gx_tile<acc, TB, kGxVecs>(d, K, pt, kCols, g + p0, ldg);
+  unsigned touched = 0;
+  for (; p0 + kCols <= NC; p0 += kCols, pt += K * kCols) {
+    for (int u = 0; u < TB; ++u) touched += epi.touch(t + u, p0, kCols);
+    gx_tile<acc, TB, kGxVecs>(d, K, pt, kCols, g + p0, ldg);
+  }
+  asm volatile("" : : "r"(touched));  // the touches stay
   const int64_t rest = NC - p0;  // the last, partial tile: as many vectors as it needs
   static_assert(kGxVecs == 3, "the partial tile below takes 1, 2 or 3 vectors");
   if (rest > 2 * W) gx_tile<acc, TB, 3>(d, K, pt, kCols, g + p0, ldg);
