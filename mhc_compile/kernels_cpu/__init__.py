@@ -34,7 +34,7 @@ import torch
 
 _DIR = Path(__file__).parent
 _SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp", _DIR / "fused.cpp", _DIR / "grad_mm.cpp")
-_HEADERS = (_DIR / "common.h", _DIR / "gates.h", _DIR / "mix_tokens.h", _DIR / "pool.h")
+_HEADERS = (_DIR / "common.h", _DIR / "gates.h", _DIR / "gemm_tile.h", _DIR / "mix_tokens.h", _DIR / "pool.h")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once the build was tried, "error": str when it failed
 

@@ -6,7 +6,7 @@
 // gates.h), so x_next, h_in and the gates given the projection are the same bits as theirs; the
 // projection's summation order is this file's (fixed per token: results do not depend on threads).
 // The same pass without the post_res (site_start_fwd) is a site's start: coeffs and pre on x.
-#include "gates.h"
+#include "gemm_tile.h"
 #include "mix_tokens.h"
 
 namespace mhc_cpu {
@@ -15,27 +15,6 @@ namespace {
 constexpr int64_t kBlock = 16;  // tokens per block: 16 x (n C) values stay in L2 between the passes
 constexpr int kTileTokens = 4;  // register tile of the GEMM: 4 tokens x up to 3 vectors of outputs
 constexpr int kTileVecs = 3;
-
-// out[t, v*W:(v+1)*W] = sum_p x[t, p] ph[p, v*W:(v+1)*W] for TB tokens and KV vectors of outputs,
-// accumulated in p order (one FMA chain per output: the order does not depend on the tiling).
-template <typename acc, int TB, int KV>
-inline void gemm_tile(const acc* x, int64_t NC, const acc* ph, int64_t ldp, acc* out, int64_t ldo) {
-  using V = typename Lanes<acc>::V;
-  constexpr int W = Lanes<acc>::W;
-  V s[TB][KV];
-  for (int t = 0; t < TB; ++t)
-    for (int v = 0; v < KV; ++v) s[t][v] = V{};
-  for (int64_t p = 0; p < NC; ++p) {
-    V w[KV];
-    for (int v = 0; v < KV; ++v) std::memcpy(&w[v], ph + p * ldp + v * W, sizeof(V));
-    for (int t = 0; t < TB; ++t) {
-      const acc xv = x[t * NC + p];
-      for (int v = 0; v < KV; ++v) s[t][v] += xv * w[v];
-    }
-  }
-  for (int t = 0; t < TB; ++t)
-    for (int v = 0; v < KV; ++v) std::memcpy(out + t * ldo + v * W, &s[t][v], sizeof(V));
-}
 
 template <typename acc, int TB>
 inline void gemm_tile_kv(int kv, const acc* x, int64_t NC, const acc* ph, int64_t ldp, acc* out, int64_t ldo) {

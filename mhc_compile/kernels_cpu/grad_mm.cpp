@@ -1,7 +1,8 @@
-// The X gradient of the coeffs backward in one pass per block of tokens: gm = dh_r . phi^T (T, nC),
-// a register-tiled GEMM of our own, with its epilogue applied while the tile is in registers and the
-// result written once, in x's dtype, through the output cache (pool.h). aten's mm would write gm to a
-// fresh (T, nC) buffer in the compute type (page faults, then an munmap) that the epilogue reads again.
+// The X gradient of the coeffs backward in one pass: gm = dh_r . phi^T (T, nC) for 4 tokens at a time
+// (the register tiles of gemm_tile.h over phi^T packed once per call, the 4 rows kept in L1), its
+// epilogue applied to those rows and the result written once, in x's dtype, through the output cache
+// (pool.h). aten's mm would write gm to a fresh (T, nC) buffer in the compute type (page faults, then
+// an munmap) that the epilogue reads again.
 //
 //  * coeffs:   gx = r(gm - coef * x)                                   (mhc::coeffs_backward)
 //  * boundary: gx = r(g_xn + r(H_pre g_hin) + r(gm - coef * x))        (mhc::boundary_backward; mix.cpp's
@@ -10,7 +11,7 @@
 // r() rounds to x's dtype (none for float / double). Each output is one chain of multiply-adds over
 // k = 0..K-1 (K = 2n+n^2) whatever the tiling and the threads, so the results are deterministic; they
 // differ from aten's mm by the summation order only.
-#include "gates.h"
+#include "gemm_tile.h"
 
 namespace mhc_cpu {
 namespace {
@@ -123,27 +124,6 @@ struct GxEpilogue {
   }
 };
 
-// gm of TB tokens and KV vectors of columns into g (TB rows of stride ldg): g[u*ldg + v*W + l] =
-// sum_k d[u*K + k] pt[k*ldp + v*W + l], in k order.
-template <typename acc, int TB, int KV>
-inline void gx_tile(const acc* d, int64_t K, const acc* pt, int64_t ldp, acc* g, int64_t ldg) {
-  using V = typename Lanes<acc>::V;
-  constexpr int W = Lanes<acc>::W;
-  V s[TB][KV];
-  for (int u = 0; u < TB; ++u)
-    for (int v = 0; v < KV; ++v) s[u][v] = V{};
-  for (int64_t k = 0; k < K; ++k) {
-    V w[KV];
-    for (int v = 0; v < KV; ++v) std::memcpy(&w[v], pt + k * ldp + v * W, sizeof(V));
-    for (int u = 0; u < TB; ++u) {
-      const acc dv = d[u * K + k];
-      for (int v = 0; v < KV; ++v) s[u][v] += dv * w[v];
-    }
-  }
-  for (int u = 0; u < TB; ++u)
-    for (int v = 0; v < KV; ++v) std::memcpy(g + u * ldg + v * W, &s[u][v], sizeof(V));
-}
-
 // The rows of tokens [t, t + TB): gm column tile by column tile into g (TB rows of stride ldg >= the
 // tiles' width), then the epilogue row by row, streaming over x and the output. pt holds phi^T tile by
 // tile (kGxVecs vectors of columns each, (K, kGxVecs W) contiguous, the last one padded with zeros).
@@ -155,14 +135,14 @@ inline void gx_rows(const acc* d, int64_t K, const acc* pt, int64_t NC, int64_t 
   unsigned touched = 0;
   for (; p0 + kCols <= NC; p0 += kCols, pt += K * kCols) {
     for (int u = 0; u < TB; ++u) touched += epi.touch(t + u, p0, kCols);
-    gx_tile<acc, TB, kGxVecs>(d, K, pt, kCols, g + p0, ldg);
+    gemm_tile<acc, TB, kGxVecs>(d, K, pt, kCols, g + p0, ldg);
   }
   asm volatile("" : : "r"(touched));  // the touches stay
   const int64_t rest = NC - p0;  // the last, partial tile: as many vectors as it needs
   static_assert(kGxVecs == 3, "the partial tile below takes 1, 2 or 3 vectors");
-  if (rest > 2 * W) gx_tile<acc, TB, 3>(d, K, pt, kCols, g + p0, ldg);
-  else if (rest > W) gx_tile<acc, TB, 2>(d, K, pt, kCols, g + p0, ldg);
-  else if (rest > 0) gx_tile<acc, TB, 1>(d, K, pt, kCols, g + p0, ldg);
+  if (rest > 2 * W) gemm_tile<acc, TB, 3>(d, K, pt, kCols, g + p0, ldg);
+  else if (rest > W) gemm_tile<acc, TB, 2>(d, K, pt, kCols, g + p0, ldg);
+  else if (rest > 0) gemm_tile<acc, TB, 1>(d, K, pt, kCols, g + p0, ldg);
   for (int u = 0; u < TB; ++u) epi.row(t + u, g + u * ldg);
 }
 
