@@ -5,7 +5,8 @@
 activations with the whole Sinkhorn loop and their backward (the 20 iterations replayed per token in
 registers-sized buffers), ``pre`` and ``post_res`` with their backward, the skinny phi projection
 GEMM (``proj_mm``, register-tiled; 1.6x faster than MKL's at these shapes) and the boundary forward
-in one pass per token block (post_res, projection, gates, pre while the block is in cache). The
+in one pass per token block (post_res, projection, gates, pre while the block is in cache);
+``post_norm.cpp`` the end of a post-LN site (post_res, then a LayerNorm on each stream) for eval. The
 other GEMMs of the coeffs backward stay in aten. :mod:`.launch` composes them into the ``mhc::``
 ops' implementations.
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 _DIR = Path(__file__).parent
-_SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp", _DIR / "fused.cpp")
+_SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp", _DIR / "fused.cpp", _DIR / "post_norm.cpp")
 _HEADERS = (_DIR / "common.h", _DIR / "gates.h", _DIR / "mix_tokens.h", _DIR / "pool.h")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once the build was tried, "error": str when it failed

@@ -67,15 +67,8 @@ inline void post_res_token(const scalar_t* xt, const scalar_t* ht, const acc* R,
   for (int64_t k = 0; k < n * C; ++k) xa[k] = acc(xt[k]);
   for (int64_t c = 0; c < C; ++c) ha[c] = acc(ht[c]);
   for (int64_t i = 0; i < n; ++i) {
-    const acc r0 = R[i * n];
-    for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
-    for (int64_t j = 1; j < n; ++j) {
-      const acc rij = R[i * n + j];
-      const acc* xj = xa + j * C;
-      for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
-    }
-    const acc pi = P[i];
-    for (int64_t c = 0; c < C; ++c) out[i * C + c] = scalar_t(buf[c] + pi * ha[c]);
+    post_res_row(xa, ha, R, P, i, n, C, buf);
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = scalar_t(buf[c]);
   }
 }
 

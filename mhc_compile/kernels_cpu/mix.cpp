@@ -244,16 +244,9 @@ at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at:
         for (int64_t c = 0; c < C; ++c) ha[c] = acc(hop[t * C + c]);
         const acc *R = hrp + t * sr, *P = hpo + t * so;
         for (int64_t i = 0; i < n; ++i) {
-          const acc r0 = R[i * n];
-          for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
-          for (int64_t j = 1; j < n; ++j) {
-            const acc rij = R[i * n + j];
-            const acc* xj = &xa[j * C];
-            for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
-          }
-          const acc pi = P[i];
+          post_res_row(xa.data(), ha.data(), R, P, i, n, C, buf.data());
           scalar_t* o = outp + (t * n + i) * C;
-          for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c] + pi * ha[c]);
+          for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c]);
         }
       }
     });
