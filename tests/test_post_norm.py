@@ -158,3 +158,25 @@ def test_gradients_reach_the_layer_norm_and_a_subclass_is_called():
         assert not cpu_paths.fusable_layer_norm(sub, x)
         want = 2 * nn.functional.layer_norm(ops.post_res(x, h_out, ho, hr), (16,), sub.weight, sub.bias, sub.eps)
         assert torch.equal(ops.post_res_norm(x, h_out, ho, hr, sub), want)
+
+
+def test_compiled_bert_traces_the_module_call(converted, monkeypatch):
+    """Under torch.compile Dynamo sees post_res then the LayerNorm (inductor fuses them itself): the graph
+    has layer_norm calls on the streams, the kernel never runs, the output is the eager one."""
+    conv, _, ids = converted
+    calls = _count_fused(monkeypatch)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = main_output(conv(ids))
+        got = main_output(torch.compile(conv, backend=backend)(ids))
+    torch._dynamo.reset()
+    assert len(calls) == 3  # the eager call only
+    norms = [nd for gm in graphs for nd in gm.graph.nodes if "layer_norm" in str(nd.target)]
+    assert len(norms) >= 5  # embeddings + 4 site ends
+    assert (got - want).abs().max() <= 2e-5
