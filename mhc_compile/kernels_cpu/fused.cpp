@@ -141,6 +141,7 @@ std::vector<at::Tensor> streams_fwd(bool mix, const at::Tensor& x_, const at::Te
         for (int64_t t0 = b; t0 < e; t0 += kBlock) {
           const int64_t cnt = std::min(kBlock, e - t0);
           for (int64_t t = t0; mix && t < t0 + cnt; ++t) {
+            prefetch_ahead(xp, t, T, NC), prefetch_ahead(hop, t, T, C);
             if constexpr (kF32 && N > 0)
               post_res_token_f32<N>(xp + t * NC, hop + t * C, hrep + t * sr, hpop + t * so, xnp + t * NC, C);
             else
@@ -225,6 +226,11 @@ at::Tensor proj_mm(const at::Tensor& flat_, const at::Tensor& phi_) {
 int64_t pool_release() { return OutputPool::get().release(); }
 std::vector<int64_t> pool_stats() { return OutputPool::get().stats(); }
 int64_t pool_set_budget(int64_t bytes) { return OutputPool::get().set_budget(bytes); }
+int64_t set_prefetch(int64_t tokens) {
+  const int64_t old = prefetch_distance();
+  prefetch_distance() = std::max<int64_t>(0, tokens);
+  return old;
+}
 
 }  // namespace mhc_cpu
 
@@ -232,6 +238,7 @@ TORCH_LIBRARY_FRAGMENT(mhc_cpu, m) {
   m.def("pool_release() -> int", &mhc_cpu::pool_release);
   m.def("pool_stats() -> int[]", &mhc_cpu::pool_stats);
   m.def("pool_set_budget(int bytes) -> int", &mhc_cpu::pool_set_budget);
+  m.def("set_prefetch(int tokens) -> int", &mhc_cpu::set_prefetch);
   m.def("boundary_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res, Tensor phi, Tensor alpha, Tensor b_pre, "
         "Tensor b_post, Tensor b_res, float eps, int iters, bool hc) -> Tensor[]");
   m.def("proj_mm(Tensor flat, Tensor phi) -> Tensor");

@@ -98,6 +98,7 @@ at::Tensor pre_fwd(const at::Tensor& x_, const at::Tensor& hp_) {
     scalar_t* outp = out.data_ptr<scalar_t>();
     if (float_tokens<scalar_t>(n, T, grain(n * C), [&](auto NC_, int64_t t) {
           constexpr int N = decltype(NC_)::value;
+          prefetch_ahead(xp, t, T, n * C);
           pre_token_f32<N>(xp + t * n * C, hpp + t * sh, outp + t * C, C);
         }))
       return;
@@ -133,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& g_, const at::Tenso
     acc* ghp = gh.data_ptr<acc>();
     if (float_tokens<scalar_t>(n, T, grain(n * C), [&](auto NC_, int64_t t) {
           constexpr int N = decltype(NC_)::value;
+          prefetch_ahead(xp, t, T, n * C), prefetch_ahead(gp, t, T, C);
           pre_bwd_token_f32<N>(gp + t * C, xp + t * n * C, hpp + t * sh, gxp + t * n * C, ghp + t * n, C);
         }))
       return;
@@ -233,6 +235,7 @@ at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at:
     scalar_t* outp = out.data_ptr<scalar_t>();
     if (float_tokens<scalar_t>(n, T, grain(n * n * C), [&](auto NC_, int64_t t) {
           constexpr int N = decltype(NC_)::value;
+          prefetch_ahead(xp, t, T, n * C), prefetch_ahead(hop, t, T, C);
           post_res_token_f32<N>(xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so, outp + t * n * C, C);
         }))
       return;

@@ -94,6 +94,7 @@ at::Tensor post_res_norm_fwd(const at::Tensor& x_, const at::Tensor& hout_, cons
           // runs for float only (float_tokens); the casts are no-ops there and let the other types compile
           float* o = reinterpret_cast<float*>(outp + t * n * C);
           const float *w = reinterpret_cast<const float*>(wp), *bb = reinterpret_cast<const float*>(bp);
+          prefetch_ahead(xp, t, T, n * C), prefetch_ahead(hop, t, T, C);
           post_res_token_f32<N>(xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so, o, C);
           for (int i = 0; i < N; ++i) norm_row<float, float>(o + i * C, C, w, bb, float(eps), o + i * C);
         }))
