@@ -376,6 +376,7 @@ def site_table(reps: int) -> list[dict]:
         phi = 0.01 * torch.randn(n * c, 2 * n + n * n, generator=g)
         small = (torch.ones(3), torch.zeros(n), torch.zeros(n), torch.zeros(n, n))
         flat, proj, coef = x.reshape(t, -1), x.reshape(t, -1) @ phi, torch.rand(t, 1, generator=g)
+        ln = torch.nn.LayerNorm(c)
         calls = {
             "phi GEMM": lambda: torch.mm(flat, phi),
             "coeffs_fwd kernel": lambda: k.coeffs_fwd(flat, proj, *small, 1e-6, n, 20, False),
@@ -383,6 +384,8 @@ def site_table(reps: int) -> list[dict]:
             "pre_bwd kernel": lambda: k.pre_bwd(h_out, x, hp),
             "post_res_fwd kernel": lambda: k.post_res_fwd(x, h_out, ho, hr),
             "post_res_bwd kernel": lambda: k.post_res_bwd(gx, x, h_out, ho, hr),
+            "post_res_norm_fwd kernel": lambda: k.post_res_norm_fwd(x, h_out, ho, hr, ln.weight, ln.bias, ln.eps),
+            "post_res_fwd + LayerNorm": lambda: ln(k.post_res_fwd(x, h_out, ho, hr)),
             "proj_mm kernel": lambda: k.proj_mm(flat, phi),
             "boundary_fwd kernel": lambda: k.boundary_fwd(x, h_out, ho, hr, phi, *small, 1e-6, 20, False),
             "boundary, unfused": lambda: unfused_boundary(x, h_out, ho, hr, phi, small),

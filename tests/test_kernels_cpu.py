@@ -229,3 +229,36 @@ def test_under_torch_compile_matches_reference():
     got_grads = torch.autograd.grad(got.square().sum(), leaves)
     _close([got, *got_grads], [want, *want_grads], torch.float32)
     assert compiled(torch.randn(3, 7, c), "auto").shape == (3, 7, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefetch_changes_no_bit(dtype):
+    """The forward mixes prefetch rows a few tokens ahead (common.h): same outputs with it off, at token
+    counts below, at and above the distance; set_prefetch returns the old distance and clamps at 0."""
+    k = torch.ops.mhc_cpu
+    n, c = 4, 40
+    g = torch.Generator().manual_seed(2)
+    phi = 0.1 * torch.randn(n * c, 2 * n + n * n, generator=g)
+    small = (torch.ones(3), 0.1 * torch.randn(n, generator=g), 0.1 * torch.randn(n, generator=g), 0.1 * torch.randn(n, n, generator=g))
+    calls = {
+        "pre_fwd": lambda x, h, hp, hr: k.pre_fwd(x, hp),
+        "pre_bwd": lambda x, h, hp, hr: k.pre_bwd(h, x, hp),
+        "post_res_fwd": lambda x, h, hp, hr: k.post_res_fwd(x, h, hp, hr),
+        "post_res_norm_fwd": lambda x, h, hp, hr: k.post_res_norm_fwd(x, h, hp, hr, None, None, 1e-5),
+        "boundary_fwd": lambda x, h, hp, hr: k.boundary_fwd(x, h, hp, hr, phi, *small, 1e-6, 20, False),
+    }
+    old = k.set_prefetch(6)
+    try:
+        for t in (1, 6, 7, 37):
+            x, h = torch.randn(t, n, c, generator=g).to(dtype), torch.randn(t, c, generator=g).to(dtype)
+            hp, hr = torch.rand(t, n, generator=g), torch.rand(t, n, n, generator=g)
+            for name, fn in calls.items():
+                k.set_prefetch(6)
+                on = fn(x, h, hp, hr)
+                assert k.set_prefetch(0) == 6
+                off = fn(x, h, hp, hr)
+                on, off = (on,) if isinstance(on, torch.Tensor) else on, (off,) if isinstance(off, torch.Tensor) else off
+                assert all(torch.equal(a, b) for a, b in zip(on, off)), (name, t)
+        assert k.set_prefetch(-3) == 0 and k.set_prefetch(6) == 0
+    finally:
+        k.set_prefetch(old)

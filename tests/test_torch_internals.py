@@ -352,6 +352,39 @@ def test_compiled_call_suspended_runs_the_plain_call():
     assert lin.__dict__.get("_compiled_call_impl") is not None
 
 
+def test_module_call_is_plain_sees_every_kind_of_hook():
+    """ops.post_res_norm runs a LayerNorm's math itself only when calling the module would run just its
+    forward: every hook nn.Module runs (its own, global, forward and backward), an instance forward and
+    module.compile() must each make the probe False, and removing them True again."""
+    import torch.nn.modules.module as mm
+
+    ln = torch.nn.LayerNorm(4)
+    assert ti.module_call_is_plain(ln)
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):
+        assert isinstance(getattr(mm, name), dict), f"nn.Module no longer keeps {name}"
+    registrations = [
+        lambda: ln.register_forward_hook(lambda m, a, o: None),
+        lambda: ln.register_forward_pre_hook(lambda m, a: None),
+        lambda: ln.register_forward_hook(lambda m, a, k, o: None, with_kwargs=True, always_call=True),
+        lambda: ln.register_full_backward_hook(lambda m, gi, go: None),
+        lambda: ln.register_full_backward_pre_hook(lambda m, go: None),
+        lambda: mm.register_module_forward_hook(lambda m, a, o: None),
+        lambda: mm.register_module_forward_pre_hook(lambda m, a: None),
+        lambda: mm.register_module_full_backward_hook(lambda m, gi, go: None),
+    ]
+    for register in registrations:
+        handle = register()
+        assert not ti.module_call_is_plain(ln)
+        handle.remove()
+        assert ti.module_call_is_plain(ln)
+    ln.forward = lambda x: x
+    assert not ti.module_call_is_plain(ln)
+    del ln.forward
+    ln.compile(backend="eager")
+    assert not ti.module_call_is_plain(ln)
+
+
 def test_the_supported_range_is_named_alike_everywhere():
     """pyproject's pin, this module's docstring and _torch_internals' docstring name one range,
     and the installed torch is inside it."""

@@ -38,7 +38,10 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
   :func:`fx_patches_reverted`), the pytree registry (``torch.utils._pytree.SUPPORTED_NODES``,
   :func:`is_pytree_container`), ``nn.Module``'s forward-hook dicts
   (:func:`forward_hooks_suspended`) and ``module.compile()``'s ``_compiled_call_impl``
-  (:func:`compiled_call_suspended`).
+  (:func:`compiled_call_suspended`);
+* whether calling a module runs just its class's ``forward`` (its hook dicts, the global
+  ``_global_*_hooks`` of ``torch.nn.modules.module``): :func:`module_call_is_plain`, used by
+  ``ops.post_res_norm`` before it runs a LayerNorm module's math in its own kernel.
 
 ``dynamo.py`` holds the backend's pieces, ``tracing.py`` the AOTAutograd, FX, fake-tensor and
 nn.Module ones; this package re-exports every helper.
@@ -94,6 +97,7 @@ from .tracing import (
     is_pytree_container,
     forward_hooks_suspended,
     compiled_call_suspended,
+    module_call_is_plain,
 )
 from . import dynamo, tracing
 
@@ -138,5 +142,6 @@ __all__ = [
     "is_pytree_container",
     "forward_hooks_suspended",
     "compiled_call_suspended",
+    "module_call_is_plain",
     "SOURCE_FILES",
 ]

@@ -158,6 +158,29 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def module_call_is_plain(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs exactly its class's ``forward``: no hook of its own (forward,
+    backward) and no global module hook (``torch.nn.modules.module._global_*_hooks``, the dicts
+    ``Module._call_impl`` checks), no ``forward`` set on the instance, not compiled with
+    ``module.compile()``. False when a probe is missing, so callers call the module."""
+    d = module.__dict__
+    if "forward" in d or d.get("_compiled_call_impl") is not None:
+        return False
+    for name in (*_HOOK_DICTS, "_backward_hooks", "_backward_pre_hooks"):
+        if d.get(name):
+            return False
+    mod = nn.modules.module
+    for name in _GLOBAL_HOOKS:
+        hooks = getattr(mod, name, None)
+        if not isinstance(hooks, dict) or hooks:
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def forward_hooks_suspended(module: nn.Module) -> Iterator[None]:
     """No forward (pre-)hook of ``module`` or its submodules runs inside: tracing a block again

@@ -1,14 +1,15 @@
 """Fused CPU kernels for the mHC ops: a small C++ extension built at first use, and its launchers.
 
-``coeffs.cpp``, ``mix.cpp``, ``fused.cpp`` and ``grad_mm.cpp`` (next to this file, helpers in ``common.h``,
-``gates.h``, ``mix_tokens.h``) hold one-pass kernels, parallel over tokens with torch's intra-op threads:
-the gate activations with the whole Sinkhorn loop and their backward (the 20 iterations replayed per
-token in registers-sized buffers), ``pre`` and ``post_res`` with their backward, the skinny phi
-projection GEMM (``proj_mm``, register-tiled; 1.6x faster than MKL's at these shapes), the boundary
-forward in one pass per token block (post_res, projection, gates, pre while the block is in cache)
-and the backward's X-gradient GEMM dh_r . phi^T with its epilogue (``coeffs_gx``: the RMS term, and
-at a boundary the pre and next-stream gradients, applied before the rows are written). The g_phi
-GEMM of the coeffs backward stays in aten. :mod:`.launch` composes them into the ``mhc::``
+``coeffs.cpp``, ``mix.cpp``, ``fused.cpp``, ``post_norm.cpp`` and ``grad_mm.cpp`` (next to this file,
+helpers in ``common.h``, ``gates.h``, ``gemm_tile.h``, ``mix_tokens.h``) hold one-pass kernels, parallel
+over tokens with torch's intra-op threads: the gate activations with the whole Sinkhorn loop and their
+backward (the 20 iterations replayed per token in registers-sized buffers), ``pre`` and ``post_res``
+with their backward, the skinny phi projection GEMM (``proj_mm``, register-tiled; 1.6x faster than
+MKL's at these shapes), the boundary forward in one pass per token block (post_res, projection, gates,
+pre while the block is in cache); ``post_norm.cpp`` the end of a post-LN site (post_res, then a
+LayerNorm on each stream) for eval; and the backward's X-gradient GEMM dh_r . phi^T with its epilogue
+(``coeffs_gx``: the RMS term, and at a boundary the pre and next-stream gradients, applied before the
+rows are written). The g_phi GEMM of the coeffs backward stays in aten. :mod:`.launch` composes them into the ``mhc::``
 ops' implementations.
 
 The extension is compiled once per machine with ``torch.utils.cpp_extension.load`` (about 10 s,
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 _DIR = Path(__file__).parent
-_SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp", _DIR / "fused.cpp", _DIR / "grad_mm.cpp")
+_SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp", _DIR / "fused.cpp", _DIR / "post_norm.cpp", _DIR / "grad_mm.cpp")
 _HEADERS = (_DIR / "common.h", _DIR / "gates.h", _DIR / "gemm_tile.h", _DIR / "mix_tokens.h", _DIR / "pool.h")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once the build was tried, "error": str when it failed

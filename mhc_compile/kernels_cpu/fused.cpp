@@ -46,15 +46,8 @@ inline void post_res_token(const scalar_t* xt, const scalar_t* ht, const acc* R,
   for (int64_t k = 0; k < n * C; ++k) xa[k] = acc(xt[k]);
   for (int64_t c = 0; c < C; ++c) ha[c] = acc(ht[c]);
   for (int64_t i = 0; i < n; ++i) {
-    const acc r0 = R[i * n];
-    for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
-    for (int64_t j = 1; j < n; ++j) {
-      const acc rij = R[i * n + j];
-      const acc* xj = xa + j * C;
-      for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
-    }
-    const acc pi = P[i];
-    for (int64_t c = 0; c < C; ++c) out[i * C + c] = scalar_t(buf[c] + pi * ha[c]);
+    post_res_row(xa, ha, R, P, i, n, C, buf);
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = scalar_t(buf[c]);
   }
 }
 
@@ -127,6 +120,7 @@ std::vector<at::Tensor> streams_fwd(bool mix, const at::Tensor& x_, const at::Te
         for (int64_t t0 = b; t0 < e; t0 += kBlock) {
           const int64_t cnt = std::min(kBlock, e - t0);
           for (int64_t t = t0; mix && t < t0 + cnt; ++t) {
+            prefetch_ahead(xp, t, T, NC), prefetch_ahead(hop, t, T, C);
             if constexpr (kF32 && N > 0)
               post_res_token_f32<N>(xp + t * NC, hop + t * C, hrep + t * sr, hpop + t * so, xnp + t * NC, C);
             else
@@ -211,6 +205,11 @@ at::Tensor proj_mm(const at::Tensor& flat_, const at::Tensor& phi_) {
 int64_t pool_release() { return OutputPool::get().release(); }
 std::vector<int64_t> pool_stats() { return OutputPool::get().stats(); }
 int64_t pool_set_budget(int64_t bytes) { return OutputPool::get().set_budget(bytes); }
+int64_t set_prefetch(int64_t tokens) {
+  const int64_t old = prefetch_distance();
+  prefetch_distance() = std::max<int64_t>(0, tokens);
+  return old;
+}
 
 }  // namespace mhc_cpu
 
@@ -218,6 +217,7 @@ TORCH_LIBRARY_FRAGMENT(mhc_cpu, m) {
   m.def("pool_release() -> int", &mhc_cpu::pool_release);
   m.def("pool_stats() -> int[]", &mhc_cpu::pool_stats);
   m.def("pool_set_budget(int bytes) -> int", &mhc_cpu::pool_set_budget);
+  m.def("set_prefetch(int tokens) -> int", &mhc_cpu::set_prefetch);
   m.def("boundary_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res, Tensor phi, Tensor alpha, Tensor b_pre, "
         "Tensor b_post, Tensor b_res, float eps, int iters, bool hc) -> Tensor[]");
   m.def("proj_mm(Tensor flat, Tensor phi) -> Tensor");

@@ -26,9 +26,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 FUSED = os.environ.get("MHC_CPU_FUSED", "1") != "0"
 """Whether the projection runs ``proj_mm`` and the boundary forward ``boundary_fwd`` (both ``fused.cpp``),
-and the backward's X gradient ``coeffs_gx`` (``grad_mm.cpp``: the dh_r . phi^T GEMM with its epilogue,
-any n). False (``MHC_CPU_FUSED=0``): aten's mm, the boundary forward as post_res, coeffs and pre in
-turn, and the X gradient as aten's mm plus a separate epilogue pass: the path before them, which
+a post-LN site's end ``post_res_norm_fwd`` (``post_norm.cpp``, via ``ops.post_res_norm``), and the
+backward's X gradient ``coeffs_gx`` (``grad_mm.cpp``: the dh_r . phi^T GEMM with its epilogue, any n).
+False (``MHC_CPU_FUSED=0``): aten's mm, the boundary forward as post_res, coeffs and pre in turn, and
+the X gradient as aten's mm plus a separate epilogue pass: the path before them, which
 ``benchmarks/bench_cpu.py``'s ``mhc_unfused`` variant measures against."""
 
 FUSED_MAX_STREAMS = 4
@@ -219,6 +220,17 @@ def post_res_backward(grad: Tensor, x: Tensor, h_out: Tensor, h_post: Tensor, h_
         _to(_flat3(grad), x.dtype), _flat3(x), _flat2(h_out, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd)
     )
     return _shaped(gx, x.shape), _shaped(go, h_out.shape), _reduce(gp, h_post, lead), _reduce(gr, h_res, lead)
+
+
+def post_res_norm_forward(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, weight, bias, eps: float) -> Tensor:
+    """A LayerNorm over C (``weight`` / ``bias`` of C elements in x's dtype, or None) on each stream of
+    :func:`post_res_forward`'s X', in one pass per token (``post_res_norm_fwd`` of ``post_norm.cpp``);
+    forward only (no autograd): the eager no-grad path of ``ops.post_res_norm``."""
+    lead, cd = x.shape[:-2], compute_dtype(x.dtype)
+    out = _ops().post_res_norm_fwd(
+        _flat3(x), _flat2(h_out, x.shape[-1]), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd), weight, bias, eps
+    )
+    return _shaped(out, x.shape)
 
 
 def _reduce(g: Tensor, h: Tensor, lead: torch.Size) -> Tensor:

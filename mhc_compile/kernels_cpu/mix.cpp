@@ -98,6 +98,7 @@ at::Tensor pre_fwd(const at::Tensor& x_, const at::Tensor& hp_) {
     scalar_t* outp = out.data_ptr<scalar_t>();
     if (float_tokens<scalar_t>(n, T, grain(n * C), [&](auto NC_, int64_t t) {
           constexpr int N = decltype(NC_)::value;
+          prefetch_ahead(xp, t, T, n * C);
           pre_token_f32<N>(xp + t * n * C, hpp + t * sh, outp + t * C, C);
         }))
       return;
@@ -133,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor> pre_bwd(const at::Tensor& g_, const at::Tenso
     acc* ghp = gh.data_ptr<acc>();
     if (float_tokens<scalar_t>(n, T, grain(n * C), [&](auto NC_, int64_t t) {
           constexpr int N = decltype(NC_)::value;
+          prefetch_ahead(xp, t, T, n * C), prefetch_ahead(gp, t, T, C);
           pre_bwd_token_f32<N>(gp + t * C, xp + t * n * C, hpp + t * sh, gxp + t * n * C, ghp + t * n, C);
         }))
       return;
@@ -233,6 +235,7 @@ at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at:
     scalar_t* outp = out.data_ptr<scalar_t>();
     if (float_tokens<scalar_t>(n, T, grain(n * n * C), [&](auto NC_, int64_t t) {
           constexpr int N = decltype(NC_)::value;
+          prefetch_ahead(xp, t, T, n * C), prefetch_ahead(hop, t, T, C);
           post_res_token_f32<N>(xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so, outp + t * n * C, C);
         }))
       return;
@@ -244,16 +247,9 @@ at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at:
         for (int64_t c = 0; c < C; ++c) ha[c] = acc(hop[t * C + c]);
         const acc *R = hrp + t * sr, *P = hpo + t * so;
         for (int64_t i = 0; i < n; ++i) {
-          const acc r0 = R[i * n];
-          for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
-          for (int64_t j = 1; j < n; ++j) {
-            const acc rij = R[i * n + j];
-            const acc* xj = &xa[j * C];
-            for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
-          }
-          const acc pi = P[i];
+          post_res_row(xa.data(), ha.data(), R, P, i, n, C, buf.data());
           scalar_t* o = outp + (t * n + i) * C;
-          for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c] + pi * ha[c]);
+          for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c]);
         }
       }
     });

@@ -34,6 +34,23 @@ inline void post_res_token_f32(const float* xt, const float* ht, const float* R,
     }
 }
 
+// Any type, n at run time: stream i of post_res for one token into buf (C values, compute type),
+// buf[c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] from the token's x (n * C) and h (C) in the compute
+// type: the generic loop of post_res_fwd, shared with post_res_norm_fwd (post_norm.cpp).
+template <typename acc>
+inline void post_res_row(const acc* xa, const acc* ha, const acc* R, const acc* P, int64_t i, int64_t n, int64_t C,
+                         acc* buf) {
+  const acc r0 = R[i * n];
+  for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
+  for (int64_t j = 1; j < n; ++j) {
+    const acc rij = R[i * n + j];
+    const acc* xj = xa + j * C;
+    for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
+  }
+  const acc pi = P[i];
+  for (int64_t c = 0; c < C; ++c) buf[c] = buf[c] + pi * ha[c];
+}
+
 // float, n = N known: h_in[c] = sum_i hp[i] x[i, c], eight lanes at a time.
 template <int N>
 inline void pre_token_f32(const float* xt, const float* h, float* out, int64_t C) {

@@ -91,6 +91,18 @@ def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: s
     return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
 
 
+def post_res_norm(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, norm: torch.nn.Module,
+                  kernels: str = "auto") -> Tensor:
+    """``norm(post_res(x, h_out, h_post, h_res))``: the end of a post-LN site (BERT's ``LN(x + f(x))`` on
+    streams; ``passes.post_norm`` emits it in the blocks form). An eager CPU call that needs no gradient,
+    with ``norm`` a plain ``nn.LayerNorm`` over C (``cpu_paths.fusable_layer_norm``), runs both in one
+    pass per token (``post_res_norm_fwd``); any other call makes the two calls as written."""
+    if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res)) and \
+            _cpu_paths.fusable_layer_norm(norm, x, h_out, h_post, h_res):
+        return cpu.post_res_norm_forward(x, h_out, h_post, h_res, norm.weight, norm.bias, norm.eps)
+    return norm(post_res(x, h_out, h_post, h_res, kernels))
+
+
 def boundary(
     x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor,
     phi: Optional[Tensor], alpha: Optional[Tensor], b_pre: Tensor, b_post: Tensor, b_res: Tensor,

@@ -95,6 +95,27 @@ def _grads_or_zeros(x: Tensor, g_pre, g_post, g_res) -> tuple:
     return g_pre, g_post, g_res
 
 
+def _autocast_on_cpu() -> bool:
+    return torch.is_autocast_enabled("cpu")
+
+
+def fusable_layer_norm(norm: torch.nn.Module, x: Tensor, *others: Tensor) -> bool:
+    """Whether ``norm(post_res(x, ...))`` may run as one kernel (``ops.post_res_norm``): no gradient
+    needed and no CPU autocast (which runs LayerNorm in float32), ``norm`` exactly an ``nn.LayerNorm``
+    over x's last dim whose call runs just its forward (no hooks, ``_torch_internals``), its weight and
+    bias (or None) plain CPU tensors in x's dtype; and the one-pass kernels on (``launch.FUSED``).
+    Anything else calls the module."""
+    if not _launch.FUSED or type(norm) is not torch.nn.LayerNorm or tuple(norm.normalized_shape) != (x.shape[-1],):
+        return False
+    params = [p for p in (norm.weight, norm.bias) if p is not None]
+    for p in params:
+        if type(p) not in _PLAIN or not p.is_cpu or p.dtype != x.dtype:
+            return False
+    if _needs_grad(x, *others, *params) or _autocast_on_cpu():
+        return False
+    return _ti.module_call_is_plain(norm)
+
+
 # ---------------------------------------------------------------------------- a site's start in one pass
 # A site's coeffs and its pre read the same streams X. The eager coeffs computes h_in with the gates in
 # the same pass (launch.site_start_forward) and leaves it here, per thread; the pre that follows takes

@@ -31,6 +31,7 @@ from ...config import MHCConfig
 from ...parallel.guard import check_block
 from ...placement import safe_name, site_container
 from ...graph_pipeline import analyze
+from ...passes.post_norm import fuse_post_norm
 from ...passes.rewrite import BlockRewriteError, ChainEnds, ParamProvider, rewrite_chain_part
 from ...passes.streams import stream_wise_path
 from .plan import BlockPart, BlockPlan, BlockSpec
@@ -280,6 +281,7 @@ def _rewrite_compile(block: nn.Module, prep: _Prepared, config: MHCConfig, provi
     object.__setattr__(gm, "mhc_holder", block)  # not a submodule: the parameters go on the block
     for chain, ends in prep.chains:
         rewrite_chain_part(gm, chain, config, provider, names, ends)
+    fuse_post_norm(gm)  # post-LN: LayerNorm(post_res(...)) as one op (one CPU pass in eval)
     return _compile(gm.graph, tag)
 
 
