@@ -14,6 +14,9 @@ Variants (each converted with ``MHCConfig(streams=4)``):
                 before ``fused.cpp``, for its before/after in the same rounds;
   mhc_nocache   the ``mhc`` model with the CPU kernels' output cache off (``kernels_cpu.pool.h``:
                 every stream-sized output a fresh allocation, as before the cache);
+  mhc_noprefetch  the ``mhc`` model with the kernels' software prefetch off (``mhc_cpu::set_prefetch(0)``);
+  mhc_nopostnorm  the ``mhc`` model with post_res + LayerNorm as two calls (``ops.post_res_norm``'s one
+                pass off: post-LN models such as MiniLM only);
   mhc_ref       converted, ``kernels="reference"`` (the plain-torch reference: the "before").
 
 Modes: ``eval`` (no_grad forward in eval mode) and ``train`` (forward, backward of a mean-square
@@ -53,7 +56,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_ref")
+VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_noprefetch", "mhc_nopostnorm", "mhc_ref")
 
 
 # ----------------------------------------------------------------------------- models
@@ -104,7 +107,8 @@ def make_variants(model, args, kwargs, names=VARIANTS):
     from mhc_compile import MHCConfig, convert
 
     out = {"original": model}
-    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_ref", "reference")):
+    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_noprefetch", "auto"),
+                          ("mhc_nopostnorm", "auto"), ("mhc_ref", "reference")):
         if name not in names:
             continue
         conv = convert(model, MHCConfig(streams=4, kernels=kernels), args, example_kwargs=kwargs)
@@ -143,6 +147,33 @@ def nocache(step):
             kernels_cpu.set_output_cache_limit(old)
 
     return run_nocache
+
+
+def noprefetch(step):
+    """``step`` with the kernels' software prefetch off (the ``mhc_noprefetch`` variant)."""
+    def run():
+        old = torch.ops.mhc_cpu.set_prefetch(0)
+        try:
+            step()
+        finally:
+            torch.ops.mhc_cpu.set_prefetch(old)
+
+    return run
+
+
+def nopostnorm(step):
+    """``step`` with ``ops.post_res_norm`` making its two calls (the ``mhc_nopostnorm`` variant)."""
+    from mhc_compile.ops import cpu_paths
+
+    def run():
+        real = cpu_paths.fusable_layer_norm
+        cpu_paths.fusable_layer_norm = lambda *a: False
+        try:
+            step()
+        finally:
+            cpu_paths.fusable_layer_norm = real
+
+    return run
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
@@ -298,6 +329,9 @@ def run(args) -> list[dict]:
                     steps["mhc_unfused"] = unfused(steps["mhc_unfused"])
                 if "mhc_nocache" in steps:
                     steps["mhc_nocache"] = nocache(steps["mhc_nocache"])
+                for name, wrap in (("mhc_noprefetch", noprefetch), ("mhc_nopostnorm", nopostnorm)):
+                    if name in steps:
+                        steps[name] = wrap(steps[name])
                 for threads in [int(t) for t in args.threads.split(",")]:
                     torch.set_num_threads(threads)
                     med = measure(steps, args.reps, args.warmup)
