@@ -14,6 +14,9 @@ Variants (each converted with ``MHCConfig(streams=4)``):
                 before ``fused.cpp``, for its before/after in the same rounds;
   mhc_nocache   the ``mhc`` model with the CPU kernels' output cache off (``kernels_cpu.pool.h``:
                 every stream-sized output a fresh allocation, as before the cache);
+  mhc_noprefetch  the ``mhc`` model with the kernels' software prefetch off (``mhc_cpu::set_prefetch(0)``);
+  mhc_nopostnorm  the ``mhc`` model with post_res + LayerNorm as two calls (``ops.post_res_norm``'s one
+                pass off: post-LN models such as MiniLM only);
   mhc_mmgx      the ``mhc`` model with the backward's X gradient as aten's mm plus a separate
                 epilogue pass (``launch.FUSED`` off inside the coeffs / boundary backward only), the
                 path before ``coeffs_gx`` (``grad_mm.cpp``), for its before/after in the same rounds;
@@ -56,7 +59,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_mmgx", "mhc_ref")
+VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_noprefetch", "mhc_nopostnorm", "mhc_mmgx",
+            "mhc_ref")
 
 
 # ----------------------------------------------------------------------------- models
@@ -107,8 +111,8 @@ def make_variants(model, args, kwargs, names=VARIANTS):
     from mhc_compile import MHCConfig, convert
 
     out = {"original": model}
-    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_mmgx", "auto"),
-                          ("mhc_ref", "reference")):
+    for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_noprefetch", "auto"),
+                          ("mhc_nopostnorm", "auto"), ("mhc_mmgx", "auto"), ("mhc_ref", "reference")):
         if name not in names:
             continue
         conv = convert(model, MHCConfig(streams=4, kernels=kernels), args, example_kwargs=kwargs)
@@ -121,14 +125,14 @@ def make_variants(model, args, kwargs, names=VARIANTS):
     return out
 
 
-def unfused(step):
-    """``step`` with ``kernels_cpu.launch.FUSED`` off while it runs (the ``mhc_unfused`` variant)."""
+def unfused(fn):
+    """``fn`` with ``kernels_cpu.launch.FUSED`` off while it runs (the ``mhc_unfused`` variant; :func:`mm_gx`)."""
     from mhc_compile.kernels_cpu import launch
 
-    def run_unfused():
+    def run_unfused(*args, **kwargs):
         launch.FUSED = False
         try:
-            step()
+            return fn(*args, **kwargs)
         finally:
             launch.FUSED = True
 
@@ -149,25 +153,42 @@ def nocache(step):
     return run_nocache
 
 
+def noprefetch(step):
+    """``step`` with the kernels' software prefetch off (the ``mhc_noprefetch`` variant)."""
+    def run():
+        old = torch.ops.mhc_cpu.set_prefetch(0)
+        try:
+            step()
+        finally:
+            torch.ops.mhc_cpu.set_prefetch(old)
+
+    return run
+
+
+def nopostnorm(step):
+    """``step`` with ``ops.post_res_norm`` making its two calls (the ``mhc_nopostnorm`` variant)."""
+    from mhc_compile.ops import cpu_paths
+
+    def run():
+        real = cpu_paths.fusable_layer_norm
+        cpu_paths.fusable_layer_norm = lambda *a: False
+        try:
+            step()
+        finally:
+            cpu_paths.fusable_layer_norm = real
+
+    return run
+
+
 def mm_gx(step):
     """``step`` with the coeffs / boundary backward's X gradient as aten's mm plus an epilogue pass (the
     ``mhc_mmgx`` variant): ``launch.FUSED`` off inside those two launchers only, where it selects that
     and nothing else (the eager fast path hands them the forward's projection)."""
     from mhc_compile.kernels_cpu import launch
 
-    def unfused_in(fn):
-        def run(*a, **k):
-            launch.FUSED = False
-            try:
-                return fn(*a, **k)
-            finally:
-                launch.FUSED = True
-
-        return run
-
     def run_mm_gx():
         saved = launch.coeffs_backward, launch.boundary_backward
-        launch.coeffs_backward, launch.boundary_backward = (unfused_in(f) for f in saved)
+        launch.coeffs_backward, launch.boundary_backward = (unfused(f) for f in saved)
         try:
             step()
         finally:
@@ -329,8 +350,9 @@ def run(args) -> list[dict]:
                     steps["mhc_unfused"] = unfused(steps["mhc_unfused"])
                 if "mhc_nocache" in steps:
                     steps["mhc_nocache"] = nocache(steps["mhc_nocache"])
-                if "mhc_mmgx" in steps:
-                    steps["mhc_mmgx"] = mm_gx(steps["mhc_mmgx"])
+                for name, wrap in (("mhc_noprefetch", noprefetch), ("mhc_nopostnorm", nopostnorm), ("mhc_mmgx", mm_gx)):
+                    if name in steps:
+                        steps[name] = wrap(steps[name])
                 for threads in [int(t) for t in args.threads.split(",")]:
                     torch.set_num_threads(threads)
                     med = measure(steps, args.reps, args.warmup)

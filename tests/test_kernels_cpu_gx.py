@@ -4,7 +4,8 @@ kernels_cpu/grad_mm.cpp).
 Against aten's mm plus the epilogue it replaces (``addcmul_`` and the cast for coeffs, ``boundary_gx``
 for the boundary) and a float64 recomputation: n in 1, 2, 4, 8 (K = 2n+n^2 and n C not multiples of
 the vector width), odd token and channel counts, every float dtype, both modes; bitwise where the
-inputs make every sum exact (so only the roundings and the indexing are compared); 1 or 2 threads;
+inputs make every sum exact (so only the roundings and the indexing are compared); 1 or 2 threads,
+touching ahead on or off;
 the launchers' coeffs and boundary backward against the reference at perturbed parameters, with the
 kernel on and off (``launch.FUSED``); a float64 gradcheck through the ops.
 """
@@ -98,6 +99,22 @@ def test_two_threads_give_the_same_bits():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_touching_ahead_changes_no_bit():
+    """The kernel brings its epilogue's inputs in during the GEMM unless set_prefetch(0): same outputs."""
+    k = torch.ops.mhc_cpu
+    old = k.set_prefetch(6)
+    try:
+        for n, c, t, dtype in ((4, 40, 37, torch.float32), (2, 13, 9, torch.bfloat16)):
+            args = _inputs(n, c, t, dtype, seed=t)
+            k.set_prefetch(6)
+            on = [_gx(m, *args) for m in ("coeffs", "boundary")]
+            k.set_prefetch(0)
+            off = [_gx(m, *args) for m in ("coeffs", "boundary")]
+            assert all(torch.equal(a, b) for a, b in zip(on, off))
+    finally:
+        k.set_prefetch(old)
 
 
 def test_rejects_mismatched_inputs():

@@ -31,6 +31,7 @@ struct GxEpilogue {
   const acc* hp;         // (T, n) the boundary's H_pre
   scalar_t* out;         // (T, nC)
   int64_t n, C;
+  bool ahead;            // touch() on: prefetch_distance() > 0 (mhc_cpu::set_prefetch(0) turns it off)
 
   // columns [p0, p0 + cnt) of token t, their gm in g: one element at a time
   void run(int64_t t, int64_t p0, int64_t cnt, const acc* g) const {
@@ -61,7 +62,7 @@ struct GxEpilogue {
   // of stalling row(). x is read (one byte per line, summed into the return value for the caller to
   // keep; volatile, so the loads are not sunk past the GEMM), the rest prefetched: on the AMD EPYC we
   // measured, with x prefetched too the stall stayed, and with every input read it grew (benchmarks.md
-  // "Fifth pass").
+  // "Fifth pass"). Off with the forward kernels' prefetch (mhc_cpu::set_prefetch(0), common.h).
   unsigned touch(int64_t t, int64_t p0, int64_t cnt) const {
     const int64_t NC = n * C, bytes = cnt * int64_t(sizeof(scalar_t)), at = (t * NC + p0) * int64_t(sizeof(scalar_t));
     using B = const volatile unsigned char;
@@ -134,7 +135,7 @@ inline void gx_rows(const acc* d, int64_t K, const acc* pt, int64_t NC, int64_t 
   int64_t p0 = 0;
   unsigned touched = 0;
   for (; p0 + kCols <= NC; p0 += kCols, pt += K * kCols) {
-    for (int u = 0; u < TB; ++u) touched += epi.touch(t + u, p0, kCols);
+    for (int u = 0; u < TB && epi.ahead; ++u) touched += epi.touch(t + u, p0, kCols);
     gemm_tile<acc, TB, kGxVecs>(d, K, pt, kCols, g + p0, ldg);
   }
   asm volatile("" : : "r"(touched));  // the touches stay
@@ -182,7 +183,8 @@ at::Tensor coeffs_gx(const at::Tensor& dh_, const at::Tensor& phi_, const at::Te
     const GxEpilogue<scalar_t, acc> epi{x.data_ptr<scalar_t>(), coef.data_ptr<acc>(),
                                         boundary ? gxn.data_ptr<scalar_t>() : nullptr,
                                         boundary ? ghin.data_ptr<scalar_t>() : nullptr,
-                                        boundary ? hp.data_ptr<acc>() : nullptr, out.data_ptr<scalar_t>(), n, C};
+                                        boundary ? hp.data_ptr<acc>() : nullptr, out.data_ptr<scalar_t>(), n, C,
+                                        prefetch_distance() > 0};
     const acc* d = dh.data_ptr<acc>();
     const int64_t ldg = tiles * kCols;
     at::parallel_for(0, T, std::max<int64_t>(kGxTokens, grain(NC * K)), [&](int64_t b, int64_t e) {
