@@ -7,7 +7,8 @@ Ops (``x`` is a stream tensor of shape (..., n, C); see ``reference`` for the ma
     mhc::pre(x, h_pre, kernels) -> h_in (..., C), dtype of x
     mhc::post_res(x, h_out, h_post, h_res, kernels) -> x' (..., n, C), dtype of x
 
-and one ``*_backward`` op each. Every op has a fake (meta) implementation, so it traces under
+and one ``*_backward`` op each. ``post_res_norm(x, h_out, h_post, h_res, norm, kernels)`` is no op of its
+own: ``norm(post_res(...))`` for a post-LN site's end, in one CPU kernel when it may (its docstring). Every op has a fake (meta) implementation, so it traces under
 ``torch.compile`` / ``torch.export`` with dynamic shapes, and an autograd formula that saves
 only the op's *inputs*: the backward recomputes the normalised x, the logits and the Sinkhorn
 iterations instead of storing them (DESIGN.md, recomputation).
