@@ -68,7 +68,7 @@ inline void norm_row(const acc* v, int64_t C, const scalar_t* w, const scalar_t*
 
 // out (T, n, C) = per-stream LayerNorm(post_res(x, h_out, h_post, h_res)) with weight / bias (C) or none.
 at::Tensor post_res_norm_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at::Tensor& ho_, const at::Tensor& hr_,
-                             const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
+                             const std::optional<at::Tensor>& weight_, const std::optional<at::Tensor>& bias_,
                              double eps) {
   at::Tensor x = x_.contiguous(), hout = hout_.contiguous(), ho = ho_.contiguous(), hr = hr_.contiguous();
   const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
