@@ -319,6 +319,53 @@ def _install(block: nn.Module, spec: BlockSpec, call: BlockCall, prepared: dict,
     block.forward = types.MethodType(_carried_forward, block)
 
 
+def _padded_mask_calls(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, main_calls: dict) -> dict:
+    """{path: (call, {training: _Prepared})} for the blocks that a batch with padding calls differently.
+
+    An example whose ``attention_mask`` is all ones lets transformers skip the mask (the blocks get
+    None), but a padded batch, and any call under ``torch.compile`` (which cannot read the mask's
+    values), gives them a mask tensor. Tracing that variant only when it first comes would break a
+    compiled graph at every block, for good. So the example runs once more with one padded position,
+    and each block whose call differs gets that variant traced now. Anything that fails here is left
+    to the retrace at run time, as before."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[-1] < 2 or mask.device.type == "meta" \
+            or mask.is_floating_point() or not bool(mask.all()):
+        return {}
+    padded = mask.clone()
+    padded[0, -1] = 0
+    try:
+        calls, mode = record_calls(model, [s.path for s in plan.blocks], args, {**kwargs, "attention_mask": padded})
+    except BlockTraceError:
+        return {}
+    out = {}
+    with buffers_kept(model):
+        for spec in plan.blocks:
+            call, main = calls[spec.path], main_calls[spec.path]
+            block = model.get_submodule(spec.path) if spec.path else model
+            key = call_key(block.training, tuple(call.names), [call.values[n] for n in call.names])
+            if key == call_key(block.training, tuple(main.names), [main.values[n] for n in main.names]):
+                continue
+            try:
+                out[spec.path] = (call, _prepare_block(model, spec, call, mode))
+            except (BlockRewriteError, BlockTraceError):
+                continue
+    return out
+
+
+def _add_variants(block: nn.Module, carry: CarriedForward, call: BlockCall, prepared: dict, config: MHCConfig) -> None:
+    """The variants of :func:`_padded_mask_calls` on an installed block, with its own mHC parameters
+    (one graph for both modes when they are the same, as :func:`_install` does)."""
+    values = [call.values[n] for n in call.names]
+    fns = {training: _rewrite_compile(block, prep, config, _live_provider(block), [], f"{carry.path} padded {training}")
+           for training, prep in prepared.items() if prep is not None}
+    for training in (False, True):
+        key = call_key(training, tuple(call.names), values)
+        if prepared.get(training, "same") is None or key in carry.variants or not fns:
+            continue
+        carry.variants[key], carry.source[key] = fns.get(training) or next(iter(fns.values()))
+
+
 def carry_blocks(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, config: MHCConfig,
                  provider: ParamProvider) -> tuple[list, dict]:
     """Make every block of ``plan`` carry its part of the chains; the registered parameter names,
@@ -334,10 +381,13 @@ def carry_blocks(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, c
                 prepared.append((spec, _prepare_block(model, spec, calls[spec.path], mode)))
             except (BlockRewriteError, BlockTraceError) as exc:
                 raise type(exc)(f"{spec.path or 'the root'}: {exc}") from exc
+    padded = _padded_mask_calls(model, plan, args, kwargs, calls)
     names: list = []
     carried: dict = {}
     for spec, prep in prepared:
         block = model.get_submodule(spec.path) if spec.path else model
         _install(block, spec, calls[spec.path], prep, config, provider, names)
         carried[spec.path] = block.__dict__["_mhc_carry"]
+        if spec.path in padded:
+            _add_variants(block, carried[spec.path], *padded[spec.path], config)
     return list(dict.fromkeys(names)), carried
