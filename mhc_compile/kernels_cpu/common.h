@@ -64,9 +64,10 @@ inline T dot(const T* a, const T* b, int64_t C) {
 // poorly on data not in cache (pre_fwd on cold streams ran at 0.7x copy speed); the forward mixes
 // ask for the rows a few tokens ahead: on cold streams (T = 512, n = 4, C = 256, 1 thread) pre_fwd,
 // pre_bwd, post_res_fwd and post_res_norm_fwd took 21-35% less time. post_res_bwd (more work per
-// byte) and the site start's projection ran 4-10% slower with it, so they do without. Prefetches never fault, so the end of a tensor needs no guard
-// beyond staying inside it: prefetch_ahead(p, t, T, row) asks for row t + d of a (T, row) tensor when
-// there is one, d = prefetch_distance() tokens (6; 0 turns it off: mhc_cpu::set_prefetch, for benchmarks).
+// byte) and the site start's projection ran 4-10% slower with it, so they do without. Prefetches
+// never fault, so the end of a tensor needs no guard beyond staying inside it: prefetch_ahead(p, t,
+// T, row) asks for row t + d of a (T, row) tensor when there is one, d = prefetch_distance() tokens
+// (6; 0 turns it off: mhc_cpu::set_prefetch, for benchmarks).
 inline int64_t& prefetch_distance() {
   static int64_t d = 6;
   return d;

@@ -39,18 +39,6 @@ inline void gemm_block(const acc* x, int64_t NC, const acc* ph, int64_t Kp, int6
   }
 }
 
-// post_res of one token, generic dtype / n: mix.cpp post_res_fwd's generic loop (the same roundings).
-template <typename scalar_t, typename acc>
-inline void post_res_token(const scalar_t* xt, const scalar_t* ht, const acc* R, const acc* P, scalar_t* out,
-                           int64_t n, int64_t C, acc* xa, acc* ha, acc* buf) {
-  for (int64_t k = 0; k < n * C; ++k) xa[k] = acc(xt[k]);
-  for (int64_t c = 0; c < C; ++c) ha[c] = acc(ht[c]);
-  for (int64_t i = 0; i < n; ++i) {
-    post_res_row(xa, ha, R, P, i, n, C, buf);
-    for (int64_t c = 0; c < C; ++c) out[i * C + c] = scalar_t(buf[c]);
-  }
-}
-
 // pre of one token, generic dtype / n: mix.cpp pre_fwd's generic loop.
 template <typename scalar_t, typename acc>
 inline void pre_token(const scalar_t* xt, const acc* h, scalar_t* o, int64_t n, int64_t C, acc* buf) {

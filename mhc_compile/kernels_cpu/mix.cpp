@@ -241,17 +241,9 @@ at::Tensor post_res_fwd(const at::Tensor& x_, const at::Tensor& hout_, const at:
       return;
     at::parallel_for(0, T, grain(n * n * C), [&](int64_t b, int64_t e) {
       std::vector<acc> xa(n * C), ha(C), buf(C);
-      for (int64_t t = b; t < e; ++t) {
-        const scalar_t* xt = xp + t * n * C;
-        for (int64_t k = 0; k < n * C; ++k) xa[k] = acc(xt[k]);
-        for (int64_t c = 0; c < C; ++c) ha[c] = acc(hop[t * C + c]);
-        const acc *R = hrp + t * sr, *P = hpo + t * so;
-        for (int64_t i = 0; i < n; ++i) {
-          post_res_row(xa.data(), ha.data(), R, P, i, n, C, buf.data());
-          scalar_t* o = outp + (t * n + i) * C;
-          for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(buf[c]);
-        }
-      }
+      for (int64_t t = b; t < e; ++t)
+        post_res_token(xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so, outp + t * n * C, n, C, xa.data(),
+                       ha.data(), buf.data());
     });
   });
   return out;

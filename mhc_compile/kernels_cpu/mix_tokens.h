@@ -34,21 +34,26 @@ inline void post_res_token_f32(const float* xt, const float* ht, const float* R,
     }
 }
 
-// Any type, n at run time: stream i of post_res for one token into buf (C values, compute type),
-// buf[c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] from the token's x (n * C) and h (C) in the compute
-// type: the generic loop of post_res_fwd, shared with post_res_norm_fwd (post_norm.cpp).
-template <typename acc>
-inline void post_res_row(const acc* xa, const acc* ha, const acc* R, const acc* P, int64_t i, int64_t n, int64_t C,
-                         acc* buf) {
-  const acc r0 = R[i * n];
-  for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
-  for (int64_t j = 1; j < n; ++j) {
-    const acc rij = R[i * n + j];
-    const acc* xj = xa + j * C;
-    for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
+// Any type, n at run time: post_res of one token, out[i, c] = r((sum_j R[i, j] x[j, c]) + P[i] h[c]) with
+// r() the rounding to x's dtype, accumulated in the compute type (xa: n * C, ha and buf: C values of
+// scratch): the generic loop of post_res_fwd (mix.cpp), the boundary forward (fused.cpp) and
+// post_res_norm_fwd (post_norm.cpp).
+template <typename scalar_t, typename acc>
+inline void post_res_token(const scalar_t* xt, const scalar_t* ht, const acc* R, const acc* P, scalar_t* out,
+                           int64_t n, int64_t C, acc* xa, acc* ha, acc* buf) {
+  for (int64_t k = 0; k < n * C; ++k) xa[k] = acc(xt[k]);
+  for (int64_t c = 0; c < C; ++c) ha[c] = acc(ht[c]);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc r0 = R[i * n];
+    for (int64_t c = 0; c < C; ++c) buf[c] = r0 * xa[c];
+    for (int64_t j = 1; j < n; ++j) {
+      const acc rij = R[i * n + j];
+      const acc* xj = xa + j * C;
+      for (int64_t c = 0; c < C; ++c) buf[c] += rij * xj[c];
+    }
+    const acc pi = P[i];
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = scalar_t(buf[c] + pi * ha[c]);
   }
-  const acc pi = P[i];
-  for (int64_t c = 0; c < C; ++c) buf[c] = buf[c] + pi * ha[c];
 }
 
 // float, n = N known: h_in[c] = sum_i hp[i] x[i, c], eight lanes at a time.

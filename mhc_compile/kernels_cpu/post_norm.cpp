@@ -102,14 +102,12 @@ at::Tensor post_res_norm_fwd(const at::Tensor& x_, const at::Tensor& hout_, cons
     at::parallel_for(0, T, grain(n * n * C + 4 * n * C), [&](int64_t b, int64_t end) {
       std::vector<acc> xa(n * C), ha(C), buf(C);
       for (int64_t t = b; t < end; ++t) {
-        const scalar_t* xt = xp + t * n * C;
-        for (int64_t k = 0; k < n * C; ++k) xa[k] = acc(xt[k]);
-        for (int64_t c = 0; c < C; ++c) ha[c] = acc(hop[t * C + c]);
-        const acc *R = hrp + t * sr, *P = hpo + t * so;
-        for (int64_t i = 0; i < n; ++i) {  // post_res_fwd's generic loop, then its rounding to x's dtype
-          post_res_row(xa.data(), ha.data(), R, P, i, n, C, buf.data());
-          for (int64_t c = 0; c < C; ++c) buf[c] = acc(scalar_t(buf[c]));
-          norm_row<scalar_t, acc>(buf.data(), C, wp, bp, e, outp + (t * n + i) * C);
+        scalar_t* o = outp + t * n * C;  // post_res_fwd's X' (rounded to x's dtype), then each row's norm
+        post_res_token(xp + t * n * C, hop + t * C, hrp + t * sr, hpo + t * so, o, n, C, xa.data(), ha.data(),
+                       buf.data());
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t c = 0; c < C; ++c) buf[c] = acc(o[i * C + c]);
+          norm_row<scalar_t, acc>(buf.data(), C, wp, bp, e, o + i * C);
         }
       }
     });

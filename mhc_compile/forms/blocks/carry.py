@@ -300,20 +300,9 @@ def _install(block: nn.Module, spec: BlockSpec, call: BlockCall, prepared: dict,
     path = spec.path or type(block).__name__
     carry = CarriedForward(path, spec, config, ForwardSignature.of(block, path),
                            _stream_argument(next(p for p in prepared.values() if p is not None), call))
-    provider = _block_provider(provider, spec.path)
     block_names: list = []
-    values = [call.values[n] for n in call.names]
-    fns: dict = {}
-    for training, prep in prepared.items():
-        if prep is not None:
-            fns[training] = _rewrite_compile(block, prep, config, provider, block_names,
-                                             f"{spec.path or 'root'} training={training}")
-    for training in (False, True):
-        if prepared.get(training, "same") is None:
-            continue  # LayerDrop-like randomness in this mode: its call retraces and raises
-        fn, src = fns.get(training) or next(iter(fns.values()))
-        key = call_key(training, tuple(call.names), values)
-        carry.variants[key], carry.source[key] = fn, src
+    _add_variants(block, carry, call, prepared, config, _block_provider(provider, spec.path), block_names,
+                  spec.path or "root")
     names += [f"{spec.path}.{n}" if spec.path else n for n in block_names]
     block.__dict__["_mhc_carry"] = carry
     block.forward = types.MethodType(_carried_forward, block)
@@ -343,8 +332,7 @@ def _padded_mask_calls(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: d
         for spec in plan.blocks:
             call, main = calls[spec.path], main_calls[spec.path]
             block = model.get_submodule(spec.path) if spec.path else model
-            key = call_key(block.training, tuple(call.names), [call.values[n] for n in call.names])
-            if key == call_key(block.training, tuple(main.names), [main.values[n] for n in main.names]):
+            if _call_key(block.training, call) == _call_key(block.training, main):
                 continue
             try:
                 out[spec.path] = (call, _prepare_block(model, spec, call, mode))
@@ -353,17 +341,21 @@ def _padded_mask_calls(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: d
     return out
 
 
-def _add_variants(block: nn.Module, carry: CarriedForward, call: BlockCall, prepared: dict, config: MHCConfig) -> None:
-    """The variants of :func:`_padded_mask_calls` on an installed block, with its own mHC parameters
-    (one graph for both modes when they are the same, as :func:`_install` does)."""
-    values = [call.values[n] for n in call.names]
-    fns = {training: _rewrite_compile(block, prep, config, _live_provider(block), [], f"{carry.path} padded {training}")
+def _call_key(training: bool, call: BlockCall) -> tuple:
+    return call_key(training, tuple(call.names), [call.values[n] for n in call.names])
+
+
+def _add_variants(block: nn.Module, carry: CarriedForward, call: BlockCall, prepared: dict, config: MHCConfig,
+                  provider: ParamProvider, names: list, tag: str) -> None:
+    """Rewrite the prepared graphs of ``call`` ({training: _Prepared}; one for both modes when they are
+    the same, None for a mode with LayerDrop-like randomness, whose call retraces and raises) and add
+    them to ``carry`` under the call's keys, leaving keys it has; the parameters come from ``provider``."""
+    fns = {training: _rewrite_compile(block, prep, config, provider, names, f"{tag} training={training}")
            for training, prep in prepared.items() if prep is not None}
     for training in (False, True):
-        key = call_key(training, tuple(call.names), values)
-        if prepared.get(training, "same") is None or key in carry.variants or not fns:
-            continue
-        carry.variants[key], carry.source[key] = fns.get(training) or next(iter(fns.values()))
+        key = _call_key(training, call)
+        if fns and prepared.get(training, "same") is not None and key not in carry.variants:
+            carry.variants[key], carry.source[key] = fns.get(training) or next(iter(fns.values()))
 
 
 def carry_blocks(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, config: MHCConfig,
@@ -388,6 +380,7 @@ def carry_blocks(model: nn.Module, plan: BlockPlan, args: tuple, kwargs: dict, c
         block = model.get_submodule(spec.path) if spec.path else model
         _install(block, spec, calls[spec.path], prep, config, provider, names)
         carried[spec.path] = block.__dict__["_mhc_carry"]
-        if spec.path in padded:
-            _add_variants(block, carried[spec.path], *padded[spec.path], config)
+        if spec.path in padded:  # with the parameters just registered on the block
+            _add_variants(block, carried[spec.path], *padded[spec.path], config, _live_provider(block), [],
+                          f"{spec.path or 'root'} padded")
     return list(dict.fromkeys(names)), carried
