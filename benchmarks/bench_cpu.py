@@ -20,6 +20,9 @@ Variants (each converted with ``MHCConfig(streams=4)``):
   mhc_mmgx      the ``mhc`` model with the backward's X gradient as aten's mm plus a separate
                 epilogue pass (``launch.FUSED`` off inside the coeffs / boundary backward only), the
                 path before ``coeffs_gx`` (``grad_mm.cpp``), for its before/after in the same rounds;
+  mhc_inline    the ``mhc`` model with ``ops.cpu_paths.COMPILED_KERNELS`` off: a compiled eval forward then runs
+                ``mhc::coeffs`` and the inlined mixes (the path a compiled train step takes) instead of
+                the fused kernels as opaque calls; the same as ``mhc`` in eager mode and in train steps;
   mhc_ref       converted, ``kernels="reference"`` (the plain-torch reference: the "before").
 
 Modes: ``eval`` (no_grad forward in eval mode) and ``train`` (forward, backward of a mean-square
@@ -60,7 +63,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_noprefetch", "mhc_nopostnorm", "mhc_mmgx",
-            "mhc_ref")
+            "mhc_inline", "mhc_ref")
 
 
 # ----------------------------------------------------------------------------- models
@@ -112,7 +115,8 @@ def make_variants(model, args, kwargs, names=VARIANTS):
 
     out = {"original": model}
     for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_noprefetch", "auto"),
-                          ("mhc_nopostnorm", "auto"), ("mhc_mmgx", "auto"), ("mhc_ref", "reference")):
+                          ("mhc_nopostnorm", "auto"), ("mhc_mmgx", "auto"), ("mhc_inline", "auto"),
+                          ("mhc_ref", "reference")):
         if name not in names:
             continue
         conv = convert(model, MHCConfig(streams=4, kernels=kernels), args, example_kwargs=kwargs)
@@ -125,18 +129,24 @@ def make_variants(model, args, kwargs, names=VARIANTS):
     return out
 
 
+def patched(fn, owner, attr: str, value):
+    """``fn`` with ``owner.attr`` set to ``value`` while it runs (restored after)."""
+    def run(*args, **kwargs):
+        old = getattr(owner, attr)
+        setattr(owner, attr, value)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            setattr(owner, attr, old)
+
+    return run
+
+
 def unfused(fn):
     """``fn`` with ``kernels_cpu.launch.FUSED`` off while it runs (the ``mhc_unfused`` variant; :func:`mm_gx`)."""
     from mhc_compile.kernels_cpu import launch
 
-    def run_unfused(*args, **kwargs):
-        launch.FUSED = False
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            launch.FUSED = True
-
-    return run_unfused
+    return patched(fn, launch, "FUSED", False)
 
 
 def nocache(step):
@@ -169,15 +179,15 @@ def nopostnorm(step):
     """``step`` with ``ops.post_res_norm`` making its two calls (the ``mhc_nopostnorm`` variant)."""
     from mhc_compile.ops import cpu_paths
 
-    def run():
-        real = cpu_paths.fusable_layer_norm
-        cpu_paths.fusable_layer_norm = lambda *a: False
-        try:
-            step()
-        finally:
-            cpu_paths.fusable_layer_norm = real
+    return patched(step, cpu_paths, "fusable_layer_norm", lambda *a: False)
 
-    return run
+
+def inline(step):
+    """``step`` with ``cpu_paths.COMPILED_KERNELS`` off (the ``mhc_inline`` variant: under ``--compile`` the
+    no-grad forward traces ``mhc::coeffs`` and the inlined mixes; a guard on the flag keeps both graphs)."""
+    from mhc_compile.ops import cpu_paths
+
+    return patched(step, cpu_paths, "COMPILED_KERNELS", False)
 
 
 def mm_gx(step):
@@ -186,15 +196,8 @@ def mm_gx(step):
     and nothing else (the eager fast path hands them the forward's projection)."""
     from mhc_compile.kernels_cpu import launch
 
-    def run_mm_gx():
-        saved = launch.coeffs_backward, launch.boundary_backward
-        launch.coeffs_backward, launch.boundary_backward = (unfused(f) for f in saved)
-        try:
-            step()
-        finally:
-            launch.coeffs_backward, launch.boundary_backward = saved
-
-    return run_mm_gx
+    step = patched(step, launch, "coeffs_backward", unfused(launch.coeffs_backward))
+    return patched(step, launch, "boundary_backward", unfused(launch.boundary_backward))
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
@@ -350,7 +353,8 @@ def run(args) -> list[dict]:
                     steps["mhc_unfused"] = unfused(steps["mhc_unfused"])
                 if "mhc_nocache" in steps:
                     steps["mhc_nocache"] = nocache(steps["mhc_nocache"])
-                for name, wrap in (("mhc_noprefetch", noprefetch), ("mhc_nopostnorm", nopostnorm), ("mhc_mmgx", mm_gx)):
+                for name, wrap in (("mhc_noprefetch", noprefetch), ("mhc_nopostnorm", nopostnorm), ("mhc_mmgx", mm_gx),
+                                   ("mhc_inline", inline)):
                     if name in steps:
                         steps[name] = wrap(steps[name])
                 for threads in [int(t) for t in args.threads.split(",")]:

@@ -157,3 +157,19 @@ def state_dict_roundtrip(src, fresh, inputs) -> float:
     with torch.no_grad():
         a, b = main_output(src(*inputs)), main_output(fresh(*inputs))
     return (a - b).abs().max().item()
+
+
+def compiled_no_grad(model, *args, **kwargs):
+    """(main output, call_function targets of the Dynamo graphs, number of graphs) of one compiled call
+    of ``model`` without gradient, on a graph-capturing eager backend (Dynamo's cache reset around it)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = main_output(torch.compile(model, backend=backend)(*args, **kwargs))
+    torch._dynamo.reset()
+    return out, [str(nd.target) for gm in graphs for nd in gm.graph.nodes if nd.op == "call_function"], len(graphs)

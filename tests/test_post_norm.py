@@ -14,7 +14,7 @@ from torch import nn
 from mhc_compile import MHCConfig, convert, kernels_cpu, ops
 from mhc_compile.kernels_cpu import launch
 from mhc_compile.ops import cpu_paths
-from tests._convert_checks import main_output
+from tests._convert_checks import compiled_no_grad, main_output
 from tests._invariants import perturb_mhc
 
 pytestmark = pytest.mark.skipif(not kernels_cpu.available(), reason=f"CPU kernels not built: {kernels_cpu.build_error()}")
@@ -161,22 +161,17 @@ def test_gradients_reach_the_layer_norm_and_a_subclass_is_called():
 
 
 def test_compiled_bert_traces_the_module_call(converted, monkeypatch):
-    """Under torch.compile Dynamo sees post_res then the LayerNorm (inductor fuses them itself): the graph
-    has layer_norm calls on the streams, the kernel never runs, the output is the eager one."""
+    """Under torch.compile with the compiled kernels off (``cpu_paths.COMPILED_KERNELS``; the path of a
+    compiled train step) Dynamo sees post_res then the LayerNorm (inductor fuses them itself): the graph
+    has layer_norm calls on the streams, the kernel never runs, the output is the eager one. With them
+    on, a no-grad call runs the kernel: tests/test_compiled_cpu.py."""
     conv, _, ids = converted
     calls = _count_fused(monkeypatch)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
+    monkeypatch.setattr(cpu_paths, "COMPILED_KERNELS", False)
     with torch.no_grad():
         want = main_output(conv(ids))
-        got = main_output(torch.compile(conv, backend=backend)(ids))
-    torch._dynamo.reset()
+    got, targets, _ = compiled_no_grad(conv, ids)
     assert len(calls) == 3  # the eager call only
-    norms = [nd for gm in graphs for nd in gm.graph.nodes if "layer_norm" in str(nd.target)]
+    norms = [t for t in targets if "layer_norm" in t]
     assert len(norms) >= 5  # embeddings + 4 site ends
     assert (got - want).abs().max() <= 2e-5

@@ -10,7 +10,8 @@ pre while the block is in cache); ``post_norm.cpp`` the end of a post-LN site (p
 LayerNorm on each stream) for eval; and the backward's X-gradient GEMM dh_r . phi^T with its epilogue
 (``coeffs_gx``: the RMS term, and at a boundary the pre and next-stream gradients, applied before the
 rows are written). The g_phi GEMM of the coeffs backward stays in aten. :mod:`.launch` composes them into the ``mhc::``
-ops' implementations.
+ops' implementations; :mod:`.fakes` registers the forward kernels' fake implementations once they are
+loaded, so a compiled eval forward can call them directly (``ops/cpu_paths.py``).
 
 The extension is compiled once per machine with ``torch.utils.cpp_extension.load`` (about 10 s,
 cached in torch's extension directory, ``TORCH_EXTENSIONS_DIR``) the first time a CPU tensor
@@ -73,6 +74,9 @@ def available() -> bool:
             tag = hashlib.sha256(blob).hexdigest()[:12]  # a new name whenever the sources or flags change
             load(f"mhc_cpu_{tag}", sources=[str(f) for f in _SOURCES], extra_cflags=flags, is_python_module=False,
                  verbose=False)
+            from . import fakes
+
+            fakes.register()
             _state["ok"] = True
         except Exception as e:  # no compiler / ninja / headers: the reference runs instead
             _state.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
@@ -84,6 +88,11 @@ def available() -> bool:
                 stacklevel=2,
             )
         return _state["ok"]
+
+
+def loaded() -> bool:
+    """Whether the kernels are built and loaded already (never builds: safe to trace under Dynamo)."""
+    return _state.get("ok") is True
 
 
 def build_error() -> str | None:

@@ -69,6 +69,8 @@ def coeffs(
         return outs
     if (cpu := _cpu_paths.eager_cpu(kernels, x, phi, alpha, b_pre, b_post, b_res)):
         return _cpu_paths.coeffs_eager(cpu, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    if (cpu := _cpu_paths.compiled_nograd(kernels, x, phi, alpha, b_pre, b_post, b_res)):
+        return cpu.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     return torch.ops.mhc.coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
 
 
@@ -77,6 +79,8 @@ def pre(x: Tensor, h_pre: Tensor, kernels: str = "auto") -> Tensor:
     if (cpu := _cpu_paths.eager_cpu(kernels, x, h_pre)):  # eager only, plain tensors: no align, no inlining
         return _cpu_paths.pre_eager(cpu, x, h_pre)
     (x, h_pre), _ = _align((x, h_pre), ())
+    if (cpu := _cpu_paths.compiled_nograd(kernels, x, h_pre)):
+        return cpu.pre_forward(x, h_pre)
     if _cpu_paths.compiling_on_cpu(kernels, x, h_pre):
         return _cpu_paths.pre_inline(x, h_pre)
     return torch.ops.mhc.pre(x, h_pre, kernels)
@@ -87,6 +91,8 @@ def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: s
     if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res)):
         return _cpu_paths.post_res_eager(cpu, x, h_out, h_post, h_res)
     (x, h_out, h_post, h_res), _ = _align((x, h_out, h_post, h_res), ())
+    if h_out.dtype == x.dtype and (cpu := _cpu_paths.compiled_nograd(kernels, x, h_out, h_post, h_res)):
+        return cpu.post_res_forward(x, h_out, h_post, h_res)
     if _cpu_paths.compiling_on_cpu(kernels, x, h_out, h_post, h_res):
         return _cpu_paths.post_res_inline(x, h_out, h_post, h_res)
     return torch.ops.mhc.post_res(x, h_out, h_post, h_res, kernels)
@@ -99,6 +105,9 @@ def post_res_norm(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, norm:
     with ``norm`` a plain ``nn.LayerNorm`` over C (``cpu_paths.fusable_layer_norm``), runs both in one
     pass per token (``post_res_norm_fwd``); any other call makes the two calls as written."""
     if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res)) and \
+            _cpu_paths.fusable_layer_norm(norm, x, h_out, h_post, h_res):
+        return cpu.post_res_norm_forward(x, h_out, h_post, h_res, norm.weight, norm.bias, norm.eps)
+    if h_out.dtype == x.dtype and (cpu := _cpu_paths.compiled_nograd(kernels, x, h_out, h_post, h_res)) and \
             _cpu_paths.fusable_layer_norm(norm, x, h_out, h_post, h_res):
         return cpu.post_res_norm_forward(x, h_out, h_post, h_res, norm.weight, norm.bias, norm.eps)
     return norm(post_res(x, h_out, h_post, h_res, kernels))
@@ -121,6 +130,9 @@ def boundary(
         return _cpu_paths.boundary_eager(cpu, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res) = _align(
         (x, h_out, h_post, h_res), (phi, alpha, b_pre, b_post, b_res))
+    if dynamic and h_out.dtype == x.dtype and (
+            cpu := _cpu_paths.compiled_nograd(kernels, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res)):
+        return cpu.boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     if dynamic and not _cpu_paths.compiling_on_cpu(kernels, x, h_out, h_post, h_res):
         if phi is None or alpha is None:
             raise ValueError("dynamic coefficients need phi and alpha")

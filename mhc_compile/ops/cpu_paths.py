@@ -1,6 +1,8 @@
 """CPU-only shortcuts of the public ``mhc_compile.ops`` wrappers (issue #25), kept apart from the ops.
 
-* Under ``torch.compile`` on CPU (``kernels="auto"``, plain tensors) ``pre`` and ``post_res`` are
+* Under ``torch.compile`` on CPU (``kernels="auto"``, plain tensors), a call that needs no gradient
+  runs the fused kernels as opaque ``mhc_cpu::`` calls (:func:`compiled_nograd`; fakes in
+  ``kernels_cpu/fakes.py``). One that needs a gradient has ``pre`` and ``post_res``
   emitted as their aten math (:func:`pre_inline`, :func:`post_res_inline`) instead of the opaque
   ``mhc::`` ops, so inductor fuses the stream mixing with its neighbours (the post-LN LayerNorm, the
   residual adds) and differentiates it itself; ``coeffs`` (the Sinkhorn loop) stays the fused C++
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from .. import _torch_internals as _ti
 from .. import reference
-from ..kernels_cpu import available, launch as _launch
+from ..kernels_cpu import available, loaded, launch as _launch
 from ..parallel.mixed import any_dtensor
 from .recording import _RECORDERS
 
@@ -41,6 +43,24 @@ def compiling_on_cpu(kernels: str, *tensors: Tensor) -> bool:
     recompute pass finds in the joint graph."""
     return (_INLINE and kernels == "auto" and torch.compiler.is_dynamo_compiling() and tensors[0].device.type == "cpu"
             and not any_dtensor(tensors))
+
+
+COMPILED_KERNELS = os.environ.get("MHC_CPU_COMPILED_KERNELS", "1") != "0"
+"""Whether a compiled CPU call that needs no gradient runs the fused kernels as opaque calls
+(:func:`compiled_nograd`); False: the inlined math and ``mhc::coeffs``, as a train step compiles."""
+
+
+def compiled_nograd(kernels: str, x: Tensor, *others: Tensor):
+    """``kernels_cpu.launch`` when Dynamo traces a wrapper for plain CPU tensors under ``kernels="auto"``
+    and the call needs no gradient (an eval forward under ``torch.compile``; Dynamo guards on grad mode
+    and on each input's ``requires_grad``): the graph then calls the fused kernels (``mhc_cpu::``, with
+    the fakes of ``kernels_cpu/fakes.py``) directly, as the eager fast path does, without the custom
+    op's Python layer. Else None."""
+    if not (COMPILED_KERNELS and compiling_on_cpu(kernels, x, *others)) or _RECORDERS:
+        return None
+    if x.dtype not in _launch.DTYPES or _needs_grad(x, *others) or any(t.device.type != "cpu" for t in others):
+        return None
+    return _launch if loaded() else None
 
 
 def pre_inline(x: Tensor, h_pre: Tensor) -> Tensor:

@@ -1,0 +1,56 @@
+"""Fake (meta) implementations of the fused CPU kernels' forward ops (``torch.ops.mhc_cpu``), so that
+Dynamo and inductor can put them in a compiled graph as opaque calls (``ops/cpu_paths.py``: a
+compiled CPU call that needs no gradient). Each fake gives the shapes, dtypes and (contiguous)
+strides the kernel returns; ``tests/test_compiled_cpu.py`` checks them against the kernels."""
+from __future__ import annotations
+
+import torch
+
+_DONE: list = []
+
+
+def _cd(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gates(t: int, n: int, like: torch.Tensor, cd: torch.dtype) -> list:
+    return [like.new_empty((t, n), dtype=cd), like.new_empty((t, n), dtype=cd), like.new_empty((t, n, n), dtype=cd)]
+
+
+def register() -> None:
+    """Registers the fakes once (after the extension is loaded: the ops must exist)."""
+    if _DONE:
+        return
+    _DONE.append(True)
+    lib = "mhc_cpu::"
+
+    @torch.library.register_fake(lib + "proj_mm")
+    def _proj_mm(flat, phi):
+        return flat.new_empty((flat.shape[0], phi.shape[1]), dtype=phi.dtype)
+
+    @torch.library.register_fake(lib + "coeffs_fwd")
+    def _coeffs_fwd(flat, proj, alpha, b_pre, b_post, b_res, eps, n, iters, hc):
+        return tuple(_gates(flat.shape[0], n, flat, proj.dtype))
+
+    @torch.library.register_fake(lib + "pre_fwd")
+    def _pre_fwd(x, h_pre):
+        return x.new_empty((x.shape[0], x.shape[2]))
+
+    @torch.library.register_fake(lib + "post_res_fwd")
+    def _post_res_fwd(x, h_out, h_post, h_res):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "post_res_norm_fwd")
+    def _post_res_norm_fwd(x, h_out, h_post, h_res, weight, bias, eps):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "site_start_fwd")
+    def _site_start_fwd(x, phi, alpha, b_pre, b_post, b_res, eps, iters, hc):
+        t, n, c = x.shape
+        return [*_gates(t, n, x, phi.dtype), x.new_empty((t, c)), x.new_empty((t, phi.shape[1]), dtype=phi.dtype)]
+
+    @torch.library.register_fake(lib + "boundary_fwd")
+    def _boundary_fwd(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, eps, iters, hc):
+        t, n, c = x.shape
+        return [x.new_empty(x.shape), *_gates(t, n, x, phi.dtype), x.new_empty((t, c)),
+                x.new_empty((t, phi.shape[1]), dtype=phi.dtype)]
