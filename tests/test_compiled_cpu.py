@@ -4,8 +4,9 @@
 The fakes give each kernel's shapes, dtypes and strides (``torch.library.opcheck``); a compiled eval of
 a converted BERT (post-LN sites) and GPT (boundaries) at perturbed mHC parameters calls the kernels
 (``mhc_cpu::`` nodes in the one Dynamo graph, no ``mhc::`` custom op) and gives eager's numbers under
-inductor; a compiled train step keeps the differentiable path (``mhc::coeffs`` plus the inlined mixes),
-and so does a compiled call under ``record_coeffs``, which records every site; a LayerNorm with a hook
+inductor; a compiled train step runs the coeffs kernels forward and backward (the mixes inlined for
+inductor) with eager's gradients; a compiled call under ``record_coeffs`` takes ``mhc::coeffs`` and records
+every site; a LayerNorm with a hook
 is called as a module.
 """
 import pytest
@@ -116,24 +117,46 @@ def test_compiled_eval_under_inductor_equals_eager():
     assert (got - inlined).abs().max() > 0 or torch.equal(got, inlined)  # both ran (numbers checked above)
 
 
-def test_compiled_train_keeps_the_differentiable_path():
+def _loss_and_grads(model, ids, fwd=None):
+    model.zero_grad(set_to_none=True)
+    loss = (model if fwd is None else fwd)(ids).float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), {k: q.grad.clone() for k, q in model.named_parameters() if q.grad is not None}
+
+
+def test_compiled_train_runs_the_coeffs_kernels_and_their_backward():
+    """A compiled train step: coeffs as the C++ kernels forward (``proj_mm``, ``coeffs_fwd``) and backward
+    (``coeffs_bwd``, ``coeffs_gx``; the projection kept, not recomputed) in AOTAutograd's graphs, no
+    ``mhc::`` custom op, the mixes inlined for inductor; the loss and every gradient those of eager at
+    perturbed mHC parameters, under AOTAutograd and under inductor."""
     model, (ids,), _ = _gpt()
     model.train()
+    loss, grads = _loss_and_grads(model, ids)
     graphs = []
 
     def backend(gm, example_inputs):
-        graphs.append(gm)
         from torch._dynamo.backends.common import aot_autograd
-        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
+        from functorch.compile import make_boxed_func
+
+        def keep(g, _):
+            graphs.append(g)
+            return make_boxed_func(g)
+
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
 
     torch._dynamo.reset()
-    out = torch.compile(model, backend=backend, fullgraph=True)(ids)
-    out.float().pow(2).mean().backward()
+    got = _loss_and_grads(model, ids, torch.compile(model, backend=backend, fullgraph=True))
+    inductor = _loss_and_grads(model, ids, torch.compile(model, fullgraph=True))
     torch._dynamo.reset()
-    targets = {str(nd.target) for gm in graphs for nd in gm.graph.nodes if nd.op == "call_function"}
-    assert any("mhc.coeffs" in t for t in targets)
-    assert not any(t.startswith("mhc_cpu.") for t in targets)
-    assert all(p.grad is not None for n, p in model.named_parameters() if ".mhc." in n)
+    fw, bw = ({str(nd.target) for nd in g.graph.nodes if nd.op == "call_function"} for g in graphs)
+    assert {"mhc_cpu.proj_mm.default", "mhc_cpu.coeffs_fwd.default"} <= fw
+    assert {"mhc_cpu.coeffs_bwd.default", "mhc_cpu.coeffs_gx.default"} <= bw and "mhc_cpu.proj_mm.default" not in bw
+    assert not any(t.startswith("mhc.") or t.startswith(("mhc_cpu.pre", "mhc_cpu.post_res")) for t in fw | bw)
+    assert sum(".mhc." in k for k in grads) == 20  # 4 sites x (phi, alpha, b_pre, b_post, b_res)
+    for loss2, grads2 in (got, inductor):
+        assert torch.allclose(loss, loss2, rtol=1e-6, atol=1e-7) and grads.keys() == grads2.keys()
+        for k in grads:
+            assert (grads[k] - grads2[k]).abs().max() <= 2e-5 * grads[k].abs().max().clamp_min(1e-3), k
 
 
 def test_compiled_call_under_record_coeffs_records_every_site():

@@ -130,6 +130,9 @@ def test_converted_model_fast_path_equals_the_custom_ops(monkeypatch):
 
 
 def test_compiled_cpu_inlines_pre_and_post_res(monkeypatch):
+    """With the compiled kernels off (``cpu_paths.COMPILED_KERNELS``; on: tests/test_compiled_cpu.py) a
+    compiled train step runs ``mhc::coeffs`` and the inlined mixes."""
+    monkeypatch.setattr(cpu_paths, "COMPILED_KERNELS", False)
     model, ids = _gpt()
     loss, grads = _loss_and_grads(model, ids)
     graphs = []

@@ -1,6 +1,7 @@
-"""Fake (meta) implementations of the fused CPU kernels' forward ops (``torch.ops.mhc_cpu``), so that
-Dynamo and inductor can put them in a compiled graph as opaque calls (``ops/cpu_paths.py``: a
-compiled CPU call that needs no gradient). Each fake gives the shapes, dtypes and (contiguous)
+"""Fake (meta) implementations of the fused CPU kernels' ops (``torch.ops.mhc_cpu``), so that Dynamo,
+AOTAutograd and inductor can put them in a compiled graph as opaque calls (``ops/cpu_paths.py``: the
+forward kernels in a compiled call that needs no gradient; coeffs forward and backward in a compiled
+train step). Each fake gives the shapes, dtypes and (contiguous)
 strides the kernel returns; ``tests/test_compiled_cpu.py`` checks them against the kernels."""
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def register() -> None:
     @torch.library.register_fake(lib + "coeffs_fwd")
     def _coeffs_fwd(flat, proj, alpha, b_pre, b_post, b_res, eps, n, iters, hc):
         return tuple(_gates(flat.shape[0], n, flat, proj.dtype))
+
+    @torch.library.register_fake(lib + "coeffs_bwd")
+    def _coeffs_bwd(g_pre, g_post, g_res, flat, proj, alpha, b_pre, b_post, b_res, eps, n, iters, hc):
+        t, k = proj.shape
+        return [flat.new_empty((t, k)), flat.new_empty((t, 1)), flat.new_empty((3,)), flat.new_empty((n,)),
+                flat.new_empty((n,)), flat.new_empty((n, n))]
+
+    @torch.library.register_fake(lib + "coeffs_gx")
+    def _coeffs_gx(dh_r, phi, x, coef, g_x_next=None, g_h_in=None, h_pre=None):
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake(lib + "pre_fwd")
     def _pre_fwd(x, h_pre):

@@ -71,6 +71,8 @@ def coeffs(
         return _cpu_paths.coeffs_eager(cpu, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     if (cpu := _cpu_paths.compiled_nograd(kernels, x, phi, alpha, b_pre, b_post, b_res)):
         return cpu.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
+    if _cpu_paths.compiled_train(kernels, x, phi, alpha, b_pre, b_post, b_res):
+        return _cpu_paths.coeffs_compiled(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     return torch.ops.mhc.coeffs(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, kernels)
 
 

@@ -2,11 +2,12 @@
 
 * Under ``torch.compile`` on CPU (``kernels="auto"``, plain tensors), a call that needs no gradient
   runs the fused kernels as opaque ``mhc_cpu::`` calls (:func:`compiled_nograd`; fakes in
-  ``kernels_cpu/fakes.py``). One that needs a gradient has ``pre`` and ``post_res``
+  ``kernels_cpu/fakes.py``). One that needs a gradient runs coeffs as :class:`_CompiledCoeffs` (the
+  kernels forward and backward, traced into the joint graph) and has ``pre`` and ``post_res``
   emitted as their aten math (:func:`pre_inline`, :func:`post_res_inline`) instead of the opaque
   ``mhc::`` ops, so inductor fuses the stream mixing with its neighbours (the post-LN LayerNorm, the
-  residual adds) and differentiates it itself; ``coeffs`` (the Sinkhorn loop) stays the fused C++
-  kernel behind ``mhc::coeffs``. CUDA keeps the Triton kernels. See docs/design.md "CPU kernels".
+  residual adds) and differentiates it itself. ``COMPILED_KERNELS`` off: ``coeffs`` (the Sinkhorn
+  loop) is ``mhc::coeffs`` in both cases, and the mixes are inlined. CUDA keeps the Triton kernels. See docs/design.md "CPU kernels".
 * In eager mode on CPU (``kernels="auto"``, plain tensors, the extension built, no dispatch mode,
   functorch transform or coefficient recorder active, not compiling) every op calls the fused kernels
   of ``kernels_cpu.launch`` directly (:func:`eager_cpu`): without autograd when no input needs a
@@ -61,6 +62,45 @@ def compiled_nograd(kernels: str, x: Tensor, *others: Tensor):
     if x.dtype not in _launch.DTYPES or _needs_grad(x, *others) or any(t.device.type != "cpu" for t in others):
         return None
     return _launch if loaded() else None
+
+
+def compiled_train(kernels: str, x: Tensor, *others: Tensor):
+    """``kernels_cpu.launch`` when Dynamo traces ``coeffs`` for plain CPU tensors under ``kernels="auto"`` in
+    a call that needs a gradient (a compiled train step): :func:`coeffs_compiled` then puts the fused
+    kernels and their backward in the graph (fakes in ``kernels_cpu/fakes.py``), keeping the forward's
+    projection for the backward as the eager path does. Else None (``mhc::coeffs``)."""
+    if not (COMPILED_KERNELS and compiling_on_cpu(kernels, x, *others)) or _RECORDERS:
+        return None
+    if x.dtype not in _launch.DTYPES or any(t.device.type != "cpu" for t in others):
+        return None
+    return _launch if loaded() else None
+
+
+class _CompiledCoeffs(torch.autograd.Function):
+    """``mhc::coeffs`` for Dynamo (which traces both methods into the joint graph): the launchers' C++
+    kernels, the projection vec(X).phi saved for the backward instead of recomputed (the eager
+    ``_Coeffs`` does the same), no custom-op Python layer at run time."""
+
+    @staticmethod
+    def forward(ctx, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
+        keep = []
+        outs = _launch.coeffs_forward(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
+        ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res, keep[0])
+        ctx.args = (iters, eps, variant)
+        return outs
+
+    @staticmethod
+    def backward(ctx, g_pre, g_post, g_res):
+        x, phi, alpha, b_pre, b_post, b_res, proj = ctx.saved_tensors
+        iters, eps, variant = ctx.args
+        grads = _launch.coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant,
+                                        proj=proj)
+        return (*grads, None, None, None)
+
+
+def coeffs_compiled(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
+    """coeffs in a compiled call that needs a gradient (:func:`compiled_train`)."""
+    return _CompiledCoeffs.apply(x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
 
 
 def pre_inline(x: Tensor, h_pre: Tensor) -> Tensor:
