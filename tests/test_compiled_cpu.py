@@ -187,3 +187,31 @@ def test_layer_norm_with_a_hook_is_called_under_compile():
     assert len(calls) == 2 and graphs == 1  # eager, then once while Dynamo traced the compiled call
     assert sum(t.split(".")[:2] == ["mhc_cpu", "post_res_norm_fwd"] for t in targets) == 2  # 3 post-LN site ends, 1 hooked
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_hf_gpt2_train_step_with_gradient_checkpointing_equals_eager():
+    """A converted GPT-2 (transformers, dropout off) with gradient checkpointing, compiled with inductor
+    the way a Trainer does it: the loss and every gradient at perturbed mHC parameters are eager's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=97, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    ids = torch.randint(0, 97, (2, 12))
+    model = perturb_mhc(convert(GPT2LMHeadModel(cfg), MHCConfig(streams=4), (ids,)), seed=2).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def loss_and_grads(fwd):
+        model.zero_grad(set_to_none=True)
+        loss = fwd(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {k: q.grad.clone() for k, q in model.named_parameters() if q.grad is not None}
+
+    loss, grads = loss_and_grads(model)
+    torch._dynamo.reset()
+    loss2, grads2 = loss_and_grads(torch.compile(model))
+    torch._dynamo.reset()
+    assert sum(".mhc." in k for k in grads) == 20 and grads.keys() == grads2.keys()
+    assert torch.allclose(loss, loss2, rtol=1e-6, atol=1e-6)
+    for k in grads:
+        assert (grads[k] - grads2[k]).abs().max() <= 2e-5 * grads[k].abs().max().clamp_min(1e-3), k
