@@ -383,10 +383,9 @@ def run(args) -> list[dict]:
 
 
 def site_table(reps: int) -> list[dict]:
-    """One site's ops alone at the two models' site shapes (n = 4, fp32, 1 thread, warm caches): each
-    ``mhc_cpu`` kernel, the phi GEMMs (the backward's X-gradient one with its epilogue: ``coeffs_gx``
-    against aten's mm plus the epilogue pass it replaces), and each public op (``mhc_compile.ops``, eager fast path where
-    it applies) forward without grad; CPU time per call in us, min over ``reps`` blocks of 100 calls."""
+    """One site's ops alone at the two models' site shapes (n = 4, fp32, 1 thread, warm caches): each ``mhc_cpu``
+    kernel, the phi GEMMs (``coeffs_gx`` against aten's mm plus the epilogue pass it replaces), and each public op
+    (``mhc_compile.ops``, eager fast path) forward without grad; CPU time per call in us, min over ``reps`` blocks of 100."""
     from mhc_compile import ops
     from mhc_compile.kernels_cpu import available
 
@@ -402,6 +401,7 @@ def site_table(reps: int) -> list[dict]:
         phi = 0.01 * torch.randn(n * c, 2 * n + n * n, generator=g)
         small = (torch.ones(3), torch.zeros(n), torch.zeros(n), torch.zeros(n, n))
         flat, proj, coef = x.reshape(t, -1), x.reshape(t, -1) @ phi, torch.rand(t, 1, generator=g)
+        rms = flat.pow(2).mean(1).add(1e-6).sqrt()
         ln = torch.nn.LayerNorm(c)
         calls = {
             "phi GEMM": lambda: torch.mm(flat, phi),
@@ -419,6 +419,7 @@ def site_table(reps: int) -> list[dict]:
             "coeffs_fwd + pre_fwd": lambda: (k.coeffs_fwd(flat, k.proj_mm(flat, phi), *small, 1e-6, n, 20, False),
                                              k.pre_fwd(x, hp)),
             "coeffs_bwd kernel": lambda: k.coeffs_bwd(hp, ho, hr, flat, proj, *small, 1e-6, n, 20, False),
+            "coeffs_bwd, kept RMS": lambda: k.coeffs_bwd(hp, ho, hr, flat, proj, *small, 1e-6, n, 20, False, rms),
             "bwd GEMM dh_r.phi^T": lambda: torch.mm(proj, phi.t()),
             "bwd GEMM dh_r^T.flat": lambda: torch.mm(proj.t(), flat),
             "coeffs_gx kernel": lambda: k.coeffs_gx(proj, phi, x, coef),

@@ -58,6 +58,14 @@ def test_fakes_match_the_kernels(dtype):
         (ops_.boundary_fwd, (x, h_out, h_post, h_res, phi, *small, 1e-6, 20, False)),
     ]
     assert {op._qualified_op_name.split("::")[1] for op, _ in calls} == FORWARD_KERNELS
+    rms = ops_.site_start_fwd(x, phi, *small, 1e-6, 20, False)[5]
+    gates = (torch.randn(t, n).to(phi.dtype), torch.randn(t, n).to(phi.dtype), torch.randn(t, n, n).to(phi.dtype))
+    dh_r, coef = ops_.coeffs_bwd(*gates, flat, proj, *small, 1e-6, n, 20, False)[:2]
+    calls += [  # the backward's kernels of a compiled train step
+        (ops_.coeffs_bwd, (*gates, flat, proj, *small, 1e-6, n, 20, False)),
+        (ops_.coeffs_bwd, (*gates, flat, proj, *small, 1e-6, n, 20, False, rms)),
+        (ops_.coeffs_gx, (dh_r, phi, x, coef)),
+    ]
     for op, args in calls:
         torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
 

@@ -38,7 +38,7 @@ def _inputs(n, c, t, dtype, seed, static=False):
 def test_boundary_fwd_equals_the_unfused_kernels(n, c, t, dtype, hc, static):
     k = torch.ops.mhc_cpu
     x, h_out, ho, hr, phi, small = _inputs(n, c, t, dtype, n + t, static)
-    xn, hp, ho1, hr1, h_in, proj = k.boundary_fwd(x, h_out, ho, hr, phi, *small, 1e-6, 20, hc)
+    xn, hp, ho1, hr1, h_in, proj, rms = k.boundary_fwd(x, h_out, ho, hr, phi, *small, 1e-6, 20, hc)
     xn_ref = k.post_res_fwd(x, h_out, ho, hr)
     flat = xn_ref.reshape(t, -1).to(phi.dtype)
     assert torch.equal(xn, xn_ref)
@@ -47,6 +47,23 @@ def test_boundary_fwd_equals_the_unfused_kernels(n, c, t, dtype, hc, static):
     for got, want in zip((hp, ho1, hr1), k.coeffs_fwd(flat, proj, *small, 1e-6, n, 20, hc)):
         assert torch.equal(got, want)
     assert torch.equal(h_in, k.pre_fwd(xn_ref, hp))
+    _check_rms(rms, flat, proj, small, n, hc)
+
+
+def _check_rms(rms, flat, proj, small, n, hc):
+    """The forward's RMS per token is the r of coeffs_bwd: the backward from it has the bits of the
+    backward that reads the rows again (and r is sqrt(mean(row^2) + eps))."""
+    t, k = flat.shape[0], torch.ops.mhc_cpu
+    g = torch.Generator().manual_seed(t + n)
+    gates = [torch.randn(t, *tail, generator=g, dtype=flat.dtype) for tail in ((n,), (n,), (n, n))]
+    want = flat.double().pow(2).mean(1).add(1e-6).sqrt()
+    assert rms.shape == (t,) and rms.dtype == flat.dtype
+    assert (rms.double() - want).abs().max() <= 1e-5 * want.max()
+    with_rms = k.coeffs_bwd(*gates, flat, proj, *small, 1e-6, n, 20, hc, rms)
+    reading = k.coeffs_bwd(*gates, flat, proj, *small, 1e-6, n, 20, hc)
+    assert all(torch.equal(a, b) for a, b in zip(with_rms, reading))
+    # and it is used: another r gives other gradients
+    assert not torch.equal(k.coeffs_bwd(*gates, flat, proj, *small, 1e-6, n, 20, hc, 2 * rms)[0], reading[0])
 
 
 @pytest.mark.parametrize("n,c,t,dtype,hc", [
@@ -58,12 +75,13 @@ def test_site_start_fwd_equals_the_unfused_kernels(n, c, t, dtype, hc):
     """coeffs and pre on x in one pass: the bits of proj_mm, coeffs_fwd and pre_fwd in turn."""
     k = torch.ops.mhc_cpu
     x, _, _, _, phi, small = _inputs(n, c, t, dtype, 3 * n + t)
-    hp, ho, hr, h_in, proj = k.site_start_fwd(x, phi, *small, 1e-6, 20, hc)
+    hp, ho, hr, h_in, proj, rms = k.site_start_fwd(x, phi, *small, 1e-6, 20, hc)
     flat = x.reshape(t, -1).to(phi.dtype)
     assert torch.equal(k.proj_mm(flat, phi), proj)
     for got, want in zip((hp, ho, hr), k.coeffs_fwd(flat, proj, *small, 1e-6, n, 20, hc)):
         assert torch.equal(got, want)
     assert torch.equal(h_in, k.pre_fwd(x, hp))
+    _check_rms(rms, flat, proj, small, n, hc)
     ref_hp = R.coeffs(x.double(), phi.double(), *(v.double() for v in small), variant="hc" if hc else "mhc")[0]
     assert (hp.double() - ref_hp).abs().max() <= TOL[dtype] * 10
 

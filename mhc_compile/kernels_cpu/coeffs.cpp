@@ -62,13 +62,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coeffs_fwd(
 std::vector<at::Tensor> coeffs_bwd(
     const at::Tensor& gp_, const at::Tensor& go_, const at::Tensor& gr_, const at::Tensor& flat_,
     const at::Tensor& proj_, const at::Tensor& alpha_, const at::Tensor& bp_, const at::Tensor& bo_,
-    const at::Tensor& br_, double eps, int64_t n, int64_t iters, bool hc) {
+    const at::Tensor& br_, double eps, int64_t n, int64_t iters, bool hc, const std::optional<at::Tensor>& rms_) {
   at::Tensor gp = gp_.contiguous(), go = go_.contiguous(), gr = gr_.contiguous();
   at::Tensor flat = flat_.contiguous(), proj = proj_.contiguous(), alpha = alpha_.contiguous();
   at::Tensor bp = bp_.contiguous(), bo = bo_.contiguous(), br = br_.contiguous();
   const int64_t T = flat.size(0), NC = flat.size(1), nn = n * n, K = 2 * n + nn;
   TORCH_CHECK(proj.size(0) == T && proj.size(1) == K && gp.numel() == T * n && go.numel() == T * n &&
               gr.numel() == T * nn, "mhc_cpu::coeffs_bwd: shapes do not match (T, 2n+n^2)");
+  at::Tensor rms = rms_.has_value() ? rms_->contiguous() : at::Tensor();
+  TORCH_CHECK(!rms.defined() || (rms.numel() == T && rms.scalar_type() == flat.scalar_type()),
+              "mhc_cpu::coeffs_bwd: rms must hold one value per token in the compute type");
   at::Tensor dh_r = at::empty({T, K}, flat.options()), coef = at::empty({T, 1}, flat.options());
   at::Tensor dz_all = at::empty({T, K}, flat.options()), dzh_all = at::empty({T, K}, flat.options());
   at::Tensor g_alpha = at::empty({3}, flat.options()), g_bp = at::empty({n}, flat.options());
@@ -79,6 +82,7 @@ std::vector<at::Tensor> coeffs_bwd(
     const acc *bpp = bp.data_ptr<acc>(), *bop = bo.data_ptr<acc>(), *brp = br.data_ptr<acc>();
     const acc *gpp = gp.data_ptr<acc>(), *gop = go.data_ptr<acc>(), *grp = gr.data_ptr<acc>();
     acc *dhp = dh_r.data_ptr<acc>(), *cp = coef.data_ptr<acc>(), *dzp = dz_all.data_ptr<acc>(), *dzhp = dzh_all.data_ptr<acc>();
+    const acc* rmp = rms.defined() ? rms.data_ptr<acc>() : nullptr;  // the forward's r: no read of the row
     with_n(n, [&](auto NC_) {
       constexpr int N = decltype(NC_)::value;
       at::parallel_for(0, T, grain(iters * nn * 10 + NC), [&](int64_t b, int64_t e) {
@@ -94,7 +98,8 @@ std::vector<at::Tensor> coeffs_bwd(
 
         auto prepare = [&](int64_t t, int l) {  // logits, gate gradients, Sinkhorn start of token t into lane l
           acc *zl = &z[l * K], *dz = dzp + t * K;
-          rr[l] = logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, &h_raw[l * K], &h[l * K], zl);
+          rr[l] = rmp ? logits_of_rms(rmp[t], pj + t * K, al, bpp, bop, brp, n, hc, &h_raw[l * K], &h[l * K], zl)
+                      : logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, &h_raw[l * K], &h[l * K], zl);
           if (hc) {
             for (int64_t i = 0; i < n; ++i) { dz[i] = gpp[t * n + i]; dz[n + i] = gop[t * n + i]; }
             for (int64_t k = 0; k < nn; ++k) dz[2 * n + k] = grp[t * nn + k];
@@ -186,7 +191,7 @@ TORCH_LIBRARY(mhc_cpu, m) {
   m.def("coeffs_fwd(Tensor flat, Tensor proj, Tensor alpha, Tensor b_pre, Tensor b_post, Tensor b_res, float eps, int n, "
         "int iters, bool hc) -> (Tensor, Tensor, Tensor)");
   m.def("coeffs_bwd(Tensor g_pre, Tensor g_post, Tensor g_res, Tensor flat, Tensor proj, Tensor alpha, Tensor b_pre, "
-        "Tensor b_post, Tensor b_res, float eps, int n, int iters, bool hc) -> Tensor[]");
+        "Tensor b_post, Tensor b_res, float eps, int n, int iters, bool hc, Tensor? rms=None) -> Tensor[]");
   m.def("pre_fwd(Tensor x, Tensor h_pre) -> Tensor");
   m.def("pre_bwd(Tensor grad, Tensor x, Tensor h_pre) -> (Tensor, Tensor)");
   m.def("pre_grad_h(Tensor grad, Tensor x) -> Tensor");

@@ -34,7 +34,7 @@ def register() -> None:
         return tuple(_gates(flat.shape[0], n, flat, proj.dtype))
 
     @torch.library.register_fake(lib + "coeffs_bwd")
-    def _coeffs_bwd(g_pre, g_post, g_res, flat, proj, alpha, b_pre, b_post, b_res, eps, n, iters, hc):
+    def _coeffs_bwd(g_pre, g_post, g_res, flat, proj, alpha, b_pre, b_post, b_res, eps, n, iters, hc, rms=None):
         t, k = proj.shape
         return [flat.new_empty((t, k)), flat.new_empty((t, 1)), flat.new_empty((3,)), flat.new_empty((n,)),
                 flat.new_empty((n,)), flat.new_empty((n, n))]
@@ -58,10 +58,11 @@ def register() -> None:
     @torch.library.register_fake(lib + "site_start_fwd")
     def _site_start_fwd(x, phi, alpha, b_pre, b_post, b_res, eps, iters, hc):
         t, n, c = x.shape
-        return [*_gates(t, n, x, phi.dtype), x.new_empty((t, c)), x.new_empty((t, phi.shape[1]), dtype=phi.dtype)]
+        return [*_gates(t, n, x, phi.dtype), x.new_empty((t, c)), x.new_empty((t, phi.shape[1]), dtype=phi.dtype),
+                x.new_empty((t,), dtype=phi.dtype)]
 
     @torch.library.register_fake(lib + "boundary_fwd")
     def _boundary_fwd(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, eps, iters, hc):
         t, n, c = x.shape
         return [x.new_empty(x.shape), *_gates(t, n, x, phi.dtype), x.new_empty((t, c)),
-                x.new_empty((t, phi.shape[1]), dtype=phi.dtype)]
+                x.new_empty((t, phi.shape[1]), dtype=phi.dtype), x.new_empty((t,), dtype=phi.dtype)]

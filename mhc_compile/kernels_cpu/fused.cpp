@@ -79,7 +79,7 @@ std::vector<at::Tensor> streams_fwd(bool mix, const at::Tensor& x_, const at::Te
   at::Tensor hin = out_empty({T, C}, x.options());
   const auto copt = x.options().dtype(cd);
   at::Tensor hp = at::empty({T, n}, copt), ho = at::empty({T, n}, copt), hr = at::empty({T, n, n}, copt);
-  at::Tensor proj = at::empty({T, K}, copt);
+  at::Tensor proj = at::empty({T, K}, copt), rms = at::empty({T}, copt);
   MHC_DISPATCH(x, "mhc_cpu_boundary_fwd", [&] {
     using acc = at::opmath_type<scalar_t>;
     constexpr bool kF32 = std::is_same_v<scalar_t, float>;
@@ -93,6 +93,7 @@ std::vector<at::Tensor> streams_fwd(bool mix, const at::Tensor& x_, const at::Te
     scalar_t* hinp = hin.data_ptr<scalar_t>();
     const scalar_t* src = mix ? xnp : xp;  // the streams the site reads
     acc *pp = hp.data_ptr<acc>(), *op = ho.data_ptr<acc>(), *rp = hr.data_ptr<acc>(), *pj = proj.data_ptr<acc>();
+    acc* rmsp = rms.data_ptr<acc>();
     std::vector<acc> packed;  // phi with its K columns padded to Kp (zeros)
     const acc* ph = phi.data_ptr<acc>();
     if (Kp != K) {
@@ -125,7 +126,7 @@ std::vector<at::Tensor> streams_fwd(bool mix, const at::Tensor& x_, const at::Te
           gemm_block(fb, NC, ph, Kp, cnt, pb.data());
           for (int64_t t = 0; t < cnt; ++t) std::memcpy(pj + (t0 + t) * K, &pb[t * Kp], K * sizeof(acc));
           gates_range<acc, N>(fb, NC, pj + t0 * K, al, bpp, bop, brp, n, eps, iters, hc, pp + t0 * n, op + t0 * n,
-                              rp + t0 * nn, cnt, s);
+                              rp + t0 * nn, cnt, s, rmsp + t0);
           for (int64_t t = t0; t < t0 + cnt; ++t) {
             if constexpr (kF32 && N > 0)
               pre_token_f32<N>(src + t * NC, pp + t * n, hinp + t * C, C);
@@ -136,10 +137,11 @@ std::vector<at::Tensor> streams_fwd(bool mix, const at::Tensor& x_, const at::Te
       });
     });
   });
-  return {xn, hp, ho, hr, hin, proj};
+  return {xn, hp, ho, hr, hin, proj, rms};
 }
 
-// mhc::boundary's forward: (x_next, H_pre, H_post, H_res, h_in, proj) of site l+1 (streams_fwd with mix).
+// mhc::boundary's forward: (x_next, H_pre, H_post, H_res, h_in, proj, rms) of site l+1 (streams_fwd with
+// mix); rms (T) is each token's RMS r of x_next, which coeffs_bwd may take back.
 std::vector<at::Tensor> boundary_fwd(const at::Tensor& x, const at::Tensor& hout, const at::Tensor& hpo,
                                      const at::Tensor& hre, const at::Tensor& phi, const at::Tensor& alpha,
                                      const at::Tensor& bp, const at::Tensor& bo, const at::Tensor& br, double eps,
@@ -147,8 +149,8 @@ std::vector<at::Tensor> boundary_fwd(const at::Tensor& x, const at::Tensor& hout
   return streams_fwd(true, x, hout, hpo, hre, phi, alpha, bp, bo, br, eps, iters, hc);
 }
 
-// A site's start, mhc::coeffs and pre on x in one pass per token block: (H_pre, H_post, H_res, h_in, proj),
-// the bits of proj_mm, coeffs_fwd and pre_fwd in turn.
+// A site's start, mhc::coeffs and pre on x in one pass per token block: (H_pre, H_post, H_res, h_in, proj,
+// rms), the bits of proj_mm, coeffs_fwd and pre_fwd in turn (rms as for boundary_fwd).
 std::vector<at::Tensor> site_start_fwd(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
                                        const at::Tensor& bp, const at::Tensor& bo, const at::Tensor& br, double eps,
                                        int64_t iters, bool hc) {

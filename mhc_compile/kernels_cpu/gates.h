@@ -42,12 +42,11 @@ inline acc sk_start(const acc* L, acc* m0, int64_t n_rt) {
   return mx;
 }
 
-// Per token: r = sqrt(mean(flat^2) + eps), h_raw = proj / r, h = h_raw (tanh(h_raw) for hc),
-// z = alpha_segment * h + b. Writes h_raw, h, z (K = 2n+n^2 each); returns r.
+// Per token, from its RMS r: h_raw = proj / r, h = h_raw (tanh(h_raw) for hc), z = alpha_segment * h + b.
+// Writes h_raw, h, z (K = 2n+n^2 each); returns r.
 template <typename acc>
-inline acc logits(const acc* flat, int64_t nc, const acc* proj, const acc* alpha, const acc* bp, const acc* bo,
-                  const acc* br, int64_t n, double eps, bool hc, acc* h_raw, acc* h, acc* z) {
-  const acc r = std::sqrt(dot(flat, flat, nc) / acc(nc) + acc(eps));
+inline acc logits_of_rms(acc r, const acc* proj, const acc* alpha, const acc* bp, const acc* bo, const acc* br,
+                         int64_t n, bool hc, acc* h_raw, acc* h, acc* z) {
   const int64_t K = 2 * n + n * n;
   for (int64_t k = 0; k < K; ++k) {
     h_raw[k] = proj[k] / r;
@@ -57,6 +56,14 @@ inline acc logits(const acc* flat, int64_t nc, const acc* proj, const acc* alpha
     z[k] = alpha[seg] * h[k] + bias;
   }
   return r;
+}
+
+// The token's RMS r = sqrt(mean(flat^2) + eps), then logits_of_rms; returns r.
+template <typename acc>
+inline acc logits(const acc* flat, int64_t nc, const acc* proj, const acc* alpha, const acc* bp, const acc* bo,
+                  const acc* br, int64_t n, double eps, bool hc, acc* h_raw, acc* h, acc* z) {
+  const acc r = std::sqrt(dot(flat, flat, nc) / acc(nc) + acc(eps));
+  return logits_of_rms(r, proj, alpha, bp, bo, br, n, hc, h_raw, h, z);
 }
 
 // mhc::coeffs on one token's logits z: H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn (hc: z itself).
@@ -89,10 +96,12 @@ struct GateScratch {
 // H_pre, H_post, H_res of `count` consecutive tokens from their vec(X) rows fp (count, NC) and
 // projections pj (count, K), into pp (count, n), op (count, n), rp (count, n, n); W tokens at a time
 // in vector lanes for the Sinkhorn loop (the same operations as the one-token path, so the same bits).
+// rms (count), when not null, receives each token's RMS r (coeffs_bwd takes it back instead of
+// reading the row again).
 template <typename acc, int N>
 inline void gates_range(const acc* fp, int64_t NC, const acc* pj, const acc* al, const acc* bpp, const acc* bop,
                         const acc* brp, int64_t n, double eps, int64_t iters, bool hc, acc* pp, acc* op, acc* rp,
-                        int64_t count, GateScratch<acc>& s) {
+                        int64_t count, GateScratch<acc>& s, acc* rms = nullptr) {
   using V = typename Lanes<acc>::V;
   constexpr int W = Lanes<acc>::W;
   const int64_t nn = n * n, K = 2 * n + nn;
@@ -101,7 +110,9 @@ inline void gates_range(const acc* fp, int64_t NC, const acc* pj, const acc* al,
     for (; t + W <= count; t += W) {  // W tokens at once: gates per token, Sinkhorn in lanes
       for (int l = 0; l < W; ++l) {
         const int64_t tl = t + l;
-        logits(fp + tl * NC, NC, pj + tl * K, al, bpp, bop, brp, n, eps, hc, s.h_raw.data(), s.h.data(), s.z.data());
+        const acc r = logits(fp + tl * NC, NC, pj + tl * K, al, bpp, bop, brp, n, eps, hc, s.h_raw.data(), s.h.data(),
+                             s.z.data());
+        if (rms) rms[tl] = r;
         for (int64_t i = 0; i < n; ++i) {
           pp[tl * n + i] = sigm(s.z[i]);
           op[tl * n + i] = acc(2) * sigm(s.z[n + i]);
@@ -117,7 +128,9 @@ inline void gates_range(const acc* fp, int64_t NC, const acc* pj, const acc* al,
     }
   }
   for (; t < count; ++t) {
-    logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, s.h_raw.data(), s.h.data(), s.z.data());
+    const acc r = logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, s.h_raw.data(), s.h.data(),
+                         s.z.data());
+    if (rms) rms[t] = r;
     activate<acc, N>(s.z.data(), n, iters, hc, pp + t * n, op + t * n, rp + t * nn, s.col.data(), s.row.data());
   }
 }

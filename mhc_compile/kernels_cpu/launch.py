@@ -127,16 +127,17 @@ def site_start_forward(x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: flo
     """``mhc::coeffs`` and ``mhc::pre`` of one site on x in one pass per token block (``site_start_fwd`` of
     ``fused.cpp``): (H_pre, H_post, H_res, h_in), the bits of :func:`coeffs_forward` then
     :func:`pre_forward`; None where the one-pass kernel does not run (n > ``FUSED_MAX_STREAMS``,
-    ``MHC_CPU_FUSED=0``). ``keep`` as in :func:`coeffs_forward`."""
+    ``MHC_CPU_FUSED=0``). ``keep`` as in :func:`coeffs_forward`, then each token's RMS (T,) after the projection:
+    :func:`coeffs_backward` takes both back (``proj``, ``rms``) and reads no row of x for the RMS."""
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     if not _fused(n):
         return None
     hc = _check_variant(variant)
     cd = compute_dtype(x.dtype)
-    hp, ho, hr, h_in, proj = _ops().site_start_fwd(_flat3(x), *_site_params(cd, phi, alpha, b_pre, b_post, b_res),
-                                                  eps, iters, hc)
+    hp, ho, hr, h_in, proj, rms = _ops().site_start_fwd(_flat3(x), *_site_params(cd, phi, alpha, b_pre, b_post, b_res),
+                                                       eps, iters, hc)
     if keep is not None:
-        keep.append(proj)
+        keep.extend((proj, rms))
     return _rows(hp, lead, n), _rows(ho, lead, n), _rows(hr, lead, n, n), _rows(h_in, lead, c)
 
 
@@ -170,14 +171,14 @@ def _shaped(t: Tensor, shape: torch.Size) -> Tensor:
 
 
 def coeffs_backward(g_pre, g_post, g_res, x, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
-                    proj: Tensor | None = None):
-    """``mhc::coeffs_backward``: gradients (x, phi, alpha, b_pre, b_post, b_res); ``proj`` as kept by
-    :func:`coeffs_forward`, else recomputed."""
+                    proj: Tensor | None = None, rms: Tensor | None = None):
+    """``mhc::coeffs_backward``: gradients (x, phi, alpha, b_pre, b_post, b_res); ``proj`` (and ``rms``, each
+    token's RMS, with it) as kept by :func:`coeffs_forward` / :func:`site_start_forward`, else recomputed."""
     hc = _check_variant(variant)
     n = x.shape[-2]
     flat, proj, phi_c, small = _project(x, phi, alpha, b_pre, b_post, b_res, proj)
     gates = _gate_grads(g_pre, g_post, g_res, x.shape[:-2], n, flat.dtype)
-    dh_r, coef, *small_grads = _ops().coeffs_bwd(*gates, flat, proj, *small, eps, n, iters, hc)
+    dh_r, coef, *small_grads = _ops().coeffs_bwd(*gates, flat, proj, *small, eps, n, iters, hc, rms)
     if FUSED:
         g_x = _shaped(_ops().coeffs_gx(dh_r, phi_c, _flat3(x), coef), x.shape)
     else:
@@ -244,7 +245,7 @@ def _reduce(g: Tensor, h: Tensor, lead: torch.Size) -> Tensor:
 # ----------------------------------------------------------------------------- boundary
 def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
                      keep: list | None = None):
-    """``mhc::boundary``: (x_next, h_pre, h_post, h_res, h_in) of site l+1 (``keep``: :func:`coeffs_forward`), in
+    """``mhc::boundary``: (x_next, h_pre, h_post, h_res, h_in) of site l+1 (``keep``: :func:`site_start_forward`), in
     one pass over the streams per token block (``boundary_fwd`` of ``fused.cpp``: post_res, the
     projection, gates and pre while the block is in cache); the same bits as :func:`post_res_forward`,
     :func:`coeffs_forward` and :func:`pre_forward` in turn."""
@@ -255,17 +256,18 @@ def boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, 
     hc = _check_variant(variant)
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     cd = compute_dtype(x.dtype)
-    xn, hp, ho, hr, h_in, proj = _ops().boundary_fwd(
+    xn, hp, ho, hr, h_in, proj, rms = _ops().boundary_fwd(
         _flat3(x), _flat2(h_out, c), _coef(h_post, lead, 1, cd), _coef(h_res, lead, 2, cd),
         *_site_params(cd, phi, alpha, b_pre, b_post, b_res), eps, iters, hc)
     if keep is not None:
-        keep.append(proj)
+        keep.extend((proj, rms))
     return (_shaped(xn, x.shape), _rows(hp, lead, n), _rows(ho, lead, n), _rows(hr, lead, n, n), _rows(h_in, lead, c))
 
 
 def boundary_backward(
     g_xn, g_hp, g_ho, g_hr, g_hin, x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters: int, eps: float, variant: str,
     proj: Tensor | None = None, x_next: Tensor | None = None, h_pre_next: Tensor | None = None,
+    rms: Tensor | None = None,
 ):
     """``mhc::boundary_backward``: gradients (x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res),
     the chain of :func:`mhc_compile.reference.boundary_backward` (x_next and H_pre recomputed unless the
@@ -283,7 +285,7 @@ def boundary_backward(
     g_hin = _to(_flat2(g_hin, c), x.dtype)
     gp, go, gr = _gate_grads(g_hp, g_ho, g_hr, lead, n, flat.dtype)
     gp = gp + _ops().pre_grad_h(g_hin, _flat3(xn))
-    dh_r, coef, *small_grads = _ops().coeffs_bwd(gp, go, gr, flat, proj, *small, eps, n, iters, hc)
+    dh_r, coef, *small_grads = _ops().coeffs_bwd(gp, go, gr, flat, proj, *small, eps, n, iters, hc, rms)
     g_xn = _to(_flat3(g_xn), x.dtype)
     if FUSED:
         gxn = _ops().coeffs_gx(dh_r, phi_c, _flat3(xn), coef, g_xn, g_hin, hp)

@@ -218,6 +218,12 @@ def _pre_forward(launch, x: Tensor, h_pre: Tensor) -> Tensor:
     return launch.pre_forward(x, h_pre) if h_in is None else h_in
 
 
+def _kept(kept) -> tuple:
+    """(projection, RMS or None) from what a forward launcher's ``keep`` received: the projection, then each
+    token's RMS where the one-pass kernels ran (``site_start_forward``, ``boundary_forward``)."""
+    return kept[0], (kept[1] if len(kept) > 1 else None)
+
+
 class _Coeffs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
@@ -231,9 +237,10 @@ class _Coeffs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_pre, g_post, g_res):
-        x, *params, proj = ctx.saved_tensors
+        x, *params = ctx.saved_tensors[:6]
+        proj, rms = _kept(ctx.saved_tensors[6:])
         g_pre, g_post, g_res = _grads_or_zeros(x, g_pre, g_post, g_res)
-        grads = ctx.launch.coeffs_backward(g_pre, g_post, g_res, x, *params, *ctx.args, proj=proj)
+        grads = ctx.launch.coeffs_backward(g_pre, g_post, g_res, x, *params, *ctx.args, proj=proj, rms=rms)
         return (None, *grads, None, None, None)
 
 
@@ -270,7 +277,7 @@ class _Boundary(torch.autograd.Function):
         outs = launch.boundary_forward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, keep)
         # x_next and H_pre of site l+1 saved too (outputs: x_next stays alive as the next op's input),
         # so the backward does not recompute them (autograd's version check guards in-place changes)
-        ctx.save_for_backward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, *keep, outs[0], outs[1])
+        ctx.save_for_backward(x, h_out, h_post, h_res, phi, alpha, b_pre, b_post, b_res, outs[0], outs[1], *keep)
         ctx.args, ctx.launch = (iters, eps, variant), launch
         ctx.set_materialize_grads(False)
         return outs
@@ -278,13 +285,14 @@ class _Boundary(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_x_next, g_pre, g_post, g_res, g_h_in):
-        *saved, proj, x_next, h_pre_next = ctx.saved_tensors
+        saved, (x_next, h_pre_next) = ctx.saved_tensors[:9], ctx.saved_tensors[9:11]
+        proj, rms = _kept(ctx.saved_tensors[11:])
         x, h_out = saved[0], saved[1]
         g_x_next = torch.zeros_like(x) if g_x_next is None else g_x_next
         g_pre, g_post, g_res = _grads_or_zeros(x, g_pre, g_post, g_res)
         g_h_in = torch.zeros_like(h_out) if g_h_in is None else g_h_in
         grads = ctx.launch.boundary_backward(g_x_next, g_pre, g_post, g_res, g_h_in, *saved, *ctx.args, proj=proj,
-                                             x_next=x_next, h_pre_next=h_pre_next)
+                                             x_next=x_next, h_pre_next=h_pre_next, rms=rms)
         return (None, *grads, None, None, None)
 
 
