@@ -246,3 +246,15 @@ def test_compiled_eval_at_other_lengths_and_in_bf16(dtype):
         changed[:, -1] = (changed[:, -1] + 1) % 64
         assert torch.equal(comp(changed)[:, :12], comp(ids[:, :13])[:, :12])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_strict_export_keeps_the_mhc_ops(grad):
+    """``torch.export`` (strict: Dynamo traces it too) keeps ``mhc::coeffs`` and no ``mhc_cpu::`` kernel, so a
+    saved program loads wherever ``mhc_compile`` is imported (the kernels register only once built)."""
+    model, (ids,), _ = _gpt()
+    with torch.set_grad_enabled(grad):
+        ep = torch.export.export(model, (ids,), strict=True)
+        targets = {str(nd.target) for nd in ep.graph.nodes if nd.op == "call_function"}
+        assert "mhc.coeffs.default" in targets and not any(t.startswith("mhc_cpu.") for t in targets)
+        assert torch.allclose(ep.module()(ids), model(ids), rtol=1e-5, atol=1e-6)
