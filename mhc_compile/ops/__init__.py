@@ -103,13 +103,12 @@ def post_res(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, kernels: s
 def post_res_norm(x: Tensor, h_out: Tensor, h_post: Tensor, h_res: Tensor, norm: torch.nn.Module,
                   kernels: str = "auto") -> Tensor:
     """``norm(post_res(x, h_out, h_post, h_res))``: the end of a post-LN site (BERT's ``LN(x + f(x))`` on
-    streams; ``passes.post_norm`` emits it in the blocks form). An eager CPU call that needs no gradient,
-    with ``norm`` a plain ``nn.LayerNorm`` over C (``cpu_paths.fusable_layer_norm``), runs both in one
-    pass per token (``post_res_norm_fwd``); any other call makes the two calls as written."""
-    if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res)) and \
-            _cpu_paths.fusable_layer_norm(norm, x, h_out, h_post, h_res):
-        return cpu.post_res_norm_forward(x, h_out, h_post, h_res, norm.weight, norm.bias, norm.eps)
-    if h_out.dtype == x.dtype and (cpu := _cpu_paths.compiled_nograd(kernels, x, h_out, h_post, h_res)) and \
+    streams; ``passes.post_norm`` emits it in the blocks form). A CPU call that needs no gradient, eager or
+    compiled (``cpu_paths.compiled_nograd``), with ``norm`` a plain ``nn.LayerNorm`` over C
+    (``cpu_paths.fusable_layer_norm``), runs both in one pass per token (``post_res_norm_fwd``); any other
+    call makes the two calls as written."""
+    if h_out.dtype == x.dtype and (cpu := _cpu_paths.eager_cpu(kernels, x, h_out, h_post, h_res)
+                                   or _cpu_paths.compiled_nograd(kernels, x, h_out, h_post, h_res)) and \
             _cpu_paths.fusable_layer_norm(norm, x, h_out, h_post, h_res):
         return cpu.post_res_norm_forward(x, h_out, h_post, h_res, norm.weight, norm.bias, norm.eps)
     return norm(post_res(x, h_out, h_post, h_res, kernels))
