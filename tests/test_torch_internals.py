@@ -401,3 +401,28 @@ def test_the_supported_range_is_named_alike_everywhere():
     version = tuple(int(p) for p in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
     as_tuple = lambda v: tuple(int(p) for p in v.split(".")[:2])  # noqa: E731
     assert as_tuple(low) <= version < as_tuple(high), (torch.__version__, low, high)
+
+
+def test_exporting_tells_export_from_compile_inside_a_dynamo_trace():
+    """``exporting()`` is True under ``torch.export`` (strict, where Dynamo traces it, and non-strict) and
+    False in eager mode and inside a ``torch.compile`` trace, in either order (no guard mixes them up)."""
+    from mhc_compile._torch_internals import exporting
+
+    def f(x):
+        return x + (1 if exporting() else 2)
+
+    class M(nn.Module):
+        def forward(self, x):
+            return f(x)
+
+    x = torch.zeros(1)
+    torch._dynamo.reset()
+    assert f(x).item() == 2 and not exporting()
+    assert torch.compile(f, backend="eager", fullgraph=True)(x).item() == 2
+    for strict in (True, False):
+        assert torch.export.export(M(), (x,), strict=strict).module()(x).item() == 1
+    assert torch.compile(f, backend="eager", fullgraph=True)(x).item() == 2
+    torch._dynamo.reset()
+    assert torch.export.export(M(), (x,), strict=True).module()(x).item() == 1
+    assert torch.compile(M(), backend="eager", fullgraph=True)(x).item() == 2
+    torch._dynamo.reset()

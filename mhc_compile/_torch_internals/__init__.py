@@ -19,7 +19,8 @@ The ``"mhc"`` backend (``mhc_compile.backend``) needs a few things torch has no 
   holding a ``CheckpointPolicy`` and ``node.meta["ac_graph_id"]``): :func:`set_recompute_tag`,
   :func:`recompute_tag`;
 * the size guards ``torch.export`` records on a program (``ExportedProgram._guards_code``), to
-  say which input dims a converted model is tied to: :func:`export_guards_failing`;
+  say which input dims a converted model is tied to: :func:`export_guards_failing`; whether an
+  export runs, also inside a Dynamo trace (``torch._dynamo.assume_constant_result``): :func:`exporting`;
 * activation-checkpointed regions in a Dynamo graph (the ``tag_activation_checkpoint``
   higher-order op and its body submodule): :func:`checkpoint_body`;
 * operator identity of FX targets (``torch._ops.OpOverload``, its ``namespace`` and ``_schema``):
@@ -72,6 +73,7 @@ from .dynamo import (
     resumed_after_break,
     checkpoint_body,
     export_guards_failing,
+    exporting,
     inner_compiler,
     registered_backends,
     active_ddp_module,

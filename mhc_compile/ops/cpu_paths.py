@@ -56,9 +56,9 @@ def compiled_nograd(kernels: str, x: Tensor, *others: Tensor):
     and the call needs no gradient (an eval forward under ``torch.compile``; Dynamo guards on grad mode
     and on each input's ``requires_grad``): the graph then calls the fused kernels (``mhc_cpu::``, with
     the fakes of ``kernels_cpu/fakes.py``) directly, as the eager fast path does, without the custom
-    op's Python layer. Else None; also under ``torch.export``, whose programs keep the ``mhc::`` ops (they
+    op's Python layer. Else None; also under ``torch.export`` (``_torch_internals.exporting``), whose programs keep the ``mhc::`` ops (they
     register when ``mhc_compile`` is imported; the ``mhc_cpu::`` kernels only once the extension is built)."""
-    if not (COMPILED_KERNELS and compiling_on_cpu(kernels, x, *others)) or _RECORDERS or torch.compiler.is_exporting():
+    if not (COMPILED_KERNELS and compiling_on_cpu(kernels, x, *others)) or _RECORDERS or _ti.exporting():
         return None
     if x.dtype not in _launch.DTYPES or _needs_grad(x, *others) or any(t.device.type != "cpu" for t in others):
         return None
@@ -71,7 +71,7 @@ def compiled_train(kernels: str, x: Tensor, *others: Tensor):
     kernels and their backward in the graph (fakes in ``kernels_cpu/fakes.py``), keeping the forward's
     projection for the backward as the eager path does. Else None (``mhc::coeffs``; also under ``torch.export``,
     as :func:`compiled_nograd`)."""
-    if not (COMPILED_KERNELS and compiling_on_cpu(kernels, x, *others)) or _RECORDERS or torch.compiler.is_exporting():
+    if not (COMPILED_KERNELS and compiling_on_cpu(kernels, x, *others)) or _RECORDERS or _ti.exporting():
         return None
     if x.dtype not in _launch.DTYPES or any(t.device.type != "cpu" for t in others):
         return None
