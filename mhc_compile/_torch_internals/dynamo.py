@@ -240,20 +240,14 @@ def export_guards_failing(ep: Any, sizes: dict) -> list:
     return failing
 
 
-def _is_exporting() -> bool:
-    return torch.compiler.is_exporting()
-
-
+@torch._dynamo.assume_constant_result
 def exporting() -> bool:
     """Whether ``torch.export`` runs (strict or not), also where Dynamo traces the caller. Marked with
     ``torch._dynamo.assume_constant_result``, so Dynamo runs it in Python and uses the result as a constant,
     with no guard; a ``torch.compile`` trace and an export trace are separate traces. Needed because
     ``torch.compiler.is_exporting()`` traced by Dynamo reads True in every trace on torch 2.11 (2.13 and
     2.15 read False under ``torch.compile``)."""
-    return _exporting_constant()
-
-
-_exporting_constant = torch._dynamo.assume_constant_result(_is_exporting)
+    return torch.compiler.is_exporting()
 
 
 # ----------------------------------------------------------------------------- inner backends

@@ -1,17 +1,11 @@
 """Fake (meta) implementations of the fused CPU kernels' ops (``torch.ops.mhc_cpu``), so that Dynamo,
 AOTAutograd and inductor can put them in a compiled graph as opaque calls (``ops/cpu_paths.py``: the
 forward kernels in a compiled call that needs no gradient; coeffs forward and backward in a compiled
-train step). Each fake gives the shapes, dtypes and (contiguous)
-strides the kernel returns; ``tests/test_compiled_cpu.py`` checks them against the kernels."""
+train step). Each fake gives the shapes, dtypes and (contiguous) strides the kernel returns;
+``tests/test_compiled_cpu.py`` checks them against the kernels."""
 from __future__ import annotations
 
 import torch
-
-_DONE: list = []
-
-
-def _cd(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _gates(t: int, n: int, like: torch.Tensor, cd: torch.dtype) -> list:
@@ -19,10 +13,8 @@ def _gates(t: int, n: int, like: torch.Tensor, cd: torch.dtype) -> list:
 
 
 def register() -> None:
-    """Registers the fakes once (after the extension is loaded: the ops must exist)."""
-    if _DONE:
-        return
-    _DONE.append(True)
+    """Registers the fakes; called once, by ``kernels_cpu.available`` right after the extension is loaded
+    (the ops must exist, and a second registration would raise)."""
     lib = "mhc_cpu::"
 
     @torch.library.register_fake(lib + "proj_mm")

@@ -7,7 +7,8 @@
   emitted as their aten math (:func:`pre_inline`, :func:`post_res_inline`) instead of the opaque
   ``mhc::`` ops, so inductor fuses the stream mixing with its neighbours (the post-LN LayerNorm, the
   residual adds) and differentiates it itself. ``COMPILED_KERNELS`` off: ``coeffs`` (the Sinkhorn
-  loop) is ``mhc::coeffs`` in both cases, and the mixes are inlined. CUDA keeps the Triton kernels. See docs/design.md "CPU kernels".
+  loop) is ``mhc::coeffs`` in both cases, and the mixes are inlined. CUDA keeps the Triton kernels.
+  See docs/design.md "CPU kernels".
 * In eager mode on CPU (``kernels="auto"``, plain tensors, the extension built, no dispatch mode,
   functorch transform or coefficient recorder active, not compiling) every op calls the fused kernels
   of ``kernels_cpu.launch`` directly (:func:`eager_cpu`): without autograd when no input needs a
@@ -47,35 +48,39 @@ def compiling_on_cpu(kernels: str, *tensors: Tensor) -> bool:
 
 
 COMPILED_KERNELS = os.environ.get("MHC_CPU_COMPILED_KERNELS", "1") != "0"
-"""Whether a compiled CPU call that needs no gradient runs the fused kernels as opaque calls
-(:func:`compiled_nograd`); False: the inlined math and ``mhc::coeffs``, as a train step compiles."""
+"""Whether a compiled CPU call runs the fused kernels: as opaque calls without gradient
+(:func:`compiled_nograd`), as :class:`_CompiledCoeffs` with one (:func:`compiled_train`); False: the
+inlined mixes and ``mhc::coeffs`` in both cases."""
 
 
-def compiled_nograd(kernels: str, x: Tensor, *others: Tensor):
+def _compiled_launch(kernels: str, x: Tensor, *others: Tensor):
     """``kernels_cpu.launch`` when Dynamo traces a wrapper for plain CPU tensors under ``kernels="auto"``
-    and the call needs no gradient (an eval forward under ``torch.compile``; Dynamo guards on grad mode
-    and on each input's ``requires_grad``): the graph then calls the fused kernels (``mhc_cpu::``, with
-    the fakes of ``kernels_cpu/fakes.py``) directly, as the eager fast path does, without the custom
-    op's Python layer. Else None; also under ``torch.export`` (``_torch_internals.exporting``), whose programs keep the ``mhc::`` ops (they
-    register when ``mhc_compile`` is imported; the ``mhc_cpu::`` kernels only once the extension is built)."""
-    if not (COMPILED_KERNELS and compiling_on_cpu(kernels, x, *others)) or _RECORDERS or _ti.exporting():
-        return None
-    if x.dtype not in _launch.DTYPES or _needs_grad(x, *others) or any(t.device.type != "cpu" for t in others):
-        return None
-    return _launch if loaded() else None
-
-
-def compiled_train(kernels: str, x: Tensor, *others: Tensor):
-    """``kernels_cpu.launch`` when Dynamo traces ``coeffs`` for plain CPU tensors under ``kernels="auto"`` in
-    a call that needs a gradient (a compiled train step): :func:`coeffs_compiled` then puts the fused
-    kernels and their backward in the graph (fakes in ``kernels_cpu/fakes.py``), keeping the forward's
-    projection for the backward as the eager path does. Else None (``mhc::coeffs``; also under ``torch.export``,
-    as :func:`compiled_nograd`)."""
+    (:func:`compiling_on_cpu`), with ``COMPILED_KERNELS`` on, no coefficient recorder (which needs
+    ``mhc::coeffs`` to run at run time), not under ``torch.export`` (``_torch_internals.exporting``:
+    programs keep the ``mhc::`` ops, which register when ``mhc_compile`` is imported, where the
+    ``mhc_cpu::`` kernels exist only once the extension is built), and the kernels loaded; else None."""
     if not (COMPILED_KERNELS and compiling_on_cpu(kernels, x, *others)) or _RECORDERS or _ti.exporting():
         return None
     if x.dtype not in _launch.DTYPES or any(t.device.type != "cpu" for t in others):
         return None
     return _launch if loaded() else None
+
+
+def compiled_nograd(kernels: str, x: Tensor, *others: Tensor):
+    """:func:`_compiled_launch` for a call that needs no gradient (an eval forward under ``torch.compile``;
+    Dynamo guards on grad mode and on each input's ``requires_grad``): the graph then calls the fused
+    kernels (``mhc_cpu::``, with the fakes of ``kernels_cpu/fakes.py``) directly, as the eager fast path
+    does, without the custom op's Python layer. Else None."""
+    launch = _compiled_launch(kernels, x, *others)
+    return None if launch is None or _needs_grad(x, *others) else launch
+
+
+def compiled_train(kernels: str, x: Tensor, *others: Tensor):
+    """:func:`_compiled_launch` for ``coeffs`` in a compiled call (taken after :func:`compiled_nograd`, so
+    one that needs a gradient: a compiled train step): :func:`coeffs_compiled` then puts the fused kernels
+    and their backward in the graph, keeping the forward's projection for the backward as the eager path
+    does. Else None (``mhc::coeffs``)."""
+    return _compiled_launch(kernels, x, *others)
 
 
 class _CompiledCoeffs(torch.autograd.Function):
