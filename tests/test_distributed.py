@@ -25,11 +25,11 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 WORLD = 2
 
 
-def _args():
+def _args(kernels: str = "reference"):
     td = importlib.import_module("train_distributed")
     return td.parse_args([
         "--steps", "3", "--batch", "4", "--seq", "16", "--dim", "16", "--layers", "3", "--heads", "2",
-        "--lr", "1e-2", "--kernels", "reference",
+        "--lr", "1e-2", "--kernels", kernels,
     ])
 
 
@@ -38,7 +38,7 @@ def _data():
     return tg.load_corpus(50_000)
 
 
-def _worker(rank: int, world: int, strategy: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, strategy: str, out_dir: str, kernels: str = "reference") -> None:
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, strategy: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         td = importlib.import_module("train_distributed")
-        out = td.train(_args(), rank, world, strategy, data=_data())
+        out = td.train(_args(kernels), rank, world, strategy, data=_data())
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "out.pt"))
         # No rank tears down its gloo pairs while the other still talks to it (seen once:
@@ -65,9 +65,9 @@ def single():
     return td.train(_args(), 0, 1, "none", data=_data())
 
 
-def _run(strategy: str) -> dict:
+def _run(strategy: str, kernels: str = "reference") -> dict:
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(WORLD, strategy, d), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(WORLD, strategy, d, kernels), nprocs=WORLD, join=True)
         return torch.load(os.path.join(d, "out.pt"), weights_only=True)
 
 
@@ -110,6 +110,20 @@ def test_fsdp2_matches_single_process(single):
 def test_ddp_compiled_with_optimize_ddp_matches_single_process(single):
     assert torch._dynamo.config.optimize_ddp  # torch's default: Dynamo splits the graph at DDP buckets
     _compare(single, _run("ddp-compile"))
+
+
+def test_ddp_compiled_with_the_cpu_kernels_matches_single_process():
+    """``kernels="auto"`` on CPU: compiled, each rank's train step runs the fused coeffs kernels forward and
+    backward inside the graph (``cpu_paths._CompiledCoeffs``) and the inlined mixes; after 3 AdamW steps
+    the loss and every parameter equal one eager process's (which runs the same kernels eagerly)."""
+    from mhc_compile import kernels_cpu
+
+    if not kernels_cpu.available():
+        pytest.skip(f"CPU kernels not built: {kernels_cpu.build_error()}")
+    td = importlib.import_module("train_distributed")
+    torch.set_num_threads(2)
+    single_auto = td.train(_args("auto"), 0, 1, "none", data=_data())
+    _compare(single_auto, _run("ddp-compile", "auto"))
 
 
 def test_fsdp2_per_block_with_checkpointing_matches_single_process(single):
