@@ -94,6 +94,46 @@ def test_large_and_extreme_logits_and_many_tokens():
     _close(_run("auto", x, h_out, p, "mhc"), _run("reference", x, h_out, p, "mhc"), torch.float32)
 
 
+def test_saturated_gates_match_reference():
+    """Gate logits where the vector exp saturates (|z| around 88, 100 and 1e4: sigmoid at 0 or 1, no
+    NaN) and Sinkhorn logits at the clamp, against the reference's torch.sigmoid and torch.exp."""
+    n, c = 4, 8
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(21, n, c, generator=g)
+    h_out = torch.randn(21, c, generator=g)
+    p = _params(n, c, "mhc", 6)
+    p["b_pre"] = torch.tensor([88.5, -88.5, 100.0, -1e4])
+    p["b_post"] = torch.tensor([-87.5, 87.0, -100.0, 1e4])
+    p["alpha"] = torch.tensor([0.0, 0.0, 30.0])
+    _close(_run("auto", x, h_out, p, "mhc"), _run("reference", x, h_out, p, "mhc"), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gates_do_not_depend_on_token_position(dtype):
+    """The gates run 16 (float) or 8 (double) tokens per vector with spare lanes filled: a token's
+    H_pre, H_post, H_res and every coeffs_bwd output are the same bits alone, in a partial group,
+    and anywhere in a long run."""
+    k = torch.ops.mhc_cpu
+    n, c, T = 4, 12, 37
+    g = torch.Generator().manual_seed(4)
+    flat = torch.randn(T, n * c, generator=g, dtype=dtype)
+    phi = 0.3 * torch.randn(n * c, 2 * n + n * n, generator=g, dtype=dtype)
+    small = (torch.tensor([1.0, 0.7, 1.3], dtype=dtype), torch.randn(n, generator=g, dtype=dtype),
+             torch.randn(n, generator=g, dtype=dtype), torch.randn(n, n, generator=g, dtype=dtype))
+    grads = (torch.randn(T, n, generator=g, dtype=dtype), torch.randn(T, n, generator=g, dtype=dtype),
+             torch.randn(T, n, n, generator=g, dtype=dtype))
+    proj = flat @ phi
+    full_f = k.coeffs_fwd(flat, proj, *small, 1e-6, n, 20, False)
+    full_b = k.coeffs_bwd(*grads, flat, proj, *small, 1e-6, n, 20, False)
+    for lo, hi in ((0, 1), (3, 4), (5, 12), (16, 33), (30, 37)):
+        part_f = k.coeffs_fwd(flat[lo:hi], proj[lo:hi], *small, 1e-6, n, 20, False)
+        part_b = k.coeffs_bwd(*(t[lo:hi] for t in grads), flat[lo:hi], proj[lo:hi], *small, 1e-6, n, 20, False)
+        for a, b in zip(part_f, full_f):
+            assert torch.equal(a, b[lo:hi]), (lo, hi)
+        for a, b in zip(part_b[:2], full_b[:2]):  # per token: dh_r and coef (the rest are token sums)
+            assert torch.equal(a, b[lo:hi]), (lo, hi)
+
+
 def test_two_threads_give_the_same_bits():
     """Tokens split over intra-op threads; the token sums are reduced in token order: bitwise equal."""
     n, c = 4, 24

@@ -5,27 +5,6 @@
 namespace mhc_cpu {
 namespace {
 
-// Backward through the Sinkhorn steps, last to first, in place on g (n x n), from the stored
-// column sums cs, row sums rs, A and M of every step (sk_step's outputs); s is n scratch.
-template <typename acc, int N>
-inline void sk_backward(acc* g, const acc* cs, const acc* rs, const acc* As, const acc* Ms, acc* s, int64_t iters,
-                        int64_t n_rt) {
-  const int64_t n = N ? N : n_rt, nn = n * n;
-  for (int64_t it = iters - 1; it >= 0; --it) {
-    const acc *c = cs + it * n, *r = rs + it * n, *A = As + it * nn, *M = Ms + it * nn;
-    for (int64_t i = 0; i < n; ++i) {  // M = A / rowsum(A)
-      acc sum{};
-      for (int64_t j = 0; j < n; ++j) sum += g[i * n + j] * M[i * n + j];
-      for (int64_t j = 0; j < n; ++j) g[i * n + j] = (g[i * n + j] - sum) / r[i];
-    }
-    for (int64_t j = 0; j < n; ++j) s[j] = g[j] * A[j];  // A = M_prev / colsum(M_prev)
-    for (int64_t i = 1; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) s[j] += g[i * n + j] * A[i * n + j];
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) g[i * n + j] = (g[i * n + j] - s[j]) / c[j];
-  }
-}
-
 // Forward of dynamic mhc::coeffs after the projection: flat = vec(X) (T, nC) and proj = flat . phi
 // (T, K), both in the compute type -> H_pre (T,n), H_post (T,n), H_res (T,n,n).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coeffs_fwd(
@@ -86,89 +65,79 @@ std::vector<at::Tensor> coeffs_bwd(
     with_n(n, [&](auto NC_) {
       constexpr int N = decltype(NC_)::value;
       at::parallel_for(0, T, grain(iters * nn * 10 + NC), [&](int64_t b, int64_t e) {
-        using V = typename Lanes<acc>::V;
-        constexpr int W = Lanes<acc>::W;
-        // per lane: logits and their pieces, the Sinkhorn start m0 and its max, then g
-        std::vector<acc> h_raw(W * K), h(W * K), z(W * K), rr(W), mx(W), m0(W * nn), g(W * nn), s(n);
-        // Sinkhorn replay, per iteration k: column sums c_k, A_k = M_{k-1}/c_k, row sums r_k, M_k = A_k/r_k
-        std::vector<acc> cs(iters * n), rs(iters * n), As(iters * nn), Ms(iters * nn);
-        std::vector<V> csv, rsv, Asv, Msv, m0v, gv, sv;
-        if (!hc) csv.resize(iters * n), rsv.resize(iters * n), Asv.resize(iters * nn), Msv.resize(iters * nn),
-                 m0v.resize(nn), gv.resize(nn), sv.resize(n);
-
-        auto prepare = [&](int64_t t, int l) {  // logits, gate gradients, Sinkhorn start of token t into lane l
-          acc *zl = &z[l * K], *dz = dzp + t * K;
-          rr[l] = rmp ? logits_of_rms(rmp[t], pj + t * K, al, bpp, bop, brp, n, hc, &h_raw[l * K], &h[l * K], zl)
-                      : logits(fp + t * NC, NC, pj + t * K, al, bpp, bop, brp, n, eps, hc, &h_raw[l * K], &h[l * K], zl);
-          if (hc) {
+        if (hc) {  // one token at a time: z = alpha tanh(h_raw) + b is the gates themselves
+          std::vector<acc> h_raw(K), h(K), z(K);
+          for (int64_t t = b; t < e; ++t) {
+            const acc r = rmp ? rmp[t] : rms_of(fp + t * NC, NC, eps);
+            logits_hc(r, pj + t * K, al, bpp, bop, brp, n, h_raw.data(), h.data(), z.data());
+            acc *dz = dzp + t * K, *dh = dhp + t * K, *dzh = dzhp + t * K;
             for (int64_t i = 0; i < n; ++i) { dz[i] = gpp[t * n + i]; dz[n + i] = gop[t * n + i]; }
             for (int64_t k = 0; k < nn; ++k) dz[2 * n + k] = grp[t * nn + k];
-            return;
-          }
-          for (int64_t i = 0; i < n; ++i) {
-            const acc sp = sigm(zl[i]), so = sigm(zl[n + i]);
-            dz[i] = gpp[t * n + i] * sp * (acc(1) - sp);
-            dz[n + i] = acc(2) * gop[t * n + i] * so * (acc(1) - so);
-          }
-          mx[l] = sk_start<acc, N>(zl + 2 * n, &m0[l * nn], n);
-          for (int64_t k = 0; k < nn; ++k) g[l * nn + k] = grp[t * nn + k];
-        };
-        auto finish = [&](int64_t t, int l) {  // d logits of the Sinkhorn start, then dh_r, coef, dz*h
-          acc* dz = dzp + t * K;
-          const acc *zl = &z[l * K], *hl = &h[l * K], *hrl = &h_raw[l * K];
-          if (!hc) {
-            const acc* L = zl + 2 * n;
-            acc* dr = dz + 2 * n;
-            acc total = 0, ties = 0;
-            for (int64_t k = 0; k < nn; ++k) {
-              dr[k] = (L[k] - mx[l] >= acc(-kSpread)) ? g[l * nn + k] * m0[l * nn + k] : acc(0);
-              total += dr[k];
-              ties += (L[k] == mx[l]) ? acc(1) : acc(0);
+            acc sdh = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
+              dzh[k] = dz[k] * h[k];
+              const acc d = al[seg] * dz[k] * (acc(1) - h[k] * h[k]);
+              sdh += d * h_raw[k];
+              dh[k] = d / r;
             }
-            for (int64_t k = 0; k < nn; ++k)
-              if (L[k] == mx[l]) dr[k] -= total / ties;  // max subtraction: -sum(dz) to the argmax (ties share)
+            cp[t] = sdh / (acc(NC) * r * r);
           }
-          acc *dh = dhp + t * K, *dzh = dzhp + t * K;
-          acc sdh = 0;
+          return;
+        }
+        using V = typename GateLanes<acc>::V;
+        constexpr int W = GateLanes<acc>::W;
+        // a group of W tokens in lanes: logits, their gradients, the Sinkhorn start, the replay of every
+        // step (ic_k, A_k, ir_k, M_k of sk_step) and the gradient g through it
+        std::vector<V> h_raw(K), z(K), dz(K), m0(nn), g(nn), s(n), ics(iters * n), irs(iters * n), As(iters * nn),
+            Ms(iters * nn);
+        const V floor_ = V{} - acc(kSpread);
+        for (int64_t t = b; t < e; t += W) {
+          const int cnt = int(std::min<int64_t>(W, e - t));
+          V rv;
+          for (int l = 0; l < cnt; ++l) rv[l] = rmp ? rmp[t + l] : rms_of(fp + (t + l) * NC, NC, eps);
+          for (int l = cnt; l < W; ++l) rv[l] = rv[cnt - 1];
+          lane_logits<acc>(rv, pj + t * K, cnt, al, bpp, bop, brp, n, h_raw.data(), z.data());
+          auto gather = [&](const acc* src, int64_t row, int64_t k) {  // src[token, k] of each lane's token
+            V v;
+            for (int l = 0; l < W; ++l) v[l] = src[(t + lane_token(l, cnt)) * row + k];
+            return v;
+          };
+          for (int64_t i = 0; i < n; ++i) {
+            const V sp = vsigm<acc>(z[i]), so = vsigm<acc>(z[n + i]);
+            dz[i] = gather(gpp, n, i) * sp * (acc(1) - sp);
+            dz[n + i] = acc(2) * gather(gop, n, i) * so * (acc(1) - so);
+          }
+          const V* L = z.data() + 2 * n;
+          const V mx = sk_start<acc, N>(L, m0.data(), n);
+          for (int64_t k = 0; k < nn; ++k) g[k] = gather(grp, nn, k);
+          const V* prev = m0.data();
+          for (int64_t it = 0; it < iters; ++it) {
+            sk_step<V, N>(prev, &ics[it * n], &As[it * nn], &irs[it * n], &Ms[it * nn], n);
+            prev = &Ms[it * nn];
+          }
+          sk_backward<V, N>(g.data(), ics.data(), irs.data(), As.data(), Ms.data(), s.data(), iters, n);
+          // d logits of the Sinkhorn start; the max subtraction sends -sum(dz) to the argmax (ties share)
+          V total = V{}, ties = V{};
+          for (int64_t k = 0; k < nn; ++k) {
+            dz[2 * n + k] = (L[k] - mx) >= floor_ ? g[k] * m0[k] : V{};
+            total += dz[2 * n + k];
+            ties += L[k] == mx ? V{} + acc(1) : V{};
+          }
+          const V share = total / ties;
+          for (int64_t k = 0; k < nn; ++k) dz[2 * n + k] = L[k] == mx ? dz[2 * n + k] - share : dz[2 * n + k];
+          // dh_r = alpha dz / r, coef = (alpha dz . h_raw) / (nC r^2), dz * h for alpha's gradient
+          V sdh = V{};
           for (int64_t k = 0; k < K; ++k) {
             const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
-            dzh[k] = dz[k] * hl[k];
-            acc d = al[seg] * dz[k];
-            if (hc) d = d * (acc(1) - hl[k] * hl[k]);
-            sdh += d * hrl[k];
-            dh[k] = d / rr[l];
-          }
-          cp[t] = sdh / (acc(NC) * rr[l] * rr[l]);
-        };
-
-        int64_t t = b;
-        if (!hc) {
-          for (; t + W <= e; t += W) {
-            for (int l = 0; l < W; ++l) prepare(t + l, l);
-            for (int64_t k = 0; k < nn; ++k)
-              for (int l = 0; l < W; ++l) { m0v[k][l] = m0[l * nn + k]; gv[k][l] = g[l * nn + k]; }
-            const V* prev = m0v.data();
-            for (int64_t it = 0; it < iters; ++it) {
-              sk_step<V, N>(prev, &csv[it * n], &Asv[it * nn], &rsv[it * n], &Msv[it * nn], n);
-              prev = &Msv[it * nn];
+            const V d = al[seg] * dz[k], dzh = dz[k] * h_raw[k], dh = d / rv;
+            sdh += d * h_raw[k];
+            for (int l = 0; l < cnt; ++l) {
+              dzp[(t + l) * K + k] = dz[k][l], dzhp[(t + l) * K + k] = dzh[l], dhp[(t + l) * K + k] = dh[l];
             }
-            sk_backward<V, N>(gv.data(), csv.data(), rsv.data(), Asv.data(), Msv.data(), sv.data(), iters, n);
-            for (int64_t k = 0; k < nn; ++k)
-              for (int l = 0; l < W; ++l) g[l * nn + k] = gv[k][l];
-            for (int l = 0; l < W; ++l) finish(t + l, l);
           }
-        }
-        for (; t < e; ++t) {
-          prepare(t, 0);
-          if (!hc) {
-            const acc* prev = m0.data();
-            for (int64_t it = 0; it < iters; ++it) {
-              sk_step<acc, N>(prev, &cs[it * n], &As[it * nn], &rs[it * n], &Ms[it * nn], n);
-              prev = &Ms[it * nn];
-            }
-            sk_backward<acc, N>(g.data(), cs.data(), rs.data(), As.data(), Ms.data(), s.data(), iters, n);
-          }
-          finish(t, 0);
+          const V coef = sdh / (acc(NC) * rv * rv);
+          for (int l = 0; l < cnt; ++l) cp[t + l] = coef[l];
         }
       });
     });

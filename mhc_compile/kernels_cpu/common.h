@@ -33,9 +33,6 @@ inline int64_t grain(int64_t work_per_token) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_token));
 }
 
-template <typename T>
-inline T sigm(T v) { return T(1) / (T(1) + std::exp(-v)); }
-
 // sum_c a[c] b[c]: four independent 32-byte accumulators (GCC/Clang vector extensions), so it
 // vectorises without -ffast-math; the summation order is fixed, so results are deterministic.
 template <typename T>
