@@ -383,9 +383,9 @@ def run(args) -> list[dict]:
 
 
 def site_table(reps: int) -> list[dict]:
-    """One site's ops alone at the two models' site shapes (n = 4, fp32, 1 thread, warm caches): each ``mhc_cpu``
-    kernel, the phi GEMMs (``coeffs_gx`` against aten's mm plus the epilogue pass it replaces), and each public op
-    (``mhc_compile.ops``, eager fast path) forward without grad; CPU time per call in us, min over ``reps`` blocks of 100."""
+    """One site's ops alone at the two models' site shapes (n = 4, fp32, 1 thread, warm caches): each ``mhc_cpu`` kernel,
+    the phi GEMMs (``coeffs_gx``, ``phi_grad_mm`` against the aten calls they replace), and each public op (eager fast
+    path) forward without grad; CPU time per call in us, min over ``reps`` blocks of 100."""
     from mhc_compile import ops
     from mhc_compile.kernels_cpu import available
 
@@ -421,7 +421,8 @@ def site_table(reps: int) -> list[dict]:
             "coeffs_bwd kernel": lambda: k.coeffs_bwd(hp, ho, hr, flat, proj, *small, 1e-6, n, 20, False),
             "coeffs_bwd, kept RMS": lambda: k.coeffs_bwd(hp, ho, hr, flat, proj, *small, 1e-6, n, 20, False, rms),
             "bwd GEMM dh_r.phi^T": lambda: torch.mm(proj, phi.t()),
-            "bwd GEMM dh_r^T.flat": lambda: torch.mm(proj.t(), flat),
+            "bwd GEMM dh_r^T.flat": lambda: torch.mm(proj.t(), flat).t().contiguous(),  # in phi's layout
+            "phi_grad_mm kernel": lambda: k.phi_grad_mm(flat, proj),
             "coeffs_gx kernel": lambda: k.coeffs_gx(proj, phi, x, coef),
             "bwd GEMM + addcmul_": lambda: torch.mm(proj, phi.t()).addcmul_(flat, coef, value=-1.0),
             "coeffs_gx, boundary": lambda: k.coeffs_gx(proj, phi, x, coef, gx, h_out, hp),
@@ -459,7 +460,6 @@ def tune_malloc() -> None:
     """glibc only: keep freed memory in the heap (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB), so
     a step's large tensors do not page-fault afresh every time (what jemalloc/tcmalloc also give)."""
     import ctypes
-
     libc = ctypes.CDLL("libc.so.6")
     if not (libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30)):
         raise RuntimeError("mallopt failed")

@@ -31,7 +31,7 @@ def test_site_table_times_every_call():
         import pytest
         pytest.skip("CPU kernels not built")
     rows = _bench().main(["--site", "--reps", "1"])
-    assert len(rows) == 50 and {r["shape"] for r in rows} == {"minilm T=360 C=384", "gpt T=512 C=256"}
+    assert len(rows) == 52 and {r["shape"] for r in rows} == {"minilm T=360 C=384", "gpt T=512 C=256"}
     assert all(r["us"] > 0 for r in rows)
 
 

@@ -7,7 +7,8 @@ the vector width), odd token and channel counts, every float dtype, both modes; 
 inputs make every sum exact (so only the roundings and the indexing are compared); 1 or 2 threads,
 touching ahead on or off;
 the launchers' coeffs and boundary backward against the reference at perturbed parameters, with the
-kernel on and off (``launch.FUSED``); a float64 gradcheck through the ops.
+kernel on and off (``launch.FUSED``); a float64 gradcheck through the ops. And the phi gradient's GEMM
+(``mhc_cpu::phi_grad_mm``) against aten's mm, bitwise where the sums are exact, on 1 and 2 threads.
 """
 import pytest
 import torch
@@ -188,3 +189,39 @@ def test_float64_gradcheck_through_the_ops():
         return (x1, *ops.boundary(x1, h_out, ho, hr, phi, alpha, bp, bo, br, kernels="auto"))
 
     assert gradcheck(f, (x, h_out, *leaves), fast_mode=True)
+
+
+# ----------------------------------------------------------------------------- the phi gradient
+@pytest.mark.parametrize("n,c,t", [(1, 7, 5), (2, 13, 131), (4, 16, 300), (4, 33, 17), (8, 5, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_phi_grad_mm_matches_mm(n, c, t, dtype):
+    """g_phi = flat^T dh_r (``phi_grad_mm``): nC not a multiple of its 16-column block, K = 2n+n^2 not a
+    multiple of its 6 columns, token counts across its 128-token chunks; against aten's mm in float64,
+    and bitwise where every sum is exact."""
+    k = torch.ops.mhc_cpu
+    g = torch.Generator().manual_seed(n * 100 + c + t)
+    kk = 2 * n + n * n
+    flat, dh = torch.randn(t, n * c, generator=g, dtype=dtype), torch.randn(t, kk, generator=g, dtype=dtype)
+    got = k.phi_grad_mm(flat, dh)
+    want = flat.double().t() @ dh.double()
+    assert got.shape == (n * c, kk) and got.dtype == dtype and got.is_contiguous()
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert err <= (1e-6 if dtype == torch.float32 else 1e-13), err
+    exact = [torch.randint(-8, 9, s, generator=g).to(dtype) / 8 for s in ((t, n * c), (t, kk))]
+    assert torch.equal(k.phi_grad_mm(*exact), (exact[0].double().t() @ exact[1].double()).to(dtype))
+
+
+def test_phi_grad_mm_same_bits_on_two_threads():
+    """Threads split the columns; each output sums the tokens in order: the same bits on 1 and 2 threads."""
+    k = torch.ops.mhc_cpu
+    g = torch.Generator().manual_seed(3)
+    flat, dh = torch.randn(517, 4 * 40, generator=g), torch.randn(517, 24, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = k.phi_grad_mm(flat, dh)
+        torch.set_num_threads(2)
+        two = k.phi_grad_mm(flat, dh)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)

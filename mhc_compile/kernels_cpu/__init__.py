@@ -9,7 +9,7 @@ MKL's at these shapes), the boundary forward in one pass per token block (post_r
 pre while the block is in cache); ``post_norm.cpp`` the end of a post-LN site (post_res, then a
 LayerNorm on each stream) for eval; and the backward's X-gradient GEMM dh_r . phi^T with its epilogue
 (``coeffs_gx``: the RMS term, and at a boundary the pre and next-stream gradients, applied before the
-rows are written). The g_phi GEMM of the coeffs backward stays in aten. :mod:`.launch` composes them into the ``mhc::``
+rows are written), and its phi gradient (``phi_grad_mm``: flat^T . dh_r in phi's layout). :mod:`.launch` composes them into the ``mhc::``
 ops' implementations; :mod:`.fakes` registers the forward kernels' fake implementations once they are
 loaded, so a compiled eval forward can call them directly (``ops/cpu_paths.py``).
 

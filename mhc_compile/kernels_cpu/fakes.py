@@ -35,6 +35,10 @@ def register() -> None:
     def _coeffs_gx(dh_r, phi, x, coef, g_x_next=None, g_h_in=None, h_pre=None):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake(lib + "phi_grad_mm")
+    def _phi_grad_mm(flat, dh_r):
+        return flat.new_empty((flat.shape[1], dh_r.shape[1]))
+
     @torch.library.register_fake(lib + "pre_fwd")
     def _pre_fwd(x, h_pre):
         return x.new_empty((x.shape[0], x.shape[2]))

@@ -156,9 +156,12 @@ def _per_token(g: Tensor, lead: torch.Size, tail: tuple, cd: torch.dtype) -> Ten
 
 def _param_grads(dh_r, flat, g_alpha, g_bp, g_bo, g_br, phi, alpha, b_pre, b_post, b_res):
     """(phi, alpha, b_pre, b_post, b_res) gradients in the parameters' shapes and dtypes."""
-    g_phi = torch.mm(dh_r.t(), flat).t()  # (K, T) @ (T, nC): MKL runs it 2x faster than flat^T @ dh_r
+    if FUSED:
+        g_phi = _ops().phi_grad_mm(flat, dh_r)  # (nC, K), our kernel (grad_mm.cpp)
+    else:  # (K, T) @ (T, nC): MKL runs it 2x faster than flat^T @ dh_r
+        g_phi = torch.mm(dh_r.t(), flat).t().contiguous()
     return (
-        _to(g_phi.contiguous(), phi.dtype),
+        _to(g_phi, phi.dtype),
         _to(g_alpha, alpha.dtype),
         _to(_shaped(g_bp, b_pre.shape), b_pre.dtype),
         _to(_shaped(g_bo, b_post.shape), b_post.dtype),
