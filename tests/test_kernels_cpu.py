@@ -108,6 +108,25 @@ def test_saturated_gates_match_reference():
     _close(_run("auto", x, h_out, p, "mhc"), _run("reference", x, h_out, p, "mhc"), torch.float32)
 
 
+def test_gate_sigmoids_follow_float64_across_the_range():
+    """H_pre = sigmoid(z), H_post = 2 sigmoid(z) through the gates' vector exp: with alpha_pre = alpha_post = 0
+    the logits are the biases, swept over [-100, 100] and exp's edges (log FLT_MAX, log FLT_MIN, the
+    2^k split at k = 128 and -126); relative error within 4e-7 of float64, and 0 allowed below FLT_MIN
+    (exp(-z) overflows float there, as std::exp does: the old scalar kernels gave 0 too)."""
+    k = torch.ops.mhc_cpu
+    n = 8
+    z = torch.cat([torch.linspace(-100, 100, 1024),
+                   torch.tensor([88.72, 88.7228, 88.5, 88.38, 88.37, 87.34, 87.33, -87.33, -87.34, -88.37, -88.72, 0.0])])
+    z = torch.cat([z, z.new_zeros((-len(z)) % (2 * n))])
+    flat, proj = torch.randn(3, n * 5), torch.randn(3, 2 * n + n * n)
+    alpha, b_res = torch.tensor([0.0, 0.0, 1.0]), torch.zeros(n, n)
+    for chunk in z.split(2 * n):
+        hp, ho, _ = k.coeffs_fwd(flat, proj, alpha, chunk[:n], chunk[n:], b_res, 1e-6, n, 20, False)
+        want = torch.sigmoid(chunk.double())
+        for got, w in ((hp, want[:n]), (ho / 2, want[n:])):
+            assert (got.double() - w).abs().le(4e-7 * w + 1.2e-38).all(), (chunk, got, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gates_do_not_depend_on_token_position(dtype):
     """The gates run 16 (float) or 8 (double) tokens per vector with spare lanes filled: a token's

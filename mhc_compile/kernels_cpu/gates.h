@@ -35,14 +35,15 @@ struct GateLanes {
 };
 
 // exp of every lane. float: Cephes' expf (x = k ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r,
-// times 2^k built in the exponent bits; relative error about 1e-7), with exp(x) = +inf above
-// log(FLT_MAX), 0 below log(FLT_MIN) (no subnormal results) and NaN kept. double: std::exp per lane.
+// times 2^k as two powers of two built in the exponent bits, so that k = 128 still rounds to +inf and
+// k = -126 stays normal; relative error about 1e-7), with exp(x) = +inf above log(FLT_MAX), 0 below
+// log(FLT_MIN) (no subnormal results) and NaN kept. double: std::exp per lane.
 template <typename acc>
 inline typename GateLanes<acc>::V vexp(typename GateLanes<acc>::V x) {
   using V = typename GateLanes<acc>::V;
   if constexpr (std::is_same_v<acc, float>) {
     typedef int32_t VI __attribute__((vector_size(sizeof(V))));
-    const V zero = V{}, hi = zero + 88.3762626647949f, lo = zero + -87.3365447505531f;
+    const V zero = V{}, hi = zero + 88.72283935546875f, lo = zero + -87.33654475055310898657f;
     V xc = x > hi ? hi : x;  // comparisons are false for NaN: NaN goes through
     xc = xc < lo ? lo : xc;
     const V fx = xc * 1.44269504088896341f + 0.5f;
@@ -57,11 +58,12 @@ inline typename GateLanes<acc>::V vexp(typename GateLanes<acc>::V x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    const VI bits = (__builtin_convertvector(k, VI) + 127) << 23;
-    V scale;
-    std::memcpy(&scale, &bits, sizeof(V));
-    p = p * scale;
-    p = x > 88.7228391116729996f ? zero + std::numeric_limits<float>::infinity() : p;
+    const VI ki = __builtin_convertvector(k, VI), k1 = ki >> 1, b1 = (k1 + 127) << 23, b2 = (ki - k1 + 127) << 23;
+    V s1, s2;
+    std::memcpy(&s1, &b1, sizeof(V));
+    std::memcpy(&s2, &b2, sizeof(V));
+    p = (p * s1) * s2;
+    p = x > hi ? zero + std::numeric_limits<float>::infinity() : p;
     return x < lo ? zero : p;
   } else {
     V out;
