@@ -58,7 +58,9 @@ inline typename GateLanes<acc>::V vexp(typename GateLanes<acc>::V x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    const VI ki = __builtin_convertvector(k, VI), k1 = ki >> 1, b1 = (k1 + 127) << 23, b2 = (ki - k1 + 127) << 23;
+    typedef uint32_t VU __attribute__((vector_size(sizeof(V))));
+    const VI ki = __builtin_convertvector(k, VI), k1 = ki >> 1;  // floor(k / 2) and k - floor(k / 2)
+    const VU b1 = (VU)(k1 + 127) << 23, b2 = (VU)(ki - k1 + 127) << 23;  // unsigned: no signed shift
     V s1, s2;
     std::memcpy(&s1, &b1, sizeof(V));
     std::memcpy(&s2, &b2, sizeof(V));
