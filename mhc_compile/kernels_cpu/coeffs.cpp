@@ -94,23 +94,16 @@ std::vector<at::Tensor> coeffs_bwd(
         const V floor_ = V{} - acc(kSpread);
         for (int64_t t = b; t < e; t += W) {
           const int cnt = int(std::min<int64_t>(W, e - t));
-          V rv;
-          for (int l = 0; l < cnt; ++l) rv[l] = rmp ? rmp[t + l] : rms_of(fp + (t + l) * NC, NC, eps);
-          for (int l = cnt; l < W; ++l) rv[l] = rv[cnt - 1];
+          const V rv = lane_rms<acc>(fp + t * NC, NC, eps, rmp ? rmp + t : nullptr, cnt);
           lane_logits<acc>(rv, pj + t * K, cnt, al, bpp, bop, brp, n, h_raw.data(), z.data());
-          auto gather = [&](const acc* src, int64_t row, int64_t k) {  // src[token, k] of each lane's token
-            V v;
-            for (int l = 0; l < W; ++l) v[l] = src[(t + lane_token(l, cnt)) * row + k];
-            return v;
-          };
           for (int64_t i = 0; i < n; ++i) {
             const V sp = vsigm<acc>(z[i]), so = vsigm<acc>(z[n + i]);
-            dz[i] = gather(gpp, n, i) * sp * (acc(1) - sp);
-            dz[n + i] = acc(2) * gather(gop, n, i) * so * (acc(1) - so);
+            dz[i] = lane_gather(gpp + t * n, n, i, cnt) * sp * (acc(1) - sp);
+            dz[n + i] = acc(2) * lane_gather(gop + t * n, n, i, cnt) * so * (acc(1) - so);
           }
           const V* L = z.data() + 2 * n;
           const V mx = sk_start<acc, N>(L, m0.data(), n);
-          for (int64_t k = 0; k < nn; ++k) g[k] = gather(grp, nn, k);
+          for (int64_t k = 0; k < nn; ++k) g[k] = lane_gather(grp + t * nn, nn, k, cnt);
           const V* prev = m0.data();
           for (int64_t it = 0; it < iters; ++it) {
             sk_step<V, N>(prev, &ics[it * n], &As[it * nn], &irs[it * n], &Ms[it * nn], n);

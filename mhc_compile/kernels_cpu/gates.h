@@ -142,6 +142,23 @@ inline acc rms_of(const acc* flat, int64_t nc, double eps) {
 // Lane l's token of a group of cnt tokens (spare lanes repeat the last one).
 inline int64_t lane_token(int l, int cnt) { return l < cnt ? l : cnt - 1; }
 
+// Column k of a group's token-major rows src (row wide), one lane per token.
+template <typename acc>
+inline typename GateLanes<acc>::V lane_gather(const acc* src, int64_t row, int64_t k, int cnt) {
+  typename GateLanes<acc>::V v;
+  for (int l = 0; l < GateLanes<acc>::W; ++l) v[l] = src[lane_token(l, cnt) * row + k];
+  return v;
+}
+
+// Each lane's RMS: known[l] where the forward kept it (known not null), else from the group's vec(X) rows fp.
+template <typename acc>
+inline typename GateLanes<acc>::V lane_rms(const acc* fp, int64_t NC, double eps, const acc* known, int cnt) {
+  typename GateLanes<acc>::V rv;
+  for (int l = 0; l < cnt; ++l) rv[l] = known ? known[l] : rms_of(fp + l * NC, NC, eps);
+  for (int l = cnt; l < GateLanes<acc>::W; ++l) rv[l] = rv[cnt - 1];
+  return rv;
+}
+
 // Logits of a group of tokens in lanes (mhc variant): h_raw = proj / r, z = alpha_segment h_raw + b,
 // from each lane's RMS rv and the group's projection rows pj (K wide).
 template <typename acc>
@@ -151,8 +168,7 @@ inline void lane_logits(const typename GateLanes<acc>::V& rv, const acc* pj, int
   using V = typename GateLanes<acc>::V;
   const int64_t K = 2 * n + n * n;
   for (int64_t k = 0; k < K; ++k) {
-    V p;
-    for (int l = 0; l < GateLanes<acc>::W; ++l) p[l] = pj[lane_token(l, cnt) * K + k];
+    const V p = lane_gather(pj, K, k, cnt);
     const int seg = k < n ? 0 : (k < 2 * n ? 1 : 2);
     const acc bias = seg == 0 ? bpp[k] : (seg == 1 ? bop[k - n] : brp[k - 2 * n]);
     h_raw[k] = p / rv;
@@ -207,9 +223,7 @@ inline void gates_range(const acc* fp, int64_t NC, const acc* pj, const acc* al,
   }
   for (int64_t t = 0; t < count; t += W) {
     const int cnt = int(std::min<int64_t>(W, count - t));
-    V rv;
-    for (int l = 0; l < cnt; ++l) rv[l] = rms_of(fp + (t + l) * NC, NC, eps);
-    for (int l = cnt; l < W; ++l) rv[l] = rv[cnt - 1];
+    const V rv = lane_rms<acc>(fp + t * NC, NC, eps, nullptr, cnt);
     lane_logits<acc>(rv, pj + t * K, cnt, al, bpp, bop, brp, n, s.hrv.data(), s.zv.data());
     const V* z = s.zv.data();
     V* m = s.mv.data();
