@@ -14,8 +14,12 @@ ops' implementations; :mod:`.fakes` registers the forward kernels' fake implemen
 loaded, so a compiled eval forward can call them directly (``ops/cpu_paths.py``).
 
 The extension is compiled once per machine with ``torch.utils.cpp_extension.load`` (about 10 s,
-cached in torch's extension directory, ``TORCH_EXTENSIONS_DIR``) the first time a CPU tensor
-reaches an ``mhc::`` op under ``kernels="auto"``. Where it cannot be built (no C++ compiler or
+cached under torch's extension directory, ``TORCH_EXTENSIONS_DIR``, in a folder per Python and torch
+version: :func:`build_directory`) the first time a CPU tensor reaches an ``mhc::`` op under
+``kernels="auto"``. Processes that start together build it once: the builder holds an OS file lock
+(:func:`_build_lock`), which dies with its process, so a build killed midway (Ctrl-C) leaves nothing
+that makes the next process wait: torch's own ``lock`` file, which it would wait on forever, is
+removed when its builder is gone. Where it cannot be built (no C++ compiler or
 ninja), :func:`available` is False, a warning says so once, and ``mhc_compile.ops`` runs the plain-torch
 reference instead: same numbers, slower. ``MHC_CPU_KERNELS=0`` skips the build.
 
@@ -26,8 +30,10 @@ returns them to the system, :func:`output_cache_stats` says how much it holds.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -70,10 +76,11 @@ def available() -> bool:
             from torch.utils.cpp_extension import load
 
             flags = ["-O3", *_arch_flags()]
-            blob = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS)) + " ".join(flags).encode()
-            tag = hashlib.sha256(blob).hexdigest()[:12]  # a new name whenever the sources or flags change
-            load(f"mhc_cpu_{tag}", sources=[str(f) for f in _SOURCES], extra_cflags=flags, is_python_module=False,
-                 verbose=False)
+            name = _extension_name(flags)
+            folder = build_directory(name)
+            with _build_lock(folder):
+                load(name, sources=[str(f) for f in _SOURCES], extra_cflags=flags, is_python_module=False,
+                     build_directory=str(folder), verbose=False)
             from . import fakes
 
             fakes.register()
@@ -88,6 +95,45 @@ def available() -> bool:
                 stacklevel=2,
             )
         return _state["ok"]
+
+
+def _extension_name(flags: list[str]) -> str:
+    blob = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS)) + " ".join(flags).encode()
+    return f"mhc_cpu_{hashlib.sha256(blob).hexdigest()[:12]}"  # a new name whenever the sources or flags change
+
+
+def build_directory(name: str | None = None) -> Path:
+    """Where the extension ``name`` (default: this checkout's sources for this machine) is built:
+    ``TORCH_EXTENSIONS_DIR`` (else torch's default root) / ``mhc_py<X.Y>_torch<version>`` / name. One
+    folder per Python and torch version, so two environments sharing a cache never rebuild each
+    other's library."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    version = "".join(ch if ch.isalnum() or ch == "." else "_" for ch in torch.__version__)
+    name = name or _extension_name(["-O3", *_arch_flags()])
+    return root / f"mhc_py{sys.version_info.major}{sys.version_info.minor}_torch{version}" / name
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Held around ``load``: an OS lock (``flock``) on ``<folder>.build-lock``, released by the kernel when
+    its holder exits however it exits. Whoever holds it is the only process building ``folder``, so a
+    torch ``lock`` file found there then is a dead build's (torch would wait for it to vanish, forever)
+    and is removed. Without ``fcntl`` (Windows) it does nothing: torch's own lock applies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(folder.parent / f"{folder.name}.build-lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # another process building: wait for it (it dies, the lock goes)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def loaded() -> bool:
