@@ -48,3 +48,23 @@ def test_glue_script_times_every_call():
     spec.loader.exec_module(glue)
     rows = glue.main(["--reps", "8"])
     assert len(rows) == 10 and all(us > 0 for _, us in rows)
+
+
+def test_floor_script_adds_up_its_parts():
+    """benchmarks/bench_cpu_floor.py (the GPT eval's floor: projection, gates and cold stream passes) runs
+    on tiny shapes, times every part, and its floor ratio is the original plus those parts."""
+    from mhc_compile import kernels_cpu
+
+    if not kernels_cpu.available():
+        import pytest
+
+        pytest.skip("CPU kernels not built")
+    spec = importlib.util.spec_from_file_location("bench_cpu_floor", SCRIPT.with_name("bench_cpu_floor.py"))
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    out = floor.main(["--quick", "--reps", "1"])
+    assert set(out["parts_us"]) == {"proj", "gates", "read", "copy"} and all(v > 0 for v in out["parts_us"].values())
+    p = out["parts_us"]
+    assert out["floor_us"] == {"proj": 12 * p["proj"], "gates": 12 * p["gates"], "bytes": 6 * (p["read"] + 2 * p["copy"])}
+    want = (out["original_ms"] + sum(out["floor_us"].values()) / 1e3) / out["original_ms"]
+    assert abs(out["floor_ratio"] - want) < 1e-12 and out["mhc_ms"] > 0

@@ -458,6 +458,30 @@ def test_block_guard_names_the_parameters(mesh1):
     check_block(block)
 
 
+def test_block_guard_skips_its_walk_without_a_process_group(monkeypatch):
+    """Without an initialized process group (no device mesh, so no tensor parallelism) the eager guard
+    returns before walking the block's modules; with one it walks them (the walk is what costs)."""
+    from mhc_compile.parallel import guard
+
+    walked = []
+
+    class Spy:  # the two attributes the walk reads, the first one counted
+        _parameters: dict = {}
+
+        @property
+        def _modules(self):
+            walked.append(1)
+            return {}
+
+    block = Spy()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    guard.check_block(block)
+    assert walked == []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    guard.check_block(block)
+    assert walked == [1]
+
+
 def test_dtensor_stream_with_plain_parameters_raises(mesh1):
     """A DTensor stream meeting plain mHC parameters raises (never a silent partial gradient); a plain
     branch output next to a DTensor stream is taken as its local shard only when the shapes agree."""

@@ -10,6 +10,10 @@ while one of its mHC parameters is a plain tensor, raises and names ``paralleliz
 (FSDP2 parameters are ``Shard`` on their mesh and are not taken for TP; during the forward FSDP2
 has already swapped in the unsharded ones.) A DTensor stream meeting plain mHC parameters raises
 in the op itself (``parallel/mixed.py``).
+
+In a process without an initialized default process group there is no tensor parallelism to guard
+(a DTensor's device mesh initializes that group), so the eager check returns at once: the walk cost
+every block call 10-30 us in single-process use (``benchmarks/bench_cpu_glue.py``).
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ def check_block(block: nn.Module) -> None:
     if torch.compiler.is_compiling():
         _check_named(block)
         return
+    if not _tensor_parallel_possible():
+        return
     plain = tp = False
     stack, seen = [block], set()
     while stack:
@@ -49,6 +55,13 @@ def check_block(block: nn.Module) -> None:
                 tp = True
     if plain and tp:
         _check_named(block)
+
+
+def _tensor_parallel_possible() -> bool:
+    """Whether this process has a default process group (which any device mesh, so any DTensor that could
+    be tensor parallel, needs)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
 
 
 def _check_named(block: nn.Module) -> None:
