@@ -1,24 +1,32 @@
-"""How close the GPT eval forward's mHC cost is to what its math and bytes must cost on this CPU (issue #25).
+"""How close a converted model's eager eval forward is to what its mHC math and bytes must cost on this
+CPU (issue #25): the floor under the GPT and MiniLM targets of ``bench_cpu.py``.
 
-The converted GPT of ``bench_cpu.py`` (C = 256, 6 layers, T = 256, batch 2, n = 4: 512 tokens, 2 MiB
-stream tensors) runs per block a site start (coeffs + pre: reads X), a boundary (post_res, then the
-next site's coeffs + pre: reads X, writes X1) and a site end (post_res: reads X1, writes X2). Between
-them attention and the MLP write several MiB of activations, so each pass finds its streams out of
-cache. A lower bound on the extra time over the original, per forward, from parts measured here:
+The blocks form runs, per block, passes over the n-wide streams X (n = 4) that attention and the MLP,
+which write several MiB of activations between them, leave out of cache:
 
-* ``proj``: the phi projection vec(X).phi (512 x 1024 x 24 FMAs) per site, warm (``proj_mm``: the
-  core's FMA rate), times 12 sites;
+* GPT (C = 256, 6 layers, T = 256, batch 2: 512 tokens, 2 MiB streams): a site start (coeffs + pre:
+  reads X), a boundary (post_res, then the next site's coeffs + pre: reads X, writes X1) and a site end
+  (post_res: reads X1, writes X2): one read and two read+write passes;
+* MiniLM (C = 384, 6 layers, batch 20 x 18: 360 tokens, 2.1 MiB streams, post-LN): per site a start
+  (reads X) and an end (post_res + LayerNorm: reads X, writes X'): two reads and two read+write passes.
+
+A lower bound on the extra time over the original, per forward, from parts measured here at the
+model's site shape:
+
+* ``proj``: the phi projection vec(X).phi (T x nC x 24 FMAs) per site, warm (``proj_mm``: the core's
+  FMA rate), times 12 sites;
 * ``gates``: ``coeffs_fwd`` (RMS, sigmoids, 20 Sinkhorn steps) per site on a warm projection, times 12;
-* ``bytes``: per block one cold read of X and two cold copies of X (read 2 MiB, write 2 MiB into a
-  reused buffer, as the output cache does), each after 16 MiB of other writes (``EVICT_MB``), times 6.
-  The kernels do these passes and more work besides (the mixes, h_out, the expansion and final mean
-  are left out), so this underestimates what they can cost.
+* ``bytes``: per block the cold reads of X and cold copies of X (read X, write X into a reused buffer,
+  as the output cache does), each after 16 MiB of other writes (``EVICT_MB``), times 6 blocks.
+  The kernels do these passes and more work besides (the mixes, h_out, MiniLM's n LayerNorms per
+  site end, the expansion and final mean), and Python runs around them, so the floor is below what
+  any implementation of this design can reach.
 
 Printed: the measured ratio mhc/original (interleaved rounds) and the floor ratio (original + floor) /
 original, with its parts. CPU time per call (``time.process_time``), 1 thread by default, medians.
 
 Usage:
-  python benchmarks/bench_cpu_floor.py [--reps 15] [--threads 1]
+  python benchmarks/bench_cpu_floor.py [--models gpt,minilm] [--reps 15] [--threads 1]
 """
 from __future__ import annotations
 
@@ -37,6 +45,10 @@ import torch  # noqa: E402
 
 EVICT_MB = 16
 SITES, BLOCKS = 12, 6
+SHAPES = {  # model: (tokens T, channels C, cold reads and read+write passes of X per block)
+    "gpt": (512, 256, 1, 2),
+    "minilm": (360, 384, 2, 2),
+}
 
 
 def _median_us(fn, reps: int, evict: torch.Tensor | None = None) -> float:
@@ -50,14 +62,15 @@ def _median_us(fn, reps: int, evict: torch.Tensor | None = None) -> float:
     return statistics.median(times) * 1e6
 
 
-def parts(reps: int, quick: bool = False) -> dict:
-    """The floor's parts in microseconds per call (module docstring)."""
+def parts(model: str, reps: int, quick: bool = False) -> dict:
+    """The floor's parts in microseconds per call at ``model``'s site shape (module docstring)."""
     from mhc_compile import kernels_cpu
 
     if not kernels_cpu.available():
         raise SystemExit(f"CPU kernels not built: {kernels_cpu.build_error()}")
     k = torch.ops.mhc_cpu
-    T, n, C = (32, 4, 32) if quick else (512, 4, 256)
+    n = 4
+    T, C = (32, 32) if quick else SHAPES[model][:2]
     K = 2 * n + n * n
     g = torch.Generator().manual_seed(0)
     sets = [torch.randn(T, n, C, generator=g) for _ in range(4)]
@@ -75,11 +88,11 @@ def parts(reps: int, quick: bool = False) -> dict:
     }
 
 
-def model_times(reps: int, quick: bool = False) -> tuple[float, float]:
+def model_times(model_name: str, reps: int, quick: bool = False) -> tuple[float, float]:
     """(original, mhc) ms of the eager eval forward, medians of interleaved rounds."""
     import bench_cpu
 
-    model, args, kwargs, _ = bench_cpu.build_gpt(quick)
+    model, args, kwargs, _ = bench_cpu.MODELS[model_name](quick)
     variants = bench_cpu.make_variants(model, args, kwargs, names=("original", "mhc"))
     times = {}
     for name, m in variants.items():
@@ -94,29 +107,38 @@ def model_times(reps: int, quick: bool = False) -> tuple[float, float]:
     return statistics.median(times["original"]) * 1e3, statistics.median(times["mhc"]) * 1e3
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="gpt,minilm")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny shapes, a smoke test")
     a = p.parse_args(argv)
+    models = [m for m in a.models.split(",") if m]
+    unknown = [m for m in models if m not in SHAPES]
+    if unknown or not models:
+        raise SystemExit(f"--models: expected names from {sorted(SHAPES)}, got {a.models!r}")
     if a.reps < 1 or a.threads < 1:
         raise SystemExit("--reps and --threads must be >= 1")
     torch.set_num_threads(a.threads)
-    part = parts(max(a.reps, 5) * 4, a.quick)
-    orig_ms, mhc_ms = model_times(a.reps, a.quick)
-    floor = {"proj": SITES * part["proj"], "gates": SITES * part["gates"],
-             "bytes": BLOCKS * (part["read"] + 2 * part["copy"])}
-    total = sum(floor.values()) / 1e3
-    lines = [
-        f"torch {torch.__version__}, {a.threads} thread(s), CPU time, medians",
-        "per call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in part.items()),
-        "floor per forward (ms): " + ", ".join(f"{k} {v / 1e3:.2f}" for k, v in floor.items()) + f"; total {total:.2f}",
-        f"original {orig_ms:.1f} ms; measured mhc/original {mhc_ms / orig_ms:.3f}x; floor {(orig_ms + total) / orig_ms:.3f}x",
-    ]
-    print("\n".join(lines))
-    return {"parts_us": part, "floor_us": floor, "original_ms": orig_ms, "mhc_ms": mhc_ms,
-            "floor_ratio": (orig_ms + total) / orig_ms}
+    print(f"torch {torch.__version__}, {a.threads} thread(s), CPU time, medians", flush=True)
+    rows = []
+    for name in models:
+        reads, copies = SHAPES[name][2:]
+        part = parts(name, max(a.reps, 5) * 4, a.quick)
+        orig_ms, mhc_ms = model_times(name, a.reps, a.quick)
+        floor = {"proj": SITES * part["proj"], "gates": SITES * part["gates"],
+                 "bytes": BLOCKS * (reads * part["read"] + copies * part["copy"])}
+        total = sum(floor.values()) / 1e3
+        print(f"## {name}\n"
+              "per call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in part.items()) + "\n"
+              "floor per forward (ms): " + ", ".join(f"{k} {v / 1e3:.2f}" for k, v in floor.items())
+              + f"; total {total:.2f}\n"
+              f"original {orig_ms:.1f} ms; measured mhc/original {mhc_ms / orig_ms:.3f}x; "
+              f"floor {(orig_ms + total) / orig_ms:.3f}x", flush=True)
+        rows.append({"model": name, "parts_us": part, "floor_us": floor, "original_ms": orig_ms, "mhc_ms": mhc_ms,
+                     "passes": (reads, copies), "floor_ratio": (orig_ms + total) / orig_ms})
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ its --site table (one site's kernels and ops alone) times every call."""
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
 
 
@@ -56,15 +58,18 @@ def test_floor_script_adds_up_its_parts():
     from mhc_compile import kernels_cpu
 
     if not kernels_cpu.available():
-        import pytest
-
         pytest.skip("CPU kernels not built")
     spec = importlib.util.spec_from_file_location("bench_cpu_floor", SCRIPT.with_name("bench_cpu_floor.py"))
     floor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(floor)
-    out = floor.main(["--quick", "--reps", "1"])
-    assert set(out["parts_us"]) == {"proj", "gates", "read", "copy"} and all(v > 0 for v in out["parts_us"].values())
-    p = out["parts_us"]
-    assert out["floor_us"] == {"proj": 12 * p["proj"], "gates": 12 * p["gates"], "bytes": 6 * (p["read"] + 2 * p["copy"])}
-    want = (out["original_ms"] + sum(out["floor_us"].values()) / 1e3) / out["original_ms"]
-    assert abs(out["floor_ratio"] - want) < 1e-12 and out["mhc_ms"] > 0
+    rows = floor.main(["--quick", "--reps", "1"])
+    assert [r["model"] for r in rows] == ["gpt", "minilm"] and [r["passes"] for r in rows] == [(1, 2), (2, 2)]
+    for out in rows:
+        p, (reads, copies) = out["parts_us"], out["passes"]
+        assert set(p) == {"proj", "gates", "read", "copy"} and all(v > 0 for v in p.values())
+        assert out["floor_us"] == {"proj": 12 * p["proj"], "gates": 12 * p["gates"],
+                                   "bytes": 6 * (reads * p["read"] + copies * p["copy"])}
+        want = (out["original_ms"] + sum(out["floor_us"].values()) / 1e3) / out["original_ms"]
+        assert abs(out["floor_ratio"] - want) < 1e-12 and out["mhc_ms"] > 0
+    with pytest.raises(SystemExit, match="--models"):
+        floor.main(["--quick", "--models", "bert"])
