@@ -72,3 +72,14 @@ def test_a_builder_that_dies_holding_the_lock_lets_the_waiting_process_build():
     assert holder.returncode == 1
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "loaded True None" in proc.stdout
+
+
+def test_a_fresh_build_says_so_on_stderr_and_a_built_library_loads_silently(tmp_path, capsys):
+    with kernels_cpu._announced(tmp_path, "mhc_cpu_x"):
+        (tmp_path / "mhc_cpu_x.so").touch()  # what the build leaves
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"mhc-compile: building the fused CPU kernels in {tmp_path}")
+    assert err[1].startswith("mhc-compile: CPU kernels built in ") and err[1].endswith(" s")
+    with kernels_cpu._announced(tmp_path, "mhc_cpu_x"):
+        pass
+    assert capsys.readouterr().err == ""

@@ -19,7 +19,8 @@ version: :func:`build_directory`) the first time a CPU tensor reaches an ``mhc::
 ``kernels="auto"``. Processes that start together build it once: the builder holds an OS file lock
 (:func:`_build_lock`), which dies with its process, so a build killed midway (Ctrl-C) leaves nothing
 that makes the next process wait: torch's own ``lock`` file, which it would wait on forever, is
-removed when its builder is gone. Where it cannot be built (no C++ compiler or
+removed when its builder is gone. A build (not a load of a library built before) says on stderr that it
+starts and how long it took. Where it cannot be built (no C++ compiler or
 ninja), :func:`available` is False, a warning says so once, and ``mhc_compile.ops`` runs the plain-torch
 reference instead: same numbers, slower. ``MHC_CPU_KERNELS=0`` skips the build.
 
@@ -35,6 +36,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -78,7 +80,7 @@ def available() -> bool:
             flags = ["-O3", *_arch_flags()]
             name = _extension_name(flags)
             folder = build_directory(name)
-            with _build_lock(folder):
+            with _build_lock(folder), _announced(folder, name):
                 load(name, sources=[str(f) for f in _SOURCES], extra_cflags=flags, is_python_module=False,
                      build_directory=str(folder), verbose=False)
             from . import fakes
@@ -134,6 +136,21 @@ def _build_lock(folder: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _announced(folder: Path, name: str):
+    """Says on stderr that the build starts and how long it took, when ``folder`` has no library ``name``
+    yet (the first use on a machine, or new sources): it takes 10-60 s of compiling, silent otherwise.
+    A library already built loads without a word."""
+    if (folder / f"{name}.so").exists():
+        yield
+        return
+    print(f"mhc-compile: building the fused CPU kernels in {folder} (once per machine and torch version; "
+          "10-60 s)...", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    yield
+    print(f"mhc-compile: CPU kernels built in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def loaded() -> bool:
