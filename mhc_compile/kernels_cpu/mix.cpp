@@ -7,9 +7,7 @@ namespace {
 
 // float, n = N known, one token of post_res_bwd: gx[j] = sum_i R[i, j] g[i], gout = sum_i P[i] g[i],
 // gpost[i] = g[i] . h, gres[i, j] = g[i] . x[j], eight lanes at a time with every stream chunk and
-// the N^2 + N dot accumulators in registers (one read of g, x and h per token from memory); then gx one
-// row at a time from the g rows in L1, so its stores run in one sequential stream (mix_tokens.h,
-// post_res_token_f32: n rows written side by side kept n partly written lines in flight).
+// the N^2 + N dot accumulators in registers (one read of g, x and h per token).
 template <int N>
 inline void post_res_bwd_token_f32(const float* gt, const float* xt, const float* ht, const float* R, const float* P,
                                    float* gx, float* gout, float* gpost, float* gres, int64_t C) {
@@ -21,6 +19,11 @@ inline void post_res_bwd_token_f32(const float* gt, const float* xt, const float
     V gs[N], xs[N], h;
     for (int i = 0; i < N; ++i) { std::memcpy(&gs[i], gt + i * C + c, 32); std::memcpy(&xs[i], xt + i * C + c, 32); }
     std::memcpy(&h, ht + c, 32);
+    for (int j = 0; j < N; ++j) {
+      V b = R[j] * gs[0];
+      for (int i = 1; i < N; ++i) b += R[i * N + j] * gs[i];
+      std::memcpy(gx + j * C + c, &b, 32);
+    }
     V o = P[0] * gs[0];
     for (int i = 1; i < N; ++i) o += P[i] * gs[i];
     std::memcpy(gout + c, &o, 32);
@@ -29,14 +32,6 @@ inline void post_res_bwd_token_f32(const float* gt, const float* xt, const float
       for (int j = 0; j < N; ++j) ar[i * N + j] += gs[i] * xs[j];
     }
   }
-  for (int j = 0; j < N; ++j)
-    for (int64_t cv = 0; cv < c; cv += W) {
-      V gs[N];
-      for (int i = 0; i < N; ++i) std::memcpy(&gs[i], gt + i * C + cv, 32);
-      V b = R[j] * gs[0];
-      for (int i = 1; i < N; ++i) b += R[i * N + j] * gs[i];
-      std::memcpy(gx + j * C + cv, &b, 32);
-    }
   float sp[N], sr[N * N];
   for (int i = 0; i < N; ++i) {
     sp[i] = 0;
@@ -66,23 +61,23 @@ inline void post_res_bwd_token_f32(const float* gt, const float* xt, const float
   }
 }
 
-// float, n = N known, one token of pre_bwd: gx[i] = hp[i] g, gh[i] = g . x[i], eight lanes at a time,
-// one row of gx at a time (its stores in one sequential stream, as post_res_token_f32).
+// float, n = N known, one token of pre_bwd: gx[i] = hp[i] g, gh[i] = g . x[i], eight lanes at a time.
 template <int N>
 inline void pre_bwd_token_f32(const float* g, const float* xt, const float* h, float* gx, float* gh, int64_t C) {
   typedef float V __attribute__((vector_size(32)));
   constexpr int64_t W = 8;
   V a[N] = {};
-  const int64_t c = C - C % W;
-  for (int i = 0; i < N; ++i)
-    for (int64_t cv = 0; cv < c; cv += W) {
-      V gv, xi;
-      std::memcpy(&gv, g + cv, 32);
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V gv, xi;
+    std::memcpy(&gv, g + c, 32);
+    for (int i = 0; i < N; ++i) {
       V o = h[i] * gv;
-      std::memcpy(gx + i * C + cv, &o, 32);
-      std::memcpy(&xi, xt + i * C + cv, 32);
+      std::memcpy(gx + i * C + c, &o, 32);
+      std::memcpy(&xi, xt + i * C + c, 32);
       a[i] += gv * xi;
     }
+  }
   for (int i = 0; i < N; ++i) {
     float s = 0;
     for (int k = 0; k < W; ++k) s += a[i][k];

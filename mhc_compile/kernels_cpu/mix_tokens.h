@@ -7,31 +7,26 @@
 namespace mhc_cpu {
 namespace {
 
-// float, n = N known: out[i, c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] over C, eight lanes at a time; the
-// same operations in the same order as the generic loop of post_res_fwd. One output row at a time, so
-// the stores run in one sequential stream (the token's n input rows come from memory once and from L1
-// for the later rows). Writing the n rows side by side (the n chunks of a column group together, as
-// before) kept n half-written lines in flight per token: on cold streams (T = 512, n = 4, C = 256,
-// 1 thread, 16 MiB written between calls) post_res_fwd took 347-365 us that way and 191-200 us this way,
-// boundary_fwd 579-592 and 531-546 us (docs/benchmarks.md, eighth pass).
+// float, n = N known: out[i, c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] over C, eight lanes at a time
+// with the n stream chunks held in registers (one read of x and h, one write of out per token); the
+// same operations in the same order as the generic loop of post_res_fwd.
 template <int N>
 inline void post_res_token_f32(const float* xt, const float* ht, const float* R, const float* P, float* out, int64_t C) {
   typedef float V __attribute__((vector_size(32)));
   constexpr int64_t W = 8;
-  const int64_t Cv = C - C % W;
-  for (int i = 0; i < N; ++i) {
-    float* o = out + i * C;
-    for (int64_t c = 0; c < Cv; c += W) {
-      V xs[N], h;
-      for (int j = 0; j < N; ++j) std::memcpy(&xs[j], xt + j * C + c, 32);
-      std::memcpy(&h, ht + c, 32);
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V xs[N], h;
+    for (int j = 0; j < N; ++j) std::memcpy(&xs[j], xt + j * C + c, 32);
+    std::memcpy(&h, ht + c, 32);
+    for (int i = 0; i < N; ++i) {
       V b = R[i * N] * xs[0];
       for (int j = 1; j < N; ++j) b += R[i * N + j] * xs[j];
       b += P[i] * h;
-      std::memcpy(o + c, &b, 32);
+      std::memcpy(out + i * C + c, &b, 32);
     }
   }
-  for (int64_t c = Cv; c < C; ++c)
+  for (; c < C; ++c)
     for (int i = 0; i < N; ++i) {
       float b = R[i * N] * xt[c];
       for (int j = 1; j < N; ++j) b += R[i * N + j] * xt[j * C + c];
