@@ -94,17 +94,9 @@ def model_times(model_name: str, reps: int, quick: bool = False) -> tuple[float,
 
     model, args, kwargs, _ = bench_cpu.MODELS[model_name](quick)
     variants = bench_cpu.make_variants(model, args, kwargs, names=("original", "mhc"))
-    times = {}
-    for name, m in variants.items():
-        m.eval()
-    for r in range(reps + 2):
-        for name, m in variants.items():
-            t0 = time.process_time()
-            with torch.no_grad():
-                m(*args, **kwargs)
-            if r >= 2:
-                times.setdefault(name, []).append(time.process_time() - t0)
-    return statistics.median(times["original"]) * 1e3, statistics.median(times["mhc"]) * 1e3
+    steps = {name: bench_cpu.make_step(m, args, kwargs, "eval", False) for name, m in variants.items()}
+    times = bench_cpu.measure(steps, reps, warmup=2)
+    return times["original"] * 1e3, times["mhc"] * 1e3
 
 
 def main(argv=None) -> list[dict]:

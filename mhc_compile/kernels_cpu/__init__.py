@@ -77,7 +77,7 @@ def available() -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            flags = ["-O3", *_arch_flags()]
+            flags = _flags()
             name = _extension_name(flags)
             folder = build_directory(name)
             with _build_lock(folder), _announced(folder, name):
@@ -99,6 +99,11 @@ def available() -> bool:
         return _state["ok"]
 
 
+def _flags() -> list[str]:
+    """The compiler flags of the build (part of the extension's name)."""
+    return ["-O3", *_arch_flags()]
+
+
 def _extension_name(flags: list[str]) -> str:
     blob = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS)) + " ".join(flags).encode()
     return f"mhc_cpu_{hashlib.sha256(blob).hexdigest()[:12]}"  # a new name whenever the sources or flags change
@@ -113,7 +118,7 @@ def build_directory(name: str | None = None) -> Path:
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     version = "".join(ch if ch.isalnum() or ch == "." else "_" for ch in torch.__version__)
-    name = name or _extension_name(["-O3", *_arch_flags()])
+    name = name or _extension_name(_flags())
     return root / f"mhc_py{sys.version_info.major}{sys.version_info.minor}_torch{version}" / name
 
 
