@@ -20,6 +20,8 @@ Variants (each converted with ``MHCConfig(streams=4)``):
   mhc_mmgx      the ``mhc`` model with the backward's X gradient as aten's mm plus a separate
                 epilogue pass (``launch.FUSED`` off inside the coeffs / boundary backward only), the
                 path before ``coeffs_gx`` (``grad_mm.cpp``), for its before/after in the same rounds;
+  mhc_noends    the ``mhc`` model with the chain's expansion and final mean as aten ops (fresh output pages
+                on every call): the path before ``kernels_cpu/ends.cpp``, for its before/after in the same rounds;
   mhc_inline    the ``mhc`` model with ``ops.cpu_paths.COMPILED_KERNELS`` off: a compiled eval forward then runs
                 ``mhc::coeffs`` and the inlined mixes (the path a compiled train step takes) instead of
                 the fused kernels as opaque calls; the same as ``mhc`` in eager mode and in train steps;
@@ -62,7 +64,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_noprefetch", "mhc_nopostnorm", "mhc_mmgx",
+VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_noprefetch", "mhc_nopostnorm", "mhc_mmgx", "mhc_noends",
             "mhc_inline", "mhc_ref")
 
 
@@ -115,7 +117,7 @@ def make_variants(model, args, kwargs, names=VARIANTS):
 
     out = {"original": model}
     for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_noprefetch", "auto"),
-                          ("mhc_nopostnorm", "auto"), ("mhc_mmgx", "auto"), ("mhc_inline", "auto"),
+                          ("mhc_nopostnorm", "auto"), ("mhc_mmgx", "auto"), ("mhc_noends", "auto"), ("mhc_inline", "auto"),
                           ("mhc_ref", "reference")):
         if name not in names:
             continue
@@ -198,6 +200,16 @@ def mm_gx(step):
 
     step = patched(step, launch, "coeffs_backward", unfused(launch.coeffs_backward))
     return patched(step, launch, "boundary_backward", unfused(launch.boundary_backward))
+
+
+def noends(step):
+    """``step`` with the chain's expansion and collapse as aten ops (the ``mhc_noends`` variant: the path
+    before ``kernels_cpu/ends.cpp``, fresh output pages on every call)."""
+    from mhc_compile import reference
+    from mhc_compile.kernels_cpu import launch
+
+    step = patched(step, launch, "expand_forward", reference.expand)
+    return patched(step, launch, "collapse_forward", lambda x, mean: reference.collapse(x, "mean" if mean else "sum"))
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
@@ -354,7 +366,7 @@ def run(args) -> list[dict]:
                 if "mhc_nocache" in steps:
                     steps["mhc_nocache"] = nocache(steps["mhc_nocache"])
                 for name, wrap in (("mhc_noprefetch", noprefetch), ("mhc_nopostnorm", nopostnorm), ("mhc_mmgx", mm_gx),
-                                   ("mhc_inline", inline)):
+                                   ("mhc_noends", noends), ("mhc_inline", inline)):
                     if name in steps:
                         steps[name] = wrap(steps[name])
                 for threads in [int(t) for t in args.threads.split(",")]:

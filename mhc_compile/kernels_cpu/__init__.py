@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 _DIR = Path(__file__).parent
-_SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp", _DIR / "fused.cpp", _DIR / "post_norm.cpp", _DIR / "grad_mm.cpp")
+_SOURCES = (_DIR / "coeffs.cpp", _DIR / "mix.cpp", _DIR / "fused.cpp", _DIR / "post_norm.cpp", _DIR / "grad_mm.cpp",
+            _DIR / "ends.cpp")
 _HEADERS = (_DIR / "common.h", _DIR / "gates.h", _DIR / "gemm_tile.h", _DIR / "mix_tokens.h", _DIR / "pool.h")
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once the build was tried, "error": str when it failed

@@ -62,3 +62,11 @@ def register() -> None:
         t, n, c = x.shape
         return [x.new_empty(x.shape), *_gates(t, n, x, phi.dtype), x.new_empty((t, c)),
                 x.new_empty((t, phi.shape[1]), dtype=phi.dtype), x.new_empty((t,), dtype=phi.dtype)]
+
+    @torch.library.register_fake(lib + "expand_fwd")
+    def _expand_fwd(x, n):
+        return x.new_empty((x.shape[0], n, x.shape[1]))
+
+    @torch.library.register_fake(lib + "collapse_fwd")
+    def _collapse_fwd(x, mean):
+        return x.new_empty((x.shape[0], x.shape[2]))

@@ -296,3 +296,19 @@ def boundary_backward(
         gxn = _ops().boundary_gx(torch.mm(dh_r, phi_c.t()), _flat3(xn), coef, g_xn, g_hin, hp)
     return (*post_res_backward(_shaped(gxn, x.shape), x, h_out, h_post, h_res),
             *_param_grads(dh_r, flat, *small_grads, phi, alpha, b_pre, b_post, b_res))
+
+
+# ----------------------------------------------------------------------------- the chain's ends
+def expand_forward(x: Tensor, n: int) -> Tensor:
+    """``reference.expand``: n copies of x (..., C) as (..., n, C), the same bits (``expand_fwd`` of
+    ``ends.cpp``: the output from the kernels' output cache); forward only."""
+    c = x.shape[-1]
+    out = _ops().expand_fwd(_flat2(x, c), n)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n, c)
+
+
+def collapse_forward(x: Tensor, mean: bool) -> Tensor:
+    """``reference.collapse`` "mean" (``mean``) or "sum": (..., n, C) -> (..., C) in x's dtype (``collapse_fwd``
+    of ``ends.cpp``); forward only."""
+    out = _ops().collapse_fwd(_flat3(x), mean)
+    return out if x.dim() == 3 else out.view(*x.shape[:-2], x.shape[-1])

@@ -145,11 +145,20 @@ def boundary(
     return x_next, hp, ho, hr, pre(x_next, hp, kernels)
 
 
-expand = reference.expand
+def expand(x: Tensor, n: int, kernels: str = "auto") -> Tensor:
+    """Start of a stream (``reference.expand``): n copies of x, (..., n, C). An eager CPU call that needs no
+    gradient takes the copy from the CPU kernels' output cache (``kernels_cpu/ends.cpp``: no fresh pages)."""
+    if not _cpu_paths.needs_grad(x) and (cpu := _cpu_paths.eager_cpu(kernels, x)):
+        return cpu.expand_forward(x, n)
+    return reference.expand(x, n)
 
 
-def collapse(x: Tensor, mode: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
-    """End of a stream (``reference.collapse``), with a learned weight aligned to the stream's kind."""
+def collapse(x: Tensor, mode: str = "mean", weight: Optional[Tensor] = None, kernels: str = "auto") -> Tensor:
+    """End of a stream (``reference.collapse``), with a learned weight aligned to the stream's kind. An eager
+    CPU "mean" or "sum" that needs no gradient runs ``kernels_cpu/ends.cpp`` (its output from the cache)."""
+    if weight is None and mode in ("mean", "sum") and not _cpu_paths.needs_grad(x) and (
+            cpu := _cpu_paths.eager_cpu(kernels, x)):
+        return cpu.collapse_forward(x, mode == "mean")
     (x,), (weight,) = _align((x,), (weight,))
     return reference.collapse(x, mode, weight)
 

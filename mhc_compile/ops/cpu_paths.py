@@ -72,7 +72,7 @@ def compiled_nograd(kernels: str, x: Tensor, *others: Tensor):
     kernels (``mhc_cpu::``, with the fakes of ``kernels_cpu/fakes.py``) directly, as the eager fast path
     does, without the custom op's Python layer. Else None."""
     launch = _compiled_launch(kernels, x, *others)
-    return None if launch is None or _needs_grad(x, *others) else launch
+    return None if launch is None or needs_grad(x, *others) else launch
 
 
 def compiled_train(kernels: str, x: Tensor, *others: Tensor):
@@ -140,7 +140,8 @@ def eager_cpu(kernels: str, x: Tensor, *others: Tensor):
     return _launch if _ti.plain_dispatch() and available() else None
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records a call on these tensors (grad mode on and one of them requires grad)."""
     if not torch.is_grad_enabled():
         return False
     for t in tensors:
@@ -178,7 +179,7 @@ def fusable_layer_norm(norm: torch.nn.Module, x: Tensor, *others: Tensor) -> boo
     for p in params:
         if type(p) not in _PLAIN or not p.is_cpu or p.dtype != x.dtype:
             return False
-    if _needs_grad(x, *others, *params) or _autocast_on_cpu():
+    if needs_grad(x, *others, *params) or _autocast_on_cpu():
         return False
     return _ti.module_call_is_plain(norm)
 
@@ -304,22 +305,22 @@ class _Boundary(torch.autograd.Function):
 
 
 def coeffs_eager(launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant):
-    if _needs_grad(x, phi, alpha, b_pre, b_post, b_res):
+    if needs_grad(x, phi, alpha, b_pre, b_post, b_res):
         return _Coeffs.apply(launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
     return _coeffs_and_start(launch, x, phi, alpha, b_pre, b_post, b_res, iters, eps, variant)
 
 
 def pre_eager(launch, x, h_pre):
-    return _Pre.apply(launch, x, h_pre) if _needs_grad(x, h_pre) else _pre_forward(launch, x, h_pre)
+    return _Pre.apply(launch, x, h_pre) if needs_grad(x, h_pre) else _pre_forward(launch, x, h_pre)
 
 
 def post_res_eager(launch, x, h_out, h_post, h_res):
-    if _needs_grad(x, h_out, h_post, h_res):
+    if needs_grad(x, h_out, h_post, h_res):
         return _PostRes.apply(launch, x, h_out, h_post, h_res)
     return launch.post_res_forward(x, h_out, h_post, h_res)
 
 
 def boundary_eager(launch, *args):
-    if _needs_grad(*args[:9]):
+    if needs_grad(*args[:9]):
         return _Boundary.apply(launch, *args)
     return launch.boundary_forward(*args)

@@ -5,7 +5,7 @@ The emitter only: which sites and chains, their names and the report come from
 
 For each chain (see ``streams``), with ``fa`` the feature axis (moved last around the mHC ops):
 
-    X = ops.expand(movedim(x, fa, -1), n)                      # chain start, (..., n, C)
+    X = ops.expand(movedim(x, fa, -1), n, kernels)             # chain start, (..., n, C)
     per site:
         h_pre, h_post, h_res = ops.coeffs(X, phi, alpha, b_pre, b_post, b_res, iters, eps, variant, dynamic, kernels)
         h_in = ops.pre(X, h_pre, kernels)                       # f's uses of x now read h_in
@@ -192,7 +192,8 @@ def _rewrite_chain(gm: fx.GraphModule, chain: Chain, config: MHCConfig, provider
         X = _apply_stream_wise(st, e, ends.stream_in, ends.lead)
     else:
         e = _Emitter(st.graph, _cursor_for(st.graph, first.x))
-        X = e.named(f"mhc_{STREAMS}", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams)
+        X = e.named(f"mhc_{STREAMS}", ops.expand, _to_last(e, first.x, st.fa, st.rank), config.streams,
+                    config.kernels)
     head: Optional[tuple] = None  # (h_pre, h_post, h_res, h_in) of the current site, from a boundary
     for k, site in enumerate(chain.sites):
         hp, ho, hr, h_in = head if head is not None else _site_head(st, site, e, X)
@@ -320,7 +321,7 @@ def _collapse_node(st: _ChainRewrite, e: _Emitter, Xv: fx.Node) -> fx.Node:
     if st.config.collapse == "learned":
         st.weight_target = st.weight_target or _learned_collapse_target(st)
         weight = e.attr(st.weight_target)
-    c = e.named("mhc_collapse", ops.collapse, Xv, st.config.collapse, weight)
+    c = e.named("mhc_collapse", ops.collapse, Xv, st.config.collapse, weight, st.config.kernels)
     return _from_last(e, c, st.fa, st.rank)
 
 
