@@ -22,6 +22,8 @@ Variants (each converted with ``MHCConfig(streams=4)``):
                 path before ``coeffs_gx`` (``grad_mm.cpp``), for its before/after in the same rounds;
   mhc_noends    the ``mhc`` model with the chain's expansion and final mean as aten ops (fresh output pages
                 on every call): the path before ``kernels_cpu/ends.cpp``, for its before/after in the same rounds;
+  mhc_narrowgemm  the ``mhc`` model with the float projection GEMM in 8-lane vectors only (``mhc_cpu::set_wide_gemm(False)``):
+                the path before ``gemm_tile_wide`` (16 + 8 lanes per token on AVX-512), for its before/after;
   mhc_inline    the ``mhc`` model with ``ops.cpu_paths.COMPILED_KERNELS`` off: a compiled eval forward then runs
                 ``mhc::coeffs`` and the inlined mixes (the path a compiled train step takes) instead of
                 the fused kernels as opaque calls; the same as ``mhc`` in eager mode and in train steps;
@@ -64,7 +66,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_noprefetch", "mhc_nopostnorm", "mhc_mmgx", "mhc_noends",
+VARIANTS = ("original", "mhc", "mhc_unfused", "mhc_nocache", "mhc_noprefetch", "mhc_nopostnorm", "mhc_mmgx", "mhc_noends", "mhc_narrowgemm",
             "mhc_inline", "mhc_ref")
 
 
@@ -117,7 +119,8 @@ def make_variants(model, args, kwargs, names=VARIANTS):
 
     out = {"original": model}
     for name, kernels in (("mhc", "auto"), ("mhc_unfused", "auto"), ("mhc_nocache", "auto"), ("mhc_noprefetch", "auto"),
-                          ("mhc_nopostnorm", "auto"), ("mhc_mmgx", "auto"), ("mhc_noends", "auto"), ("mhc_inline", "auto"),
+                          ("mhc_nopostnorm", "auto"), ("mhc_mmgx", "auto"), ("mhc_noends", "auto"), ("mhc_narrowgemm", "auto"),
+                          ("mhc_inline", "auto"),
                           ("mhc_ref", "reference")):
         if name not in names:
             continue
@@ -210,6 +213,19 @@ def noends(step):
 
     step = patched(step, launch, "expand_forward", reference.expand)
     return patched(step, launch, "collapse_forward", lambda x, mean: reference.collapse(x, "mean" if mean else "sum"))
+
+
+def narrowgemm(step):
+    """``step`` with the float projection GEMM in 8-lane vectors only (the ``mhc_narrowgemm`` variant: the
+    path before ``gemm_tile_wide``, ``mhc_cpu::set_wide_gemm(False)``)."""
+    def run():
+        old = torch.ops.mhc_cpu.set_wide_gemm(False)
+        try:
+            step()
+        finally:
+            torch.ops.mhc_cpu.set_wide_gemm(old)
+
+    return run
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
@@ -366,7 +382,8 @@ def run(args) -> list[dict]:
                 if "mhc_nocache" in steps:
                     steps["mhc_nocache"] = nocache(steps["mhc_nocache"])
                 for name, wrap in (("mhc_noprefetch", noprefetch), ("mhc_nopostnorm", nopostnorm), ("mhc_mmgx", mm_gx),
-                                   ("mhc_noends", noends), ("mhc_inline", inline)):
+                                   ("mhc_noends", noends), ("mhc_narrowgemm", narrowgemm),
+                                   ("mhc_inline", inline)):
                     if name in steps:
                         steps[name] = wrap(steps[name])
                 for threads in [int(t) for t in args.threads.split(",")]:

@@ -321,3 +321,32 @@ def test_prefetch_changes_no_bit(dtype):
         assert k.set_prefetch(-3) == 0 and k.set_prefetch(6) == 0
     finally:
         k.set_prefetch(old)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_wide_projection_tile_changes_no_bit(n):
+    """On AVX-512 hosts the float projection GEMM (proj_mm, and inside site_start_fwd / boundary_fwd) holds
+    16 + 8 outputs per token (gemm_tile_wide): the same FMA chain per output as the 8-lane tile, so the
+    same bits, at token counts off its 8-token tile and at every n <= 4 (Kp = 8, 8, 16, 24)."""
+    k = torch.ops.mhc_cpu
+    c = 40
+    g = torch.Generator().manual_seed(n)
+    phi = torch.randn(n * c, 2 * n + n * n, generator=g)
+    small = (torch.rand(3, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, n, generator=g))
+    old = k.set_wide_gemm(True)
+    try:
+        for t in (1, 7, 8, 37):
+            x, h = torch.randn(t, n, c, generator=g), torch.randn(t, c, generator=g)
+            hp, hr = torch.rand(t, n, generator=g), torch.rand(t, n, n, generator=g)
+            calls = (lambda: [k.proj_mm(x.reshape(t, n * c), phi)],
+                     lambda: k.site_start_fwd(x, phi, *small, 1e-6, 20, False),
+                     lambda: k.boundary_fwd(x, h, hp, hr, phi, *small, 1e-6, 20, False))
+            for fn in calls:
+                k.set_wide_gemm(True)
+                wide = fn()
+                assert k.set_wide_gemm(False) is True
+                narrow = fn()
+                assert all(torch.equal(a, b) for a, b in zip(wide, narrow)), t
+            assert torch.allclose(k.proj_mm(x.reshape(t, n * c), phi), x.reshape(t, n * c) @ phi, rtol=1e-4, atol=1e-4)
+    finally:
+        k.set_wide_gemm(old)

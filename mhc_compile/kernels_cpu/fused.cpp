@@ -15,6 +15,7 @@ namespace {
 constexpr int64_t kBlock = 16;  // tokens per block: 16 x (n C) values stay in L2 between the passes
 constexpr int kTileTokens = 4;  // register tile of the GEMM: 4 tokens x up to 3 vectors of outputs
 constexpr int kTileVecs = 3;
+constexpr int kWideTokens = 8;  // gemm_tile_wide's tile: 8 tokens x (16 + 8) outputs
 
 template <typename acc, int TB>
 inline void gemm_tile_kv(int kv, const acc* x, int64_t NC, const acc* ph, int64_t ldp, acc* out, int64_t ldo) {
@@ -25,9 +26,34 @@ inline void gemm_tile_kv(int kv, const acc* x, int64_t NC, const acc* ph, int64_
   }
 }
 
+// Whether gemm_block takes gemm_tile_wide (on; mhc_cpu::set_wide_gemm(false) turns it off, for benchmarks).
+inline bool& wide_gemm() {
+  static bool on = true;
+  return on;
+}
+
+template <int TB>
+inline void gemm_tile_wide_k(int64_t Kp, const float* x, int64_t NC, const float* ph, float* out) {
+  switch (Kp) {
+    case 8: gemm_tile_wide<TB, 0, 1>(x, NC, ph, Kp, out, Kp); break;
+    case 16: gemm_tile_wide<TB, 1, 0>(x, NC, ph, Kp, out, Kp); break;
+    default: gemm_tile_wide<TB, 1, 1>(x, NC, ph, Kp, out, Kp);
+  }
+}
+
 // out (count, Kp) = x (count, NC) . ph (NC, Kp), Kp a multiple of the vector width.
 template <typename acc>
 inline void gemm_block(const acc* x, int64_t NC, const acc* ph, int64_t Kp, int64_t count, acc* out) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<acc, float>) {
+    if (Kp <= 24 && wide_gemm()) {  // gemm_tile_wide: n <= 4
+      int64_t t = 0;
+      for (; t + kWideTokens <= count; t += kWideTokens) gemm_tile_wide_k<kWideTokens>(Kp, x + t * NC, NC, ph, out + t * Kp);
+      for (; t < count; ++t) gemm_tile_wide_k<1>(Kp, x + t * NC, NC, ph, out + t * Kp);
+      return;
+    }
+  }
+#endif
   constexpr int W = Lanes<acc>::W;
   const int64_t nv = Kp / W;
   for (int64_t v0 = 0; v0 < nv; v0 += kTileVecs) {
@@ -195,6 +221,11 @@ at::Tensor proj_mm(const at::Tensor& flat_, const at::Tensor& phi_) {
 int64_t pool_release() { return OutputPool::get().release(); }
 std::vector<int64_t> pool_stats() { return OutputPool::get().stats(); }
 int64_t pool_set_budget(int64_t bytes) { return OutputPool::get().set_budget(bytes); }
+bool set_wide_gemm(bool on) {
+  const bool old = wide_gemm();
+  wide_gemm() = on;
+  return old;
+}
 int64_t set_prefetch(int64_t tokens) {
   const int64_t old = prefetch_distance();
   prefetch_distance() = std::max<int64_t>(0, tokens);
@@ -208,6 +239,7 @@ TORCH_LIBRARY_FRAGMENT(mhc_cpu, m) {
   m.def("pool_stats() -> int[]", &mhc_cpu::pool_stats);
   m.def("pool_set_budget(int bytes) -> int", &mhc_cpu::pool_set_budget);
   m.def("set_prefetch(int tokens) -> int", &mhc_cpu::set_prefetch);
+  m.def("set_wide_gemm(bool on) -> bool", &mhc_cpu::set_wide_gemm);
   m.def("boundary_fwd(Tensor x, Tensor h_out, Tensor h_post, Tensor h_res, Tensor phi, Tensor alpha, Tensor b_pre, "
         "Tensor b_post, Tensor b_res, float eps, int iters, bool hc) -> Tensor[]");
   m.def("proj_mm(Tensor flat, Tensor phi) -> Tensor");
