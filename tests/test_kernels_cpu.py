@@ -350,3 +350,26 @@ def test_wide_projection_tile_changes_no_bit(n):
             assert torch.allclose(k.proj_mm(x.reshape(t, n * c), phi), x.reshape(t, n * c) @ phi, rtol=1e-4, atol=1e-4)
     finally:
         k.set_wide_gemm(old)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_float_mixes_give_one_value_the_same_bits_in_every_lane_width(n):
+    """The float pre / post_res forward (mix_tokens.h, also inside boundary_fwd) run C in 16-lane, then
+    8-lane vectors, then one channel at a time. With C = 41, channel 0 falls in a 16-lane vector, 32 in an
+    8-lane one and 40 in the scalar tail: given the same inputs there, they must give the same bits."""
+    k = torch.ops.mhc_cpu
+    c, t = 41, 5
+    g = torch.Generator().manual_seed(n)
+    x, h = torch.randn(t, n, c, generator=g), torch.randn(t, c, generator=g)
+    for ch in (32, 40):
+        x[..., ch], h[..., ch] = x[..., 0], h[..., 0]
+    hp, hr = torch.rand(t, n, generator=g), torch.rand(t, n, n, generator=g)
+    outs = [k.post_res_fwd(x, h, hp, hr), k.pre_fwd(x, hp)]
+    if n <= 4:
+        phi = torch.randn(n * c, 2 * n + n * n, generator=g)
+        small = (torch.rand(3, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g),
+                 torch.randn(n, n, generator=g))
+        outs.append(k.boundary_fwd(x, h, hp, hr, phi, *small, 1e-6, 20, False)[0])
+    for out in outs:
+        assert torch.equal(out[..., 32], out[..., 0]) and torch.equal(out[..., 40], out[..., 0])
+        assert not torch.equal(out[..., 1], out[..., 0])

@@ -7,25 +7,31 @@
 namespace mhc_cpu {
 namespace {
 
-// float, n = N known: out[i, c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] over C, eight lanes at a time
-// with the n stream chunks held in registers (one read of x and h, one write of out per token); the
-// same operations in the same order as the generic loop of post_res_fwd.
+// float, n = N known: out[i, c] = (sum_j R[i, j] x[j, c]) + P[i] h[c] for the W channels from c, with the
+// n stream chunks held in registers (one read of x and h, one write of out per token).
+template <int N, int W>
+inline void post_res_lanes_f32(const float* xt, const float* ht, const float* R, const float* P, float* out, int64_t C,
+                               int64_t c) {
+  typedef float V __attribute__((vector_size(W * sizeof(float))));
+  V xs[N], h;
+  for (int j = 0; j < N; ++j) std::memcpy(&xs[j], xt + j * C + c, sizeof(V));
+  std::memcpy(&h, ht + c, sizeof(V));
+  for (int i = 0; i < N; ++i) {
+    V b = R[i * N] * xs[0];
+    for (int j = 1; j < N; ++j) b += R[i * N + j] * xs[j];
+    b += P[i] * h;
+    std::memcpy(out + i * C + c, &b, sizeof(V));
+  }
+}
+
+// float, n = N known: post_res of one token over C, sixteen lanes at a time (one 64-byte vector on
+// AVX-512: half the vector operations of 8 lanes where the FMA units are 512 bits wide), then eight,
+// then one; the same operations in the same order per value as the generic loop of post_res_fwd.
 template <int N>
 inline void post_res_token_f32(const float* xt, const float* ht, const float* R, const float* P, float* out, int64_t C) {
-  typedef float V __attribute__((vector_size(32)));
-  constexpr int64_t W = 8;
   int64_t c = 0;
-  for (; c + W <= C; c += W) {
-    V xs[N], h;
-    for (int j = 0; j < N; ++j) std::memcpy(&xs[j], xt + j * C + c, 32);
-    std::memcpy(&h, ht + c, 32);
-    for (int i = 0; i < N; ++i) {
-      V b = R[i * N] * xs[0];
-      for (int j = 1; j < N; ++j) b += R[i * N + j] * xs[j];
-      b += P[i] * h;
-      std::memcpy(out + i * C + c, &b, 32);
-    }
-  }
+  for (; c + 16 <= C; c += 16) post_res_lanes_f32<N, 16>(xt, ht, R, P, out, C, c);
+  for (; c + 8 <= C; c += 8) post_res_lanes_f32<N, 8>(xt, ht, R, P, out, C, c);
   for (; c < C; ++c)
     for (int i = 0; i < N; ++i) {
       float b = R[i * N] * xt[c];
@@ -56,19 +62,23 @@ inline void post_res_token(const scalar_t* xt, const scalar_t* ht, const acc* R,
   }
 }
 
-// float, n = N known: h_in[c] = sum_i hp[i] x[i, c], eight lanes at a time.
+// float, n = N known: h_in[c] = sum_i hp[i] x[i, c] for the W channels from c.
+template <int N, int W>
+inline void pre_lanes_f32(const float* xt, const float* h, float* out, int64_t C, int64_t c) {
+  typedef float V __attribute__((vector_size(W * sizeof(float))));
+  V b, xi;
+  std::memcpy(&xi, xt + c, sizeof(V));
+  b = h[0] * xi;
+  for (int i = 1; i < N; ++i) { std::memcpy(&xi, xt + i * C + c, sizeof(V)); b += h[i] * xi; }
+  std::memcpy(out + c, &b, sizeof(V));
+}
+
+// float, n = N known: pre of one token, sixteen lanes at a time, then eight, then one (as post_res above).
 template <int N>
 inline void pre_token_f32(const float* xt, const float* h, float* out, int64_t C) {
-  typedef float V __attribute__((vector_size(32)));
-  constexpr int64_t W = 8;
   int64_t c = 0;
-  for (; c + W <= C; c += W) {
-    V b, xi;
-    std::memcpy(&xi, xt + c, 32);
-    b = h[0] * xi;
-    for (int i = 1; i < N; ++i) { std::memcpy(&xi, xt + i * C + c, 32); b += h[i] * xi; }
-    std::memcpy(out + c, &b, 32);
-  }
+  for (; c + 16 <= C; c += 16) pre_lanes_f32<N, 16>(xt, h, out, C, c);
+  for (; c + 8 <= C; c += 8) pre_lanes_f32<N, 8>(xt, h, out, C, c);
   for (; c < C; ++c) {
     float b = h[0] * xt[c];
     for (int i = 1; i < N; ++i) b += h[i] * xt[i * C + c];
