@@ -154,30 +154,29 @@ def unfused(fn):
     return patched(fn, launch, "FUSED", False)
 
 
+def with_setting(step, setter, value):
+    """``step`` with ``setter(value)`` in force while it runs: ``setter`` returns the previous value, which is
+    set back after (the kernels' switches: output cache limit, prefetch distance, wide GEMM tile)."""
+    def run():
+        old = setter(value)
+        try:
+            step()
+        finally:
+            setter(old)
+
+    return run
+
+
 def nocache(step):
     """``step`` with the CPU kernels' output cache off while it runs (the ``mhc_nocache`` variant)."""
     from mhc_compile import kernels_cpu
 
-    def run_nocache():
-        old = kernels_cpu.set_output_cache_limit(0)
-        try:
-            step()
-        finally:
-            kernels_cpu.set_output_cache_limit(old)
-
-    return run_nocache
+    return with_setting(step, kernels_cpu.set_output_cache_limit, 0)
 
 
 def noprefetch(step):
     """``step`` with the kernels' software prefetch off (the ``mhc_noprefetch`` variant)."""
-    def run():
-        old = torch.ops.mhc_cpu.set_prefetch(0)
-        try:
-            step()
-        finally:
-            torch.ops.mhc_cpu.set_prefetch(old)
-
-    return run
+    return with_setting(step, lambda tokens: torch.ops.mhc_cpu.set_prefetch(tokens), 0)
 
 
 def nopostnorm(step):
@@ -218,14 +217,7 @@ def noends(step):
 def narrowgemm(step):
     """``step`` with the float projection GEMM in 8-lane vectors only (the ``mhc_narrowgemm`` variant: the
     path before ``gemm_tile_wide``, ``mhc_cpu::set_wide_gemm(False)``)."""
-    def run():
-        old = torch.ops.mhc_cpu.set_wide_gemm(False)
-        try:
-            step()
-        finally:
-            torch.ops.mhc_cpu.set_wide_gemm(old)
-
-    return run
+    return with_setting(step, lambda on: torch.ops.mhc_cpu.set_wide_gemm(on), False)
 
 
 def make_step(model, args, kwargs, mode: str, compiled: bool):
